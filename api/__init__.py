@@ -1,0 +1,2 @@
+"""HTTP layer of wsi-sampler (FastAPI apps). Thin over the library; the library never
+imports this package."""

@@ -1,0 +1,64 @@
+"""Shared fixtures: real slides from ../shared/slides and generated slides with ground truth."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from wsi_sampler.demo import DemoSlideSpec, write_demo_slide
+
+SHARED_SLIDES = Path(__file__).resolve().parents[2] / "shared" / "slides"
+
+DEMO_SPEC = DemoSlideSpec(width=8192, height=6144, mpp=0.25, seed=7)
+BLANK_SPEC = DemoSlideSpec(width=4096, height=3072, mpp=0.5, seed=1, n_blobs=0, pen=False,
+                           artefact=False)
+
+
+MEDGEMMA_SPEC = DemoSlideSpec(width=16384, height=12288, mpp=0.5, seed=11, n_blobs=10,
+                              tissue_scale=3.0, pen=False, artefact=False)
+
+
+def shared_slide(name: str) -> Path:
+    path = SHARED_SLIDES / name
+    if not path.exists():
+        pytest.skip(f"real test slide {name} not found in {SHARED_SLIDES} (clone beside shared/)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def demo_slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An 8192 x 6144 JPEG Aperio pyramid at 0.25 µm/px with pen marks and an artefact."""
+    return write_demo_slide(tmp_path_factory.mktemp("demo") / "demo.svs", DEMO_SPEC)
+
+
+@pytest.fixture(scope="session")
+def medgemma_slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tissue-rich 20x slide large enough for more than 126 MedGemma patches at 20x."""
+    return write_demo_slide(tmp_path_factory.mktemp("mg") / "mg.svs", MEDGEMMA_SPEC)
+
+
+@pytest.fixture(scope="session")
+def blank_slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A slide with nothing on it but background."""
+    return write_demo_slide(tmp_path_factory.mktemp("blank") / "blank.svs", BLANK_SPEC)
+
+
+@pytest.fixture(scope="session")
+def cmu_svs() -> Path:
+    return shared_slide("CMU-1-Small-Region.svs")
+
+
+@pytest.fixture(scope="session")
+def dapi_ndpi() -> Path:
+    return shared_slide("test3-DAPI-2-387.ndpi")
+
+
+@pytest.fixture(scope="session")
+def kidney_tif() -> Path:
+    return shared_slide("kidney-48-5.tif")
+
+
+@pytest.fixture(scope="session")
+def dicom_dir() -> Path:
+    return shared_slide("dicom-bone")

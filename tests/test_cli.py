@@ -1,0 +1,95 @@
+"""The console script, run as a user would: a subprocess."""
+
+from __future__ import annotations
+
+import csv
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import h5py
+import pytest
+
+CLI = [sys.executable, "-c", "from wsi_sampler.cli import main; main()"]
+
+
+def run(*args: str | Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, timeout=120)
+
+
+def test_info_json(cmu_svs: Path) -> None:
+    r = run("info", cmu_svs)
+    assert r.returncode == 0, r.stderr
+    info = json.loads(r.stdout)
+    assert info["width"] == 2220 and info["vendor"] == "aperio"
+
+
+def test_demo_slide_and_plan_formats(tmp_path: Path) -> None:
+    slide = tmp_path / "demo.svs"
+    r = run("demo-slide", slide, "--width", "4096", "--height", "3072")
+    assert r.returncode == 0, r.stderr
+    for name in ("c.csv", "c.geojson", "c.json", "c.h5"):
+        r = run("plan", slide, "--out", tmp_path / name, "--mpp", "0.5", "--size", "224",
+                "--overlay", tmp_path / "ov.png")
+        assert r.returncode == 0, r.stderr
+        assert "patches" in r.stderr
+    rows = list(csv.DictReader((tmp_path / "c.csv").read_text().splitlines()))
+    assert rows and rows[0]["width"] == "448"
+    with h5py.File(tmp_path / "c.h5") as f:
+        assert f["coords"].shape == (len(rows), 2)
+    assert len(json.loads((tmp_path / "c.json").read_text())["patches"]) == len(rows)
+    assert (tmp_path / "ov.png").stat().st_size > 0
+
+
+def test_patches_folder(demo_slide: Path, tmp_path: Path) -> None:
+    out = tmp_path / "p"
+    r = run("patches", demo_slide, "--out", out, "--strategy", "stratified", "-n", "8",
+            "--format", "jpeg")
+    assert r.returncode == 0, r.stderr
+    files = sorted(p.name for p in out.glob("*.jpg"))
+    assert files == [f"{i:06d}.jpg" for i in range(8)]
+    rows = list(csv.DictReader((out / "index.csv").read_text().splitlines()))
+    assert [r["file"] for r in rows] == files
+    meta = json.loads((out / "run_metadata.json").read_text())
+    assert meta["plan"]["strategy"] == "stratified"
+    assert (out / "overlay.png").exists() and (out / "tissue_mask.png").exists()
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_tissue_command(dapi_ndpi: Path, tmp_path: Path) -> None:
+    r = run("tissue", dapi_ndpi, "--out", tmp_path / "m.png", "--geojson", tmp_path / "t.geojson")
+    assert r.returncode == 0, r.stderr
+    geo = json.loads((tmp_path / "t.geojson").read_text())
+    assert geo["features"][0]["geometry"]["type"] == "MultiPolygon"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["info", "/no/such/slide.svs"], "no such slide"),
+        (["plan", "{kidney}", "--out", "{tmp}/x.csv"], "mpp_override"),
+        (["plan", "{cmu}", "--out", "{tmp}/x.txt"], "unknown output type"),
+        (["plan", "{cmu}", "--out", "{tmp}/x.csv", "--strategy", "random"], "needs n_patches"),
+        (["plan", "{cmu}", "--out", "{tmp}/x.csv", "--size", "2"], "patch_size_px"),
+        (["plan", "{cmu}", "--out", "{tmp}/x.csv", "--roi", "{tmp}/none.geojson"], "GeoJSON"),
+        (["info", "{tmp}/empty.svs"], "empty"),
+        (["info", "{tmp}/text.svs"], "not a supported"),
+    ],
+)
+def test_user_errors_are_one_line(
+    args: list[str], message: str, tmp_path: Path, cmu_svs: Path, kidney_tif: Path
+) -> None:
+    (tmp_path / "empty.svs").touch()
+    (tmp_path / "text.svs").write_text("hello")
+    subst = {"{cmu}": str(cmu_svs), "{kidney}": str(kidney_tif), "{tmp}": str(tmp_path)}
+    filled = []
+    for a in args:
+        for k, v in subst.items():
+            a = a.replace(k, v)
+        filled.append(a)
+    r = run(*filled)
+    assert r.returncode == 2
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
+    assert "Traceback" not in r.stderr

@@ -1,0 +1,116 @@
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import cv2
+import h5py
+import numpy as np
+import pytest
+from shapely.geometry import box, shape
+
+from wsi_sampler import InvalidRequestError, PlanParams, compute_tissue_mask, make_plan, open_slide
+from wsi_sampler._io import atomic_path
+from wsi_sampler.export import (
+    run_metadata,
+    write_clam_h5,
+    write_csv,
+    write_geojson,
+    write_mask_png,
+    write_metadata_json,
+    write_overlay_png,
+    write_wsinfer_h5,
+)
+
+
+@pytest.fixture(scope="module")
+def planned(demo_slide: Path):  # type: ignore[no-untyped-def]
+    s = open_slide(demo_slide)
+    tm = compute_tissue_mask(s)
+    plan = make_plan(s, PlanParams(strategy="random", n_patches=15, seed=0, patch_size_px=224,
+                                   target_mpp=1.0), tissue=tm)
+    yield s, plan, tm
+    s.close()
+
+
+def test_csv(planned, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    _, plan, _ = planned
+    out = tmp_path / "p.csv"
+    write_csv(out, plan, {"prob_tumor": np.linspace(0, 1, len(plan))})
+    rows = list(csv.DictReader(out.read_text().splitlines()))
+    assert list(rows[0]) == ["minx", "miny", "width", "height", "tissue_fraction", "prob_tumor"]
+    assert [int(r["minx"]) for r in rows] == plan.x0.tolist()
+    assert {int(r["width"]) for r in rows} == {plan.width0} == {896}
+    assert float(rows[-1]["prob_tumor"]) == 1.0
+    with pytest.raises(InvalidRequestError):
+        write_csv(out, plan, {"bad": [1, 2]})
+
+
+def test_geojson_is_qupath_tiles(planned, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    _, plan, _ = planned
+    out = tmp_path / "p.geojson"
+    write_geojson(out, plan, {"prob_tumor": np.full(len(plan), 0.25)})
+    data = json.loads(out.read_text())
+    assert data["type"] == "FeatureCollection" and len(data["features"]) == len(plan)
+    f0 = data["features"][0]
+    assert f0["properties"]["objectType"] == "tile"
+    assert f0["properties"]["measurements"]["prob_tumor"] == 0.25
+    x, y = int(plan.x0[0]), int(plan.y0[0])
+    assert shape(f0["geometry"]).equals(box(x, y, x + 896, y + 896))
+
+
+def test_clam_h5(planned, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    s, plan, _ = planned
+    out = tmp_path / "p.h5"
+    write_clam_h5(out, plan, s)
+    with h5py.File(out) as f:
+        coords = f["coords"]
+        assert coords.shape == (len(plan), 2)
+        assert np.array_equal(coords[:], plan.coords)
+        a = coords.attrs
+        assert a["patch_level"] == plan.level == 1
+        assert a["patch_size"] == 224
+        assert list(a["downsample"]) == [4.0, 4.0]
+        assert list(a["level_dim"]) == list(s.level_dimensions[1])
+        assert list(a["downsampled_level_dim"]) == list(s.level_dimensions[1])
+        assert a["name"] == "demo"
+
+
+def test_wsinfer_h5(planned, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    _, plan, _ = planned
+    out = tmp_path / "w.h5"
+    write_wsinfer_h5(out, plan)
+    with h5py.File(out) as f:
+        coords = f["/coords"][:]
+        assert coords.shape == (len(plan), 4)
+        assert np.array_equal(coords[:, :2], plan.coords)
+        assert set(coords[:, 2]) == {896}
+        assert f.attrs["patch_spacing_um_px"] == 1.0
+
+
+def test_pngs_and_metadata(planned, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    s, plan, tm = planned
+    write_mask_png(tmp_path / "mask.png", tm.mask)
+    back = cv2.imread(str(tmp_path / "mask.png"), cv2.IMREAD_GRAYSCALE)
+    assert np.array_equal(back > 0, tm.mask)
+    thumb = s.thumbnail(max_size=512)
+    write_overlay_png(tmp_path / "ov.png", thumb, plan, tm.mask)
+    ov = cv2.imread(str(tmp_path / "ov.png"))[:, :, ::-1]
+    assert ov.shape == thumb.shape and not np.array_equal(ov, thumb)
+    meta = run_metadata(slide=s, plan=plan, config=plan.params, timings_s={"plan": 0.1})
+    write_metadata_json(tmp_path / "meta.json", meta)
+    m = json.loads((tmp_path / "meta.json").read_text())
+    assert m["seed"] == 0 and m["slide"]["fingerprint"] == s.fingerprint
+    assert m["versions"]["wsi-sampler"] and m["versions"]["openslide-python"]
+    assert m["plan"]["n_patches"] == len(plan)
+
+
+def test_atomic_write_leaves_target_untouched_on_failure(tmp_path: Path) -> None:
+    target = tmp_path / "result.csv"
+    target.write_text("old")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("crash mid-write")
+    assert target.read_text() == "old"
+    assert list(tmp_path.iterdir()) == [target]

@@ -1,0 +1,177 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from shapely.geometry import box
+
+from tests.conftest import DEMO_SPEC
+from wsi_sampler import (
+    InvalidRequestError,
+    MissingMppError,
+    PlanParams,
+    TissueMask,
+    compute_tissue_mask,
+    make_plan,
+    medgemma_params,
+    open_slide,
+)
+from wsi_sampler.demo import render_tissue_mask
+
+
+def test_mpp_math_224_at_half_micron_reads_448_of_level0(demo_slide: Path) -> None:
+    with open_slide(demo_slide) as s:
+        plan = make_plan(s, PlanParams(patch_size_px=224, target_mpp=0.5))
+    assert (plan.width0, plan.height0) == (448, 448)
+    assert plan.target_mpp == 0.5
+    assert plan.level == 0 and plan.downsample == 1.0  # the demo has levels 1, 4 only
+    assert len(plan) > 0 and np.all(plan.x0 % 448 == 0) and np.all(plan.y0 % 448 == 0)
+
+
+def test_magnification_and_coarse_level(demo_slide: Path) -> None:
+    with open_slide(demo_slide) as s:
+        plan = make_plan(s, PlanParams(patch_size_px=256, magnification=2.5))
+    assert plan.target_mpp == pytest.approx(4.0)
+    assert (plan.width0, plan.height0) == (4096, 4096)
+    assert plan.level == 1 and plan.downsample == 4.0
+
+
+def test_default_target_is_native_resolution(demo_slide: Path) -> None:
+    with open_slide(demo_slide) as s:
+        plan = make_plan(s, PlanParams(patch_size_px=512))
+    assert plan.target_mpp == 0.25 and plan.width0 == 512
+
+
+def test_grid_is_row_major_inside_slide_and_on_tissue(demo_slide: Path) -> None:
+    with open_slide(demo_slide) as s:
+        plan = make_plan(s, PlanParams(patch_size_px=256, min_tissue_fraction=0.9))
+    keys = plan.y0 * 10**6 + plan.x0
+    assert np.all(np.diff(keys) > 0)
+    assert np.all(plan.x0 + plan.width0 <= DEMO_SPEC.width)
+    assert np.all(plan.y0 + plan.height0 <= DEMO_SPEC.height)
+    truth = render_tissue_mask(DEMO_SPEC, (DEMO_SPEC.height // 16, DEMO_SPEC.width // 16))
+    centres = truth[(plan.y0 + 128) // 16, (plan.x0 + 128) // 16]
+    assert centres.mean() > 0.99
+    assert np.all(plan.tissue_fraction >= 0.9)
+
+
+def test_min_tissue_fraction_and_overlap(demo_slide: Path) -> None:
+    with open_slide(demo_slide) as s:
+        tm = compute_tissue_mask(s)
+        loose = make_plan(s, PlanParams(min_tissue_fraction=0.1), tissue=tm)
+        strict = make_plan(s, PlanParams(min_tissue_fraction=0.9), tissue=tm)
+        overlapped = make_plan(s, PlanParams(min_tissue_fraction=0.9, overlap=0.5), tissue=tm)
+    assert len(loose) > len(strict) > 0
+    assert set(zip(strict.x0, strict.y0, strict=True)) <= set(zip(loose.x0, loose.y0, strict=True))
+    steps = np.unique(np.diff(np.unique(overlapped.x0)))
+    assert steps.min() == 128
+    assert 3.2 < len(overlapped) / len(strict) < 4.8
+
+
+@pytest.mark.parametrize("strategy", ["random", "stratified"])
+def test_sampling_strategies_subset_of_grid_in_order(demo_slide: Path, strategy: str) -> None:
+    with open_slide(demo_slide) as s:
+        tm = compute_tissue_mask(s)
+        grid = make_plan(s, PlanParams(), tissue=tm)
+        params = PlanParams(strategy=strategy, n_patches=25, seed=3)  # type: ignore[arg-type]
+        a = make_plan(s, params, tissue=tm)
+        b = make_plan(s, params, tissue=tm)
+        c = make_plan(s, PlanParams(strategy=strategy, n_patches=25, seed=4), tissue=tm)  # type: ignore[arg-type]
+    assert len(a) == 25 and a.n_candidates == len(grid)
+    assert np.array_equal(a.coords, b.coords)
+    assert not np.array_equal(a.coords, c.coords)
+    grid_keys = set(zip(grid.x0.tolist(), grid.y0.tolist(), strict=True))
+    assert set(zip(a.x0.tolist(), a.y0.tolist(), strict=True)) <= grid_keys
+    assert np.all(np.diff(a.y0 * 10**6 + a.x0) > 0)
+
+
+def test_medgemma_preset(medgemma_slide: Path) -> None:
+    with open_slide(medgemma_slide) as s:
+        tm = compute_tissue_mask(s, tissue_mpp=2.0)
+        fixed = make_plan(s, medgemma_params(seed=1, magnification=20, max_patches=10), tissue=tm)
+        full = make_plan(s, medgemma_params(seed=1, magnification=20), tissue=tm)
+        at5x = make_plan(s, medgemma_params(seed=1, magnification=5), tissue=tm)
+    assert tm.mpp == 2.0  # the recipe's 5x tissue mask
+    assert fixed.patch_size_px == 896 and fixed.target_mpp == 0.5
+    assert fixed.width0 == 896 and at5x.width0 == 3584 and at5x.level == 1
+    assert len(fixed) == 10 and fixed.n_candidates > 126
+    # non-overlapping regular grid: coordinates on multiples of the patch size
+    assert np.all(fixed.x0 % 896 == 0) and np.all(fixed.y0 % 896 == 0)
+    assert np.all(np.diff(fixed.y0 * 10**6 + fixed.x0) > 0)
+    assert len(full) == 126
+    assert set(zip(fixed.x0.tolist(), fixed.y0.tolist(), strict=True)) <= set(
+        zip(full.x0.tolist(), full.y0.tolist(), strict=True)) or len(full) < full.n_candidates
+    assert medgemma_params().n_patches == 126
+
+
+def test_medgemma_draws_magnification_from_seed(medgemma_slide: Path) -> None:
+    with open_slide(medgemma_slide) as s:
+        tm = compute_tissue_mask(s, tissue_mpp=2.0)
+        mags = {make_plan(s, medgemma_params(seed=k), tissue=tm).magnification for k in range(30)}
+        again = [make_plan(s, medgemma_params(seed=k), tissue=tm).magnification for k in range(5)]
+        first = [make_plan(s, medgemma_params(seed=k), tissue=tm).magnification for k in range(5)]
+    assert mags == {5.0, 10.0, 20.0}
+    assert again == first
+
+
+def test_same_plan_on_both_backends(cmu_svs: Path, dapi_ndpi: Path) -> None:
+    for path in (cmu_svs, dapi_ndpi):
+        plans = []
+        for backend in ("openslide", "tiffslide"):
+            with open_slide(path, backend=backend) as s:  # type: ignore[arg-type]
+                plans.append(make_plan(s, PlanParams(strategy="random", n_patches=20, seed=5,
+                                                     target_mpp=0.5, patch_size_px=224)))
+        assert len(plans[0]) > 0
+        assert np.array_equal(plans[0].coords, plans[1].coords), path.name
+
+
+def test_roi_restricts_patches(demo_slide: Path) -> None:
+    with open_slide(demo_slide) as s:
+        tm = compute_tissue_mask(s)
+        full = make_plan(s, PlanParams(), tissue=tm)
+        left = make_plan(s, PlanParams(), tissue=tm, roi=box(0, 0, 3000, DEMO_SPEC.height))
+    assert 0 < len(left) < len(full)
+    assert np.all(left.x0 + left.width0 <= 3000 + 256)
+
+
+def test_user_mask_replaces_detection(demo_slide: Path) -> None:
+    with open_slide(demo_slide) as s:
+        tm = compute_tissue_mask(s)
+        only_top_left = np.zeros_like(tm.mask)
+        only_top_left[:20, :20] = True
+        plan = make_plan(s, PlanParams(min_tissue_fraction=1.0),
+                         tissue=TissueMask(only_top_left, tm.mpp, tm.scale))
+    assert len(plan) == (20 * 32 // 256) ** 2
+
+
+def test_blank_slide_plan_is_explicitly_empty(blank_slide: Path) -> None:
+    with open_slide(blank_slide) as s:
+        plan = make_plan(s, PlanParams(strategy="random", n_patches=5))
+    assert len(plan) == 0 and plan.n_candidates == 0
+    assert plan.to_dict()["patches"] == []
+
+
+def test_plan_needs_mpp(kidney_tif: Path) -> None:
+    with open_slide(kidney_tif) as s, pytest.raises(MissingMppError):
+        make_plan(s, PlanParams())
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"strategy": "spiral"},
+        {"patch_size_px": 0},
+        {"overlap": 1.0},
+        {"min_tissue_fraction": 1.5},
+        {"strategy": "random"},
+        {"n_patches": 0},
+        {"target_mpp": -1.0},
+        {"target_mpp": 0.5, "magnification": 20.0},
+        {"strategy": "medgemma", "target_mpp": 0.5},
+        {"tissue_mpp": 0.0},
+    ],
+)
+def test_invalid_params(kwargs: dict[str, object]) -> None:
+    with pytest.raises(InvalidRequestError):
+        PlanParams(**kwargs)  # type: ignore[arg-type]

@@ -1,0 +1,37 @@
+"""The promises of the repository layout: two commands, CI, configs, Dockerfile."""
+
+from __future__ import annotations
+
+from dataclasses import fields
+from pathlib import Path
+
+import tomllib
+
+from wsi_sampler import PlanParams, TissueParams
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_ci_runs_the_readme_test_command() -> None:
+    readme = (ROOT / "README.md").read_text()
+    assert "make run" in readme and "make test" in readme
+    assert readme.index("make run") < readme.index("## ")  # quick start comes first
+    assert "make test" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_default_config_mirrors_library_defaults() -> None:
+    cfg = tomllib.loads((ROOT / "configs" / "default.toml").read_text())
+    plan, tissue = PlanParams(), TissueParams()
+    for key, value in cfg["plan"].items():
+        assert getattr(plan, key) == value, key
+    assert set(cfg["tissue"]) == {f.name for f in fields(TissueParams)}
+    for key, value in cfg["tissue"].items():
+        assert getattr(tissue, key) == value, key
+
+
+def test_dockerfile_copies_what_exists() -> None:
+    for line in (ROOT / "Dockerfile").read_text().splitlines():
+        if line.startswith("COPY "):
+            *sources, _dest = line.split()[1:]
+            for src in sources:
+                assert (ROOT / src).exists(), src

@@ -1,0 +1,279 @@
+"""The ``wsi-sampler`` command line: a thin layer over the library.
+
+User mistakes (missing files, unsupported slides, missing MPP, bad parameters) end in a
+one-line ``error: ...`` on stderr and exit code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import cv2
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+
+from ._io import atomic_write_bytes
+from .demo import DemoSlideSpec, write_demo_slide
+from .errors import InvalidRequestError, WsiSamplerError
+from .export import (
+    run_metadata,
+    write_clam_h5,
+    write_csv,
+    write_geojson,
+    write_mask_png,
+    write_metadata_json,
+    write_overlay_png,
+    write_wsinfer_h5,
+)
+from .extract import Extractor
+from .plan import PatchPlan, PlanParams, TissueMask, compute_tissue_mask, make_plan, medgemma_params
+from .slide import Slide, open_slide
+from .tissue import TissueParams, load_geojson_geometry, load_mask_png, mask_to_polygons
+
+log = logging.getLogger("wsi_sampler")
+app = typer.Typer(
+    name="wsi-sampler", no_args_is_help=True, pretty_exceptions_enable=False,
+    help="Whole-slide patch sampling: slide info, tissue masks, patch plans, patch export.",
+)
+EXIT_USER_ERROR = 2
+
+
+class BackendOpt(str, Enum):
+    auto = "auto"
+    openslide = "openslide"
+    tiffslide = "tiffslide"
+
+
+class StrategyOpt(str, Enum):
+    grid = "grid"
+    random = "random"
+    stratified = "stratified"
+    medgemma = "medgemma"
+
+
+class MethodOpt(str, Enum):
+    auto = "auto"
+    brightfield = "brightfield"
+    fluorescence = "fluorescence"
+
+
+class ImageFormat(str, Enum):
+    png = "png"
+    jpeg = "jpeg"
+
+
+SlideArg = Annotated[Path, typer.Argument(help="Slide file (or DICOM-WSI folder).")]
+BackendO = Annotated[BackendOpt, typer.Option(help="Reader backend.")]
+MppOverrideO = Annotated[
+    float | None, typer.Option(help="Level-0 µm/px to use when the slide has no MPP metadata.")
+]
+StrategyO = Annotated[StrategyOpt, typer.Option(help="Sampling strategy.")]
+MppO = Annotated[float | None, typer.Option("--mpp", help="Target µm/px of the patches.")]
+MagO = Annotated[
+    float | None, typer.Option(help="Target magnification (10x = 1.0 µm/px); medgemma: fixes it.")
+]
+SizeO = Annotated[int | None, typer.Option("--size", help="Patch side in px at the target MPP.")]
+OverlapO = Annotated[float, typer.Option(help="Fraction shared by neighbouring patches.")]
+MinTissueO = Annotated[float, typer.Option(help="Minimum tissue fraction of a patch.")]
+NO = Annotated[
+    int | None, typer.Option("-n", "--n-patches", help="Patches to keep (random, stratified; "
+                             "medgemma's cap, default 126).")
+]
+SeedO = Annotated[int, typer.Option(help="Random seed: same seed, same plan.")]
+TissueMppO = Annotated[float | None, typer.Option(help="Tissue-mask resolution in µm/px.")]
+MethodO = Annotated[MethodOpt, typer.Option(help="Tissue detection method.")]
+RoiO = Annotated[Path | None, typer.Option(help="GeoJSON polygons (level-0 px) to sample within.")]
+MaskO = Annotated[Path | None, typer.Option(help="Tissue mask image to use instead of detection.")]
+
+
+def _open(slide: Path, backend: BackendOpt, mpp_override: float | None) -> Slide:
+    return open_slide(slide, backend=backend.value, mpp_override=mpp_override)
+
+
+def _plan_params(
+    strategy: StrategyOpt, mpp: float | None, magnification: float | None, size: int | None,
+    overlap: float, min_tissue: float, n_patches: int | None, seed: int,
+    tissue_mpp: float | None, method: MethodOpt,
+) -> PlanParams:
+    tissue = TissueParams(method=method.value)
+    if strategy is StrategyOpt.medgemma:
+        if mpp is not None or size is not None:
+            raise InvalidRequestError("medgemma fixes --size (896) and draws --mpp; use "
+                                      "--magnification to fix the magnification")
+        p = medgemma_params(seed=seed, magnification=magnification,
+                            max_patches=n_patches or 126, min_tissue_fraction=min_tissue)
+        return PlanParams(**{**p.__dict__, "tissue": tissue,
+                             "tissue_mpp": tissue_mpp or p.tissue_mpp})
+    return PlanParams(
+        strategy=strategy.value, patch_size_px=size or 256, target_mpp=mpp,
+        magnification=magnification, overlap=overlap, min_tissue_fraction=min_tissue,
+        n_patches=n_patches, seed=seed, tissue_mpp=tissue_mpp or 8.0, tissue=tissue,
+    )
+
+
+def _tissue_for(
+    s: Slide, params: PlanParams, mask: Path | None
+) -> TissueMask:
+    tm = compute_tissue_mask(s, tissue_mpp=params.tissue_mpp, params=params.tissue)
+    if mask is None:
+        return tm
+    return TissueMask(load_mask_png(mask, tm.mask.shape), tm.mpp, tm.scale)
+
+
+def _build_plan(
+    s: Slide, params: PlanParams, roi: Path | None, mask: Path | None
+) -> tuple[PatchPlan, TissueMask]:
+    tm = _tissue_for(s, params, mask)
+    geometry = load_geojson_geometry(roi) if roi else None
+    return make_plan(s, params, tissue=tm, roi=geometry), tm
+
+
+@app.command()
+def info(
+    slide: SlideArg, backend: BackendO = BackendOpt.auto, mpp_override: MppOverrideO = None
+) -> None:
+    """Print the slide's size, levels, MPP, vendor and fingerprint as JSON."""
+    with _open(slide, backend, mpp_override) as s:
+        typer.echo(json.dumps(s.info(), indent=2))
+
+
+@app.command()
+def tissue(
+    slide: SlideArg,
+    out: Annotated[Path, typer.Option(help="Mask PNG to write (255 = tissue).")],
+    geojson: Annotated[Path | None, typer.Option(help="Also write tissue polygons.")] = None,
+    tissue_mpp: Annotated[float, typer.Option(help="Mask resolution in µm/px.")] = 8.0,
+    method: MethodO = MethodOpt.auto,
+    backend: BackendO = BackendOpt.auto,
+    mpp_override: MppOverrideO = None,
+) -> None:
+    """Detect tissue and write its mask (and optionally QuPath-ready polygons)."""
+    with _open(slide, backend, mpp_override) as s:
+        tm = compute_tissue_mask(s, tissue_mpp=tissue_mpp, params=TissueParams(method=method.value))
+    write_mask_png(out, tm.mask)
+    if geojson is not None:
+        geom = mask_to_polygons(tm.mask, tm.scale)
+        feature = {"type": "Feature", "geometry": geom.__geo_interface__,
+                   "properties": {"objectType": "annotation", "classification": {"name": "Tissue"}}}
+        atomic_write_bytes(geojson, json.dumps(
+            {"type": "FeatureCollection", "features": [feature]}).encode())
+    log.info("tissue: %.1f %% of %s at %.2f µm/px -> %s",
+             100 * tm.mask.mean(), slide.name, tm.mpp, out)
+
+
+@app.command()
+def plan(
+    slide: SlideArg,
+    out: Annotated[Path, typer.Option(help="coords file: .h5 (CLAM), .csv, .geojson or .json")],
+    h5_format: Annotated[str, typer.Option(help="h5 flavour: clam or wsinfer.")] = "clam",
+    overlay: Annotated[Path | None, typer.Option(help="Thumbnail PNG with the patches.")] = None,
+    strategy: StrategyO = StrategyOpt.grid, mpp: MppO = None, magnification: MagO = None,
+    size: SizeO = None, overlap: OverlapO = 0.0, min_tissue: MinTissueO = 0.5,
+    n_patches: NO = None, seed: SeedO = 0, tissue_mpp: TissueMppO = None,
+    method: MethodO = MethodOpt.auto, roi: RoiO = None, mask: MaskO = None,
+    backend: BackendO = BackendOpt.auto, mpp_override: MppOverrideO = None,
+) -> None:
+    """Plan patches (coordinates only) and write them."""
+    params = _plan_params(strategy, mpp, magnification, size, overlap, min_tissue, n_patches,
+                          seed, tissue_mpp, method)
+    with _open(slide, backend, mpp_override) as s:
+        p, tm = _build_plan(s, params, roi, mask)
+        suffix = out.suffix.lower()
+        if suffix in (".h5", ".hdf5"):
+            if h5_format not in ("clam", "wsinfer"):
+                raise InvalidRequestError(f"--h5-format must be clam or wsinfer, not {h5_format}")
+            write_clam_h5(out, p, s) if h5_format == "clam" else write_wsinfer_h5(out, p)
+        elif suffix == ".csv":
+            write_csv(out, p)
+        elif suffix == ".geojson":
+            write_geojson(out, p)
+        elif suffix == ".json":
+            atomic_write_bytes(out, json.dumps(p.to_dict()).encode())
+        else:
+            raise InvalidRequestError(f"{out}: unknown output type (.h5, .csv, .geojson, .json)")
+        if overlay is not None:
+            write_overlay_png(overlay, s.thumbnail(max_size=2048), p, tm.mask)
+    log.info("plan: %d patches of %d candidates (%s, %.3f µm/px, %d px) -> %s",
+             len(p), p.n_candidates, p.strategy, p.target_mpp, p.patch_size_px, out)
+
+
+@app.command()
+def patches(
+    slide: SlideArg,
+    out: Annotated[Path, typer.Option(help="Folder for the patch images and index.csv.")],
+    image_format: Annotated[ImageFormat, typer.Option("--format")] = ImageFormat.png,
+    strategy: StrategyO = StrategyOpt.grid, mpp: MppO = None, magnification: MagO = None,
+    size: SizeO = None, overlap: OverlapO = 0.0, min_tissue: MinTissueO = 0.5,
+    n_patches: NO = None, seed: SeedO = 0, tissue_mpp: TissueMppO = None,
+    method: MethodO = MethodOpt.auto, roi: RoiO = None, mask: MaskO = None,
+    backend: BackendO = BackendOpt.auto, mpp_override: MppOverrideO = None,
+    quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+) -> None:
+    """Extract planned patches as image files plus index.csv, overlay and run metadata."""
+    params = _plan_params(strategy, mpp, magnification, size, overlap, min_tissue, n_patches,
+                          seed, tissue_mpp, method)
+    started = time.perf_counter()
+    with _open(slide, backend, mpp_override) as s:
+        p, tm = _build_plan(s, params, roi, mask)
+        planned = time.perf_counter()
+        out.mkdir(parents=True, exist_ok=True)
+        ext = ".png" if image_format is ImageFormat.png else ".jpg"
+        _write_patch_files(Extractor(s, p), out, ext, quiet)
+        write_csv(out / "index.csv", p, {"file": [f"{i:06d}{ext}" for i in range(len(p))]})
+        write_overlay_png(out / "overlay.png", s.thumbnail(max_size=2048), p, tm.mask)
+        write_mask_png(out / "tissue_mask.png", tm.mask)
+        meta = run_metadata(slide=s, plan=p, config=params.to_dict(), timings_s={
+            "plan": planned - started, "extract": time.perf_counter() - planned})
+        write_metadata_json(out / "run_metadata.json", meta)
+    log.info("patches: %d written to %s", len(p), out)
+
+
+def _write_patch_files(extractor: Extractor, out: Path, ext: str, quiet: bool) -> None:
+    show = not quiet and sys.stderr.isatty()
+    columns = ("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
+               TimeRemainingColumn())
+    with Progress(*columns, disable=not show, transient=True) as progress:
+        task = progress.add_task("patches", total=len(extractor.plan))
+        for i, img in extractor.iter_patches():
+            ok, buf = cv2.imencode(ext, img[:, :, ::-1])
+            assert ok, "OpenCV encodes any uint8 RGB image"
+            atomic_write_bytes(out / f"{i:06d}{ext}", buf.tobytes())
+            progress.advance(task)
+
+
+@app.command("demo-slide")
+def demo_slide(
+    out: Annotated[Path, typer.Argument(help="Path of the .svs file to write.")],
+    width: Annotated[int, typer.Option(help="Level-0 width in px.")] = 12_000,
+    height: Annotated[int, typer.Option(help="Level-0 height in px.")] = 9_000,
+    mpp: Annotated[float, typer.Option(help="Level-0 µm/px.")] = 0.25,
+    seed: SeedO = 0,
+    pen: Annotated[bool, typer.Option(help="Draw blue and green pen strokes.")] = True,
+    artefact: Annotated[bool, typer.Option(help="Draw a black artefact.")] = True,
+) -> None:
+    """Write a generated pyramidal JPEG Aperio SVS with tissue, for demos and tests."""
+    spec = DemoSlideSpec(width=width, height=height, mpp=mpp, seed=seed, pen=pen,
+                         artefact=artefact)
+    write_demo_slide(out, spec)
+    log.info("demo slide %dx%d at %.3f µm/px -> %s", width, height, mpp, out)
+
+
+def main() -> None:
+    """Console entry point: run the app, turning user mistakes into one-line errors."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    # tifffile logs every damaged structure it meets; the translated error says it once.
+    logging.getLogger("tifffile").setLevel(logging.CRITICAL)
+    try:
+        app()
+    except WsiSamplerError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        raise SystemExit(EXIT_USER_ERROR) from None
+    except OSError as exc:
+        typer.echo(f"error: {exc.strerror or exc}: {exc.filename or ''}".rstrip(": "), err=True)
+        raise SystemExit(EXIT_USER_ERROR) from None

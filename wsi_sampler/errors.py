@@ -1,0 +1,54 @@
+"""Exception hierarchy of wsi-sampler.
+
+Backend errors (openslide, tiffslide, tifffile) are translated into these once, at the
+reader boundary in :mod:`wsi_sampler.slide`. Each subclass also inherits the builtin a
+caller would naturally catch, so ``except FileNotFoundError`` keeps working.
+"""
+
+from __future__ import annotations
+
+__all__ = [
+    "CorruptSlideError",
+    "EmptyPlanError",
+    "InvalidRequestError",
+    "MissingMppError",
+    "SlideNotFoundError",
+    "UnsupportedFormatError",
+    "WsiSamplerError",
+]
+
+
+class WsiSamplerError(Exception):
+    """Base class of every error this library raises on purpose."""
+
+
+class SlideNotFoundError(WsiSamplerError, FileNotFoundError):
+    """The slide path does not exist (or is not a readable file or DICOM folder)."""
+
+
+class UnsupportedFormatError(WsiSamplerError, ValueError):
+    """The file exists but no backend recognises it as a whole-slide image."""
+
+
+class CorruptSlideError(WsiSamplerError, OSError):
+    """The file looks like a slide but is damaged: zero bytes, truncated, bad tiles."""
+
+
+class MissingMppError(WsiSamplerError, ValueError):
+    """A physical size was asked of a slide whose microns-per-pixel are unknown."""
+
+    def __init__(self, path: str) -> None:
+        super().__init__(
+            f"{path}: the slide has no microns-per-pixel (MPP) metadata, so physical sizes "
+            "cannot be computed; pass mpp_override (CLI: --mpp-override) with the scanner's "
+            "resolution in µm/px, e.g. 0.25 for 40x or 0.5 for 20x"
+        )
+        self.path = path
+
+
+class InvalidRequestError(WsiSamplerError, ValueError):
+    """Parameters that cannot be satisfied (negative sizes, unknown level, bad ROI...)."""
+
+
+class EmptyPlanError(InvalidRequestError):
+    """A plan holds no patch where the caller asked for at least one."""

@@ -1,0 +1,191 @@
+"""Exports in formats labs already use. Every file is written atomically.
+
+Frame: coordinates written are level-0 pixels (``minx``/``miny`` = top-left corner).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Mapping
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import cv2
+import h5py
+import numpy as np
+import numpy.typing as npt
+
+from ._io import atomic_path, atomic_write_bytes, atomic_write_text
+from .errors import InvalidRequestError
+from .plan import PatchPlan
+from .slide import Slide
+from .types import BoolMask, RGBImage
+
+__all__ = [
+    "run_metadata",
+    "write_clam_h5",
+    "write_csv",
+    "write_geojson",
+    "write_mask_png",
+    "write_metadata_json",
+    "write_overlay_png",
+    "write_wsinfer_h5",
+]
+
+Outputs = Mapping[str, npt.ArrayLike]
+_VERSIONED = ("wsi-sampler", "numpy", "openslide-python", "openslide-bin", "tiffslide",
+              "tifffile", "imagecodecs", "opencv-python-headless", "torch")
+
+
+def _columns(plan: PatchPlan, outputs: Outputs | None) -> dict[str, np.ndarray]:
+    cols = {name: np.asarray(values) for name, values in (outputs or {}).items()}
+    for name, col in cols.items():
+        if col.shape != (len(plan),):
+            raise InvalidRequestError(
+                f"output {name!r} has shape {col.shape}, expected ({len(plan)},)"
+            )
+    return cols
+
+
+def write_csv(
+    path: str | os.PathLike[str], plan: PatchPlan, outputs: Outputs | None = None
+) -> None:
+    """CSV with ``minx,miny,width,height,tissue_fraction`` then one column per output."""
+    cols = _columns(plan, outputs)
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(["minx", "miny", "width", "height", "tissue_fraction", *cols])
+    for i in range(len(plan)):
+        writer.writerow([
+            int(plan.x0[i]), int(plan.y0[i]), plan.width0, plan.height0,
+            f"{float(plan.tissue_fraction[i]):.4f}", *(_cell(c[i]) for c in cols.values()),
+        ])
+    atomic_write_text(path, buf.getvalue())
+
+
+def _cell(value: Any) -> str | int | float:
+    item = value.item() if hasattr(value, "item") else value
+    return item if isinstance(item, (str, int, float)) else str(item)
+
+
+def write_geojson(
+    path: str | os.PathLike[str], plan: PatchPlan, measurements: Outputs | None = None
+) -> None:
+    """QuPath-compatible FeatureCollection of tile Polygons (drag-and-drop into QuPath)."""
+    cols = _columns(plan, measurements)
+    features = []
+    for i in range(len(plan)):
+        x, y, w, h = int(plan.x0[i]), int(plan.y0[i]), plan.width0, plan.height0
+        meas = {"tissue_fraction": round(float(plan.tissue_fraction[i]), 4)}
+        meas.update({k: float(v[i]) for k, v in cols.items()})
+        features.append({
+            "type": "Feature",
+            "id": f"tile-{i}",
+            "geometry": {
+                "type": "Polygon",
+                "coordinates": [[[x, y], [x + w, y], [x + w, y + h], [x, y + h], [x, y]]],
+            },
+            "properties": {"objectType": "tile", "isLocked": True, "measurements": meas},
+        })
+    atomic_write_text(path, json.dumps({"type": "FeatureCollection", "features": features}))
+
+
+def write_clam_h5(path: str | os.PathLike[str], plan: PatchPlan, slide: Slide) -> None:
+    """CLAM patch file: ``coords`` (N, 2) level-0 top-left plus CLAM's attributes."""
+    level_dim = slide.level_dimensions[plan.level]
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        dset = f.create_dataset("coords", data=plan.coords.astype(np.int64))
+        dset.attrs["patch_size"] = round(plan.width0 / plan.downsample)
+        dset.attrs["patch_level"] = plan.level
+        dset.attrs["downsample"] = np.array([plan.downsample, plan.downsample])
+        dset.attrs["downsampled_level_dim"] = np.array(level_dim, np.int64)
+        dset.attrs["level_dim"] = np.array(level_dim, np.int64)
+        dset.attrs["name"] = slide.path.stem
+        dset.attrs["target_mpp"] = plan.target_mpp
+        dset.attrs["patch_size_px"] = plan.patch_size_px
+
+
+def write_wsinfer_h5(path: str | os.PathLike[str], plan: PatchPlan) -> None:
+    """WSInfer patch file: ``/coords`` (N, 4) as minx, miny, width, height (level 0)."""
+    n = len(plan)
+    coords = np.column_stack([plan.x0, plan.y0, np.full(n, plan.width0), np.full(n, plan.height0)])
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        dset = f.create_dataset("/coords", data=coords.astype(np.int64))
+        f.attrs["patch_size"] = plan.patch_size_px
+        f.attrs["patch_spacing_um_px"] = plan.target_mpp
+        dset.attrs["patch_size"] = plan.patch_size_px
+        dset.attrs["patch_spacing_um_px"] = plan.target_mpp
+
+
+def _png_bytes(img: np.ndarray) -> bytes:
+    arr = img[:, :, ::-1] if img.ndim == 3 else img
+    ok, buf = cv2.imencode(".png", np.ascontiguousarray(arr))
+    if not ok:  # pragma: no cover - OpenCV encodes any uint8 image
+        raise InvalidRequestError("PNG encoding failed")
+    return bytes(buf.tobytes())
+
+
+def write_mask_png(path: str | os.PathLike[str], mask: BoolMask) -> None:
+    """Tissue mask as an 8-bit PNG: 255 tissue, 0 background."""
+    atomic_write_bytes(path, _png_bytes(mask.astype(np.uint8) * 255))
+
+
+def write_overlay_png(
+    path: str | os.PathLike[str], thumbnail: RGBImage, plan: PatchPlan,
+    mask: BoolMask | None = None,
+) -> None:
+    """Thumbnail with the tissue outline (blue) and the chosen patches (green boxes)."""
+    img = np.ascontiguousarray(thumbnail.copy())
+    th, tw = img.shape[:2]
+    sx, sy = plan.slide_dimensions[0] / tw, plan.slide_dimensions[1] / th
+    if mask is not None:
+        m = cv2.resize(mask.astype(np.uint8), (tw, th), interpolation=cv2.INTER_NEAREST)
+        contours, _ = cv2.findContours(m, cv2.RETR_LIST, cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(img, contours, -1, (30, 90, 220), 1)
+    for x, y in plan.coords:
+        p0 = (int(x / sx), int(y / sy))
+        p1 = (int((x + plan.width0) / sx), int((y + plan.height0) / sy))
+        cv2.rectangle(img, p0, p1, (0, 170, 0), 1)
+    atomic_write_bytes(path, _png_bytes(img))
+
+
+def _versions() -> dict[str, str | None]:
+    out: dict[str, str | None] = {}
+    for name in _VERSIONED:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+def run_metadata(
+    *, slide: Slide | None = None, plan: PatchPlan | None = None,
+    config: Mapping[str, Any] | None = None, timings_s: Mapping[str, float] | None = None,
+) -> dict[str, Any]:
+    """Everything needed to reproduce and audit a result."""
+    meta: dict[str, Any] = {
+        "created_unix": time.time(),
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "versions": _versions(),
+        "config": dict(config or {}),
+        "timings_s": dict(timings_s or {}),
+    }
+    if slide is not None:
+        meta["slide"] = slide.info()
+    if plan is not None:
+        meta["plan"] = {k: v for k, v in plan.to_dict().items() if k != "patches"}
+        meta["seed"] = plan.seed
+    return meta
+
+
+def write_metadata_json(path: str | os.PathLike[str], meta: Mapping[str, Any]) -> None:
+    atomic_write_text(Path(path), json.dumps(meta, indent=2, default=str) + "\n")

@@ -1,0 +1,276 @@
+"""Patch plans: which level-0 boxes to read, at what resolution. Coordinates only.
+
+Frame: ``x0``/``y0``/``width0``/``height0`` are level-0 pixels; ``patch_size_px`` is the
+side of the output patch at ``target_mpp`` µm/px. Candidates are laid on a regular grid
+anchored at (0, 0) in row-major order (top row first, left to right); every strategy keeps
+that order.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+from shapely.geometry.base import BaseGeometry
+
+from .errors import InvalidRequestError
+from .sampling import (
+    draw_medgemma_magnification,
+    sample_random,
+    sample_stratified,
+)
+from .slide import Slide
+from .tissue import TissueParams, detect_tissue, rasterize_geometry
+from .types import BoolMask, Strategy
+from .units import magnification_to_mpp, resolve_target_mpp
+
+__all__ = ["PatchPlan", "PlanParams", "TissueMask", "compute_tissue_mask", "make_plan",
+           "medgemma_params"]
+
+MEDGEMMA_PATCH_PX = 896
+MEDGEMMA_MAX_PATCHES = 126
+MEDGEMMA_TISSUE_MPP = 2.0  # the recipe's 5x tissue mask
+
+
+@dataclass(frozen=True, kw_only=True)
+class PlanParams:
+    """What to sample. Sizes are physical or at the target resolution."""
+
+    strategy: Strategy = "grid"
+    patch_size_px: int = 256
+    target_mpp: float | None = None
+    """µm/px of the output patches; None = the slide's own level-0 resolution."""
+    magnification: float | None = None
+    """Alternative to target_mpp (10x = 1.0 µm/px). For ``medgemma``, fixes the draw."""
+    overlap: float = 0.0
+    """Fraction of a patch shared with its neighbour, 0 <= overlap < 1."""
+    min_tissue_fraction: float = 0.5
+    n_patches: int | None = None
+    """How many patches ``random`` / ``stratified`` keep; the cap for ``medgemma``."""
+    seed: int = 0
+    tissue_mpp: float = 8.0
+    """Resolution of the tissue mask in µm/px (8 ≈ 1.25x)."""
+    tissue: TissueParams = field(default_factory=TissueParams)
+
+    def __post_init__(self) -> None:
+        if self.strategy not in ("grid", "random", "stratified", "medgemma"):
+            raise InvalidRequestError(
+                f"unknown strategy {self.strategy!r} (grid, random, stratified, medgemma)"
+            )
+        if not 8 <= self.patch_size_px <= 8192:
+            raise InvalidRequestError(f"patch_size_px must be 8..8192, got {self.patch_size_px}")
+        if not (0 <= self.overlap < 1):
+            raise InvalidRequestError(f"overlap must be in [0, 1), got {self.overlap}")
+        if not (0 <= self.min_tissue_fraction <= 1):
+            raise InvalidRequestError(
+                f"min_tissue_fraction must be in [0, 1], got {self.min_tissue_fraction}"
+            )
+        if not (math.isfinite(self.tissue_mpp) and self.tissue_mpp > 0):
+            raise InvalidRequestError(f"tissue_mpp must be > 0, got {self.tissue_mpp}")
+        if self.strategy in ("random", "stratified") and self.n_patches is None:
+            raise InvalidRequestError(f"strategy {self.strategy!r} needs n_patches")
+        if self.n_patches is not None and self.n_patches < 1:
+            raise InvalidRequestError(f"n_patches must be >= 1, got {self.n_patches}")
+        if self.strategy != "medgemma":
+            resolve_target_mpp(target_mpp=self.target_mpp, magnification=self.magnification)
+        elif self.target_mpp is not None:
+            raise InvalidRequestError("medgemma draws its magnification; fix it with magnification")
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def medgemma_params(
+    *,
+    seed: int = 0,
+    magnification: float | None = None,
+    max_patches: int = MEDGEMMA_MAX_PATCHES,
+    min_tissue_fraction: float = 0.5,
+) -> PlanParams:
+    """The MedGemma 1.5 whole-slide recipe: 896 px, no overlap, ≤ 126 patches, 5x mask."""
+    return PlanParams(
+        strategy="medgemma",
+        patch_size_px=MEDGEMMA_PATCH_PX,
+        magnification=magnification,
+        n_patches=max_patches,
+        seed=seed,
+        min_tissue_fraction=min_tissue_fraction,
+        tissue_mpp=MEDGEMMA_TISSUE_MPP,
+    )
+
+
+@dataclass(frozen=True)
+class TissueMask:
+    """A tissue mask and how it maps to level 0."""
+
+    mask: BoolMask
+    mpp: float
+    """µm/px of the mask (may be coarser than asked for a slide without a fine level)."""
+    scale: tuple[float, float]
+    """Level-0 px per mask px, (x, y)."""
+
+
+def compute_tissue_mask(
+    slide: Slide, *, tissue_mpp: float = 8.0, params: TissueParams | None = None
+) -> TissueMask:
+    """Detect tissue on a thumbnail of ``slide`` at ``tissue_mpp`` µm/px."""
+    mx, my = slide.require_mpp()
+    mpp = max(tissue_mpp, mx, my)
+    thumb = slide.thumbnail(mpp=mpp)
+    mask = detect_tissue(thumb, mpp, params)
+    w, h = slide.dimensions
+    return TissueMask(mask=mask, mpp=mpp, scale=(w / mask.shape[1], h / mask.shape[0]))
+
+
+@dataclass(frozen=True)
+class PatchPlan:
+    """Planned patches of one slide. Cheap: coordinates, no pixels."""
+
+    x0: npt.NDArray[np.int64]
+    y0: npt.NDArray[np.int64]
+    tissue_fraction: npt.NDArray[np.float32]
+    width0: int
+    height0: int
+    patch_size_px: int
+    target_mpp: float
+    level: int
+    downsample: float
+    slide_dimensions: tuple[int, int]
+    slide_mpp: tuple[float, float]
+    strategy: Strategy
+    seed: int
+    magnification: float | None
+    n_candidates: int
+    params: dict[str, Any]
+
+    def __len__(self) -> int:
+        return len(self.x0)
+
+    @property
+    def coords(self) -> npt.NDArray[np.int64]:
+        """(N, 2) level-0 top-left corners, x then y."""
+        return np.stack([self.x0, self.y0], axis=1)
+
+    @property
+    def levels(self) -> npt.NDArray[np.int64]:
+        """The pyramid level each patch is read from."""
+        return np.full(len(self), self.level, np.int64)
+
+    @property
+    def downsamples(self) -> npt.NDArray[np.float64]:
+        return np.full(len(self), self.downsample, np.float64)
+
+    def subset(self, indices: npt.NDArray[np.int64]) -> PatchPlan:
+        """A plan holding only ``indices`` (in the given order)."""
+        return replace(
+            self, x0=self.x0[indices], y0=self.y0[indices],
+            tissue_fraction=self.tissue_fraction[indices],
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready form, one record per patch."""
+        return {
+            "strategy": self.strategy,
+            "seed": self.seed,
+            "magnification": self.magnification,
+            "target_mpp": self.target_mpp,
+            "patch_size_px": self.patch_size_px,
+            "width0": self.width0,
+            "height0": self.height0,
+            "level": self.level,
+            "downsample": self.downsample,
+            "n_candidates": self.n_candidates,
+            "n_patches": len(self),
+            "params": self.params,
+            "patches": [
+                {"x0": int(x), "y0": int(y), "tissue_fraction": round(float(f), 4)}
+                for x, y, f in zip(self.x0, self.y0, self.tissue_fraction, strict=True)
+            ],
+        }
+
+
+def _box_fractions(
+    mask: BoolMask, scale: tuple[float, float], xs: np.ndarray, ys: np.ndarray, w0: int, h0: int
+) -> npt.NDArray[np.float32]:
+    """Tissue fraction of each level-0 box, from the mask's summed-area table."""
+    integral = cv2.integral(mask.view(np.uint8)).astype(np.int64)
+    sx, sy = scale
+    mh, mw = mask.shape
+    ax = np.clip(np.floor(xs / sx).astype(np.int64), 0, mw - 1)
+    bx = np.clip(np.ceil((xs + w0) / sx).astype(np.int64), ax + 1, mw)
+    ay = np.clip(np.floor(ys / sy).astype(np.int64), 0, mh - 1)
+    by = np.clip(np.ceil((ys + h0) / sy).astype(np.int64), ay + 1, mh)
+    total = integral[by, bx] - integral[ay, bx] - integral[by, ax] + integral[ay, ax]
+    return (total / ((bx - ax) * (by - ay))).astype(np.float32)
+
+
+def make_plan(
+    slide: Slide,
+    params: PlanParams,
+    *,
+    tissue: TissueMask | None = None,
+    roi: BaseGeometry | None = None,
+) -> PatchPlan:
+    """Plan the patches of ``slide``.
+
+    ``tissue`` replaces detection (e.g. a user mask); ``roi`` (level-0 polygons) restricts
+    sampling to its inside. Same slide, params and seed give the same plan on any backend.
+    """
+    mx, my = slide.require_mpp()
+    rng = np.random.default_rng(params.seed)
+    magnification = params.magnification
+    if params.strategy == "medgemma":
+        if magnification is None:
+            magnification = draw_medgemma_magnification(rng)
+        target_mpp = magnification_to_mpp(magnification)
+    else:
+        resolved = resolve_target_mpp(target_mpp=params.target_mpp, magnification=magnification)
+        target_mpp = resolved if resolved is not None else mx
+    w, h = slide.dimensions
+    w0 = max(1, round(params.patch_size_px * target_mpp / mx))
+    h0 = max(1, round(params.patch_size_px * target_mpp / my))
+    stride_x = max(1, round(w0 * (1 - params.overlap)))
+    stride_y = max(1, round(h0 * (1 - params.overlap)))
+    tm = tissue or compute_tissue_mask(slide, tissue_mpp=params.tissue_mpp, params=params.tissue)
+    mask = tm.mask
+    if roi is not None:
+        mask = mask & rasterize_geometry(roi, mask.shape, tm.scale)
+    gy, gx = np.meshgrid(
+        np.arange(0, h - h0 + 1, stride_y, dtype=np.int64),
+        np.arange(0, w - w0 + 1, stride_x, dtype=np.int64),
+        indexing="ij",
+    )
+    xs, ys = gx.ravel(), gy.ravel()
+    frac = _box_fractions(mask, tm.scale, xs, ys, w0, h0) if len(xs) else np.zeros(0, np.float32)
+    keep = (frac >= params.min_tissue_fraction) & (frac > 0)
+    xs, ys, frac = xs[keep], ys[keep], frac[keep]
+    n_candidates = len(xs)
+    idx = _select(params, xs, ys, rng)
+    downsample = min(w0, h0) / params.patch_size_px
+    level = slide.best_level_for_downsample(downsample)
+    return PatchPlan(
+        x0=xs[idx], y0=ys[idx], tissue_fraction=frac[idx],
+        width0=w0, height0=h0, patch_size_px=params.patch_size_px, target_mpp=target_mpp,
+        level=level, downsample=slide.level_downsamples[level],
+        slide_dimensions=(w, h), slide_mpp=(mx, my), strategy=params.strategy,
+        seed=params.seed, magnification=magnification, n_candidates=n_candidates,
+        params=params.to_dict(),
+    )
+
+
+def _select(
+    params: PlanParams, xs: np.ndarray, ys: np.ndarray, rng: np.random.Generator
+) -> npt.NDArray[np.int64]:
+    n_total = len(xs)
+    if params.strategy == "grid" or n_total == 0:
+        idx = np.arange(n_total, dtype=np.int64)
+        return idx if params.n_patches is None else idx[: params.n_patches]
+    if params.strategy == "stratified":
+        assert params.n_patches is not None  # enforced by PlanParams
+        return sample_stratified(xs, ys, params.n_patches, rng)
+    n = params.n_patches if params.n_patches is not None else MEDGEMMA_MAX_PATCHES
+    return sample_random(n_total, n, rng)

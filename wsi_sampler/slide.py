@@ -1,0 +1,304 @@
+"""Whole-slide images behind one interface, whatever the backend.
+
+Frame: every coordinate taken or returned here is a level-0 pixel (``x0``, ``y0``);
+sizes are level-0 pixels unless a name says otherwise (``*_level`` or ``out_*``).
+Images are (H, W, 3) uint8 RGB numpy arrays; areas outside the scanned image are white.
+
+Thread safety: ``read_region`` and everything built on it may be called from several
+threads at once. openslide is thread-safe itself; tiffslide reads are serialised by a lock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import os
+from pathlib import Path
+from types import TracebackType
+
+import cv2
+import numpy as np
+
+from ._backends import Reader, open_reader
+from .errors import (
+    CorruptSlideError,
+    InvalidRequestError,
+    MissingMppError,
+    SlideNotFoundError,
+)
+from .types import Backend, BackendChoice, RGBImage
+
+__all__ = ["Slide", "open_slide"]
+
+# Resolution tags outside this range are placeholders (72 dpi, 1 px/unit), not optics.
+_PLAUSIBLE_MPP = (0.01, 100.0)
+_MAX_SIDE_PX = 10_000_000
+_FINGERPRINT_BYTES = 1 << 20
+# Output rows resampled per read when building thumbnails; bounds memory on huge levels.
+_THUMB_BAND_PX = 512
+
+
+def _resolve_path(path: str | os.PathLike[str]) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise SlideNotFoundError(f"{p}: no such slide file or folder")
+    if p.is_dir():
+        # A DICOM-WSI series is a folder; openslide opens it through any of its files.
+        dcm = sorted(p.glob("*.dcm"))
+        if not dcm:
+            raise SlideNotFoundError(f"{p}: a folder, and it holds no DICOM (.dcm) slide")
+        return dcm[0]
+    if p.stat().st_size == 0:
+        raise CorruptSlideError(f"{p}: the file is empty (zero bytes)")
+    return p
+
+
+def _mpp_from_resolution(res: tuple[float, float, str] | None) -> tuple[float, float] | None:
+    if res is None:
+        return None
+    xres, yres, unit = res
+    per_unit_um = {"centimeter": 1e4, "inch": 25_400.0, "millimeter": 1e3}.get(unit.lower())
+    if per_unit_um is None or xres <= 0 or yres <= 0:
+        return None
+    mpp = (per_unit_um / xres, per_unit_um / yres)
+    lo, hi = _PLAUSIBLE_MPP
+    return mpp if all(lo <= m <= hi for m in mpp) else None
+
+
+def _float_prop(props: dict[str, str], *keys: str) -> float | None:
+    for key in keys:
+        try:
+            value = float(props[key])
+        except (KeyError, ValueError):
+            continue
+        if math.isfinite(value) and value > 0:
+            return value
+    return None
+
+
+class Slide:
+    """An open whole-slide image. Use :func:`open_slide` to get one."""
+
+    def __init__(
+        self, path: Path, reader: Reader, *, mpp_override: float | None = None
+    ) -> None:
+        self.path = path
+        self._reader = reader
+        w, h = reader.dimensions
+        if not (0 < w <= _MAX_SIDE_PX and 0 < h <= _MAX_SIDE_PX):
+            reader.close()
+            raise CorruptSlideError(f"{path}: absurd slide dimensions {w}x{h}")
+        props = dict(reader.properties)
+        self.properties: dict[str, str] = props
+        prefix = reader.backend
+        if mpp_override is not None:
+            self.mpp: tuple[float, float] | None = (mpp_override, mpp_override)
+        else:
+            mx = _float_prop(props, f"{prefix}.mpp-x")
+            my = _float_prop(props, f"{prefix}.mpp-y")
+            self.mpp = (mx, my) if mx and my else _mpp_from_resolution(reader.tiff_resolution())
+        self.objective_power = _float_prop(props, f"{prefix}.objective-power")
+        vendor = props.get(f"{prefix}.vendor")
+        self.vendor: str | None = vendor if vendor and vendor != "None" else None
+        self._fingerprint: str | None = None
+
+    # -- geometry ---------------------------------------------------------------------------
+    @property
+    def backend(self) -> Backend:
+        return self._reader.backend
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        """Level-0 (width, height) in pixels."""
+        return self._reader.dimensions
+
+    @property
+    def level_count(self) -> int:
+        return len(self._reader.level_dimensions)
+
+    @property
+    def level_dimensions(self) -> tuple[tuple[int, int], ...]:
+        return self._reader.level_dimensions
+
+    @property
+    def level_downsamples(self) -> tuple[float, ...]:
+        return self._reader.level_downsamples
+
+    @property
+    def associated_image_names(self) -> tuple[str, ...]:
+        return self._reader.associated_names
+
+    def require_mpp(self) -> tuple[float, float]:
+        """Return level-0 (mpp_x, mpp_y) in µm/px, or raise :class:`MissingMppError`."""
+        if self.mpp is None:
+            raise MissingMppError(str(self.path))
+        return self.mpp
+
+    def best_level_for_downsample(self, downsample: float) -> int:
+        """Return the coarsest level whose downsample does not exceed ``downsample``."""
+        best = 0
+        for level, ds in enumerate(self.level_downsamples):
+            if ds <= downsample * (1 + 1e-3):
+                best = level
+        return best
+
+    # -- pixels -----------------------------------------------------------------------------
+    def read_region(
+        self, location: tuple[int, int], level: int, size: tuple[int, int]
+    ) -> RGBImage:
+        """Read ``size`` (w, h) pixels of ``level`` whose top-left is level-0 ``location``."""
+        if not 0 <= level < self.level_count:
+            raise InvalidRequestError(f"level {level} does not exist (0..{self.level_count - 1})")
+        width, height = size
+        if width <= 0 or height <= 0 or width * height > 1 << 28:
+            raise InvalidRequestError(f"region size {width}x{height} is not readable")
+        x0, y0 = location
+        ds = self.level_downsamples[level]
+        lw, lh = self.level_dimensions[level]
+        # Clip to the level so every backend pads outside the image the same way: white.
+        lx, ly = math.floor(x0 / ds), math.floor(y0 / ds)
+        cx0, cy0 = max(lx, 0), max(ly, 0)
+        cx1, cy1 = min(lx + width, lw), min(ly + height, lh)
+        if cx0 == lx and cy0 == ly and cx1 == lx + width and cy1 == ly + height:
+            return self._reader.read(x0, y0, level, width, height)
+        out = np.full((height, width, 3), 255, np.uint8)
+        if cx1 > cx0 and cy1 > cy0:
+            inner = self._reader.read(
+                x0 + round((cx0 - lx) * ds), y0 + round((cy0 - ly) * ds), level,
+                cx1 - cx0, cy1 - cy0,
+            )
+            out[cy0 - ly : cy1 - ly, cx0 - lx : cx1 - lx] = inner
+        return out
+
+    def read_scaled(
+        self, x0: int, y0: int, width0: int, height0: int, out_size: tuple[int, int]
+    ) -> RGBImage:
+        """Read a level-0 box and resample it to ``out_size`` (w, h) with antialiasing.
+
+        Reads from the coarsest pyramid level that still has at least the output resolution.
+        """
+        out_w, out_h = out_size
+        downsample = min(width0 / out_w, height0 / out_h)
+        level = self.best_level_for_downsample(downsample)
+        ds = self.level_downsamples[level]
+        lw, lh = max(1, round(width0 / ds)), max(1, round(height0 / ds))
+        img = self.read_region((x0, y0), level, (lw, lh))
+        if (lw, lh) == (out_w, out_h):
+            return img
+        interp = cv2.INTER_AREA if lw >= out_w else cv2.INTER_LINEAR
+        resized: RGBImage = cv2.resize(img, (out_w, out_h), interpolation=interp)
+        return resized
+
+    def thumbnail(self, *, mpp: float | None = None, max_size: int | None = None) -> RGBImage:
+        """Return the whole slide at ``mpp`` µm/px, or fitted within ``max_size`` pixels.
+
+        Reads only the pyramid level closest to the requested resolution, in bands, so
+        memory is bounded by the output size, not the slide size.
+        """
+        if (mpp is None) == (max_size is None):
+            raise InvalidRequestError("thumbnail needs exactly one of mpp or max_size")
+        w, h = self.dimensions
+        if mpp is not None:
+            if not (math.isfinite(mpp) and mpp > 0):
+                raise InvalidRequestError(f"thumbnail mpp must be > 0, got {mpp}")
+            mx, my = self.require_mpp()
+            out_w, out_h = max(1, round(w * mx / mpp)), max(1, round(h * my / mpp))
+        else:
+            assert max_size is not None
+            if max_size <= 0:
+                raise InvalidRequestError(f"max_size must be > 0, got {max_size}")
+            scale = max_size / max(w, h)
+            out_w, out_h = max(1, round(w * scale)), max(1, round(h * scale))
+        if out_w * out_h > 1 << 28:
+            raise InvalidRequestError(f"thumbnail of {out_w}x{out_h} px is too large")
+        return self._banded_resample(out_w, out_h)
+
+    def _banded_resample(self, out_w: int, out_h: int) -> RGBImage:
+        w, h = self.dimensions
+        fy = h / out_h
+        out = np.empty((out_h, out_w, 3), np.uint8)
+        for oy in range(0, out_h, _THUMB_BAND_PX):
+            oh = min(_THUMB_BAND_PX, out_h - oy)
+            y0, y1 = round(oy * fy), round((oy + oh) * fy)
+            out[oy : oy + oh] = self.read_scaled(0, y0, w, max(1, y1 - y0), (out_w, oh))
+        return out
+
+    def associated_image(self, name: str) -> RGBImage:
+        """Return an associated image (``thumbnail``, ``label``, ``macro``...) as RGB."""
+        if name not in self.associated_image_names:
+            raise InvalidRequestError(
+                f"{self.path}: no associated image {name!r} "
+                f"(available: {', '.join(self.associated_image_names) or 'none'})"
+            )
+        return self._reader.associated(name)
+
+    # -- identity ---------------------------------------------------------------------------
+    @property
+    def fingerprint(self) -> str:
+        """``sha256:<hex>`` over the file size and its first MiB: cheap and stable."""
+        if self._fingerprint is None:
+            digest = hashlib.sha256()
+            size = self.path.stat().st_size
+            digest.update(str(size).encode())
+            with self.path.open("rb") as fh:
+                digest.update(fh.read(_FINGERPRINT_BYTES))
+            self._fingerprint = f"sha256:{digest.hexdigest()}"
+        return self._fingerprint
+
+    def info(self) -> dict[str, object]:
+        """A JSON-ready summary of the slide."""
+        return {
+            "path": str(self.path),
+            "backend": self.backend,
+            "vendor": self.vendor,
+            "width": self.dimensions[0],
+            "height": self.dimensions[1],
+            "level_count": self.level_count,
+            "level_dimensions": [list(d) for d in self.level_dimensions],
+            "level_downsamples": list(self.level_downsamples),
+            "mpp_x": self.mpp[0] if self.mpp else None,
+            "mpp_y": self.mpp[1] if self.mpp else None,
+            "objective_power": self.objective_power,
+            "associated_images": list(self.associated_image_names),
+            "fingerprint": self.fingerprint,
+        }
+
+    # -- lifetime ---------------------------------------------------------------------------
+    def close(self) -> None:
+        self._reader.close()
+
+    def __enter__(self) -> Slide:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        w, h = self.dimensions
+        return f"Slide({str(self.path)!r}, backend={self.backend!r}, {w}x{h}, mpp={self.mpp})"
+
+
+def open_slide(
+    path: str | os.PathLike[str],
+    *,
+    backend: BackendChoice = "auto",
+    mpp_override: float | None = None,
+) -> Slide:
+    """Open a whole-slide image.
+
+    ``backend="auto"`` tries openslide first and falls back to tiffslide for TIFFs
+    openslide refuses (plain or generic TIFF, QPTIFF). A DICOM-WSI folder or any of its
+    files opens through openslide. ``mpp_override`` (µm/px) replaces the slide's own MPP.
+    """
+    if backend not in ("auto", "openslide", "tiffslide"):
+        raise InvalidRequestError(f"unknown backend {backend!r} (auto, openslide, tiffslide)")
+    if mpp_override is not None and not (math.isfinite(mpp_override) and mpp_override > 0):
+        raise InvalidRequestError(f"mpp_override must be > 0 µm/px, got {mpp_override}")
+    resolved = _resolve_path(path)
+    reader = open_reader(resolved, backend)
+    return Slide(resolved, reader, mpp_override=mpp_override)

@@ -1,0 +1,272 @@
+"""Tissue detection: pure functions from a low-resolution RGB image to a boolean mask.
+
+Frame: masks are in the pixel grid of the low-resolution image they came from; ``mpp`` is
+that image's µm/px. Polygons returned or accepted here are in level-0 pixels, converted
+with an explicit ``scale`` (level-0 px per mask px).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import shapely
+from shapely.geometry import MultiPolygon, Polygon, shape
+from shapely.geometry.base import BaseGeometry
+
+from .errors import InvalidRequestError
+from .types import BoolMask, RGBImage, TissueMethod
+
+__all__ = [
+    "TissueParams",
+    "dark_artefact_mask",
+    "detect_tissue",
+    "is_fluorescence",
+    "load_geojson_geometry",
+    "load_mask_png",
+    "mask_to_polygons",
+    "pen_ink_mask",
+    "rasterize_geometry",
+]
+
+# OpenCV hue runs 0..179 (degrees / 2). H&E lies in magenta..purple (hue > 125 or < 12);
+# marker inks used on slides are green (35..90) and blue (95..125).
+_GREEN_HUE = (35, 90)
+_BLUE_HUE = (95, 125)
+_INK_MIN_SATURATION = 60
+
+
+@dataclass(frozen=True, kw_only=True)
+class TissueParams:
+    """Tunable knobs of :func:`detect_tissue`; sizes are physical (µm, µm²)."""
+
+    method: TissueMethod = "auto"
+    min_saturation: int = 20
+    """Brightfield: the Otsu threshold on HSV saturation (0..255) never drops below this."""
+    min_fluorescence_signal: int = 6
+    """Fluorescence: the triangle threshold on brightness (0..255) never drops below this."""
+    median_blur_um: float = 16.0
+    close_um: float = 32.0
+    min_tissue_area_um2: float = 20_000.0
+    min_hole_area_um2: float = 10_000.0
+    exclude_pen: bool = True
+    exclude_dark: bool = True
+    dark_value: int = 50
+    """Pixels whose HSV value (0..255) is below this are black marker or dark artefact."""
+
+    def __post_init__(self) -> None:
+        if self.method not in ("auto", "brightfield", "fluorescence"):
+            raise InvalidRequestError(
+                f"unknown tissue method {self.method!r} (auto, brightfield, fluorescence)"
+            )
+        for name in ("median_blur_um", "close_um", "min_tissue_area_um2", "min_hole_area_um2"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise InvalidRequestError(f"{name} must be >= 0, got {value}")
+
+
+def _odd_kernel(size_um: float, mpp: float) -> int:
+    px = max(1, round(size_um / mpp))
+    return px if px % 2 else px + 1
+
+
+def _threshold(channel: np.ndarray, floor: int, method: int) -> np.ndarray:
+    thr, _ = cv2.threshold(channel, 0, 255, cv2.THRESH_BINARY + method)
+    above: np.ndarray = channel > max(thr, floor)
+    return above
+
+
+def is_fluorescence(rgb: RGBImage) -> bool:
+    """Tell a dark-background (fluorescence) image from a bright-field one."""
+    value = rgb.max(axis=2)
+    return bool(np.median(value) < 60)
+
+
+def pen_ink_mask(rgb: RGBImage) -> BoolMask:
+    """Return where blue or green marker ink is (black marker is a dark artefact)."""
+    hsv = cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)
+    hue, sat = hsv[:, :, 0], hsv[:, :, 1]
+    saturated = sat >= _INK_MIN_SATURATION
+    green = (hue >= _GREEN_HUE[0]) & (hue <= _GREEN_HUE[1])
+    blue = (hue >= _BLUE_HUE[0]) & (hue <= _BLUE_HUE[1])
+    return saturated & (green | blue)  # type: ignore[no-any-return]
+
+
+def dark_artefact_mask(rgb: RGBImage, *, dark_value: int = 50) -> BoolMask:
+    """Return near-black pixels: black marker, folds, dirt, out-of-focus debris."""
+    return rgb.max(axis=2) < dark_value  # type: ignore[no-any-return]
+
+
+def _remove_small_objects(mask: np.ndarray, min_px: int) -> np.ndarray:
+    if min_px <= 1 or not mask.any():
+        return mask
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(mask.astype(np.uint8), connectivity=8)
+    keep = stats[:, cv2.CC_STAT_AREA] >= min_px
+    keep[0] = False
+    return keep[labels]  # type: ignore[no-any-return]
+
+
+def _fill_small_holes(mask: np.ndarray, max_px: int) -> np.ndarray:
+    if max_px <= 0:
+        return mask
+    background = (~mask).astype(np.uint8)
+    n, labels, stats, _ = cv2.connectedComponentsWithStats(background, connectivity=4)
+    h, w = mask.shape
+    x, y = stats[:, cv2.CC_STAT_LEFT], stats[:, cv2.CC_STAT_TOP]
+    bw, bh = stats[:, cv2.CC_STAT_WIDTH], stats[:, cv2.CC_STAT_HEIGHT]
+    touches_border = (x == 0) | (y == 0) | (x + bw == w) | (y + bh == h)
+    fill = (stats[:, cv2.CC_STAT_AREA] < max_px) & ~touches_border
+    fill[0] = False
+    return mask | fill[labels]  # type: ignore[no-any-return]
+
+
+def _morph_close(mask: np.ndarray, ksize: int) -> np.ndarray:
+    if ksize <= 1:
+        return mask
+    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (ksize, ksize))
+    closed = cv2.morphologyEx(mask.astype(np.uint8), cv2.MORPH_CLOSE, kernel)
+    return closed.astype(bool)  # type: ignore[no-any-return]
+
+
+def detect_tissue(rgb: RGBImage, mpp: float, params: TissueParams | None = None) -> BoolMask:
+    """Return the tissue mask of a low-resolution RGB image taken at ``mpp`` µm/px.
+
+    Bright-field: HSV saturation, median blur, Otsu (with a floor so a blank slide gives
+    an empty mask), pen ink and near-black artefacts removed, morphological close, then
+    objects and holes smaller than the physical thresholds dropped / filled.
+    Fluorescence: a triangle threshold on brightness (tissue glows over a dark background).
+    """
+    p = params or TissueParams()
+    if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+        raise InvalidRequestError(f"expected an (H, W, 3) uint8 image, got {rgb.shape} {rgb.dtype}")
+    if not (math.isfinite(mpp) and mpp > 0):
+        raise InvalidRequestError(f"mpp must be > 0, got {mpp}")
+    method = p.method
+    if method == "auto":
+        method = "fluorescence" if is_fluorescence(rgb) else "brightfield"
+    blur = _odd_kernel(p.median_blur_um, mpp)
+    if method == "fluorescence":
+        signal = cv2.medianBlur(np.ascontiguousarray(rgb.max(axis=2)), blur)
+        # Triangle, not Otsu: dim tissue between bright nuclei must count as tissue.
+        mask = _threshold(signal, p.min_fluorescence_signal, cv2.THRESH_TRIANGLE)
+    else:
+        sat = cv2.medianBlur(cv2.cvtColor(rgb, cv2.COLOR_RGB2HSV)[:, :, 1], blur)
+        mask = _threshold(sat, p.min_saturation, cv2.THRESH_OTSU)
+        excluded = np.zeros_like(mask)
+        if p.exclude_pen:
+            excluded |= pen_ink_mask(rgb)
+        if p.exclude_dark:
+            excluded |= dark_artefact_mask(rgb, dark_value=p.dark_value)
+        if excluded.any():
+            # Grow the exclusion a little: stroke edges are ink blended with background.
+            grow = cv2.dilate(excluded.astype(np.uint8), np.ones((3, 3), np.uint8))
+            mask &= ~grow.astype(bool)
+    mask = _morph_close(mask, _odd_kernel(p.close_um, mpp))
+    px_area = mpp * mpp
+    mask = _remove_small_objects(mask, math.ceil(p.min_tissue_area_um2 / px_area))
+    return _fill_small_holes(mask, math.floor(p.min_hole_area_um2 / px_area))
+
+
+# -- polygons -------------------------------------------------------------------------------
+def mask_to_polygons(
+    mask: BoolMask, scale: tuple[float, float], *, simplify_px: float = 1.0
+) -> MultiPolygon:
+    """Vectorise a mask into level-0 polygons (``scale`` = level-0 px per mask px, x and y)."""
+    contours, hierarchy = cv2.findContours(
+        mask.astype(np.uint8), cv2.RETR_CCOMP, cv2.CHAIN_APPROX_SIMPLE
+    )
+    polys: list[Polygon] = []
+    if hierarchy is None:
+        return MultiPolygon()
+    sx, sy = scale
+    hier = hierarchy[0]
+
+    def to_ring(c: np.ndarray) -> np.ndarray:
+        pts: np.ndarray = c[:, 0, :].astype(np.float64) * np.array([sx, sy])
+        return pts
+
+    for i, contour in enumerate(contours):
+        if hier[i][3] != -1 or len(contour) < 3:
+            continue
+        holes = []
+        child = hier[i][2]
+        while child != -1:
+            if len(contours[child]) >= 3:
+                holes.append(to_ring(contours[child]))
+            child = hier[child][0]
+        poly = Polygon(to_ring(contour), holes).buffer(0)
+        if simplify_px > 0:
+            poly = poly.simplify(simplify_px * max(sx, sy))
+        if not poly.is_empty:
+            polys.extend(poly.geoms if isinstance(poly, MultiPolygon) else [poly])
+    return MultiPolygon(polys)
+
+
+def rasterize_geometry(
+    geom: BaseGeometry, shape_hw: tuple[int, int], scale: tuple[float, float]
+) -> BoolMask:
+    """Draw level-0 polygons onto a mask of ``shape_hw`` (``scale`` as above)."""
+    canvas = np.zeros(shape_hw, np.uint8)
+    sx, sy = scale
+    for poly in _polygons(geom):
+        ext = np.round(np.asarray(poly.exterior.coords)[:, :2] / [sx, sy]).astype(np.int32)
+        cv2.fillPoly(canvas, [ext], 1)
+        for ring in poly.interiors:
+            hole = np.round(np.asarray(ring.coords)[:, :2] / [sx, sy]).astype(np.int32)
+            cv2.fillPoly(canvas, [hole], 0)
+    return canvas.astype(bool)
+
+
+def _polygons(geom: BaseGeometry) -> list[Polygon]:
+    if isinstance(geom, Polygon):
+        return [geom]
+    if hasattr(geom, "geoms"):
+        out: list[Polygon] = []
+        for g in geom.geoms:
+            out.extend(_polygons(g))
+        return out
+    return []
+
+
+def load_geojson_geometry(source: str | Path | dict[str, Any]) -> BaseGeometry:
+    """Read polygons (level-0 px) from a GeoJSON file, FeatureCollection, Feature or geometry."""
+    try:
+        data = json.loads(Path(source).read_text()) if isinstance(source, (str, Path)) else source
+    except (OSError, json.JSONDecodeError) as exc:
+        raise InvalidRequestError(f"cannot read GeoJSON {source}: {exc}") from exc
+    try:
+        if data.get("type") == "FeatureCollection":
+            geoms = [shape(f["geometry"]) for f in data["features"] if f.get("geometry")]
+        elif data.get("type") == "Feature":
+            geoms = [shape(data["geometry"])]
+        else:
+            geoms = [shape(data)]
+    except (KeyError, TypeError, ValueError, AttributeError, shapely.errors.GEOSException) as exc:
+        raise InvalidRequestError(f"not valid GeoJSON polygons: {exc}") from exc
+    polys = [p for g in geoms for p in _polygons(g)]
+    if not polys:
+        raise InvalidRequestError("the GeoJSON holds no Polygon or MultiPolygon")
+    return shapely.union_all([p.buffer(0) for p in polys])
+
+
+def load_mask_png(path: str | Path, shape_hw: tuple[int, int]) -> BoolMask:
+    """Read a user mask image (non-zero = tissue) and fit it to ``shape_hw``.
+
+    The image must cover the whole slide (same aspect ratio within 2 %).
+    """
+    img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    if img is None:
+        raise InvalidRequestError(f"{path}: not a readable mask image (PNG, TIFF, ...)")
+    h, w = shape_hw
+    mh, mw = img.shape
+    if abs((mw / mh) / (w / h) - 1) > 0.02:
+        raise InvalidRequestError(
+            f"{path}: mask aspect ratio {mw}x{mh} does not match the slide's ({w}x{h} at mask "
+            "resolution); the mask must cover the whole slide"
+        )
+    return cv2.resize(img, (w, h), interpolation=cv2.INTER_NEAREST) > 0  # type: ignore[no-any-return]
