@@ -197,7 +197,7 @@ def _box_fractions(
     mask: BoolMask, scale: tuple[float, float], xs: np.ndarray, ys: np.ndarray, w0: int, h0: int
 ) -> npt.NDArray[np.float32]:
     """Tissue fraction of each level-0 box, from the mask's summed-area table."""
-    integral = cv2.integral(mask.view(np.uint8)).astype(np.int64)
+    integral: npt.NDArray[np.int64] = cv2.integral(mask.view(np.uint8)).astype(np.int64)
     sx, sy = scale
     mh, mw = mask.shape
     ax = np.clip(np.floor(xs / sx).astype(np.int64), 0, mw - 1)
