@@ -93,3 +93,17 @@ def test_user_errors_are_one_line(
     lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], r.stderr
     assert "Traceback" not in r.stderr
+
+
+def test_geojson_mask_replaces_detection(demo_slide: Path, tmp_path: Path) -> None:
+    roi = {"type": "Polygon",
+           "coordinates": [[[0, 0], [1024, 0], [1024, 1024], [0, 1024], [0, 0]]]}
+    (tmp_path / "mask.geojson").write_text(json.dumps(roi))
+    r = run("plan", demo_slide, "--out", tmp_path / "c.csv", "--mask", tmp_path / "mask.geojson",
+            "--min-tissue", "1.0")
+    assert r.returncode == 0, r.stderr
+    rows = list(csv.DictReader((tmp_path / "c.csv").read_text().splitlines()))
+    # the top-left corner of the demo slide is background, so only the mask puts patches there
+    assert sorted((int(r["minx"]), int(r["miny"])) for r in rows) == [
+        (x, y) for x in (0, 256, 512, 768) for y in (0, 256, 512, 768)
+    ]

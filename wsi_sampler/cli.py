@@ -34,7 +34,13 @@ from .export import (
 from .extract import Extractor
 from .plan import PatchPlan, PlanParams, TissueMask, compute_tissue_mask, make_plan, medgemma_params
 from .slide import Slide, open_slide
-from .tissue import TissueParams, load_geojson_geometry, load_mask_png, mask_to_polygons
+from .tissue import (
+    TissueParams,
+    load_geojson_geometry,
+    load_mask_png,
+    mask_to_polygons,
+    rasterize_geometry,
+)
 
 log = logging.getLogger("wsi_sampler")
 app = typer.Typer(
@@ -89,7 +95,11 @@ SeedO = Annotated[int, typer.Option(help="Random seed: same seed, same plan.")]
 TissueMppO = Annotated[float | None, typer.Option(help="Tissue-mask resolution in µm/px.")]
 MethodO = Annotated[MethodOpt, typer.Option(help="Tissue detection method.")]
 RoiO = Annotated[Path | None, typer.Option(help="GeoJSON polygons (level-0 px) to sample within.")]
-MaskO = Annotated[Path | None, typer.Option(help="Tissue mask image to use instead of detection.")]
+MaskO = Annotated[
+    Path | None,
+    typer.Option(help="Tissue mask to use instead of detection: an image covering the whole "
+                 "slide (non-zero = tissue) or GeoJSON polygons in level-0 px."),
+]
 
 
 def _open(slide: Path, backend: BackendOpt, mpp_override: float | None) -> Slide:
@@ -123,7 +133,11 @@ def _tissue_for(
     tm = compute_tissue_mask(s, tissue_mpp=params.tissue_mpp, params=params.tissue)
     if mask is None:
         return tm
-    return TissueMask(load_mask_png(mask, tm.mask.shape), tm.mpp, tm.scale)
+    if mask.suffix.lower() in (".geojson", ".json"):
+        user = rasterize_geometry(load_geojson_geometry(mask), tm.mask.shape, tm.scale)
+    else:
+        user = load_mask_png(mask, tm.mask.shape)
+    return TissueMask(user, tm.mpp, tm.scale)
 
 
 def _build_plan(
