@@ -100,8 +100,14 @@ def test_medgemma_preset(medgemma_slide: Path) -> None:
     assert np.all(fixed.x0 % 896 == 0) and np.all(fixed.y0 % 896 == 0)
     assert np.all(np.diff(fixed.y0 * 10**6 + fixed.x0) > 0)
     assert len(full) == 126
-    assert set(zip(fixed.x0.tolist(), fixed.y0.tolist(), strict=True)) <= set(
-        zip(full.x0.tolist(), full.y0.tolist(), strict=True)) or len(full) < full.n_candidates
+    # Both samples are drawn from the same non-overlapping 20x grid over tissue.
+    with open_slide(medgemma_slide) as s:
+        grid = make_plan(s, PlanParams(patch_size_px=896, target_mpp=0.5, tissue_mpp=2.0),
+                         tissue=tm)
+    assert len(grid) == full.n_candidates
+    candidates = set(zip(grid.x0.tolist(), grid.y0.tolist(), strict=True))
+    for plan in (fixed, full):
+        assert set(zip(plan.x0.tolist(), plan.y0.tolist(), strict=True)) <= candidates
     assert medgemma_params().n_patches == 126
 
 

@@ -10,11 +10,11 @@ import json
 import logging
 import sys
 import time
+from dataclasses import replace
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
 
-import cv2
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
@@ -22,6 +22,7 @@ from ._io import atomic_write_bytes
 from .demo import DemoSlideSpec, write_demo_slide
 from .errors import InvalidRequestError, WsiSamplerError
 from .export import (
+    encode_image,
     run_metadata,
     write_clam_h5,
     write_csv,
@@ -29,18 +30,13 @@ from .export import (
     write_mask_png,
     write_metadata_json,
     write_overlay_png,
+    write_tissue_geojson,
     write_wsinfer_h5,
 )
 from .extract import Extractor
 from .plan import PatchPlan, PlanParams, TissueMask, compute_tissue_mask, make_plan, medgemma_params
 from .slide import Slide, open_slide
-from .tissue import (
-    TissueParams,
-    load_geojson_geometry,
-    load_mask_png,
-    mask_to_polygons,
-    rasterize_geometry,
-)
+from .tissue import TissueParams, load_geojson_geometry, load_mask_png, rasterize_geometry
 
 log = logging.getLogger("wsi_sampler")
 app = typer.Typer(
@@ -118,8 +114,7 @@ def _plan_params(
                                       "--magnification to fix the magnification")
         p = medgemma_params(seed=seed, magnification=magnification,
                             max_patches=n_patches or 126, min_tissue_fraction=min_tissue)
-        return PlanParams(**{**p.__dict__, "tissue": tissue,
-                             "tissue_mpp": tissue_mpp or p.tissue_mpp})
+        return replace(p, tissue=tissue, tissue_mpp=tissue_mpp or p.tissue_mpp)
     return PlanParams(
         strategy=strategy.value, patch_size_px=size or 256, target_mpp=mpp,
         magnification=magnification, overlap=overlap, min_tissue_fraction=min_tissue,
@@ -172,11 +167,7 @@ def tissue(
         tm = compute_tissue_mask(s, tissue_mpp=tissue_mpp, params=TissueParams(method=method.value))
     write_mask_png(out, tm.mask)
     if geojson is not None:
-        geom = mask_to_polygons(tm.mask, tm.scale)
-        feature = {"type": "Feature", "geometry": geom.__geo_interface__,
-                   "properties": {"objectType": "annotation", "classification": {"name": "Tissue"}}}
-        atomic_write_bytes(geojson, json.dumps(
-            {"type": "FeatureCollection", "features": [feature]}).encode())
+        write_tissue_geojson(geojson, tm.mask, tm.scale)
     log.info("tissue: %.1f %% of %s at %.2f µm/px -> %s",
              100 * tm.mask.mean(), slide.name, tm.mpp, out)
 
@@ -255,9 +246,7 @@ def _write_patch_files(extractor: Extractor, out: Path, ext: str, quiet: bool) -
     with Progress(*columns, disable=not show, transient=True) as progress:
         task = progress.add_task("patches", total=len(extractor.plan))
         for i, img in extractor.iter_patches():
-            ok, buf = cv2.imencode(ext, img[:, :, ::-1])
-            assert ok, "OpenCV encodes any uint8 RGB image"
-            atomic_write_bytes(out / f"{i:06d}{ext}", buf.tobytes())
+            atomic_write_bytes(out / f"{i:06d}{ext}", encode_image(img, ext))
             progress.advance(task)
 
 

@@ -26,9 +26,11 @@ from ._io import atomic_path, atomic_write_bytes, atomic_write_text
 from .errors import InvalidRequestError
 from .plan import PatchPlan
 from .slide import Slide
+from .tissue import mask_to_polygons
 from .types import BoolMask, RGBImage
 
 __all__ = [
+    "encode_image",
     "run_metadata",
     "write_clam_h5",
     "write_csv",
@@ -36,6 +38,7 @@ __all__ = [
     "write_mask_png",
     "write_metadata_json",
     "write_overlay_png",
+    "write_tissue_geojson",
     "write_wsinfer_h5",
 ]
 
@@ -124,17 +127,30 @@ def write_wsinfer_h5(path: str | os.PathLike[str], plan: PatchPlan) -> None:
         dset.attrs["patch_spacing_um_px"] = plan.target_mpp
 
 
-def _png_bytes(img: np.ndarray) -> bytes:
+def encode_image(img: np.ndarray, ext: str = ".png") -> bytes:
+    """Encode an RGB (or grey) uint8 image as ``.png`` or ``.jpg`` bytes."""
     arr = img[:, :, ::-1] if img.ndim == 3 else img
-    ok, buf = cv2.imencode(".png", np.ascontiguousarray(arr))
+    ok, buf = cv2.imencode(ext, np.ascontiguousarray(arr))
     if not ok:  # pragma: no cover - OpenCV encodes any uint8 image
-        raise InvalidRequestError("PNG encoding failed")
+        raise InvalidRequestError(f"{ext} encoding failed")
     return bytes(buf.tobytes())
+
+
+def write_tissue_geojson(
+    path: str | os.PathLike[str], mask: BoolMask, scale: tuple[float, float]
+) -> None:
+    """Tissue outline as one QuPath annotation (MultiPolygon, level-0 px)."""
+    feature = {
+        "type": "Feature",
+        "geometry": mask_to_polygons(mask, scale).__geo_interface__,
+        "properties": {"objectType": "annotation", "classification": {"name": "Tissue"}},
+    }
+    atomic_write_text(path, json.dumps({"type": "FeatureCollection", "features": [feature]}))
 
 
 def write_mask_png(path: str | os.PathLike[str], mask: BoolMask) -> None:
     """Tissue mask as an 8-bit PNG: 255 tissue, 0 background."""
-    atomic_write_bytes(path, _png_bytes(mask.astype(np.uint8) * 255))
+    atomic_write_bytes(path, encode_image(mask.astype(np.uint8) * 255))
 
 
 def write_overlay_png(
@@ -153,7 +169,7 @@ def write_overlay_png(
         p0 = (int(x / sx), int(y / sy))
         p1 = (int((x + plan.width0) / sx), int((y + plan.height0) / sy))
         cv2.rectangle(img, p0, p1, (0, 170, 0), 1)
-    atomic_write_bytes(path, _png_bytes(img))
+    atomic_write_bytes(path, encode_image(img))
 
 
 def _versions() -> dict[str, str | None]:

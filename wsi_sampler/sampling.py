@@ -64,7 +64,6 @@ def sample_stratified(
         return np.arange(total, dtype=np.int64)
     xf, yf = np.asarray(x, np.float64), np.asarray(y, np.float64)
     lo, hi = 1e-9, max(float(np.ptp(xf)), float(np.ptp(yf)), 1.0) * 2
-    cells = _occupied_cells(xf, yf, hi)
     for _ in range(60):
         mid = (lo + hi) / 2
         cells = _occupied_cells(xf, yf, mid)
