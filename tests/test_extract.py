@@ -1,12 +1,23 @@
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import cv2
 import numpy as np
 import pytest
 
-from wsi_sampler import Extractor, InvalidRequestError, PlanParams, make_plan, open_slide
+from wsi_sampler import (
+    CorruptSlideError,
+    Extractor,
+    InvalidRequestError,
+    PlanParams,
+    Slide,
+    make_plan,
+    open_slide,
+)
+from wsi_sampler.demo import DemoSlideSpec, write_demo_slide
+from wsi_sampler.plan import PatchPlan
 
 
 def reference_patch(path: Path, x0: int, y0: int, size0: int, out: int) -> np.ndarray:
@@ -61,3 +72,145 @@ def test_batch_size_validated(demo_slide: Path) -> None:
         plan = make_plan(s, PlanParams())
         with pytest.raises(InvalidRequestError):
             Extractor(s, plan, batch_size=0)
+
+
+# -- the tile path against the backends' read_region ------------------------------------------
+
+ODD_SPEC = DemoSlideSpec(width=10001, height=7003, mpp=0.25, seed=3, tile_px=240)
+"""Odd size: non-integer level downsample (3.9991), partial edge tiles, 240 px tiles."""
+
+
+@pytest.fixture(scope="module")
+def odd_slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_demo_slide(tmp_path_factory.mktemp("odd") / "odd.svs", ODD_SPEC)
+
+
+def boxes_plan(slide: Slide, level: int, xs: np.ndarray, ys: np.ndarray, size: int) -> PatchPlan:
+    """A plan of ``size`` px boxes at ``level`` (resolution = that level) at level-0 xs, ys."""
+    ds = slide.level_downsamples[level]
+    n = len(xs)
+    return PatchPlan(
+        x0=np.asarray(xs, np.int64), y0=np.asarray(ys, np.int64),
+        tissue_fraction=np.ones(n, np.float32), width0=round(size * ds),
+        height0=round(size * ds), patch_size_px=size, target_mpp=0.25 * ds, level=level,
+        downsample=ds, slide_dimensions=slide.dimensions, slide_mpp=(0.25, 0.25),
+        strategy="grid", seed=0, magnification=None, n_candidates=n, params={},
+    )
+
+
+def both_paths(slide: Slide, plan: PatchPlan) -> tuple[np.ndarray, np.ndarray]:
+    fast = Extractor(slide, plan, mode="tiles", batch_size=7)
+    ref = Extractor(slide, plan, mode="reference", batch_size=7)
+    assert fast.path_name == "tiles" and ref.path_name == "reference"
+    return (np.concatenate([b.images for b in fast.iter_batches()]),
+            np.concatenate([b.images for b in ref.iter_batches()]))
+
+
+def max_abs_diff(a: np.ndarray, b: np.ndarray) -> int:
+    return int(np.abs(a.astype(np.int16) - b.astype(np.int16)).max())
+
+
+@pytest.mark.parametrize("size", [240, 301])
+def test_tile_path_equals_tiffslide_on_every_level(odd_slide: Path, size: int) -> None:
+    """Aligned, unaligned, edge and outside boxes on both levels of an odd-sized pyramid."""
+    with open_slide(odd_slide, backend="tiffslide") as s:
+        assert s.level_downsamples[1] != 4.0
+        for level in range(s.level_count):
+            ds = s.level_downsamples[level]
+            rng = np.random.default_rng(level)
+            xs = np.concatenate([rng.integers(-400, s.dimensions[0], 12),
+                                 [0, round(240 * ds), s.dimensions[0] - 5]])
+            ys = np.concatenate([rng.integers(-400, s.dimensions[1], 12),
+                                 [0, round(480 * ds), s.dimensions[1] - 5]])
+            fast, ref = both_paths(s, boxes_plan(s, level, xs, ys, size))
+            assert max_abs_diff(fast, ref) <= 2, f"level {level}"
+            assert fast[-1, 10:, 10:].min() == 255  # beyond the last pixel: white
+
+
+@pytest.mark.parametrize("level", [0, 1])
+def test_tile_path_equals_openslide(demo_slide: Path, level: int) -> None:
+    """openslide agrees wherever a level-0 position maps to a whole level pixel."""
+    with open_slide(demo_slide, backend="openslide") as s:
+        rng = np.random.default_rng(5)
+        xs = rng.integers(0, s.dimensions[0], 20) // 16 * 16
+        ys = rng.integers(0, s.dimensions[1], 20) // 16 * 16
+        for size in (256, 333):
+            fast, ref = both_paths(s, boxes_plan(s, level, xs, ys, size))
+            assert max_abs_diff(fast, ref) <= 2
+
+
+@pytest.mark.parametrize("backend", ["openslide", "tiffslide"])
+def test_tile_path_on_a_real_aperio_slide(cmu_svs: Path, backend: str) -> None:
+    with open_slide(cmu_svs, backend=backend) as s:  # type: ignore[arg-type]
+        rng = np.random.default_rng(0)
+        xs = np.concatenate([rng.integers(-50, 2220, 24), [0, 240, 1984]])
+        ys = np.concatenate([rng.integers(-50, 2967, 24), [0, 480, 2944]])
+        for size in (240, 256, 500):
+            fast, ref = both_paths(s, boxes_plan(s, 0, xs, ys, size))
+            assert max_abs_diff(fast, ref) <= 2
+            assert fast.std() > 10  # real tissue, not a blank read
+
+
+def test_plan_through_both_paths_matches_reference(demo_slide: Path) -> None:
+    """Resampled plans (0.5 µm/px from 0.25) give the reference pixels on the tile path."""
+    with open_slide(demo_slide) as s:
+        plan = make_plan(s, PlanParams(patch_size_px=224, target_mpp=0.5, overlap=0.25))
+        assert len(plan) > 40
+        fast, ref = both_paths(s, plan)
+    assert max_abs_diff(fast, ref) <= 2
+
+
+def test_neighbouring_patches_share_decoded_tiles(demo_slide: Path) -> None:
+    with open_slide(demo_slide) as s:
+        plan = make_plan(s, PlanParams(patch_size_px=224, target_mpp=0.5))
+        ext = Extractor(s, plan, threads=2)
+        for _ in ext.iter_batches():
+            pass
+        lv = s.tile_source().levels[0]  # type: ignore[union-attr]
+    lx, ly = plan.x0, plan.y0
+    unique = {
+        (tx, ty)
+        for x, y in zip(lx.tolist(), ly.tolist(), strict=True)
+        for tx in range(x // lv.tile_w, (x + plan.width0 - 1) // lv.tile_w + 1)
+        for ty in range(y // lv.tile_h, (y + plan.height0 - 1) // lv.tile_h + 1)
+    }
+    assert ext.cache_stats["misses"] == len(unique)  # every tile decoded exactly once
+    assert ext.cache_stats["hits"] > 0
+
+
+def test_formats_without_stored_tiles_fall_back(dapi_ndpi: Path) -> None:
+    with open_slide(dapi_ndpi, backend="openslide", mpp_override=0.5) as s:
+        plan = make_plan(s, PlanParams(strategy="random", n_patches=4, seed=0, patch_size_px=128,
+                                       min_tissue_fraction=0.1))
+        ext = Extractor(s, plan)
+        assert ext.path_name == "reference"
+        images = np.concatenate([b.images for b in ext.iter_batches()])
+        assert images.shape == (len(plan), 128, 128, 3)
+        with pytest.raises(InvalidRequestError, match="no stored tiles"):
+            Extractor(s, plan, mode="tiles")
+
+
+def test_stopping_early_cancels_the_reads_ahead(demo_slide: Path) -> None:
+    with open_slide(demo_slide) as s:
+        plan = make_plan(s, PlanParams(patch_size_px=128, min_tissue_fraction=0.1))
+        gen = Extractor(s, plan, batch_size=4, prefetch_batches=2).iter_batches()
+        first = next(gen)
+        gen.close()
+        assert len(first) == 4
+        alive = [t for t in threading.enumerate() if t.name.startswith("wsi-extract")]
+        assert alive == []
+
+
+def test_a_damaged_tile_is_a_clear_error(tmp_path: Path) -> None:
+    path = write_demo_slide(tmp_path / "bad.svs", DemoSlideSpec(width=2048, height=1536,
+                                                                pen=False, artefact=False))
+    with open_slide(path) as s:
+        lv = s.tile_source().levels[0]  # type: ignore[union-attr]
+        offset, count = int(lv.offsets[0]), int(lv.bytecounts[0])
+    with path.open("r+b") as fh:  # keep the JPEG start marker, scramble the rest
+        fh.seek(offset + 2)
+        fh.write(bytes(range(256)) * ((count - 2) // 256))
+    with open_slide(path) as s:
+        plan = boxes_plan(s, 0, np.array([0]), np.array([0]), 256)
+        with pytest.raises(CorruptSlideError, match="tile 0,0 of level 0"):
+            Extractor(s, plan, mode="tiles").read_patch(0)

@@ -92,17 +92,29 @@ def test_pen_ink_colours() -> None:
     assert pen_ink_mask(img)[:, 0].tolist() == [True, True, False, False]
 
 
-def test_tissue_detection_reads_only_low_resolution(demo_slide: Path) -> None:
+@pytest.mark.parametrize("tiles", [True, False])
+def test_tissue_detection_reads_only_low_resolution(demo_slide: Path, tiles: bool) -> None:
+    """Whether through stored tiles or the backend, only the coarsest level is read."""
     with open_slide(demo_slide) as s:
         levels: list[int] = []
-        original = s._reader.read
+        source = s.tile_source()
+        assert source is not None
+        if not tiles:
+            s._tiles = None  # as for a format without direct tile access
+        original_read, original_tile = s._reader.read, source.read_tile
 
         def spy(x0: int, y0: int, level: int, w: int, h: int) -> np.ndarray:
             levels.append(level)
-            return original(x0, y0, level, w, h)
+            return original_read(x0, y0, level, w, h)
+
+        def spy_tile(level: int, tx: int, ty: int, out: np.ndarray | None = None) -> np.ndarray:
+            levels.append(level)
+            return original_tile(level, tx, ty, out)
 
         s._reader.read = spy  # type: ignore[method-assign]
+        source.read_tile = spy_tile  # type: ignore[method-assign]
         compute_tissue_mask(s, tissue_mpp=8.0)
+        source.close()
     assert levels and min(levels) == s.level_count - 1 > 0
 
 

@@ -1,27 +1,48 @@
-"""Turn a :class:`~wsi_sampler.plan.PatchPlan` into pixels.
+"""Turn a :class:`~wsi_sampler.plan.PatchPlan` into pixels, fast.
 
 Frame: patch coordinates are level-0 pixels; patches come out as uint8 RGB, (H, W, 3)
 alone or (N, H, W, 3) in a batch, at the plan's target resolution.
 
-This is the reference path (``Slide.read_scaled`` per patch, in a small thread pool).
+Two paths give the same pixels (within JPEG decoder rounding):
+
+- ``tiles``: reads the plan's pyramid level straight from the stored tiles (see
+  :mod:`wsi_sampler._tiles`). A patch that is exactly one stored tile is decoded into its
+  batch slot; any other patch is assembled from the tiles it touches, through a bounded
+  LRU tile cache shared by the worker threads, then resampled with area averaging.
+- ``reference``: ``Slide.read_scaled`` per patch (the backend's ``read_region``), used for
+  formats the tile path cannot serve (NDPI, DICOM, JPEG XR...).
+
+Work runs in a thread pool, a few batches ahead of the consumer (bounded prefetch), so
+memory is bounded by ``batch_size``, ``prefetch_batches`` and ``tile_cache_mb`` whatever
+the slide size.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+import math
+import threading
+from collections import deque
+from collections.abc import Generator, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
 
+from ._tiles import TileCache, TileKey, TileLevel, TileSource, default_threads, resize_area
 from .errors import InvalidRequestError
 from .plan import PatchPlan
 from .slide import Slide
 from .types import RGBImage
 
-__all__ = ["Extractor", "PatchBatch"]
+__all__ = ["ExtractMode", "Extractor", "PatchBatch", "default_threads"]
+
+ExtractMode = Literal["auto", "tiles", "reference"]
+
+# In plans too short to keep every thread busy, a patch touching at least this many tiles
+# (MedGemma at 5x: 49) decodes them in parallel; otherwise patches run in parallel.
+_PARALLEL_TILES = 8
 
 
 @dataclass(frozen=True)
@@ -39,37 +60,192 @@ class PatchBatch:
         return len(self.indices)
 
 
-class Extractor:
-    """Read the patches of a plan in batches; memory is bounded by ``batch_size``."""
+class _TileReader:
+    """Reads level-pixel boxes of one pyramid level from its stored tiles."""
 
     def __init__(
-        self, slide: Slide, plan: PatchPlan, *, batch_size: int = 64, threads: int | None = None
+        self, source: TileSource, level: int, cache_tiles: int, uses: dict[TileKey, int]
+    ) -> None:
+        self.source = source
+        self.level = level
+        self.lv: TileLevel = source.levels[level]
+        self.cache = TileCache(cache_tiles, self._load, uses)
+
+    def _load(self, key: TileKey) -> RGBImage:
+        tx, ty = key
+        return self.source.read_tile(self.level, tx, ty)
+
+    def read_into(
+        self, lx: int, ly: int, region: RGBImage, pool: ThreadPoolExecutor | None = None
+    ) -> None:
+        """Fill ``region`` with level pixels from (lx, ly); white outside the level.
+
+        A patch spanning many tiles has them decoded in parallel in ``pool`` first.
+        """
+        if pool is not None:
+            keys = self.source.tiles_for_box(self.level, lx, ly, region.shape[1], region.shape[0])
+            if len(keys) >= _PARALLEL_TILES:
+                for _ in pool.map(lambda k: self.cache.get(k, use=False), keys):
+                    pass
+        self.source.read_box(self.level, lx, ly, region, self.cache.get)
+
+
+class Extractor:
+    """Read the patches of a plan in batches, in plan order.
+
+    ``threads`` defaults to every core; ``prefetch_batches`` batches are read ahead of the
+    consumer; ``tile_cache_mb`` bounds the decoded tiles kept for neighbouring patches.
+    ``mode="tiles"`` insists on the tile path (an error where it cannot serve the slide),
+    ``"reference"`` forces the backend path, ``"auto"`` picks the tile path when it can.
+    """
+
+    def __init__(
+        self,
+        slide: Slide,
+        plan: PatchPlan,
+        *,
+        batch_size: int = 64,
+        threads: int | None = None,
+        prefetch_batches: int = 2,
+        tile_cache_mb: float = 256.0,
+        mode: ExtractMode = "auto",
     ) -> None:
         if batch_size < 1:
             raise InvalidRequestError(f"batch_size must be >= 1, got {batch_size}")
+        if prefetch_batches < 1:
+            raise InvalidRequestError(f"prefetch_batches must be >= 1, got {prefetch_batches}")
+        if threads is not None and threads < 1:
+            raise InvalidRequestError(f"threads must be >= 1, got {threads}")
+        if mode not in ("auto", "tiles", "reference"):
+            raise InvalidRequestError(f"unknown extraction mode {mode!r} (auto, tiles, reference)")
         self.slide = slide
         self.plan = plan
         self.batch_size = batch_size
-        self.threads = threads or min(4, os.cpu_count() or 1)
+        self.threads = threads or default_threads()
+        self.prefetch_batches = prefetch_batches
+        ds = plan.downsample
+        self._lx = np.floor(plan.x0 / ds).astype(np.int64)
+        self._ly = np.floor(plan.y0 / ds).astype(np.int64)
+        self._region_wh = (max(1, round(plan.width0 / ds)), max(1, round(plan.height0 / ds)))
+        self._tiles = self._tile_reader(mode, tile_cache_mb)
+        self._buffers = threading.local()
 
+    def _tile_reader(self, mode: ExtractMode, cache_mb: float) -> _TileReader | None:
+        if mode == "reference":
+            return None
+        source = self.slide.tile_source()
+        if source is None or self.plan.level not in source.levels:
+            if mode == "tiles":
+                raise InvalidRequestError(
+                    f"{self.slide.path}: level {self.plan.level} has no stored tiles the fast "
+                    "path can decode; use mode='auto' or 'reference'"
+                )
+            return None
+        lv = source.levels[self.plan.level]
+        cache_tiles = math.floor(cache_mb * 2**20 / (lv.tile_w * lv.tile_h * 3))
+        return _TileReader(source, self.plan.level, cache_tiles, self._tile_uses(source))
+
+    def _tile_uses(self, source: TileSource) -> dict[TileKey, int]:
+        """How many patches read each tile through the cache (one-tile patches do not)."""
+        level, (rw, rh) = self.plan.level, self._region_wh
+        uses: dict[TileKey, int] = {}
+        for lx, ly in zip(self._lx.tolist(), self._ly.tolist(), strict=True):
+            if source.is_one_tile(level, lx, ly, rw, rh):
+                continue
+            for key in source.tiles_for_box(level, lx, ly, rw, rh):
+                uses[key] = uses.get(key, 0) + 1
+        return uses
+
+    @property
+    def path_name(self) -> Literal["tiles", "reference"]:
+        """Which path serves this plan."""
+        return "tiles" if self._tiles is not None else "reference"
+
+    # -- one patch --------------------------------------------------------------------------
     def read_patch(self, index: int) -> RGBImage:
         """Read patch ``index`` of the plan."""
-        p = self.plan
-        size = p.patch_size_px
-        return self.slide.read_scaled(
-            int(p.x0[index]), int(p.y0[index]), p.width0, p.height0, (size, size)
-        )
+        size = self.plan.patch_size_px
+        out = np.empty((size, size, 3), np.uint8)
+        self._read_into(index, out)
+        return out
 
-    def iter_batches(self) -> Iterator[PatchBatch]:
-        """Yield batches in plan order."""
+    def _read_into(
+        self, index: int, out: RGBImage, tile_pool: ThreadPoolExecutor | None = None
+    ) -> None:
+        p = self.plan
+        if self._tiles is None:
+            out_wh = (out.shape[1], out.shape[0])
+            out[:] = self.slide.read_scaled(
+                int(p.x0[index]), int(p.y0[index]), p.width0, p.height0, out_wh
+            )
+            return
+        lx, ly = int(self._lx[index]), int(self._ly[index])
+        rw, rh = self._region_wh
+        if (rw, rh) == (out.shape[1], out.shape[0]):
+            self._tiles.read_into(lx, ly, out, tile_pool)
+            return
+        region = self._region_buffer(rh, rw)
+        self._tiles.read_into(lx, ly, region, tile_pool)
+        resize_area(region, (out.shape[1], out.shape[0]), out=out)
+
+    def _region_buffer(self, h: int, w: int) -> RGBImage:
+        buf: RGBImage | None = getattr(self._buffers, "region", None)
+        if buf is None or buf.shape != (h, w, 3):
+            buf = np.empty((h, w, 3), np.uint8)
+            self._buffers.region = buf
+        return buf
+
+    # -- batches ----------------------------------------------------------------------------
+    def _submit(
+        self, pool: ThreadPoolExecutor, tile_pool: ThreadPoolExecutor | None, start: int
+    ) -> tuple[PatchBatch, list[Future[None]]]:
         n = len(self.plan)
-        with ThreadPoolExecutor(self.threads, thread_name_prefix="wsi-extract") as pool:
-            for start in range(0, n, self.batch_size):
-                idx = np.arange(start, min(start + self.batch_size, n), dtype=np.int64)
-                images = np.stack(list(pool.map(self.read_patch, idx.tolist())))
-                yield PatchBatch(images, idx, self.plan.x0[idx], self.plan.y0[idx])
+        idx = np.arange(start, min(start + self.batch_size, n), dtype=np.int64)
+        size = self.plan.patch_size_px
+        images = np.empty((len(idx), size, size, 3), np.uint8)
+        futures = [
+            pool.submit(self._read_into, int(i), images[slot], tile_pool)
+            for slot, i in enumerate(idx)
+        ]
+        return PatchBatch(images, idx, self.plan.x0[idx], self.plan.y0[idx]), futures
+
+    def iter_batches(self) -> Generator[PatchBatch, None, None]:
+        """Yield batches in plan order; stopping early cancels the reads ahead."""
+        starts = iter(range(0, len(self.plan), self.batch_size))
+        pool = ThreadPoolExecutor(self.threads, thread_name_prefix="wsi-extract")
+        # Tiles of one large patch decode here; a separate pool, so patch tasks waiting on
+        # their tiles can never starve the tile tasks. Only for plans shorter than the pool.
+        tile_pool = (
+            ThreadPoolExecutor(self.threads, thread_name_prefix="wsi-extract-tiles")
+            if len(self.plan) < 2 * self.threads else None
+        )
+        pending: deque[tuple[PatchBatch, list[Future[None]]]] = deque()
+        try:
+            for start in starts:
+                pending.append(self._submit(pool, tile_pool, start))
+                if len(pending) > self.prefetch_batches:
+                    break
+            while pending:
+                batch, futures = pending.popleft()
+                for fut in futures:
+                    fut.result()
+                following = next(starts, None)
+                if following is not None:
+                    pending.append(self._submit(pool, tile_pool, following))
+                yield batch
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+            if tile_pool is not None:
+                tile_pool.shutdown(wait=True, cancel_futures=True)
 
     def iter_patches(self) -> Iterator[tuple[int, RGBImage]]:
         """Yield ``(index, patch)`` pairs in plan order."""
         for batch in self.iter_batches():
             yield from zip(batch.indices.tolist(), batch.images, strict=True)
+
+    @property
+    def cache_stats(self) -> dict[str, int]:
+        """Tile cache hits and misses so far (zeros on the reference path)."""
+        if self._tiles is None:
+            return {"hits": 0, "misses": 0}
+        return {"hits": self._tiles.cache.hits, "misses": self._tiles.cache.misses}

@@ -13,6 +13,8 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 
@@ -20,6 +22,7 @@ import cv2
 import numpy as np
 
 from ._backends import Reader, open_reader
+from ._tiles import TileSource, default_threads
 from .errors import (
     CorruptSlideError,
     InvalidRequestError,
@@ -101,6 +104,10 @@ class Slide:
         vendor = props.get(f"{prefix}.vendor")
         self.vendor: str | None = vendor if vendor and vendor != "None" else None
         self._fingerprint: str | None = None
+        self._tiles: TileSource | None = None
+        self._tiles_probed = False
+        self._tiles_lock = threading.Lock()
+        self._closed = False
 
     # -- geometry ---------------------------------------------------------------------------
     @property
@@ -217,10 +224,21 @@ class Slide:
         w, h = self.dimensions
         fy = h / out_h
         out = np.empty((out_h, out_w, 3), np.uint8)
-        for oy in range(0, out_h, _THUMB_BAND_PX):
-            oh = min(_THUMB_BAND_PX, out_h - oy)
-            y0, y1 = round(oy * fy), round((oy + oh) * fy)
-            out[oy : oy + oh] = self.read_scaled(0, y0, w, max(1, y1 - y0), (out_w, oh))
+        level = self.best_level_for_downsample(min(w / out_w, h / out_h))
+        source = self.tile_source()
+        tiled = source is not None and level in source.levels
+        ds = self.level_downsamples[level]
+        with ThreadPoolExecutor(default_threads() if tiled else 1) as pool:
+            for oy in range(0, out_h, _THUMB_BAND_PX):
+                oh = min(_THUMB_BAND_PX, out_h - oy)
+                y0, y1 = round(oy * fy), round((oy + oh) * fy)
+                if source is not None and tiled:
+                    box = (0, math.floor(y0 / ds), max(1, round(w / ds)),
+                           max(1, round((y1 - y0) / ds)))
+                    band = source.read_scaled(level, box, (out_w, oh), pool)
+                else:
+                    band = self.read_scaled(0, y0, w, max(1, y1 - y0), (out_w, oh))
+                out[oy : oy + oh] = band
         return out
 
     def associated_image(self, name: str) -> RGBImage:
@@ -231,6 +249,14 @@ class Slide:
                 f"(available: {', '.join(self.associated_image_names) or 'none'})"
             )
         return self._reader.associated(name)
+
+    def tile_source(self) -> TileSource | None:
+        """Direct access to the stored tiles, or None where only the backend can read."""
+        with self._tiles_lock:
+            if not self._tiles_probed:
+                self._tiles_probed = True
+                self._tiles = TileSource.open(self.path, self.level_dimensions)
+            return self._tiles
 
     # -- identity ---------------------------------------------------------------------------
     @property
@@ -265,6 +291,15 @@ class Slide:
 
     # -- lifetime ---------------------------------------------------------------------------
     def close(self) -> None:
+        """Release the file handles; closing twice is harmless."""
+        with self._tiles_lock:
+            if self._closed:
+                return
+            self._closed = True
+            if self._tiles is not None:
+                self._tiles.close()
+                self._tiles = None
+            self._tiles_probed = True
         self._reader.close()
 
     def __enter__(self) -> Slide:

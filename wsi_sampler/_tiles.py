@@ -1,0 +1,315 @@
+"""Direct access to the stored tiles of tiled TIFF pyramids (SVS, generic pyramidal TIFF).
+
+The fast extraction path reads a tile's bytes with ``os.pread`` and decodes them with
+imagecodecs (libjpeg-turbo); both release the GIL, so threads scale with cores. Tile
+indices are in the frame of one pyramid level: tile (tx, ty) covers level pixels
+``[tx*tile_w, (tx+1)*tile_w) x [ty*tile_h, (ty+1)*tile_h)``.
+
+Only pages that are tiled, 8-bit, 3-sample RGB/YCbCr and contiguous are served here; every
+other level (NDPI strips, z-stacks, DICOM, odd samples) is left to the slide backend.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+
+from .errors import CorruptSlideError
+from .types import RGBImage
+
+__all__ = [
+    "TileCache",
+    "resize_area", "TileKey", "TileLevel", "TileSource", "default_threads"]
+
+_JPEG = 7
+_BACKGROUND = 255
+
+logger = logging.getLogger(__name__)
+
+TileKey = tuple[int, int]
+"""(tx, ty): a tile's column and row in its level."""
+
+
+def default_threads() -> int:
+    """The CPU cores this process may use (decoding releases the GIL, so all of them)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class TileLevel:
+    """Where the tiles of one pyramid level live in the file and how to decode them."""
+
+    width: int
+    height: int
+    tile_w: int
+    tile_h: int
+    offsets: npt.NDArray[np.int64]
+    bytecounts: npt.NDArray[np.int64]
+    jpeg_tables: bytes | None
+    jpeg_colorspace: int | None
+    jpeg_outcolorspace: int | str | None
+    is_jpeg: bool
+    decode: Callable[..., Any]
+    """tifffile's segment decoder, for compressions other than JPEG."""
+
+    @property
+    def tiles_across(self) -> int:
+        return -(-self.width // self.tile_w)
+
+    @property
+    def tiles_down(self) -> int:
+        return -(-self.height // self.tile_h)
+
+
+def _level_from_page(page: Any) -> TileLevel | None:
+    """Describe a tifffile page as a servable tile level, or None if it is not one."""
+    import tifffile
+
+    if not page.is_tiled or page.tiledepth != 1 or page.dtype != np.uint8:
+        return None
+    if page.samplesperpixel != 3 or page.extrasamples or page.planarconfig != 1:
+        return None
+    if page.photometric not in (2, 6) or page.fillorder != 1 or page.predictor != 1:
+        return None
+    colorspace, outcolorspace = tifffile.tifffile.jpeg_decode_colorspace(
+        page.photometric, page.planarconfig, page.extrasamples, page.is_jfif
+    )
+    return TileLevel(
+        width=int(page.imagewidth),
+        height=int(page.imagelength),
+        tile_w=int(page.tilewidth),
+        tile_h=int(page.tilelength),
+        offsets=np.asarray(page.dataoffsets, np.int64),
+        bytecounts=np.asarray(page.databytecounts, np.int64),
+        jpeg_tables=page.jpegtables,
+        jpeg_colorspace=colorspace,
+        jpeg_outcolorspace=outcolorspace,
+        is_jpeg=page.compression == _JPEG,
+        decode=page.decode,
+    )
+
+
+def _candidate_pages(tif: Any) -> list[Any]:
+    pages = []
+    for series in tif.series:
+        for level in series.levels:
+            if len(level.pages) == 1 and level.keyframe is not None:
+                pages.append(level.keyframe)
+    return pages
+
+
+class TileSource:
+    """The stored tiles of a slide's pyramid levels, read without the slide backend."""
+
+    def __init__(self, path: Path, levels: dict[int, TileLevel]) -> None:
+        self.path = path
+        self.levels = levels
+        self._fd = os.open(path, os.O_RDONLY)
+
+    @classmethod
+    def open(
+        cls, path: Path, level_dimensions: tuple[tuple[int, int], ...]
+    ) -> TileSource | None:
+        """Map each slide level to stored tiles; None when no level can be served."""
+        import tifffile
+
+        try:
+            with tifffile.TiffFile(path) as tif:
+                if tif.is_ndpi:
+                    return None  # NDPI "tiles" are JPEG restart intervals, not TIFF tiles
+                found: dict[int, TileLevel] = {}
+                pages = _candidate_pages(tif)
+                for index, (w, h) in enumerate(level_dimensions):
+                    for page in pages:
+                        if (page.imagewidth, page.imagelength) == (w, h):
+                            level = _level_from_page(page)
+                            if level is not None:
+                                found[index] = level
+                            break
+        except (tifffile.TiffFileError, OSError, ValueError, KeyError, IndexError) as exc:
+            logger.debug("no direct tile access to %s: %s", path, exc)
+            return None
+        return cls(path, found) if found else None
+
+    def read_tile(self, level: int, tx: int, ty: int, out: RGBImage | None = None) -> RGBImage:
+        """Decode tile (tx, ty) of ``level`` into a (tile_h, tile_w, 3) array (or ``out``)."""
+        lv = self.levels[level]
+        index = ty * lv.tiles_across + tx
+        offset, count = int(lv.offsets[index]), int(lv.bytecounts[index])
+        if count == 0:  # sparse tile: nothing was scanned there
+            tile = out if out is not None else np.empty((lv.tile_h, lv.tile_w, 3), np.uint8)
+            tile[:] = _BACKGROUND
+            return tile
+        data = os.pread(self._fd, count, offset)
+        try:
+            return self._decode(lv, data, index, out)
+        except Exception as exc:  # any codec failure means damaged tile data
+            raise CorruptSlideError(
+                f"{self.path}: the file looks damaged or truncated: tile {tx},{ty} of level "
+                f"{level} could not be decoded ({exc})"
+            ) from exc
+
+    @staticmethod
+    def _decode(lv: TileLevel, data: bytes, index: int, out: RGBImage | None) -> RGBImage:
+        if len(data) == 0:
+            raise ValueError("short read")
+        if lv.is_jpeg:
+            import imagecodecs
+
+            tile: RGBImage = imagecodecs.jpeg8_decode(
+                data, tables=lv.jpeg_tables, colorspace=lv.jpeg_colorspace,
+                outcolorspace=lv.jpeg_outcolorspace, out=out,
+            )
+            if tile.shape != (lv.tile_h, lv.tile_w, 3):
+                raise ValueError(f"tile decoded to shape {tile.shape}")
+            return tile
+        segment, _, _ = lv.decode(data, index, jpegtables=lv.jpeg_tables, _fullsize=True)
+        decoded = np.asarray(segment).reshape(lv.tile_h, lv.tile_w, 3)
+        if out is None:
+            return decoded
+        out[:] = decoded
+        return out
+
+    def tiles_for_box(self, level: int, lx: int, ly: int, w: int, h: int) -> list[TileKey]:
+        """The (tx, ty) of every stored tile a level box touches (inside the level)."""
+        lv = self.levels[level]
+        cx0, cy0 = max(lx, 0), max(ly, 0)
+        cx1, cy1 = min(lx + w, lv.width), min(ly + h, lv.height)
+        if cx1 <= cx0 or cy1 <= cy0:
+            return []
+        return [
+            (tx, ty)
+            for ty in range(cy0 // lv.tile_h, (cy1 - 1) // lv.tile_h + 1)
+            for tx in range(cx0 // lv.tile_w, (cx1 - 1) // lv.tile_w + 1)
+        ]
+
+    def is_one_tile(self, level: int, lx: int, ly: int, w: int, h: int) -> bool:
+        """Whether the level box is exactly one whole stored tile."""
+        lv = self.levels[level]
+        return (
+            (lx % lv.tile_w, ly % lv.tile_h, w, h) == (0, 0, lv.tile_w, lv.tile_h)
+            and 0 <= lx <= lv.width - w and 0 <= ly <= lv.height - h
+        )
+
+    def read_box(
+        self, level: int, lx: int, ly: int, region: RGBImage,
+        tile: Callable[[TileKey], RGBImage],
+    ) -> None:
+        """Fill ``region`` (h, w, 3) with level pixels from (lx, ly); white outside the level.
+
+        ``tile((tx, ty))`` supplies decoded tiles (a cache, or tiles decoded ahead).
+        """
+        lv = self.levels[level]
+        rh, rw = region.shape[:2]
+        if self.is_one_tile(level, lx, ly, rw, rh):
+            self.read_tile(level, lx // rw, ly // rh, out=region)  # decoded in place, no copy
+            return
+        if lx < 0 or ly < 0 or lx + rw > lv.width or ly + rh > lv.height:
+            region[:] = _BACKGROUND
+        tw, th = lv.tile_w, lv.tile_h
+        for tx, ty in self.tiles_for_box(level, lx, ly, rw, rh):
+            ax0, ax1 = max(lx, tx * tw), min(lx + rw, (tx + 1) * tw, lv.width)
+            ay0, ay1 = max(ly, ty * th), min(ly + rh, (ty + 1) * th, lv.height)
+            region[ay0 - ly : ay1 - ly, ax0 - lx : ax1 - lx] = tile((tx, ty))[
+                ay0 - ty * th : ay1 - ty * th, ax0 - tx * tw : ax1 - tx * tw
+            ]
+
+    def read_scaled(
+        self, level: int, box: tuple[int, int, int, int], out_size: tuple[int, int],
+        pool: ThreadPoolExecutor,
+    ) -> RGBImage:
+        """Read level box (lx, ly, w, h), decoding its tiles in ``pool``, resized to out_size."""
+        lx, ly, w, h = box
+        keys = self.tiles_for_box(level, lx, ly, w, h)
+        tiles = dict(zip(keys, pool.map(lambda k: self.read_tile(level, *k), keys), strict=True))
+        region = np.empty((h, w, 3), np.uint8)
+        self.read_box(level, lx, ly, region, tiles.__getitem__)
+        return resize_area(region, out_size)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def resize_area(region: RGBImage, out_size: tuple[int, int], out: RGBImage | None = None
+                ) -> RGBImage:
+    """Resample to ``out_size`` (w, h): area averaging down, bilinear up."""
+    h, w = region.shape[:2]
+    if (w, h) == out_size:
+        if out is None:
+            return region
+        out[:] = region
+        return out
+    interp = cv2.INTER_AREA if w >= out_size[0] else cv2.INTER_LINEAR
+    if out is None:
+        resized: RGBImage = cv2.resize(region, out_size, interpolation=interp)
+        return resized
+    cv2.resize(region, out_size, dst=out, interpolation=interp)
+    return out
+
+
+class TileCache:
+    """A thread-safe LRU of decoded tiles; a tile wanted by two threads is decoded once.
+
+    ``uses`` (optional) says how many reads each tile will get; a tile is dropped after its
+    last one, so memory follows the live frontier of the plan, not the LRU capacity.
+    """
+
+    def __init__(
+        self, capacity: int, load: Callable[[TileKey], RGBImage],
+        uses: dict[TileKey, int] | None = None,
+    ) -> None:
+        self.capacity = max(1, capacity)
+        self._load = load
+        self._uses = uses
+        self._lock = threading.Lock()
+        self._items: OrderedDict[TileKey, Future[RGBImage]] = OrderedDict()
+        self.hits = 0
+        self.misses = 0
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def get(self, key: TileKey, *, use: bool = True) -> RGBImage:
+        """The decoded tile; ``use=False`` loads it ahead without spending one of its uses."""
+        with self._lock:
+            fut = self._items.get(key)
+            owner = fut is None
+            if fut is None:
+                fut = Future()
+                self._items[key] = fut
+                self.misses += 1
+                while len(self._items) > self.capacity:
+                    self._items.popitem(last=False)
+            else:
+                self._items.move_to_end(key)
+                self.hits += 1
+            if use and self._uses is not None:
+                left = self._uses.get(key, 0) - 1
+                self._uses[key] = left
+                if left <= 0:
+                    del self._items[key]  # its last reader: we still hold the future
+        if owner:
+            try:
+                fut.set_result(self._load(key))
+            except BaseException as exc:
+                fut.set_exception(exc)
+                with self._lock:
+                    if self._items.get(key) is fut:
+                        del self._items[key]
+        return fut.result()
