@@ -3,19 +3,22 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
-# torch is pinned here (not in pyproject, which allows torch>=2.3) because 2.13.0 is the
-# CPU build that installs from local disk on our machines; an unpinned torch pulls a
-# multi-GB CUDA build.
-TORCH_PIN := torch==2.13.0
+# torch is pinned here (not in pyproject, which allows torch>=2.3): an unpinned torch pulls
+# a multi-GB CUDA build from the internet. We pin 2.14.1 + torchvision 0.29.1, the matching
+# pair our machines install from local disk, because timm (the ``timm`` extra: user models
+# from timm architectures + safetensors weights, tested in CI) needs torchvision, and
+# PyPI's torchvision does not import beside the smaller 2.13.0 CPU build.
+TORCH_PIN := torch==2.14.1 torchvision==0.29.1
+EXTRAS := dev,timm
 SLIDES_DIR := data/slides
 OUT_DIR := data/out
 
-.PHONY: install test lint format run demo clean
+.PHONY: install test lint format run demo bench clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --disable-pip-version-check $(TORCH_PIN)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[$(EXTRAS)]'
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -37,11 +40,15 @@ $(SLIDES_DIR)/demo.svs: | $(STAMP)
 
 demo: $(SLIDES_DIR)/demo.svs
 
-run: $(STAMP) demo
-	$(VENV)/bin/wsi-sampler info $(SLIDES_DIR)/demo.svs
-	$(VENV)/bin/wsi-sampler patches $(SLIDES_DIR)/demo.svs --out $(OUT_DIR)/demo \
-		--strategy stratified -n 64 --mpp 0.5 --size 224
-	@echo "patches, index.csv, overlay.png and run_metadata.json are in $(OUT_DIR)/demo"
+# The service on 127.0.0.1:8000 with the embedded default: in-process tissue-qc model,
+# ./data/slides as slide root (a demo slide is generated there if it is empty).
+run: $(STAMP)
+	$(VENV)/bin/wsi-sampler serve
+
+# Side-by-side extraction benchmark; generates its slides once into benchmarks/_slides/.
+bench: $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[$(EXTRAS),bench]'
+	$(PY) -m benchmarks.extract --results benchmarks/RESULTS.md
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache
