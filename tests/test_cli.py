@@ -107,3 +107,10 @@ def test_geojson_mask_replaces_detection(demo_slide: Path, tmp_path: Path) -> No
     assert sorted((int(r["minx"]), int(r["miny"])) for r in rows) == [
         (x, y) for x in (0, 256, 512, 768) for y in (0, 256, 512, 768)
     ]
+
+
+def test_worker_with_a_missing_model_is_a_one_line_error(tmp_path: Path) -> None:
+    r = run("worker", "--model", tmp_path / "none.json", "--port", "1")
+    assert r.returncode == 2
+    assert r.stderr.startswith("error: ") and "Traceback" not in r.stderr
+    assert "none.json" in r.stderr

@@ -12,8 +12,12 @@ __all__ = [
     "EmptyPlanError",
     "InvalidRequestError",
     "MissingMppError",
+    "ModelLoadError",
+    "ModelNotFoundError",
     "SlideNotFoundError",
     "UnsupportedFormatError",
+    "WorkerError",
+    "WorkerUnavailableError",
     "WsiSamplerError",
 ]
 
@@ -52,3 +56,23 @@ class InvalidRequestError(WsiSamplerError, ValueError):
 
 class EmptyPlanError(InvalidRequestError):
     """A plan holds no patch where the caller asked for at least one."""
+
+
+class ModelNotFoundError(WsiSamplerError, FileNotFoundError):
+    """A model, model card or weights file that is not on disk (nothing is downloaded)."""
+
+
+class ModelLoadError(WsiSamplerError, ValueError):
+    """A model that cannot be loaded, or whose real inputs/outputs differ from its card."""
+
+
+class WorkerError(WsiSamplerError, RuntimeError):
+    """A model worker refused or failed a request; ``status`` is its HTTP status if remote."""
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class WorkerUnavailableError(WorkerError, ConnectionError):
+    """A remote worker could not be reached, or stayed not ready, after the retries."""

@@ -1,0 +1,24 @@
+"""Models: cards, the built-in ``tissue-qc``, loaders for local files, the torch runtime."""
+
+from __future__ import annotations
+
+from .card import ModelCard, Normalization, OutputSpec, load_card
+from .loaders import BUILTIN_MODELS, load_model, resolve_card
+from .runtime import Model, Predictions, select_device
+from .tissue_qc import QC_THRESHOLDS, TissueQC, tissue_qc_card
+
+__all__ = [
+    "BUILTIN_MODELS",
+    "QC_THRESHOLDS",
+    "Model",
+    "ModelCard",
+    "Normalization",
+    "OutputSpec",
+    "Predictions",
+    "TissueQC",
+    "load_card",
+    "load_model",
+    "resolve_card",
+    "select_device",
+    "tissue_qc_card",
+]

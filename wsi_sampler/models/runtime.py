@@ -1,0 +1,152 @@
+"""Run a torch module on uint8 patch batches, as its card says.
+
+Input: (N, H, W, 3) uint8 RGB, H = W = the card's ``patch_size_px``. Output: one float32
+(N, k) array per card output. The device is chosen once (cuda, then cpu); on a GPU batches
+go through pinned memory with non-blocking copies and run under bf16 autocast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+import torch
+
+from ..errors import InvalidRequestError, ModelLoadError
+from .card import ModelCard
+
+__all__ = ["DeviceChoice", "Model", "Predictions", "select_device"]
+
+DeviceChoice = Literal["auto", "cpu", "cuda"]
+Predictions = dict[str, npt.NDArray[np.float32]]
+
+
+def select_device(choice: str = "auto") -> torch.device:
+    """``auto`` = cuda when available, else cpu; asking for a missing cuda is an error."""
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError("device 'cuda' was requested but torch sees no CUDA device")
+    try:
+        return torch.device(choice)
+    except RuntimeError as exc:
+        raise ModelLoadError(f"unknown device {choice!r} (auto, cpu, cuda)") from exc
+
+
+class Model:
+    """A loaded model: ``predict(uint8 NHWC) -> {output name: (N, k) float32}``.
+
+    ``normalize=False`` for modules that take raw 0..255 values themselves (tissue-qc).
+    Thread-safe: one prediction runs at a time (batching happens before, not here).
+    """
+
+    def __init__(
+        self, module: torch.nn.Module, card: ModelCard, *, device: str = "auto",
+        normalize: bool = True,
+    ) -> None:
+        self.card = card
+        self.device = select_device(device)
+        with contextlib.suppress(NotImplementedError):  # torch.export modules are eval-only
+            module = module.eval()
+        self.module = module.to(self.device)
+        if self.device.type == "cuda":
+            self.module = self.module.to(memory_format=torch.channels_last)
+        norm = card.normalization
+        self._normalize = normalize
+        self._mean = torch.tensor(norm.mean, device=self.device).view(1, 3, 1, 1) * 255
+        self._std = torch.tensor(norm.std, device=self.device).view(1, 3, 1, 1) * 255
+        self._lock = threading.Lock()
+        self.check()
+
+    @property
+    def name(self) -> str:
+        return self.card.name
+
+    def _to_tensor(self, patches: npt.NDArray[np.uint8]) -> torch.Tensor:
+        x = torch.from_numpy(np.require(patches, requirements=["C", "W"]))  # copies read-only
+        if self.device.type == "cuda":
+            x = x.pin_memory().to(self.device, non_blocking=True)
+        x = x.permute(0, 3, 1, 2).float()  # NCHW view of NHWC memory: channels_last
+        if self.card.channel_order == "BGR":
+            x = x.flip(1)
+        if self._normalize:
+            x = (x - self._mean) / self._std
+        return x.contiguous(memory_format=torch.channels_last)
+
+    def _forward(self, x: torch.Tensor) -> list[torch.Tensor]:
+        autocast = self.device.type == "cuda"
+        with torch.inference_mode(), torch.autocast(
+            self.device.type, dtype=torch.bfloat16, enabled=autocast
+        ):
+            raw: Any = self.module(x)
+        if isinstance(raw, torch.Tensor):
+            outs = [raw]
+        elif isinstance(raw, dict):
+            outs = [raw[o.name] for o in self.card.outputs if o.name in raw]
+        elif isinstance(raw, (tuple, list)):
+            outs = list(raw)
+        else:
+            raise ModelLoadError(f"model {self.name} returned {type(raw).__name__}, not tensors")
+        return outs
+
+    def _activate(self, t: torch.Tensor, activation: str) -> torch.Tensor:
+        t = t.float()
+        if activation == "softmax":
+            return torch.softmax(t, dim=1)
+        if activation == "sigmoid":
+            return torch.sigmoid(t)
+        return t
+
+    def predict(self, patches: npt.NDArray[np.uint8]) -> Predictions:
+        """Run the model on (N, H, W, 3) uint8 patches, in chunks of the card's max batch."""
+        self._check_input(patches)
+        chunks: list[Predictions] = []
+        for start in range(0, len(patches), self.card.max_batch):
+            chunks.append(self._predict_chunk(patches[start : start + self.card.max_batch]))
+        if not chunks:
+            return {o.name: np.zeros((0, o.width), np.float32) for o in self.card.outputs}
+        return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+
+    def _predict_chunk(self, patches: npt.NDArray[np.uint8]) -> Predictions:
+        with self._lock:
+            outs = self._forward(self._to_tensor(patches))
+            specs = self.card.outputs
+            if len(outs) != len(specs):
+                raise ModelLoadError(
+                    f"model {self.name} returned {len(outs)} outputs, its card lists {len(specs)}"
+                )
+            result: Predictions = {}
+            for spec, t in zip(specs, outs, strict=True):
+                if t.ndim != 2 or t.shape[1] != spec.width or t.shape[0] != len(patches):
+                    raise ModelLoadError(
+                        f"model {self.name} output {spec.name!r} has shape {tuple(t.shape)}, "
+                        f"its card says ({len(patches)}, {spec.width})"
+                    )
+                act = self._activate(t, spec.activation)
+                result[spec.name] = act.cpu().numpy().astype(np.float32, copy=False)
+            return result
+
+    def _check_input(self, patches: npt.NDArray[Any]) -> None:
+        size = self.card.patch_size_px
+        if patches.dtype != np.uint8:
+            raise InvalidRequestError(f"patches must be uint8, got {patches.dtype}")
+        if patches.ndim != 4 or patches.shape[1:] != (size, size, 3):
+            raise InvalidRequestError(
+                f"model {self.name} takes (N, {size}, {size}, 3) patches, got {patches.shape}"
+            )
+
+    def check(self) -> None:
+        """Run one blank patch; the outputs must match the card, else ModelLoadError."""
+        size = self.card.patch_size_px
+        try:
+            self._predict_chunk(np.full((1, size, size, 3), 240, np.uint8))
+        except ModelLoadError:
+            raise
+        except (RuntimeError, ValueError, TypeError, KeyError, IndexError) as exc:
+            raise ModelLoadError(
+                f"model {self.name} failed on a {size}x{size} patch, as its card describes "
+                f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
+            ) from exc
