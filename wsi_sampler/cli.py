@@ -267,6 +267,79 @@ def demo_slide(
     log.info("demo slide %dx%d at %.3f µm/px -> %s", width, height, mpp, out)
 
 
+class DeviceOpt(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+ModelO = Annotated[
+    str, typer.Option("--model", "-m", help="Built-in model (tissue-qc) or a model card .json.")
+]
+DeviceO = Annotated[DeviceOpt, typer.Option(help="auto = cuda if available, else cpu.")]
+
+
+@app.command()
+def worker(
+    model: ModelO = "tissue-qc",
+    host: Annotated[str, typer.Option(help="Interface to bind (0.0.0.0 in containers).")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8001,
+    device: DeviceO = DeviceOpt.auto,
+    random_weights: Annotated[
+        bool, typer.Option(help="Allow a timm card without weights (benchmarks only).")
+    ] = False,
+    max_delay_ms: Annotated[
+        float, typer.Option(help="How long a request may wait for others to batch with.")
+    ] = 2.0,
+) -> None:
+    """Serve a model over the Open Inference Protocol (KServe V2 REST + Triton binary)."""
+    import uvicorn
+
+    from api.worker_app import create_worker_app  # servers live in api/, loaded on demand
+
+    from .models import load_model
+
+    loaded = load_model(model, device=device.value, allow_random_weights=random_weights)
+    log.info("model %s v%s on %s; serving on http://%s:%d/v2", loaded.name,
+             loaded.card.version, loaded.device, host, port)
+    app_ = create_worker_app(lambda: loaded, max_delay_s=max_delay_ms / 1000)
+    uvicorn.run(app_, host=host, port=port, log_level="info")
+
+
+@app.command()
+def serve(
+    host: Annotated[str | None, typer.Option(help="Interface (default from config).")] = None,
+    port: Annotated[int | None, typer.Option(help="TCP port (default from config).")] = None,
+    config: Annotated[
+        Path | None, typer.Option(help="TOML file with a [service] table (WSI_CONFIG).")
+    ] = None,
+) -> None:
+    """Start the REST API (settings: WSI_* env over configs/default.toml)."""
+    import os
+
+    import uvicorn
+    from pydantic import ValidationError
+
+    from api.app import create_app  # servers live in api/, loaded on demand
+    from api.config import load_settings
+
+    if config is not None:
+        os.environ["WSI_CONFIG"] = str(config)
+    overrides = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
+    try:
+        settings = load_settings(**overrides)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise InvalidRequestError(f"invalid settings: {problems}") from None
+    except (ValueError, OSError) as exc:
+        raise InvalidRequestError(f"invalid settings: {exc}") from None
+    base = f"http://{settings.host}:{settings.port}"
+    log.info("wsi-sampler API on %s  -  interactive docs: %s/docs", base, base)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+
+
 def main() -> None:
     """Console entry point: run the app, turning user mistakes into one-line errors."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)

@@ -172,6 +172,30 @@ def write_overlay_png(
     atomic_write_bytes(path, encode_image(img))
 
 
+def write_heatmap_png(
+    path: str | os.PathLike[str], thumbnail: RGBImage, plan: PatchPlan,
+    values: npt.ArrayLike, *, vmin: float = 0.0, vmax: float = 1.0,
+) -> None:
+    """Thumbnail with each patch filled by ``values`` (clipped to vmin..vmax, viridis)."""
+    img = np.ascontiguousarray(thumbnail.copy())
+    th, tw = img.shape[:2]
+    v = np.asarray(values, np.float64)
+    if v.shape != (len(plan),):
+        raise InvalidRequestError(f"heatmap values have shape {v.shape}, expected ({len(plan)},)")
+    span = vmax - vmin if vmax > vmin else 1.0
+    levels = np.clip((v - vmin) / span * 255, 0, 255).astype(np.uint8)
+    colours = cv2.applyColorMap(levels.reshape(-1, 1), cv2.COLORMAP_VIRIDIS)[:, 0, ::-1]
+    layer = img.copy()
+    sx, sy = plan.slide_dimensions[0] / tw, plan.slide_dimensions[1] / th
+    for (x, y), colour in zip(plan.coords, colours, strict=True):
+        p0 = (int(x / sx), int(y / sy))
+        p1 = (max(p0[0], int((x + plan.width0) / sx) - 1),
+              max(p0[1], int((y + plan.height0) / sy) - 1))
+        cv2.rectangle(layer, p0, p1, tuple(int(c) for c in colour), -1)
+    blended = cv2.addWeighted(layer, 0.65, img, 0.35, 0)
+    atomic_write_bytes(path, encode_image(blended))
+
+
 def _versions() -> dict[str, str | None]:
     out: dict[str, str | None] = {}
     for name in _VERSIONED:

@@ -1,0 +1,149 @@
+"""The sampler REST API: ``create_app(settings)``. A thin layer over the library.
+
+The lifespan opens the model worker once (in-process by default, or a remote Open
+Inference Protocol worker); until it is ready, ``/readyz`` is 503 and prediction routes
+answer 503 with Retry-After. ``/healthz``, ``/readyz`` and ``/metrics`` need no API key;
+every ``/v1`` route does when keys are configured.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import Depends, FastAPI, Request, Response
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from wsi_sampler import __version__
+from wsi_sampler.demo import write_demo_slide
+from wsi_sampler.errors import WsiSamplerError
+from wsi_sampler.worker import Worker, open_worker
+
+from .config import Settings, load_settings
+from .deps import Services, require_api_key
+from .errors import install_error_handlers
+from .jobs import JobManager
+from .metrics import Metrics
+from .routes import jobs, sampling, slides
+from .slides import SLIDE_SUFFIXES, SlideRegistry
+
+__all__ = ["create_app"]
+
+logger = logging.getLogger("wsi_sampler.api")
+_WORKER_RETRY_S = 5.0
+
+
+def ensure_demo_slide(settings: Settings) -> None:
+    """Write a generated demo slide into the first root when it holds no slide at all."""
+    root = settings.slide_roots[0]
+    root.mkdir(parents=True, exist_ok=True)
+    if any(p.suffix.lower() in SLIDE_SUFFIXES for p in root.rglob("*")):
+        return
+    path = write_demo_slide(root / "demo.svs")
+    logger.info("slide folder %s was empty: wrote the demo slide %s", root, path)
+
+
+async def _connect_worker(services: Services, factory: Callable[[], Worker]) -> None:
+    """Open the worker; a remote one that is not up yet is retried in the background."""
+    while True:
+        try:
+            services.worker = await asyncio.to_thread(factory)
+            services.worker_error = None
+            logger.info("model worker ready: %s", services.worker.card.name)
+            return
+        except WsiSamplerError as exc:
+            services.worker_error = str(exc)
+            logger.warning("model worker not ready (%s); retrying in %.0f s", exc,
+                           _WORKER_RETRY_S)
+        await asyncio.sleep(_WORKER_RETRY_S)
+
+
+def create_app(
+    settings: Settings | None = None, *, worker_factory: Callable[[], Worker] | None = None
+) -> FastAPI:
+    """The API app. ``worker_factory`` replaces the configured worker (tests, embedding)."""
+    cfg = settings or load_settings()
+
+    def default_factory() -> Worker:
+        return open_worker(cfg.model, worker_url=cfg.worker_url or None, device=cfg.device)
+
+    factory = worker_factory or default_factory
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        if cfg.demo_slide:
+            await asyncio.to_thread(ensure_demo_slide, cfg)
+        cfg.uploads_dir.mkdir(parents=True, exist_ok=True)
+        registry = SlideRegistry([*cfg.slide_roots, cfg.uploads_dir])
+        holder: list[Services] = []
+        jobs_ = JobManager(cfg.data_dir, registry, lambda: holder[0].worker,
+                           workers=cfg.job_workers, batch_size=cfg.batch_size)
+        services = Services(cfg, registry, jobs_, Metrics())
+        holder.append(services)
+        app.state.services = services
+        task = asyncio.create_task(_connect_worker(services, factory))
+        try:
+            yield
+        finally:
+            task.cancel()
+            jobs_.close()
+            if services.worker is not None:
+                services.worker.close()
+
+    app = FastAPI(
+        title="wsi-sampler", version=__version__, lifespan=lifespan,
+        description="Whole-slide tissue detection, patch sampling, patch and prediction "
+                    "streaming. Coordinates are level-0 pixels; sizes are physical.",
+    )
+    if cfg.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=cfg.cors_origins,
+                           allow_methods=["*"], allow_headers=["*"])
+    install_error_handlers(app)
+    _install_metrics_middleware(app)
+    _install_health(app)
+    for router in (slides.router, sampling.router, jobs.router):
+        app.include_router(router, dependencies=[Depends(require_api_key)])
+    return app
+
+
+def _install_metrics_middleware(app: FastAPI) -> None:
+    @app.middleware("http")
+    async def count(request: Request, call_next: Callable[[Request], Awaitable[Response]]
+                    ) -> Response:
+        response = await call_next(request)
+        route = request.scope.get("route")
+        path = getattr(route, "path", "unmatched")
+        services: Services | None = getattr(request.app.state, "services", None)
+        if services is not None:
+            services.metrics.requests.labels(request.method, path,
+                                             str(response.status_code)).inc()
+        return response
+
+
+def _install_health(app: FastAPI) -> None:
+    @app.get("/healthz", tags=["health"])
+    async def healthz() -> dict[str, object]:
+        """The process is up."""
+        return {"status": "ok", "version": __version__, "time": time.time()}
+
+    @app.get("/readyz", tags=["health"], responses={503: {"description": "Worker not ready"}})
+    async def readyz(request: Request) -> JSONResponse:
+        """The model worker is ready to predict."""
+        services: Services = request.app.state.services
+        if services.worker is None:
+            return JSONResponse({"status": "not ready", "error": services.worker_error},
+                                status_code=503, headers={"Retry-After": "2"})
+        return JSONResponse({"status": "ready", "model": services.worker.card.name})
+
+    @app.get("/metrics", tags=["health"], response_class=Response)
+    async def metrics(request: Request) -> Response:
+        """Prometheus metrics."""
+        services: Services = request.app.state.services
+        services.metrics.queue_depth.set(services.jobs.queue_depth)
+        return Response(generate_latest(services.metrics.registry),
+                        media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,80 @@
+"""Service settings: ``WSI_*`` environment variables over the ``[service]`` table of a TOML
+file (``configs/default.toml``, or the file named by ``WSI_CONFIG``) over built-in defaults.
+Invalid values fail at startup with the offending key named."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+import tomllib
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import (
+    BaseSettings,
+    InitSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+__all__ = ["Settings", "load_settings"]
+
+DEFAULT_CONFIG = Path("configs/default.toml")
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="WSI_", extra="ignore")
+
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=1, le=65535)
+    slide_roots: list[Path] = Field(default_factory=lambda: [Path("data/slides")], min_length=1)
+    data_dir: Path = Path("data")
+    demo_slide: bool = True
+    model: str = "tissue-qc"
+    worker_url: str = ""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    api_keys: list[SecretStr] = Field(default_factory=list)
+    cors_origins: list[str] = Field(default_factory=list)
+    max_upload_mb: float = Field(4096, gt=0)
+    max_concurrent_streams: int = Field(4, ge=1)
+    max_patches_per_request: int = Field(20_000, ge=1)
+    batch_size: int = Field(32, ge=1, le=4096)
+    job_workers: int = Field(1, ge=1, le=64)
+
+    @field_validator("worker_url")
+    @classmethod
+    def _url(cls, v: str) -> str:
+        if v and not v.startswith(("http://", "https://")):
+            raise ValueError("worker_url must start with http:// or https://")
+        return v
+
+    @property
+    def uploads_dir(self) -> Path:
+        return self.data_dir / "uploads"
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        toml = InitSettingsSource(settings_cls, init_kwargs=_toml_service_table())
+        return (init_settings, env_settings, toml)
+
+
+def _toml_service_table() -> dict[str, Any]:
+    path = Path(os.environ.get("WSI_CONFIG", DEFAULT_CONFIG))
+    if not path.is_file():
+        if "WSI_CONFIG" in os.environ:
+            raise ValueError(f"WSI_CONFIG={path} does not exist")
+        return {}
+    with path.open("rb") as fh:
+        table = tomllib.load(fh).get("service", {})
+    if not isinstance(table, dict):
+        raise ValueError(f"{path}: [service] must be a table")
+    return table
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Settings from defaults, the TOML file, the environment, then ``overrides``."""
+    return Settings(**overrides)

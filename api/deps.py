@@ -1,0 +1,74 @@
+"""Shared state of one app and the dependencies routes declare to reach it."""
+
+from __future__ import annotations
+
+import hmac
+import threading
+from dataclasses import dataclass, field
+from typing import Annotated
+
+from fastapi import Depends, Request
+
+from wsi_sampler.worker import Worker
+
+from .config import Settings
+from .errors import TooBusyError, UnauthorizedError, WorkerNotReadyError
+from .jobs import JobManager
+from .metrics import Metrics
+from .slides import SlideRegistry
+
+__all__ = ["ServicesDep", "Services", "require_api_key"]
+
+
+@dataclass
+class Services:
+    settings: Settings
+    registry: SlideRegistry
+    jobs: JobManager
+    metrics: Metrics
+    worker: Worker | None = None
+    worker_error: str | None = None
+    _streams: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def require_worker(self) -> Worker:
+        if self.worker is None:
+            reason = f": {self.worker_error}" if self.worker_error else ""
+            raise WorkerNotReadyError(f"the model worker is not ready{reason}")
+        return self.worker
+
+    def acquire_stream(self) -> None:
+        """Take a streaming slot or raise TooBusyError (HTTP 429 with Retry-After)."""
+        with self._lock:
+            if self._streams >= self.settings.max_concurrent_streams:
+                raise TooBusyError(
+                    f"{self._streams} streams are running, the limit is "
+                    f"{self.settings.max_concurrent_streams}; retry shortly"
+                )
+            self._streams += 1
+            self.metrics.active_streams.set(self._streams)
+
+    def release_stream(self) -> None:
+        with self._lock:
+            self._streams -= 1
+            self.metrics.active_streams.set(self._streams)
+
+
+def get_services(request: Request) -> Services:
+    services: Services = request.app.state.services
+    return services
+
+
+ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+def require_api_key(request: Request, services: ServicesDep) -> None:
+    """With API keys configured, every /v1 call needs ``Authorization: Bearer <key>``."""
+    keys = services.settings.api_keys
+    if not keys:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        raise UnauthorizedError("this service needs an API key: Authorization: Bearer <key>")
+    if not any(hmac.compare_digest(token.encode(), k.get_secret_value().encode()) for k in keys):
+        raise UnauthorizedError("the API key is not valid")

@@ -1,0 +1,90 @@
+"""Domain errors -> HTTP, in one place. Routes raise library errors, never HTTPException."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from wsi_sampler.errors import (
+    CorruptSlideError,
+    InvalidRequestError,
+    MissingMppError,
+    ModelLoadError,
+    SlideNotFoundError,
+    UnsupportedFormatError,
+    WorkerError,
+    WorkerUnavailableError,
+    WsiSamplerError,
+)
+
+from .jobs import JobNotFoundError
+from .slides import UploadTooLargeError
+
+__all__ = ["TooBusyError", "UnauthorizedError", "WorkerNotReadyError", "install_error_handlers"]
+
+logger = logging.getLogger("wsi_sampler.api")
+
+
+class TooBusyError(WsiSamplerError):
+    """Too many concurrent streams (HTTP 429, Retry-After)."""
+
+
+class UnauthorizedError(WsiSamplerError):
+    """Missing or wrong API key (HTTP 401)."""
+
+
+class WorkerNotReadyError(WsiSamplerError):
+    """The model worker is not (yet) available (HTTP 503, Retry-After)."""
+
+
+# Most specific first: the first matching class decides the status.
+STATUS: list[tuple[type[BaseException], int]] = [
+    (UnauthorizedError, 401),
+    (SlideNotFoundError, 404),
+    (JobNotFoundError, 404),
+    (UploadTooLargeError, 413),
+    (MissingMppError, 422),
+    (UnsupportedFormatError, 422),
+    (CorruptSlideError, 422),
+    (InvalidRequestError, 422),
+    (TooBusyError, 429),
+    (WorkerUnavailableError, 503),
+    (WorkerNotReadyError, 503),
+    (WorkerError, 502),
+    (ModelLoadError, 503),
+]
+
+
+def status_for(exc: BaseException) -> int:
+    for cls, status in STATUS:
+        if isinstance(exc, cls):
+            return status
+    return 500
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(WsiSamplerError)
+    async def domain(_: Request, exc: WsiSamplerError) -> JSONResponse:
+        status = status_for(exc)
+        headers = {"Retry-After": "2"} if status in (429, 503) else {}
+        if status == 401:
+            headers["WWW-Authenticate"] = "Bearer"
+        if status >= 500:
+            logger.warning("%s: %s", type(exc).__name__, exc)
+        return JSONResponse({"error": str(exc)}, status_code=status, headers=headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation(_: Request, exc: RequestValidationError) -> JSONResponse:
+        detail = [{"loc": list(e.get("loc", ())), "msg": str(e.get("msg"))} for e in exc.errors()]
+        first = "; ".join(f"{'.'.join(map(str, d['loc']))}: {d['msg']}" for d in detail[:3])
+        return JSONResponse({"error": f"invalid request: {first}", "detail": detail},
+                            status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code,
+                            headers=getattr(exc, "headers", None))

@@ -1,0 +1,197 @@
+"""Background scoring jobs, with their state in SQLite so a restart keeps them.
+
+A job scores one or more slides with the service's worker; each slide's files land in
+``<data_dir>/jobs/<job id>/<slide id>/``. On startup, jobs that were queued or running
+when the process stopped are marked ``interrupted`` (their finished slides stay).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from wsi_sampler.errors import WsiSamplerError
+from wsi_sampler.scoring import RESULT_FILES, Cancelled, score_slide
+from wsi_sampler.worker import Worker
+
+from .schemas import JobRequest
+from .slides import SlideRegistry
+
+__all__ = ["JobManager", "JobNotFoundError"]
+
+logger = logging.getLogger("wsi_sampler.api.jobs")
+_MEDIA = {".csv": "text/csv", ".geojson": "application/geo+json", ".h5": "application/x-hdf5",
+          ".png": "image/png", ".json": "application/json"}
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    id TEXT PRIMARY KEY, state TEXT NOT NULL, created REAL NOT NULL, updated REAL NOT NULL,
+    request TEXT NOT NULL, slides_done INTEGER NOT NULL DEFAULT 0,
+    patches_done INTEGER NOT NULL DEFAULT 0, errors TEXT NOT NULL DEFAULT '[]',
+    results TEXT NOT NULL DEFAULT '[]'
+)
+"""
+_ACTIVE = ("queued", "running")
+
+
+class JobNotFoundError(WsiSamplerError, LookupError):
+    """No job (or no such result of a job) with that id (HTTP 404)."""
+
+
+@dataclass
+class _Progress:
+    slides_done: int = 0
+    patches_done: int = 0
+
+
+class JobManager:
+    """Queue, run, cancel and report jobs; ``workers`` jobs run at once."""
+
+    def __init__(
+        self, data_dir: Path, registry: SlideRegistry, get_worker: Callable[[], Worker | None],
+        *, workers: int = 1, batch_size: int = 32,
+    ) -> None:
+        self.root = data_dir / "jobs"
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.registry = registry
+        self.get_worker = get_worker
+        self.batch_size = batch_size
+        self._db = sqlite3.connect(data_dir / "jobs.sqlite3", check_same_thread=False,
+                                   isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute(_SCHEMA)
+        self._lock = threading.Lock()
+        self._cancel: dict[str, threading.Event] = {}
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="wsi-job")
+        self._mark_interrupted()
+
+    def _mark_interrupted(self) -> None:
+        with self._lock:
+            self._db.execute(
+                "UPDATE jobs SET state='interrupted', updated=?"
+                " WHERE state IN ('queued','running')",
+                (time.time(),),
+            )
+
+    @property
+    def queue_depth(self) -> int:
+        with self._lock:
+            row = self._db.execute("SELECT COUNT(*) FROM jobs WHERE state='queued'").fetchone()
+        return int(row[0])
+
+    # -- API ------------------------------------------------------------------------------------
+    def submit(self, request: JobRequest) -> dict[str, Any]:
+        for sid in request.slides:  # unknown ids are a 404 now, not a failed job later
+            self.registry.get(sid)
+        request.sampling.to_params()  # invalid sampling is a 422 now
+        job_id = uuid.uuid4().hex
+        now = time.time()
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO jobs (id, state, created, updated, request) VALUES (?,?,?,?,?)",
+                (job_id, "queued", now, now, request.model_dump_json()),
+            )
+            self._cancel[job_id] = threading.Event()
+        self._pool.submit(self._run, job_id, request)
+        return self.status(job_id)
+
+    def status(self, job_id: str) -> dict[str, Any]:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT id, state, created, updated, request, slides_done, patches_done, errors,"
+                " results FROM jobs WHERE id=?", (job_id,),
+            ).fetchone()
+        if row is None:
+            raise JobNotFoundError(f"unknown job {job_id!r}")
+        request = json.loads(row[4])
+        return {
+            "id": row[0], "state": row[1], "created": row[2], "updated": row[3],
+            "slides_total": len(request["slides"]), "slides_done": row[5],
+            "patches_done": row[6], "errors": json.loads(row[7]),
+            "results": [
+                {"name": n, "media_type": _MEDIA.get(Path(n).suffix, "application/octet-stream"),
+                 "url": f"/v1/jobs/{row[0]}/results/{n}"}
+                for n in json.loads(row[8])
+            ],
+        }
+
+    def cancel(self, job_id: str) -> dict[str, Any]:
+        current = self.status(job_id)
+        if current["state"] in _ACTIVE:
+            event = self._cancel.get(job_id)
+            if event is not None:
+                event.set()
+            self._update(job_id, state="cancelled", only_if_active=True)
+        return self.status(job_id)
+
+    def result_path(self, job_id: str, name: str) -> Path:
+        status = self.status(job_id)
+        if name not in {r["name"] for r in status["results"]}:
+            raise JobNotFoundError(f"job {job_id} has no result {name!r}")
+        slide_id, _, file = name.partition(".")
+        return self.root / job_id / slide_id / file
+
+    def close(self) -> None:
+        for event in self._cancel.values():
+            event.set()
+        self._pool.shutdown(wait=True, cancel_futures=True)
+        self._db.close()
+
+    # -- running -------------------------------------------------------------------------------
+    def _update(self, job_id: str, *, only_if_active: bool = False, **fields: Any) -> None:
+        cols = ", ".join(f"{k}=?" for k in fields)
+        values = [json.dumps(v) if isinstance(v, list) else v for v in fields.values()]
+        where = "id=? AND state IN ('queued','running')" if only_if_active else "id=?"
+        with self._lock:
+            self._db.execute(f"UPDATE jobs SET {cols}, updated=? WHERE {where}",  # noqa: S608
+                             (*values, time.time(), job_id))
+
+    def _run(self, job_id: str, request: JobRequest) -> None:
+        cancel = self._cancel[job_id]
+        if cancel.is_set():
+            return
+        self._update(job_id, state="running", only_if_active=True)
+        progress, errors, results = _Progress(), [], []
+        for sid in request.slides:
+            if cancel.is_set():
+                return
+            try:
+                results += self._score_one(job_id, sid, request, cancel, progress)
+            except Cancelled:
+                return
+            except (WsiSamplerError, OSError) as exc:
+                errors.append({"slide": sid, "error": type(exc).__name__, "message": str(exc)})
+            progress.slides_done += 1
+            self._update(job_id, slides_done=progress.slides_done,
+                         patches_done=progress.patches_done, errors=errors, results=results)
+        state = "succeeded" if not errors else "failed" if not results else "partial"
+        self._update(job_id, state=state, only_if_active=True)
+        self._cancel.pop(job_id, None)
+
+    def _score_one(
+        self, job_id: str, sid: str, request: JobRequest, cancel: threading.Event,
+        progress: _Progress,
+    ) -> list[str]:
+        worker = self.get_worker()
+        if worker is None:
+            raise WsiSamplerError("no model worker is available")
+        out = self.root / job_id / sid
+        base = progress.patches_done
+
+        def report(done: int, total: int) -> None:
+            progress.patches_done = base + done
+            self._update(job_id, patches_done=progress.patches_done)
+
+        with self.registry.open(sid, mpp_override=request.sampling.mpp_override) as slide:
+            score_slide(slide, request.sampling.to_params(), worker, out,
+                        batch_size=self.batch_size, cancel=cancel, progress=report,
+                        config={"job": job_id, "sampling": request.sampling.model_dump()})
+        return [f"{sid}.{name}" for name in RESULT_FILES]

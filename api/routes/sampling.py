@@ -1,0 +1,125 @@
+"""/v1/slides/{id}/plan, /patches and /predictions: plans, and patches or predictions
+streamed as they are produced. Everything is validated before the first byte is sent."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Generator
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Query
+from fastapi.responses import StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from wsi_sampler import PatchPlan, Slide, make_plan
+from wsi_sampler.errors import InvalidRequestError
+from wsi_sampler.scoring import model_plan_params
+
+from ..deps import Services, ServicesDep
+from ..schemas import ErrorBody, PatchRequest, PlanResponse, SamplingRequest
+from ..streaming import drive, patch_chunks, prediction_chunks
+
+router = APIRouter(prefix="/v1/slides", tags=["sampling"])
+ERRORS: dict[int | str, dict[str, object]] = {
+    404: {"model": ErrorBody, "description": "Unknown slide id"},
+    422: {"model": ErrorBody, "description": "Unsupported or corrupt slide, missing MPP "
+                                             "(set mpp_override), or invalid parameters"},
+}
+STREAM_ERRORS: dict[int | str, dict[str, object]] = {
+    **ERRORS,
+    429: {"model": ErrorBody, "description": "Too many concurrent streams (see Retry-After)"},
+}
+
+
+def _open_and_plan(
+    services: Services, slide_id: str, req: SamplingRequest, for_model: bool = False
+) -> tuple[Slide, PatchPlan]:
+    slide = services.registry.open(slide_id, mpp_override=req.mpp_override)
+    try:
+        params = req.to_params()
+        if for_model:
+            params = model_plan_params(services.require_worker().card, params)
+        plan = make_plan(slide, params)
+        limit = services.settings.max_patches_per_request
+        if len(plan) > limit:
+            raise InvalidRequestError(
+                f"the plan has {len(plan)} patches, more than max_patches_per_request={limit}; "
+                "sample fewer (random/stratified with n_patches) or use a job"
+            )
+    except BaseException:
+        slide.close()
+        raise
+    return slide, plan
+
+
+@router.post("/{slide_id}/plan", response_model=PlanResponse, responses=ERRORS)
+async def plan(slide_id: str, req: SamplingRequest, services: ServicesDep) -> PlanResponse:
+    """Sampling parameters in, level-0 patch coordinates out (all strategies, incl. medgemma)."""
+    def run() -> PlanResponse:
+        with services.registry.open(slide_id, mpp_override=req.mpp_override) as slide:
+            d = make_plan(slide, req.to_params()).to_dict()
+        d.pop("params")
+        return PlanResponse(slide_id=slide_id, **d)
+
+    return await run_in_threadpool(run)
+
+
+def _stream(
+    services: Services, slide: Slide, plan: PatchPlan, chunks_of: Generator[bytes, None, None],
+    media_type: str,
+) -> StreamingResponse:
+    try:
+        services.acquire_stream()
+    except BaseException:
+        slide.close()
+        raise
+
+    def on_close() -> None:
+        try:
+            slide.close()
+        finally:
+            services.release_stream()
+
+    headers = {"X-Patch-Count": str(len(plan)), "Cache-Control": "no-store"}
+    return StreamingResponse(drive(chunks_of, on_close), media_type=media_type, headers=headers)
+
+
+@router.post(
+    "/{slide_id}/patches", response_class=StreamingResponse, responses={
+        **STREAM_ERRORS,
+        200: {"content": {"application/x-tar": {}, "application/x-ndjson": {}},
+              "description": "WebDataset tar (000042.png + 000042.json) or NDJSON lines"},
+    },
+)
+async def patches(
+    slide_id: str, req: PatchRequest, services: ServicesDep,
+    output: Annotated[Literal["tar", "ndjson"], Query(alias="format")] = "tar",
+) -> StreamingResponse:
+    """Stream the planned patches as they are read (tar or NDJSON with base64 images)."""
+    slide, plan_ = await run_in_threadpool(_open_and_plan, services, slide_id, req)
+    chunks = patch_chunks(slide, slide_id, plan_, as_tar=output == "tar",
+                          image_format=req.image_format, metrics=services.metrics)
+    media = "application/x-tar" if output == "tar" else "application/x-ndjson"
+    return _stream(services, slide, plan_, chunks, media)
+
+
+@router.post(
+    "/{slide_id}/predictions", response_class=StreamingResponse, responses={
+        **STREAM_ERRORS,
+        503: {"model": ErrorBody, "description": "The model worker is not ready"},
+        200: {"content": {"application/x-ndjson": {}},
+              "description": "One record per patch, then a summary record"},
+    },
+)
+async def predictions(
+    slide_id: str, req: SamplingRequest, services: ServicesDep
+) -> StreamingResponse:
+    """Stream predictions as batches complete: one NDJSON record per patch (coordinates and
+    outputs), then ``{"type": "summary", ...}``. Patch size and MPP are the model's."""
+    worker = services.require_worker()
+    slide, plan_ = await run_in_threadpool(_open_and_plan, services, slide_id, req, True)
+    chunks = prediction_chunks(slide, slide_id, plan_, worker,
+                               batch_size=services.settings.batch_size,
+                               metrics=services.metrics, cancel=threading.Event())
+    # Closing the stream (end, or client gone) closes this generator and its extractor.
+    return _stream(services, slide, plan_, chunks, "application/x-ndjson")

@@ -1,0 +1,132 @@
+"""/v1/slides: list, upload, info, thumbnail, tissue."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Annotated, Literal
+
+from fastapi import APIRouter, Query, Request, UploadFile
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from wsi_sampler import compute_tissue_mask
+from wsi_sampler.errors import CorruptSlideError
+from wsi_sampler.export import encode_image
+from wsi_sampler.tissue import mask_to_polygons
+
+from ..deps import ServicesDep
+from ..schemas import ErrorBody, SlideInfo, SlideList, SlideSummary
+from ..slides import SlideEntry, UploadTooLargeError, temp_upload_path
+
+router = APIRouter(prefix="/v1/slides", tags=["slides"])
+ERRORS: dict[int | str, dict[str, object]] = {
+    404: {"model": ErrorBody, "description": "Unknown slide id"},
+    422: {"model": ErrorBody, "description": "Unsupported or corrupt slide, missing MPP, "
+                                             "or invalid parameters"},
+}
+_CHUNK = 1 << 20
+
+
+def _summary(e: SlideEntry) -> SlideSummary:
+    return SlideSummary(id=e.id, name=e.path.name, path=e.relpath, format=e.format,
+                        size_bytes=e.size_bytes)
+
+
+@router.get("", response_model=SlideList)
+async def list_slides(
+    services: ServicesDep,
+    offset: Annotated[int, Query(ge=0)] = 0,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 100,
+) -> SlideList:
+    """Slides under the configured roots, paginated, in path order."""
+    entries = await run_in_threadpool(services.registry.scan)
+    page = entries[offset : offset + limit]
+    return SlideList(items=[_summary(e) for e in page], total=len(entries), offset=offset,
+                     limit=limit)
+
+
+@router.post("", status_code=201, response_model=SlideSummary,
+             responses={413: {"model": ErrorBody, "description": "Upload too large"},
+                        422: ERRORS[422]})
+async def upload_slide(request: Request, services: ServicesDep, file: UploadFile) -> SlideSummary:
+    """Upload a slide (multipart field ``file``). Its format is sniffed from its content."""
+    limit = int(services.settings.max_upload_mb * 2**20)
+    uploads = services.settings.uploads_dir
+    tmp = temp_upload_path(uploads)
+    size, head = 0, b""
+    try:
+        with tmp.open("wb") as fh:
+            while chunk := await file.read(_CHUNK):
+                size += len(chunk)
+                if size > limit:
+                    raise UploadTooLargeError(
+                        f"upload exceeds the limit of {services.settings.max_upload_mb:g} MiB"
+                    )
+                if len(head) < 512:
+                    head += chunk[: 512 - len(head)]
+                await asyncio.to_thread(fh.write, chunk)
+        if size == 0:
+            raise CorruptSlideError("the upload is empty (zero bytes)")
+        entry = await run_in_threadpool(
+            services.registry.store_upload, uploads, file.filename, head, tmp
+        )
+    finally:
+        tmp.unlink(missing_ok=True)
+    return _summary(entry)
+
+
+@router.get("/{slide_id}", response_model=SlideInfo, responses=ERRORS)
+async def slide_info(slide_id: str, services: ServicesDep) -> SlideInfo:
+    """Size, levels, MPP, objective, vendor and fingerprint of a slide."""
+    entry = services.registry.get(slide_id)
+
+    def read() -> SlideInfo:
+        with services.registry.open(slide_id) as s:
+            info = s.info()
+        info.pop("path")
+        return SlideInfo.model_validate(
+            info | {"id": slide_id, "name": entry.path.name, "format": entry.format}
+        )
+
+    return await run_in_threadpool(read)
+
+
+@router.get("/{slide_id}/thumbnail", responses={**ERRORS, 200: {"content": {"image/png": {}}}},
+            response_class=Response)
+async def thumbnail(
+    slide_id: str, services: ServicesDep,
+    max_size: Annotated[int, Query(ge=16, le=4096)] = 1024,
+    image_format: Annotated[Literal["png", "jpeg"], Query(alias="format")] = "png",
+) -> Response:
+    """The whole slide fitted within ``max_size`` px."""
+    def render() -> bytes:
+        with services.registry.open(slide_id) as s:
+            return encode_image(s.thumbnail(max_size=max_size), f".{image_format}")
+
+    body = await run_in_threadpool(render)
+    return Response(body, media_type=f"image/{image_format}")
+
+
+@router.get("/{slide_id}/tissue", response_model=None,
+            responses={**ERRORS, 200: {"content": {"image/png": {}, "application/geo+json": {}}}})
+async def tissue(
+    slide_id: str, services: ServicesDep,
+    output: Annotated[Literal["png", "geojson"], Query(alias="format")] = "png",
+    tissue_mpp: Annotated[float, Query(gt=0, le=1000)] = 8.0,
+    mpp_override: Annotated[float | None, Query(gt=0, le=100)] = None,
+) -> Response:
+    """The tissue mask as a PNG (white = tissue) or QuPath GeoJSON polygons (level-0 px)."""
+    def detect() -> Response:
+        with services.registry.open(slide_id, mpp_override=mpp_override) as s:
+            tm = compute_tissue_mask(s, tissue_mpp=tissue_mpp)
+        if output == "png":
+            return Response(encode_image(tm.mask.astype("uint8") * 255),
+                            media_type="image/png")
+        geometry = mask_to_polygons(tm.mask, tm.scale).__geo_interface__
+        feature = {"type": "Feature", "geometry": geometry,
+                   "properties": {"objectType": "annotation", "name": "tissue"}}
+        return JSONResponse({"type": "FeatureCollection", "features": [feature]},
+                            media_type="application/geo+json")
+
+    return await run_in_threadpool(detect)
+

@@ -1,0 +1,170 @@
+"""Streaming bodies: a synchronous producer (reading, encoding, inference in threads) driven
+from the event loop one chunk at a time, and stopped when the client goes away.
+
+Nothing is read before the client asks for the first chunk, and a client that disconnects
+stops the producer after its current batch: the extractor's threads are cancelled and the
+slide closed (no orphan work).
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import tarfile
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Generator, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
+from typing import Any
+
+import numpy as np
+from starlette.concurrency import run_in_threadpool
+
+from wsi_sampler import Extractor, PatchBatch, PatchPlan, Slide
+from wsi_sampler.export import encode_image
+from wsi_sampler.models import Predictions
+from wsi_sampler.scoring import Aggregate, iter_predictions, output_columns
+from wsi_sampler.worker import Worker
+
+from .metrics import Metrics
+
+__all__ = ["drive", "patch_chunks", "prediction_chunks"]
+
+_TAR_END = b"\0" * 1024
+_FIRST_BATCH = 4  # small first batch: the first patch leaves quickly
+_BATCH = 32
+
+
+class _Producer:
+    """Serialises next() and close() of a generator across threads."""
+
+    def __init__(
+        self, gen: Generator[bytes, None, None], on_close: Callable[[], None]
+    ) -> None:
+        self._gen = gen
+        self._lock = threading.Lock()
+        self._closed = False
+        self._on_close = on_close
+
+    def next(self) -> bytes | None:
+        with self._lock:
+            if self._closed:
+                return None
+            try:
+                return next(self._gen)
+            except StopIteration:
+                return None
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            try:
+                self._gen.close()
+            finally:
+                self._on_close()
+
+
+async def drive(
+    gen: Generator[bytes, None, None], on_close: Callable[[], None]
+) -> AsyncIterator[bytes]:
+    """Async body over ``gen``; ``on_close`` runs once the producer has really stopped."""
+    producer = _Producer(gen, on_close)
+    try:
+        while (chunk := await run_in_threadpool(producer.next)) is not None:
+            yield chunk
+    finally:
+        # Not awaited: a cancelled request must not wait for the batch in flight.
+        threading.Thread(target=producer.close, name="wsi-stream-close", daemon=True).start()
+
+
+def _batches(
+    slide: Slide, plan: PatchPlan
+) -> Generator[tuple[np.ndarray, np.ndarray], None, None]:
+    """(indices, images) in plan order: a small first batch, then larger ones."""
+    head = plan.subset(np.arange(min(_FIRST_BATCH, len(plan)), dtype=np.int64))
+    with closing(Extractor(slide, head, batch_size=_FIRST_BATCH).iter_batches()) as batches:
+        for b in batches:
+            yield b.indices, b.images
+    if len(plan) > _FIRST_BATCH:
+        rest = plan.subset(np.arange(_FIRST_BATCH, len(plan), dtype=np.int64))
+        with closing(Extractor(slide, rest, batch_size=_BATCH).iter_batches()) as batches:
+            for b in batches:
+                yield b.indices + _FIRST_BATCH, b.images
+
+
+def _tar_member(name: str, data: bytes, mtime: float) -> bytes:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), int(mtime), 0o644
+    return info.tobuf(tarfile.USTAR_FORMAT) + data + b"\0" * (-len(data) % 512)
+
+
+def patch_meta(slide_id: str, plan: PatchPlan, i: int) -> dict[str, Any]:
+    return {"index": i, "slide_id": slide_id, "x0": int(plan.x0[i]), "y0": int(plan.y0[i]),
+            "width0": plan.width0, "height0": plan.height0, "level": plan.level,
+            "target_mpp": plan.target_mpp, "patch_size_px": plan.patch_size_px,
+            "tissue_fraction": round(float(plan.tissue_fraction[i]), 4)}
+
+
+def patch_chunks(
+    slide: Slide, slide_id: str, plan: PatchPlan, *, as_tar: bool, image_format: str,
+    metrics: Metrics,
+) -> Generator[bytes, None, None]:
+    """WebDataset tar members (``000042.png`` + ``000042.json``) or NDJSON lines."""
+    ext = "jpg" if image_format == "jpeg" else "png"
+    media = f"image/{image_format}"
+    now = time.time()
+    # closing(): a stream closed early stops its extractor now, before the slide closes.
+    with ThreadPoolExecutor(2, thread_name_prefix="wsi-encode") as pool, \
+            closing(_batches(slide, plan)) as batches:
+        for indices, images in batches:
+            encoded = list(pool.map(lambda im: encode_image(im, f".{ext}"), images))
+            parts = []
+            for i, data in zip(indices.tolist(), encoded, strict=True):
+                meta = patch_meta(slide_id, plan, i)
+                if as_tar:
+                    parts.append(_tar_member(f"{i:06d}.{ext}", data, now))
+                    parts.append(_tar_member(f"{i:06d}.json", json.dumps(meta).encode(), now))
+                else:
+                    line = meta | {"media_type": media, "image": base64.b64encode(data).decode()}
+                    parts.append(json.dumps(line).encode() + b"\n")
+            metrics.patches.labels("patches").inc(len(encoded))
+            yield b"".join(parts)
+    if as_tar:
+        yield _TAR_END
+
+
+def prediction_chunks(
+    slide: Slide, slide_id: str, plan: PatchPlan, worker: Worker, *, batch_size: int,
+    metrics: Metrics, cancel: threading.Event,
+) -> Generator[bytes, None, None]:
+    """One NDJSON record per patch as its batch completes, then a summary record."""
+    t0 = time.perf_counter()
+    agg = Aggregate(worker.card)
+    results = iter_predictions(slide, plan, worker, batch_size=batch_size, cancel=cancel)
+    with closing(results):
+        yield from _prediction_lines(results, slide_id, plan, worker, agg, metrics)
+    summary = {"type": "summary", "slide_id": slide_id, "model": worker.card.name,
+               "model_version": worker.card.version, "strategy": plan.strategy,
+               "n_candidates": plan.n_candidates} | agg.summary()
+    summary["seconds"] = round(time.perf_counter() - t0, 3)
+    yield json.dumps(summary).encode() + b"\n"
+
+
+def _prediction_lines(
+    results: Iterator[tuple[PatchBatch, Predictions, float]], slide_id: str, plan: PatchPlan,
+    worker: Worker, agg: Aggregate, metrics: Metrics,
+) -> Iterator[bytes]:
+    cols = output_columns(worker.card)
+    for batch, preds, worker_s in results:
+        metrics.worker_latency.observe(worker_s)
+        agg.add(preds, worker_s)
+        lines = []
+        for j, i in enumerate(batch.indices.tolist()):
+            rec = {"type": "patch"} | patch_meta(slide_id, plan, i)
+            rec["outputs"] = {col: round(float(preds[name][j, k]), 6) for name, k, col in cols}
+            lines.append(json.dumps(rec).encode())
+        metrics.patches.labels("predictions").inc(len(batch))
+        yield b"\n".join(lines) + b"\n"

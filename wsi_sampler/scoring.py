@@ -1,0 +1,187 @@
+"""Score a slide: its patches through a model worker, predictions out, aggregated.
+
+Frame: coordinates are level-0 pixels. Patches are planned at the model card's patch size
+and MPP; the sampling strategy and its options come from the caller. Used by the API
+(streaming predictions, jobs) and by batch scoring of folders.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Generator
+from contextlib import closing
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+
+from .errors import InvalidRequestError, WsiSamplerError
+from .export import (
+    run_metadata,
+    write_clam_h5,
+    write_csv,
+    write_geojson,
+    write_heatmap_png,
+    write_metadata_json,
+)
+from .extract import Extractor, PatchBatch
+from .models import ModelCard, Predictions
+from .plan import PatchPlan, PlanParams, make_plan
+from .slide import Slide
+from .worker import Worker
+
+__all__ = [
+    "Aggregate",
+    "Cancelled",
+    "SlideScore",
+    "iter_predictions",
+    "model_plan_params",
+    "output_columns",
+    "score_slide",
+]
+
+RESULT_FILES = ("predictions.csv", "predictions.geojson", "coords.h5", "heatmap.png",
+                "run_metadata.json", "summary.json")
+
+
+class Cancelled(WsiSamplerError):
+    """The caller cancelled the work (a job was deleted, a client went away)."""
+
+
+def model_plan_params(card: ModelCard, params: PlanParams) -> PlanParams:
+    """``params`` with the model's patch size and resolution (what the model was built for)."""
+    if params.strategy == "medgemma":
+        raise InvalidRequestError(
+            "the medgemma preset fixes its own patch size and magnification; use it to plan or "
+            "extract patches, or pick grid, random or stratified for predictions"
+        )
+    return replace(params, patch_size_px=card.patch_size_px, target_mpp=card.target_mpp,
+                   magnification=None)
+
+
+def output_columns(card: ModelCard) -> list[tuple[str, int, str]]:
+    """(output name, column index, column name) for every column of every output."""
+    return [(o.name, i, col) for o in card.outputs for i, col in enumerate(o.column_names())]
+
+
+def iter_predictions(
+    slide: Slide, plan: PatchPlan, worker: Worker, *, batch_size: int = 32,
+    cancel: threading.Event | None = None,
+) -> Generator[tuple[PatchBatch, Predictions, float], None, None]:
+    """Yield (patch batch, predictions, seconds in the worker) in plan order."""
+    size = min(batch_size, worker.card.max_batch)
+    with closing(Extractor(slide, plan, batch_size=max(1, size)).iter_batches()) as batches:
+        for batch in batches:
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("cancelled")
+            t = time.perf_counter()
+            preds = worker.infer(batch.images)
+            yield batch, preds, time.perf_counter() - t
+
+
+@dataclass
+class Aggregate:
+    """Running per-column mean and max, QC label counts and timings over a slide."""
+
+    card: ModelCard
+    n: int = 0
+    sums: dict[str, float] = field(default_factory=dict)
+    maxes: dict[str, float] = field(default_factory=dict)
+    worker_s: float = 0.0
+
+    def add(self, preds: Predictions, worker_s: float) -> None:
+        for name, i, col in output_columns(self.card):
+            values = preds[name][:, i]
+            if len(values):
+                self.sums[col] = self.sums.get(col, 0.0) + float(values.sum())
+                self.maxes[col] = max(self.maxes.get(col, -np.inf), float(values.max()))
+        self.n += len(next(iter(preds.values()))) if preds else 0
+        self.worker_s += worker_s
+
+    def summary(self) -> dict[str, Any]:
+        means = {c: s / self.n for c, s in self.sums.items()} if self.n else {}
+        qc = {c.removeprefix("qc_"): round(v, 4) for c, v in means.items() if c.startswith("qc_")}
+        return {
+            "patches": self.n,
+            "mean": {c: round(v, 6) for c, v in means.items()},
+            "max": {c: round(v, 6) for c, v in self.maxes.items()},
+            "qc_fractions": qc,
+            "worker_seconds": round(self.worker_s, 3),
+        }
+
+
+@dataclass
+class SlideScore:
+    plan: PatchPlan
+    outputs: dict[str, npt.NDArray[np.float32]]
+    """Column name -> (N,) values, in plan order."""
+    summary: dict[str, Any]
+
+
+def heatmap_column(card: ModelCard) -> str:
+    """The column a heatmap shows: the first class probability, else the first column."""
+    for o in card.outputs:
+        if o.activation != "none" and o.class_names:
+            return o.column_names()[-1]
+    return output_columns(card)[0][2]
+
+
+def score_slide(
+    slide: Slide, params: PlanParams, worker: Worker, out_dir: Path | None = None, *,
+    batch_size: int = 32, cancel: threading.Event | None = None,
+    progress: Callable[[int, int], None] | None = None, config: dict[str, Any] | None = None,
+) -> SlideScore:
+    """Plan, extract, predict, aggregate; with ``out_dir``, write the result files.
+
+    ``summary.json`` is written last and atomically: a slide is done iff it exists.
+    """
+    t0 = time.perf_counter()
+    plan = make_plan(slide, model_plan_params(worker.card, params))
+    t_plan = time.perf_counter() - t0
+    agg = Aggregate(worker.card)
+    columns: dict[str, list[npt.NDArray[np.float32]]] = {c: [] for _, _, c in output_columns(
+        worker.card)}
+    done = 0
+    for batch, preds, worker_s in iter_predictions(slide, plan, worker, batch_size=batch_size,
+                                                   cancel=cancel):
+        agg.add(preds, worker_s)
+        for name, i, col in output_columns(worker.card):
+            columns[col].append(preds[name][:, i])
+        done += len(batch)
+        if progress is not None:
+            progress(done, len(plan))
+    outputs = {c: np.concatenate(v) if v else np.zeros(0, np.float32) for c, v in columns.items()}
+    total = time.perf_counter() - t0
+    summary = agg.summary() | {
+        "slide": slide.path.name, "fingerprint": slide.fingerprint, "model": worker.card.name,
+        "model_version": worker.card.version, "strategy": plan.strategy,
+        "n_candidates": plan.n_candidates, "seconds": round(total, 3),
+        "timings_s": {"plan": round(t_plan, 3), "total": round(total, 3)},
+    }
+    if out_dir is not None:
+        write_results(out_dir, slide, plan, outputs, summary, worker.card, config or {})
+    return SlideScore(plan, outputs, summary)
+
+
+def write_results(
+    out_dir: Path, slide: Slide, plan: PatchPlan, outputs: dict[str, npt.NDArray[np.float32]],
+    summary: dict[str, Any], card: ModelCard, config: dict[str, Any],
+) -> None:
+    """The per-slide result files; ``summary.json`` last."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_csv(out_dir / "predictions.csv", plan, outputs)
+    write_geojson(out_dir / "predictions.geojson", plan, outputs)
+    write_clam_h5(out_dir / "coords.h5", plan, slide)
+    col = heatmap_column(card)
+    values = outputs[col] if len(plan) else np.zeros(0)
+    hi = float(values.max()) if len(values) and not col.startswith(("prob_", "qc_")) else 1.0
+    write_heatmap_png(out_dir / "heatmap.png", slide.thumbnail(max_size=1024), plan, values,
+                      vmax=hi if hi > 0 else 1.0)
+    meta = run_metadata(slide=slide, plan=plan, config=config | {"model": card.model_dump()},
+                        timings_s=summary["timings_s"])
+    write_metadata_json(out_dir / "run_metadata.json", meta)
+    write_metadata_json(out_dir / "summary.json", summary | {"heatmap_column": col})
+
