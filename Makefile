@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # from timm architectures + safetensors weights, tested in CI) needs torchvision, and
 # PyPI's torchvision does not import beside the smaller 2.13.0 CPU build.
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
-EXTRAS := dev,timm
+EXTRAS := dev,timm,dask
 SLIDES_DIR := data/slides
 OUT_DIR := data/out
 

@@ -70,7 +70,8 @@ def create_app(
     cfg = settings or load_settings()
 
     def default_factory() -> Worker:
-        return open_worker(cfg.model, worker_url=cfg.worker_url or None, device=cfg.device)
+        return open_worker(cfg.model, worker_url=cfg.worker_url or None, device=cfg.device,
+                           target_mpp=cfg.worker_target_mpp)
 
     factory = worker_factory or default_factory
 

@@ -32,6 +32,7 @@ class Settings(BaseSettings):
     demo_slide: bool = True
     model: str = "tissue-qc"
     worker_url: str = ""
+    worker_target_mpp: float | None = Field(None, gt=0, le=100)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     api_keys: list[SecretStr] = Field(default_factory=list)
     cors_origins: list[str] = Field(default_factory=list)

@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"\nworkload {label}: {job['n']} patches, {job['region'][0]} px read at level "
               f"{job['level']} -> {job['out']} px", flush=True)
         if label in ("A", "D") or label.startswith("C"):
-            res = run_isolated(c_plan_time, path, job, 1, 3)
+            res = run_isolated(c_plan_time, path, job, 1, 3 if label == "A" else 1)
             rows.append(Row(label, "tissue + plan", 1, res.get("patches", 0),
                             res.get("seconds", float("nan")), res.get("peak_rss_mib", 0),
                             res.get("note", res.get("error", ""))))

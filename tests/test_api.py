@@ -337,3 +337,14 @@ def test_health_metrics_and_openapi(url: str) -> None:
     for path in ("/v1/slides", "/v1/slides/{slide_id}/patches", "/v1/jobs/{job_id}"):
         assert path in spec["paths"]
     assert "404" in spec["paths"]["/v1/slides/{slide_id}"]["get"]["responses"]
+
+
+def test_delete_cancels_a_running_job(url: str) -> None:
+    sid = ids(url)["demo.svs"]
+    job = httpx.post(f"{url}/v1/jobs", json={"slides": [sid] * 30}).json()["id"]
+    cancelled = httpx.delete(f"{url}/v1/jobs/{job}").json()
+    assert cancelled["state"] == "cancelled"
+    time.sleep(1.0)
+    status = httpx.get(f"{url}/v1/jobs/{job}").json()
+    assert status["state"] == "cancelled" and status["slides_done"] < 30
+    assert httpx.post(f"{url}/v1/jobs", json={"slides": ["0" * 24]}).status_code == 404

@@ -28,10 +28,3 @@ def test_default_config_mirrors_library_defaults() -> None:
     for key, value in cfg["tissue"].items():
         assert getattr(tissue, key) == value, key
 
-
-def test_dockerfile_copies_what_exists() -> None:
-    for line in (ROOT / "Dockerfile").read_text().splitlines():
-        if line.startswith("COPY "):
-            *sources, _dest = line.split()[1:]
-            for src in sources:
-                assert (ROOT / src).exists(), src

@@ -6,10 +6,12 @@ one-line ``error: ...`` on stderr and exit code 2, never a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import sys
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import replace
 from enum import Enum
 from pathlib import Path
@@ -306,6 +308,99 @@ def worker(
              loaded.card.version, loaded.device, host, port)
     app_ = create_worker_app(lambda: loaded, max_delay_s=max_delay_ms / 1000)
     uvicorn.run(app_, host=host, port=port, log_level="info")
+
+
+class ExecutorOpt(str, Enum):
+    local = "local"
+    dask = "dask"
+
+
+class ScoreStrategy(str, Enum):
+    grid = "grid"
+    random = "random"
+    stratified = "stratified"
+
+
+@app.command()
+def score(
+    slides_dir: Annotated[Path, typer.Argument(help="Folder of slides (searched recursively).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
+    model: ModelO = "tissue-qc",
+    worker_url: Annotated[
+        str | None, typer.Option(help="Remote Open Inference Protocol worker instead.")
+    ] = None,
+    strategy: Annotated[ScoreStrategy, typer.Option(help="Sampling strategy.")] = (
+        ScoreStrategy.grid
+    ),
+    n_patches: NO = None,
+    min_tissue: MinTissueO = 0.5,
+    seed: SeedO = 0,
+    executor: Annotated[ExecutorOpt, typer.Option(help="local threads or a Dask cluster.")] = (
+        ExecutorOpt.local
+    ),
+    address: Annotated[
+        str | None, typer.Option(help="Dask scheduler (tcp://host:8786); none = LocalCluster.")
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Slides in flight (local) / Dask workers (LocalCluster).")
+    ] = None,
+    retries: Annotated[int, typer.Option(help="Dask task retries per slide.")] = 1,
+    resume: Annotated[bool, typer.Option(help="Skip slides already scored in OUT.")] = True,
+    mpp_override: MppOverrideO = None,
+    device: DeviceO = DeviceOpt.auto,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+) -> None:
+    """Score every slide of a folder. Exit 0 if all succeeded, 3 if any failed."""
+    from .batch import BatchConfig, run_batch
+    from .models import resolve_card
+
+    if worker_url is None:
+        resolve_card(model)  # a missing model is a one-line error before any work
+    params = PlanParams(strategy=strategy.value, n_patches=n_patches, seed=seed,
+                        min_tissue_fraction=min_tissue)
+    cfg = BatchConfig(model=model, worker_url=worker_url, device=device.value, params=params,
+                      mpp_override=mpp_override)
+    with _score_progress(quiet) as report_one:
+        report = run_batch(slides_dir, out, cfg, executor=executor.value, workers=workers,
+                           address=address, retries=retries, resume=resume,
+                           on_result=report_one)
+    if not quiet:
+        log.info("%d scored, %d already done, %d failed, %d skipped in %.1f s -> %s",
+                 len(report.done), report.resumed, len(report.failures), len(report.skipped),
+                 report.seconds, out)
+        for f in report.failures:
+            log.info("failed: %s: %s", f["slide"], f["message"])
+    raise typer.Exit(report.exit_code)
+
+
+@contextlib.contextmanager
+def _score_progress(quiet: bool) -> Iterator[Callable[[dict[str, object], int, int], None]]:
+    """A rich progress bar on a terminal, periodic log lines otherwise, nothing if quiet."""
+    if quiet:
+        yield lambda rec, i, n: None
+        return
+    started = time.monotonic()
+    patches = [0]
+
+    def line(rec: dict[str, object], i: int, n: int) -> None:
+        patches[0] += int(rec.get("patches", 0) or 0)  # type: ignore[call-overload]
+        rate = patches[0] / max(time.monotonic() - started, 1e-6)
+        log.info("[%d/%d] %s %s (%.0f patches/s)", i, n, rec["status"], rec["slide"], rate)
+
+    if not sys.stderr.isatty():
+        yield line
+        return
+    columns = (*Progress.get_default_columns(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, transient=False) as progress:
+        task = progress.add_task("scoring slides", total=None)
+
+        def bar(rec: dict[str, object], i: int, n: int) -> None:
+            patches[0] += int(rec.get("patches", 0) or 0)  # type: ignore[call-overload]
+            rate = patches[0] / max(time.monotonic() - started, 1e-6)
+            progress.update(task, completed=i, total=n,
+                            description=f"scoring slides ({rate:.0f} patches/s)")
+
+        yield bar
 
 
 @app.command()

@@ -1,0 +1,144 @@
+"""Batch scoring of a folder: local and Dask executors, failures, resume after SIGKILL."""
+
+from __future__ import annotations
+
+import csv
+import json
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from wsi_sampler.batch import EXIT_FAILURES, BatchConfig, discover, run_batch
+from wsi_sampler.demo import DemoSlideSpec, write_demo_slide
+from wsi_sampler.scoring import RESULT_FILES
+
+CLI = [sys.executable, "-c", "from wsi_sampler.cli import main; main()"]
+SMALL = DemoSlideSpec(width=6144, height=4608, mpp=0.25, seed=21)
+CFG = BatchConfig(device="cpu")
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory: pytest.TempPathFactory, demo_slide: Path, cmu_svs: Path,
+           kidney_tif: Path) -> Path:
+    root = tmp_path_factory.mktemp("batch") / "slides"
+    (root / "cases" / "b").mkdir(parents=True)
+    shutil.copy(demo_slide, root / "cases" / "a.svs")
+    write_demo_slide(root / "cases" / "b" / "small.svs", SMALL)
+    shutil.copy(cmu_svs, root / "cmu.svs")
+    shutil.copy(kidney_tif, root / "no-mpp.tif")
+    (root / "zero.svs").write_bytes(b"")
+    data = demo_slide.read_bytes()
+    (root / "truncated.svs").write_bytes(data[: len(data) // 4])
+    (root / "notes.txt").write_text("case notes")
+    return root
+
+
+def rows(out: Path) -> dict[str, dict[str, str]]:
+    with (out / "summary.csv").open() as fh:
+        return {r["slide"]: r for r in csv.DictReader(fh)}
+
+
+def test_discovery(folder: Path) -> None:
+    found = discover(folder)
+    assert [t.rel for t in found.slides] == ["cases/a.svs", "cases/b/small.svs", "cmu.svs",
+                                             "no-mpp.tif", "truncated.svs", "zero.svs"]
+    assert found.skipped == [("notes.txt", "a sidecar/metadata file (extension .txt)")]
+
+
+@pytest.fixture(scope="module")
+def local_out(folder: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("local")
+    report = run_batch(folder, out, CFG, executor="local", workers=2)
+    assert report.exit_code == EXIT_FAILURES
+    return out
+
+
+def test_failures_are_isolated_and_recorded(local_out: Path) -> None:
+    r = rows(local_out)
+    assert {k: v["status"] for k, v in r.items()} == {
+        "cases/a.svs": "done", "cases/b/small.svs": "done", "cmu.svs": "done",
+        "no-mpp.tif": "failed", "truncated.svs": "failed", "zero.svs": "failed",
+        "notes.txt": "skipped",
+    }
+    lines = (local_out / "failures.jsonl").read_text().splitlines()
+    failures = {f["slide"]: f for f in map(json.loads, lines)}
+    assert failures["no-mpp.tif"]["error"] == "MissingMppError"
+    assert "mpp_override" in failures["no-mpp.tif"]["message"]
+    assert failures["zero.svs"]["error"] == "CorruptSlideError"
+    assert failures["truncated.svs"]["error"] in ("CorruptSlideError", "UnsupportedFormatError")
+    meta = json.loads((local_out / "run_metadata.json").read_text())
+    assert meta["scored"] == 3 and meta["failed"] == 3 and meta["skipped"] == 1
+    assert meta["versions"]["wsi-sampler"] and meta["host"]
+
+
+def test_each_done_slide_has_complete_results(local_out: Path) -> None:
+    for rel, row in rows(local_out).items():
+        if row["status"] != "done":
+            continue
+        folder = local_out / row["result_dir"]
+        assert sorted(p.name for p in folder.iterdir()) == sorted(RESULT_FILES), rel
+        summary = json.loads((folder / "summary.json").read_text())
+        lines = (folder / "predictions.csv").read_text().splitlines()
+        assert len(lines) == summary["patches"] + 1 > 1
+    assert not list((local_out / "slides").glob(".staging-*"))
+
+
+def test_dask_executor_gives_the_same_results(folder: Path, local_out: Path,
+                                              tmp_path: Path) -> None:
+    report = run_batch(folder, tmp_path, CFG, executor="dask", workers=2, retries=1)
+    assert report.exit_code == EXIT_FAILURES
+    local_rows, dask_rows = rows(local_out), rows(tmp_path)
+    assert {k: v["status"] for k, v in dask_rows.items()} == \
+        {k: v["status"] for k, v in local_rows.items()}
+    for rel, row in local_rows.items():
+        if row["status"] == "done":
+            for name in ("predictions.csv", "predictions.geojson"):
+                a = (local_out / row["result_dir"] / name).read_bytes()
+                b = (tmp_path / dask_rows[rel]["result_dir"] / name).read_bytes()
+                assert a == b, (rel, name)
+
+
+def test_resume_after_sigkill_scores_each_slide_once(tmp_path: Path) -> None:
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    for seed in range(4):
+        write_demo_slide(slides / f"s{seed}.svs", DemoSlideSpec(width=6144, height=4608,
+                                                                seed=seed, mpp=0.25))
+    out = tmp_path / "out"
+    cmd = [*CLI, "score", str(slides), "--out", str(out), "--workers", "1", "--device", "cpu",
+           "--quiet"]
+    with subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as proc:
+        deadline = time.monotonic() + 300
+        while not list(out.glob("slides/*/summary.json")):
+            assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    first_done = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("slides/*/summary.json")}
+    assert 1 <= len(first_done) < 4
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    meta = json.loads((out / "run_metadata.json").read_text())
+    assert meta["resumed"] == len(first_done) and meta["scored"] == 4 - len(first_done)
+    done = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("slides/*/summary.json")}
+    assert len(done) == 4
+    assert all(done[k] == v for k, v in first_done.items())  # not scored a second time
+    assert not list(out.glob("slides/.staging-*"))
+    for folder in (out / "slides").iterdir():
+        assert sorted(p.name for p in folder.iterdir()) == sorted(RESULT_FILES)
+    assert all(row["status"] == "done" for row in rows(out).values())
+
+
+def test_cli_exit_codes(folder: Path, tmp_path: Path) -> None:
+    r = subprocess.run([*CLI, "score", str(tmp_path / "missing"), "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("error: ")
+    r = subprocess.run([*CLI, "score", str(folder), "--out", str(tmp_path / "o"), "--model",
+                        str(tmp_path / "none.json")], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "none.json" in r.stderr

@@ -1,0 +1,132 @@
+"""Docker and compose files, checked without a Docker engine: hadolint, and every file,
+command, route and config they name exists and works."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import tomllib
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+CLI = [sys.executable, "-c", "from wsi_sampler.cli import main; main()"]
+
+
+def dockerfile() -> list[str]:
+    """Logical lines (continuations joined)."""
+    lines, cur = [], ""
+    for raw in (ROOT / "Dockerfile").read_text().splitlines():
+        if raw.lstrip().startswith("#"):
+            continue
+        cur += raw.rstrip("\\").strip() + " "
+        if not raw.rstrip().endswith("\\"):
+            if cur.strip():
+                lines.append(cur.strip())
+            cur = ""
+    return lines
+
+
+def instruction(name: str) -> list[str]:
+    return [line[len(name) + 1 :] for line in dockerfile() if line.startswith(name + " ")]
+
+
+def test_hadolint_passes() -> None:
+    exe = shutil.which("hadolint") or str(Path(sys.executable).parent / "hadolint")
+    r = subprocess.run([exe, "--failure-threshold", "warning", str(ROOT / "Dockerfile")],
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_copied_files_exist_and_are_not_ignored() -> None:
+    ignored = (ROOT / ".dockerignore").read_text().split()
+    for args in instruction("COPY"):
+        *sources, _ = args.split()
+        for src in sources:
+            assert (ROOT / src).exists(), src
+            assert src.rstrip("/") not in ignored, src
+    assert ".venv" in ignored and "data" in ignored
+
+
+def test_image_shape() -> None:
+    base = instruction("FROM")[0]
+    assert "slim" in base
+    assert instruction("USER") == ["1000"]  # the non-root user created in the image
+    assert json.loads(instruction("ENTRYPOINT")[0]) == ["wsi-sampler"]
+    assert any("TORCH_INDEX" in a for a in instruction("ARG"))
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert "wsi-sampler" in scripts
+
+
+def test_default_command_and_healthcheck_work() -> None:
+    cmd = json.loads(instruction("CMD")[0])
+    assert cmd[:1] == ["serve"]
+    r = subprocess.run([*CLI, *cmd, "--help"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    health = instruction("HEALTHCHECK")[0]
+    assert "/readyz" in health
+    from api.app import create_app
+
+    paths = {getattr(r, "path", None) for r in create_app().routes}
+    assert "/readyz" in paths
+
+
+def test_compose_services_use_real_commands_and_configs() -> None:
+    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert {"api", "worker", "dask-scheduler", "dask-worker"} <= set(services)
+    for name in ("api", "worker"):
+        command = services[name]["command"]
+        r = subprocess.run([*CLI, command[0], "--help"], capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 0, (name, r.stderr)
+    config = services["api"]["environment"]["WSI_CONFIG"]
+    assert (ROOT / config.removeprefix("/app/")).is_file()
+    for name in ("dask-scheduler", "dask-worker"):
+        assert services[name]["profiles"] == ["dask"]
+        assert services[name]["entrypoint"][0] == "dask"
+    assert shutil.which("dask") or (Path(sys.executable).parent / "dask").exists()
+
+
+@pytest.mark.parametrize("name", ["default", "cpu", "gpu", "remote-worker"])
+def test_example_configs_are_valid_settings(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    from api.config import load_settings
+
+    monkeypatch.setenv("WSI_CONFIG", str(ROOT / "configs" / f"{name}.toml"))
+    settings = load_settings()
+    table = tomllib.loads((ROOT / "configs" / f"{name}.toml").read_text())["service"]
+    for key, value in table.items():
+        got = getattr(settings, key)
+        if key == "slide_roots":
+            got = [str(p) for p in got]
+        elif key == "data_dir":
+            got = str(got)
+        elif key == "api_keys":
+            got = [k.get_secret_value() for k in got]
+        assert got == value, key
+
+
+def test_service_defaults_equal_the_default_config() -> None:
+    from api.config import Settings
+
+    table = tomllib.loads((ROOT / "configs" / "default.toml").read_text())["service"]
+    fields = Settings.model_fields
+    assert set(table) <= set(fields)
+    assert all(fields[k].default is None for k in set(fields) - set(table))  # optional ones
+    for key, value in table.items():
+        default = fields[key].get_default(call_default_factory=True)
+        if key in ("slide_roots",):
+            default = [str(p) for p in default]
+        elif key == "data_dir":
+            default = str(default)
+        assert default == value, key
+
+
+def test_shell_snippets_in_dockerfile_are_parseable() -> None:
+    for args in instruction("RUN"):
+        shlex.split(args)

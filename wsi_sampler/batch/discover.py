@@ -1,0 +1,72 @@
+"""Find the slides of a folder (recursively): slide files by extension, DICOM-WSI folders
+as one slide each; everything else is listed as skipped, with the reason."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import SlideNotFoundError
+
+__all__ = ["Discovery", "SlideTask", "discover"]
+
+SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif", ".mrxs", ".vms", ".vmu",
+                  ".svslide", ".qptiff"}
+_SIDECARS = {".dat", ".ini", ".vmp", ".xml", ".json", ".md", ".txt", ".csv"}
+
+
+@dataclass(frozen=True)
+class SlideTask:
+    path: Path
+    rel: str
+    """Path relative to the scanned folder (a DICOM-WSI slide: its folder)."""
+
+    @property
+    def key(self) -> str:
+        """A file-system-safe, unique name for this slide's result folder."""
+        stem = self.rel.replace("/", "__")
+        digest = hashlib.sha256(self.rel.encode()).hexdigest()[:8]
+        return f"{stem}-{digest}"
+
+
+@dataclass
+class Discovery:
+    slides: list[SlideTask] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    """(relative path, reason)."""
+
+
+def _is_mirax_data(path: Path) -> bool:
+    return (path.parent.with_suffix(".mrxs")).exists()
+
+
+def discover(root: Path) -> Discovery:
+    """Slides under ``root`` in path order; hidden files and result folders are ignored."""
+    if not root.is_dir():
+        raise SlideNotFoundError(f"{root}: not a folder of slides")
+    found = Discovery()
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        dcm = [f for f in filenames if f.lower().endswith(".dcm")]
+        if dcm and here != root:
+            found.slides.append(SlideTask(here, here.relative_to(root).as_posix()))
+            continue
+        for name in sorted(filenames):
+            path = here / name
+            rel = path.relative_to(root).as_posix()
+            suffix = path.suffix.lower()
+            if name.startswith("."):
+                continue
+            if suffix in SLIDE_SUFFIXES:
+                found.slides.append(SlideTask(path, rel))
+            elif suffix == ".dcm":
+                found.skipped.append((rel, "a DICOM file outside a DICOM-WSI folder"))
+            elif not _is_mirax_data(path):
+                kind = "a sidecar/metadata file" if suffix in _SIDECARS else "not a slide file"
+                found.skipped.append((rel, f"{kind} (extension {suffix or 'none'})"))
+    found.slides.sort(key=lambda t: t.rel)
+    found.skipped.sort()
+    return found

@@ -1,0 +1,238 @@
+"""Score every slide of a folder, locally (threads) or on a Dask cluster, resumably.
+
+Layout of ``OUT_DIR``: ``slides/<key>/`` per slide (predictions.csv, predictions.geojson,
+coords.h5, heatmap.png, run_metadata.json, summary.json), and per run
+``run_metadata.json``, ``summary.csv`` (one row per slide) and ``failures.jsonl``.
+A slide is scored into ``slides/.staging-<key>-<pid>/`` and renamed into place when
+complete, so a result folder is never partial; stale staging folders are removed.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import os
+import shutil
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from .._io import atomic_write_text
+from ..errors import WsiSamplerError
+from ..export import run_metadata
+from ..plan import PlanParams
+from ..scoring import score_slide
+from ..slide import open_slide
+from ..worker import Worker, open_worker
+from .discover import Discovery, SlideTask, discover
+
+__all__ = ["EXIT_FAILURES", "BatchConfig", "RunReport", "run_batch", "score_task"]
+
+EXIT_FAILURES = 3
+"""Exit code of ``wsi-sampler score`` when at least one slide failed (0 = all succeeded)."""
+
+logger = logging.getLogger("wsi_sampler.batch")
+Executor = Literal["local", "dask"]
+
+
+@dataclass(frozen=True)
+class BatchConfig:
+    """Everything a slide task needs; plain data, so it travels to Dask workers."""
+
+    model: str = "tissue-qc"
+    worker_url: str | None = None
+    device: str = "auto"
+    params: PlanParams = field(default_factory=PlanParams)
+    mpp_override: float | None = None
+    batch_size: int = 32
+    allow_random_weights: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass
+class RunReport:
+    done: list[dict[str, Any]] = field(default_factory=list)
+    """Summaries of slides scored in this run."""
+    resumed: int = 0
+    failures: list[dict[str, Any]] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def exit_code(self) -> int:
+        return EXIT_FAILURES if self.failures else 0
+
+
+# -- one slide (runs in a thread or on a Dask worker) ----------------------------------------------
+_WORKERS: dict[str, Worker] = {}
+_WORKERS_LOCK = threading.Lock()
+
+
+def _worker_for(cfg: BatchConfig) -> Worker:
+    """One model instance per process (a Dask worker keeps it across tasks)."""
+    key = json.dumps([cfg.model, cfg.worker_url, cfg.device, cfg.allow_random_weights])
+    with _WORKERS_LOCK:
+        if key not in _WORKERS:
+            from ..models import load_model
+            from ..worker import InProcessWorker
+
+            if cfg.worker_url:
+                _WORKERS[key] = open_worker(cfg.model, worker_url=cfg.worker_url)
+            else:
+                _WORKERS[key] = InProcessWorker(load_model(
+                    cfg.model, device=cfg.device, allow_random_weights=cfg.allow_random_weights))
+        return _WORKERS[key]
+
+
+def score_task(task: SlideTask, out: Path, cfg: BatchConfig) -> dict[str, Any]:
+    """Score one slide into ``out/slides/<key>``; return its summary or a failure record."""
+    final = out / "slides" / task.key
+    staging = out / "slides" / f".staging-{task.key}-{os.getpid()}-{threading.get_ident()}"
+    t0 = time.perf_counter()
+    try:
+        worker = _worker_for(cfg)
+        shutil.rmtree(staging, ignore_errors=True)
+        with open_slide(task.path, mpp_override=cfg.mpp_override) as slide:
+            result = score_slide(slide, cfg.params, worker, staging, batch_size=cfg.batch_size,
+                                 config={"batch": cfg.to_dict(), "slide_rel": task.rel})
+        if final.exists():  # scored meanwhile by a duplicate task (Dask retry): keep one
+            shutil.rmtree(staging)
+        else:
+            os.replace(staging, final)
+        return {"status": "done", "slide": task.rel, "key": task.key} | result.summary
+    except (WsiSamplerError, OSError, ValueError) as exc:
+        shutil.rmtree(staging, ignore_errors=True)
+        return {"status": "failed", "slide": task.rel, "error": type(exc).__name__,
+                "message": str(exc), "seconds": round(time.perf_counter() - t0, 3)}
+
+
+# -- executors -------------------------------------------------------------------------------------
+def _local(tasks: list[SlideTask], out: Path, cfg: BatchConfig, workers: int
+           ) -> Iterator[dict[str, Any]]:
+    # Slides in flight share one model: reading/tissue detection of one overlaps inference
+    # of another (the model itself runs one batch at a time).
+    with ThreadPoolExecutor(max(1, workers), thread_name_prefix="wsi-slide") as pool:
+        futures = [pool.submit(score_task, t, out, cfg) for t in tasks]
+        for fut in as_completed(futures):
+            yield fut.result()
+
+
+def _dask(tasks: list[SlideTask], out: Path, cfg: BatchConfig, workers: int,
+          address: str | None, retries: int) -> Iterator[dict[str, Any]]:
+    from dask.distributed import Client, LocalCluster
+    from dask.distributed import as_completed as dask_completed
+
+    cluster = None
+    if address is None:
+        cluster = LocalCluster(n_workers=max(1, workers), threads_per_worker=1, processes=True,
+                               dashboard_address=None, host="127.0.0.1")
+    try:
+        with Client(cluster if cluster is not None else address) as client:
+            futures = [client.submit(score_task, t, out, cfg, key=f"score-{t.key}",
+                                     retries=retries, pure=False) for t in tasks]
+            for fut in dask_completed(futures):
+                yield fut.result()
+    finally:
+        if cluster is not None:
+            cluster.close()
+
+
+def default_slide_workers() -> int:
+    """Slides in flight: 2 on small machines, more on big ones (cores / 8, at most 8)."""
+    cores = os.cpu_count() or 1
+    return max(2, min(8, cores // 8))
+
+
+# -- the run ---------------------------------------------------------------------------------------
+def _prepare(out: Path) -> None:
+    (out / "slides").mkdir(parents=True, exist_ok=True)
+    for stale in (out / "slides").glob(".staging-*"):  # left by a killed run
+        shutil.rmtree(stale, ignore_errors=True)
+
+
+def _is_done(out: Path, task: SlideTask) -> bool:
+    return (out / "slides" / task.key / "summary.json").is_file()
+
+
+def run_batch(
+    slides_dir: Path, out: Path, cfg: BatchConfig, *, executor: Executor = "local",
+    workers: int | None = None, address: str | None = None, retries: int = 1,
+    resume: bool = True, on_result: Callable[[dict[str, Any], int, int], None] | None = None,
+) -> RunReport:
+    """Score the slides of ``slides_dir`` into ``out``; see the module docstring."""
+    t0 = time.perf_counter()
+    found: Discovery = discover(slides_dir)
+    _prepare(out)
+    report = RunReport(skipped=found.skipped)
+    todo = []
+    for task in found.slides:
+        if resume and _is_done(out, task):
+            report.resumed += 1
+        else:
+            if not resume:
+                shutil.rmtree(out / "slides" / task.key, ignore_errors=True)
+            todo.append(task)
+    n_workers = workers or default_slide_workers()
+    results = (_local(todo, out, cfg, n_workers) if executor == "local"
+               else _dask(todo, out, cfg, n_workers, address, retries))
+    for i, rec in enumerate(results, 1):
+        (report.done if rec["status"] == "done" else report.failures).append(rec)
+        if on_result is not None:
+            on_result(rec, i, len(todo))
+    report.seconds = time.perf_counter() - t0
+    _write_run_files(out, found, report, cfg, executor, n_workers)
+    return report
+
+
+def _summary_rows(out: Path, found: Discovery, failures: list[dict[str, Any]]
+                  ) -> list[dict[str, Any]]:
+    failed = {f["slide"]: f for f in failures}
+    rows = []
+    for task in found.slides:
+        summary_path = out / "slides" / task.key / "summary.json"
+        if summary_path.is_file():
+            s = json.loads(summary_path.read_text())
+            row = {"slide": task.rel, "status": "done", "result_dir": f"slides/{task.key}",
+                   "patches": s["patches"], "seconds": s["seconds"], "error": ""}
+            row |= {f"mean_{k}": v for k, v in s["mean"].items()}
+        else:
+            f = failed.get(task.rel, {})
+            row = {"slide": task.rel, "status": "failed" if f else "pending", "result_dir": "",
+                   "patches": "", "seconds": f.get("seconds", ""), "error": f.get("error", "")}
+        rows.append(row)
+    rows += [{"slide": rel, "status": "skipped", "error": reason} for rel, reason in found.skipped]
+    return rows
+
+
+def _write_run_files(out: Path, found: Discovery, report: RunReport, cfg: BatchConfig,
+                     executor: str, workers: int) -> None:
+    rows = _summary_rows(out, found, report.failures)
+    columns: list[str] = []
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out / "summary.csv", buf.getvalue())
+    atomic_write_text(out / "failures.jsonl",
+                      "".join(json.dumps(f) + "\n" for f in report.failures))
+    meta = run_metadata(config={"batch": cfg.to_dict(), "executor": executor,
+                                "slide_workers": workers, "argv": sys.argv},
+                        timings_s={"total": round(report.seconds, 3)})
+    meta |= {"host": socket.gethostname(), "seed": cfg.params.seed,
+             "slides": len(found.slides), "scored": len(report.done),
+             "resumed": report.resumed, "failed": len(report.failures),
+             "skipped": len(found.skipped)}
+    atomic_write_text(out / "run_metadata.json", json.dumps(meta, indent=2, default=str) + "\n")
+
