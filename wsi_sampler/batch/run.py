@@ -138,8 +138,11 @@ def _dask(tasks: list[SlideTask], out: Path, cfg: BatchConfig, workers: int,
                                dashboard_address=None, host="127.0.0.1")
     try:
         with Client(cluster if cluster is not None else address) as client:
+            # On GPU workers (dask worker --resources GPU=1) each slide task holds one GPU.
+            resources = {"GPU": 1} if cfg.device == "cuda" else None
             futures = [client.submit(score_task, t, out, cfg, key=f"score-{t.key}",
-                                     retries=retries, pure=False) for t in tasks]
+                                     retries=retries, pure=False, resources=resources)
+                       for t in tasks]
             for fut in dask_completed(futures):
                 yield fut.result()
     finally:
