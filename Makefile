@@ -11,7 +11,6 @@ STAMP := $(VENV)/.installed
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 EXTRAS := dev,timm,dask
 SLIDES_DIR := data/slides
-OUT_DIR := data/out
 
 .PHONY: install test lint format run demo bench clean
 
