@@ -105,11 +105,30 @@ def create_app(
         app.add_middleware(CORSMiddleware, allow_origins=cfg.cors_origins,
                            allow_methods=["*"], allow_headers=["*"])
     install_error_handlers(app)
+    _install_upload_limit(app, cfg)
     _install_metrics_middleware(app)
     _install_health(app)
     for router in (slides.router, sampling.router, jobs.router):
         app.include_router(router, dependencies=[Depends(require_api_key)])
     return app
+
+
+def _install_upload_limit(app: FastAPI, cfg: Settings) -> None:
+    """Refuse an upload whose declared size is over the limit before reading its body
+    (the route also counts bytes, for uploads without Content-Length)."""
+    limit = int(cfg.max_upload_mb * 2**20) + 64 * 1024  # + multipart framing
+
+    @app.middleware("http")
+    async def upload_limit(request: Request, call_next: Callable[[Request], Awaitable[Response]]
+                           ) -> Response:
+        declared = request.headers.get("content-length", "")
+        if (request.method == "POST" and request.url.path.rstrip("/") == "/v1/slides"
+                and declared.isdigit() and int(declared) > limit):
+            return JSONResponse(
+                {"error": f"upload exceeds the limit of {cfg.max_upload_mb:g} MiB"},
+                status_code=413, headers={"Connection": "close"},
+            )
+        return await call_next(request)
 
 
 def _install_metrics_middleware(app: FastAPI) -> None:

@@ -20,6 +20,8 @@ from typing import Any
 
 import numpy as np
 from starlette.concurrency import run_in_threadpool
+from starlette.responses import StreamingResponse
+from starlette.types import Receive, Scope, Send
 
 from wsi_sampler import Extractor, PatchBatch, PatchPlan, Slide
 from wsi_sampler.export import encode_image
@@ -29,7 +31,7 @@ from wsi_sampler.worker import Worker
 
 from .metrics import Metrics
 
-__all__ = ["drive", "patch_chunks", "prediction_chunks"]
+__all__ = ["ProducerResponse", "patch_chunks", "prediction_chunks"]
 
 _TAR_END = b"\0" * 1024
 _FIRST_BATCH = 4  # small first batch: the first patch leaves quickly
@@ -67,17 +69,35 @@ class _Producer:
                 self._on_close()
 
 
-async def drive(
-    gen: Generator[bytes, None, None], on_close: Callable[[], None]
-) -> AsyncIterator[bytes]:
-    """Async body over ``gen``; ``on_close`` runs once the producer has really stopped."""
-    producer = _Producer(gen, on_close)
+def _close_soon(producer: _Producer) -> None:
+    # Not awaited: a cancelled request must not wait for the batch in flight.
+    threading.Thread(target=producer.close, name="wsi-stream-close", daemon=True).start()
+
+
+async def _drive(producer: _Producer) -> AsyncIterator[bytes]:
     try:
         while (chunk := await run_in_threadpool(producer.next)) is not None:
             yield chunk
     finally:
-        # Not awaited: a cancelled request must not wait for the batch in flight.
-        threading.Thread(target=producer.close, name="wsi-stream-close", daemon=True).start()
+        _close_soon(producer)
+
+
+class ProducerResponse(StreamingResponse):
+    """A streaming response over a synchronous producer, closed whatever happens: also when
+    the client goes away before the body was ever iterated."""
+
+    def __init__(
+        self, gen: Generator[bytes, None, None], on_close: Callable[[], None], *,
+        media_type: str, headers: dict[str, str],
+    ) -> None:
+        self._producer = _Producer(gen, on_close)
+        super().__init__(_drive(self._producer), media_type=media_type, headers=headers)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            _close_soon(self._producer)
 
 
 def _batches(

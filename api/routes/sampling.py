@@ -17,7 +17,7 @@ from wsi_sampler.scoring import model_plan_params
 
 from ..deps import Services, ServicesDep
 from ..schemas import ErrorBody, PatchRequest, PlanResponse, SamplingRequest
-from ..streaming import drive, patch_chunks, prediction_chunks
+from ..streaming import ProducerResponse, patch_chunks, prediction_chunks
 
 router = APIRouter(prefix="/v1/slides", tags=["sampling"])
 ERRORS: dict[int | str, dict[str, object]] = {
@@ -81,7 +81,7 @@ def _stream(
             services.release_stream()
 
     headers = {"X-Patch-Count": str(len(plan)), "Cache-Control": "no-store"}
-    return StreamingResponse(drive(chunks_of, on_close), media_type=media_type, headers=headers)
+    return ProducerResponse(chunks_of, on_close, media_type=media_type, headers=headers)
 
 
 @router.post(

@@ -50,7 +50,7 @@ async def list_slides(
                         422: ERRORS[422]})
 async def upload_slide(request: Request, services: ServicesDep, file: UploadFile) -> SlideSummary:
     """Upload a slide (multipart field ``file``). Its format is sniffed from its content."""
-    limit = int(services.settings.max_upload_mb * 2**20)
+    limit = int(services.settings.max_upload_mb * 2**20)  # declared sizes: app middleware
     uploads = services.settings.uploads_dir
     tmp = temp_upload_path(uploads)
     size, head = 0, b""
