@@ -313,8 +313,8 @@ def test_disconnect_stops_the_work_and_limits_apply(env: dict[str, Path]) -> Non
         body = {"patch_size_px": 256, "overlap": 0.9, "min_tissue_fraction": 0.0}
         with httpx.stream("POST", f"{u}/v1/slides/{sid}/patches", json=body) as resp:
             total = int(resp.headers["x-patch-count"])
-            first = next(resp.iter_bytes())
-            assert first
+            chunks = resp.iter_bytes()  # kept alive: dropping it closes the connection
+            assert next(chunks)
             busy = httpx.post(f"{u}/v1/slides/{sid}/patches", json=SAMPLE)
             assert busy.status_code == 429 and busy.headers["retry-after"]
         deadline = time.monotonic() + 20
