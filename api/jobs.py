@@ -132,12 +132,13 @@ class JobManager:
             self._update(job_id, state="cancelled", only_if_active=True)
         return self.status(job_id)
 
-    def result_path(self, job_id: str, name: str) -> Path:
-        status = self.status(job_id)
-        if name not in {r["name"] for r in status["results"]}:
+    def result_file(self, job_id: str, name: str) -> tuple[Path, str]:
+        """(path, media type) of a result listed by the job; anything else is not found."""
+        listed = {r["name"]: r["media_type"] for r in self.status(job_id)["results"]}
+        if name not in listed:
             raise JobNotFoundError(f"job {job_id} has no result {name!r}")
         slide_id, _, file = name.partition(".")
-        return self.root / job_id / slide_id / file
+        return self.root / job_id / slide_id / file, listed[name]
 
     def close(self) -> None:
         for event in self._cancel.values():

@@ -61,6 +61,17 @@ def plan_job(path: Path, params: PlanParams) -> dict[str, Any]:
     }
 
 
+def _each(fn: Callable[[Any], Any], items: list[Any], threads: int, *, chunksize: int) -> None:
+    """Call ``fn`` on every item, in this thread or in a pool of ``threads``."""
+    if threads == 1:
+        for item in items:
+            fn(item)
+        return
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in pool.map(fn, items, chunksize=chunksize):
+            pass
+
+
 def _finish(region: np.ndarray, job: dict[str, Any]) -> np.ndarray:
     """What every loop contestant does after reading: RGB, resampled to the output size."""
     rgb = region[:, :, :3]
@@ -115,13 +126,7 @@ def c_floor(path: Path, job: dict[str, Any], threads: int, repeats: int) -> dict
                                         outcolorspace=lv.jpeg_outcolorspace)
 
     def run() -> int:
-        if threads == 1:
-            for b in blobs:
-                decode(b)
-        else:
-            with ThreadPoolExecutor(threads) as pool:
-                for _ in pool.map(decode, blobs, chunksize=16):
-                    pass
+        _each(decode, blobs, threads, chunksize=16)
         return job["n"]
 
     n, sec = median_seconds(run, repeats)
@@ -175,13 +180,7 @@ def c_fastslide(path: Path, job: dict[str, Any], threads: int, repeats: int) -> 
         nonlocal s
         # The same tile-cache budget as ours (256 MiB), so neighbours share decoded tiles.
         s = fastslide.FastSlide.from_file_path(str(path), cache=256 * 2**20)
-        if threads == 1:
-            for xy in coords:
-                one(xy)
-        else:
-            with ThreadPoolExecutor(threads) as pool:
-                for _ in pool.map(one, coords, chunksize=8):
-                    pass
+        _each(one, coords, threads, chunksize=8)
         return len(coords)
 
     n, sec = median_seconds(run, repeats)

@@ -36,9 +36,7 @@ async def job_status(job_id: str, services: ServicesDep) -> JobStatus:
                                    "application/x-hdf5": {}, "application/json": {}}}})
 async def job_result(job_id: str, name: str, services: ServicesDep) -> FileResponse:
     """One result file, by a name listed in the job's ``results``."""
-    path = await run_in_threadpool(services.jobs.result_path, job_id, name)
-    media = next(r["media_type"] for r in services.jobs.status(job_id)["results"]
-                 if r["name"] == name)
+    path, media = await run_in_threadpool(services.jobs.result_file, job_id, name)
     return FileResponse(path, media_type=media, filename=name)
 
 
