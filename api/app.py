@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from wsi_sampler import __version__
+from wsi_sampler.batch import discover
 from wsi_sampler.demo import write_demo_slide
 from wsi_sampler.errors import WsiSamplerError
 from wsi_sampler.worker import Worker, open_worker
@@ -30,7 +31,7 @@ from .errors import install_error_handlers
 from .jobs import JobManager
 from .metrics import Metrics
 from .routes import jobs, sampling, slides
-from .slides import SLIDE_SUFFIXES, SlideRegistry
+from .slides import SlideRegistry
 
 __all__ = ["create_app"]
 
@@ -42,7 +43,7 @@ def ensure_demo_slide(settings: Settings) -> None:
     """Write a generated demo slide into the first root when it holds no slide at all."""
     root = settings.slide_roots[0]
     root.mkdir(parents=True, exist_ok=True)
-    if any(p.suffix.lower() in SLIDE_SUFFIXES for p in root.rglob("*")):
+    if discover(root).slides:
         return
     path = write_demo_slide(root / "demo.svs")
     logger.info("slide folder %s was empty: wrote the demo slide %s", root, path)
@@ -81,11 +82,9 @@ def create_app(
             await asyncio.to_thread(ensure_demo_slide, cfg)
         cfg.uploads_dir.mkdir(parents=True, exist_ok=True)
         registry = SlideRegistry([*cfg.slide_roots, cfg.uploads_dir])
-        holder: list[Services] = []
-        jobs_ = JobManager(cfg.data_dir, registry, lambda: holder[0].worker,
+        jobs_ = JobManager(cfg.data_dir, registry, lambda: app.state.services.worker,
                            workers=cfg.job_workers, batch_size=cfg.batch_size)
         services = Services(cfg, registry, jobs_, Metrics())
-        holder.append(services)
         app.state.services = services
         task = asyncio.create_task(_connect_worker(services, factory))
         try:

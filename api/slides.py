@@ -8,7 +8,6 @@ follow symlinks out of a root, and every open re-checks that the resolved file i
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 import shutil
 import threading
@@ -17,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from wsi_sampler import Slide, open_slide
+from wsi_sampler.batch.discover import SLIDE_FORMATS, discover
 from wsi_sampler.errors import (
     InvalidRequestError,
     SlideNotFoundError,
@@ -26,11 +26,6 @@ from wsi_sampler.errors import (
 
 __all__ = ["SlideEntry", "SlideRegistry", "UploadTooLargeError", "sniff_format"]
 
-SLIDE_SUFFIXES = {
-    ".svs": "svs", ".tif": "tiff", ".tiff": "tiff", ".ndpi": "ndpi", ".scn": "scn",
-    ".bif": "bif", ".mrxs": "mrxs", ".vms": "vms", ".vmu": "vmu", ".svslide": "svslide",
-    ".qptiff": "qptiff",
-}
 _ID = re.compile(r"^[0-9a-f]{24}$")
 
 
@@ -85,17 +80,8 @@ class SlideRegistry:
     def scan(self) -> list[SlideEntry]:
         found: dict[str, SlideEntry] = {}
         for root in self.roots:
-            for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-                here = Path(dirpath)
-                dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-                dcm = [f for f in filenames if f.lower().endswith(".dcm")]
-                if dcm and here != root:
-                    self._add(found, root, here, "dicom")
-                for name in sorted(filenames):
-                    suffix = Path(name).suffix.lower()
-                    if name.startswith(".") or suffix not in SLIDE_SUFFIXES:
-                        continue
-                    self._add(found, root, here / name, SLIDE_SUFFIXES[suffix])
+            for task in discover(root).slides:  # the same discovery as batch scoring
+                self._add(found, root, task.path, task.format)
         with self._lock:
             self._index = found
         return sorted(found.values(), key=lambda e: (str(e.root), e.relpath))
@@ -142,8 +128,8 @@ class SlideRegistry:
                 "of instances; place it under a slide root instead"
             )
         suffix = Path(filename or "").suffix.lower()
-        ext = suffix if SLIDE_SUFFIXES.get(suffix) in ("svs", "tiff", "ndpi", "scn", "bif",
-                                                        "qptiff") else ".tiff"
+        ext = suffix if SLIDE_FORMATS.get(suffix) in ("svs", "tiff", "ndpi", "scn", "bif",
+                                                       "qptiff") else ".tiff"
         with open_slide(tmp) as slide:  # corrupt or unsupported content: a clear 422
             slide.thumbnail(max_size=256)  # pixels decode too, not just the header
             digest = slide.fingerprint.removeprefix("sha256:")[:16]

@@ -382,10 +382,13 @@ def _score_progress(quiet: bool) -> Iterator[Callable[[dict[str, object], int, i
     started = time.monotonic()
     patches = [0]
 
-    def line(rec: dict[str, object], i: int, n: int) -> None:
+    def rate(rec: dict[str, object]) -> float:
+        """Patches/s over the run so far, counting ``rec``."""
         patches[0] += int(rec.get("patches", 0) or 0)  # type: ignore[call-overload]
-        rate = patches[0] / max(time.monotonic() - started, 1e-6)
-        log.info("[%d/%d] %s %s (%.0f patches/s)", i, n, rec["status"], rec["slide"], rate)
+        return patches[0] / max(time.monotonic() - started, 1e-6)
+
+    def line(rec: dict[str, object], i: int, n: int) -> None:
+        log.info("[%d/%d] %s %s (%.0f patches/s)", i, n, rec["status"], rec["slide"], rate(rec))
 
     if not sys.stderr.isatty():
         yield line
@@ -395,10 +398,8 @@ def _score_progress(quiet: bool) -> Iterator[Callable[[dict[str, object], int, i
         task = progress.add_task("scoring slides", total=None)
 
         def bar(rec: dict[str, object], i: int, n: int) -> None:
-            patches[0] += int(rec.get("patches", 0) or 0)  # type: ignore[call-overload]
-            rate = patches[0] / max(time.monotonic() - started, 1e-6)
             progress.update(task, completed=i, total=n,
-                            description=f"scoring slides ({rate:.0f} patches/s)")
+                            description=f"scoring slides ({rate(rec):.0f} patches/s)")
 
         yield bar
 

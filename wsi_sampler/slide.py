@@ -18,11 +18,10 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
 
-import cv2
 import numpy as np
 
 from ._backends import Reader, open_reader
-from ._tiles import TileSource, default_threads
+from ._tiles import TileSource, default_threads, resize_area
 from .errors import (
     CorruptSlideError,
     InvalidRequestError,
@@ -189,12 +188,7 @@ class Slide:
         level = self.best_level_for_downsample(downsample)
         ds = self.level_downsamples[level]
         lw, lh = max(1, round(width0 / ds)), max(1, round(height0 / ds))
-        img = self.read_region((x0, y0), level, (lw, lh))
-        if (lw, lh) == (out_w, out_h):
-            return img
-        interp = cv2.INTER_AREA if lw >= out_w else cv2.INTER_LINEAR
-        resized: RGBImage = cv2.resize(img, (out_w, out_h), interpolation=interp)
-        return resized
+        return resize_area(self.read_region((x0, y0), level, (lw, lh)), (out_w, out_h))
 
     def thumbnail(self, *, mpp: float | None = None, max_size: int | None = None) -> RGBImage:
         """Return the whole slide at ``mpp`` µm/px, or fitted within ``max_size`` pixels.

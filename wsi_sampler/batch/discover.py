@@ -10,10 +10,14 @@ from pathlib import Path
 
 from ..errors import SlideNotFoundError
 
-__all__ = ["Discovery", "SlideTask", "discover"]
+__all__ = ["SLIDE_FORMATS", "Discovery", "SlideTask", "discover"]
 
-SLIDE_SUFFIXES = {".svs", ".tif", ".tiff", ".ndpi", ".scn", ".bif", ".mrxs", ".vms", ".vmu",
-                  ".svslide", ".qptiff"}
+SLIDE_FORMATS = {
+    ".svs": "svs", ".tif": "tiff", ".tiff": "tiff", ".ndpi": "ndpi", ".scn": "scn",
+    ".bif": "bif", ".mrxs": "mrxs", ".vms": "vms", ".vmu": "vmu", ".svslide": "svslide",
+    ".qptiff": "qptiff",
+}
+"""Slide file suffix -> format name (a DICOM-WSI folder is ``dicom``)."""
 _SIDECARS = {".dat", ".ini", ".vmp", ".xml", ".json", ".md", ".txt", ".csv"}
 
 
@@ -22,6 +26,10 @@ class SlideTask:
     path: Path
     rel: str
     """Path relative to the scanned folder (a DICOM-WSI slide: its folder)."""
+
+    @property
+    def format(self) -> str:
+        return "dicom" if self.path.is_dir() else SLIDE_FORMATS[self.path.suffix.lower()]
 
     @property
     def key(self) -> str:
@@ -60,7 +68,7 @@ def discover(root: Path) -> Discovery:
             suffix = path.suffix.lower()
             if name.startswith("."):
                 continue
-            if suffix in SLIDE_SUFFIXES:
+            if suffix in SLIDE_FORMATS:
                 found.slides.append(SlideTask(path, rel))
             elif suffix == ".dcm":
                 found.skipped.append((rel, "a DICOM file outside a DICOM-WSI folder"))

@@ -83,14 +83,8 @@ def _worker_for(cfg: BatchConfig) -> Worker:
     key = json.dumps([cfg.model, cfg.worker_url, cfg.device, cfg.allow_random_weights])
     with _WORKERS_LOCK:
         if key not in _WORKERS:
-            from ..models import load_model
-            from ..worker import InProcessWorker
-
-            if cfg.worker_url:
-                _WORKERS[key] = open_worker(cfg.model, worker_url=cfg.worker_url)
-            else:
-                _WORKERS[key] = InProcessWorker(load_model(
-                    cfg.model, device=cfg.device, allow_random_weights=cfg.allow_random_weights))
+            _WORKERS[key] = open_worker(cfg.model, worker_url=cfg.worker_url, device=cfg.device,
+                                        allow_random_weights=cfg.allow_random_weights)
         return _WORKERS[key]
 
 
