@@ -18,7 +18,6 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from typing import Any
 
-import numpy as np
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
@@ -100,21 +99,6 @@ class ProducerResponse(StreamingResponse):
             _close_soon(self._producer)
 
 
-def _batches(
-    slide: Slide, plan: PatchPlan
-) -> Generator[tuple[np.ndarray, np.ndarray], None, None]:
-    """(indices, images) in plan order: a small first batch, then larger ones."""
-    head = plan.subset(np.arange(min(_FIRST_BATCH, len(plan)), dtype=np.int64))
-    with closing(Extractor(slide, head, batch_size=_FIRST_BATCH).iter_batches()) as batches:
-        for b in batches:
-            yield b.indices, b.images
-    if len(plan) > _FIRST_BATCH:
-        rest = plan.subset(np.arange(_FIRST_BATCH, len(plan), dtype=np.int64))
-        with closing(Extractor(slide, rest, batch_size=_BATCH).iter_batches()) as batches:
-            for b in batches:
-                yield b.indices + _FIRST_BATCH, b.images
-
-
 def _tar_member(name: str, data: bytes, mtime: float) -> bytes:
     info = tarfile.TarInfo(name)
     info.size, info.mtime, info.mode = len(data), int(mtime), 0o644
@@ -137,9 +121,11 @@ def patch_chunks(
     media = f"image/{image_format}"
     now = time.time()
     # closing(): a stream closed early stops its extractor now, before the slide closes.
+    extractor = Extractor(slide, plan, batch_size=_BATCH, first_batch_size=_FIRST_BATCH)
     with ThreadPoolExecutor(2, thread_name_prefix="wsi-encode") as pool, \
-            closing(_batches(slide, plan)) as batches:
-        for indices, images in batches:
+            closing(extractor.iter_batches()) as batches:
+        for batch in batches:
+            indices, images = batch.indices, batch.images
             encoded = list(pool.map(lambda im: encode_image(im, f".{ext}"), images))
             parts = []
             for i, data in zip(indices.tolist(), encoded, strict=True):

@@ -234,13 +234,7 @@ def _patches(model: Model, inputs: dict[str, np.ndarray]) -> np.ndarray:
             f"model {model.name} takes one input 'patches', got {list(inputs)}"
         )
     patches = inputs["patches"]
-    size = model.card.patch_size_px
-    if patches.dtype != np.uint8:
-        raise InvalidRequestError(f"input 'patches' must be UINT8, got {patches.dtype}")
-    if patches.ndim != 4 or patches.shape[1:] != (size, size, 3):
-        raise InvalidRequestError(
-            f"input 'patches' must have shape [-1, {size}, {size}, 3], got {list(patches.shape)}"
-        )
+    model.check_input(patches)
     if len(patches) > model.card.max_batch:
         raise InvalidRequestError(
             f"batch of {len(patches)} exceeds max_batch_size {model.card.max_batch}; split it"

@@ -214,3 +214,13 @@ def test_a_damaged_tile_is_a_clear_error(tmp_path: Path) -> None:
         plan = boxes_plan(s, 0, np.array([0]), np.array([0]), 256)
         with pytest.raises(CorruptSlideError, match="tile 0,0 of level 0"):
             Extractor(s, plan, mode="tiles").read_patch(0)
+
+
+def test_a_smaller_first_batch(demo_slide: Path) -> None:
+    with open_slide(demo_slide) as s:
+        plan = make_plan(s, PlanParams(strategy="random", n_patches=12, seed=2))
+        sizes = [len(b) for b in Extractor(s, plan, batch_size=5, first_batch_size=2)
+                 .iter_batches()]
+        with pytest.raises(InvalidRequestError):
+            Extractor(s, plan, first_batch_size=0)
+    assert sizes == [2, 5, 5]

@@ -97,6 +97,8 @@ class Extractor:
     consumer; ``tile_cache_mb`` bounds the decoded tiles kept for neighbouring patches.
     ``mode="tiles"`` insists on the tile path (an error where it cannot serve the slide),
     ``"reference"`` forces the backend path, ``"auto"`` picks the tile path when it can.
+    ``first_batch_size`` (default ``batch_size``) makes the first batch smaller, so a
+    stream's first patches leave sooner.
     """
 
     def __init__(
@@ -109,9 +111,12 @@ class Extractor:
         prefetch_batches: int = 2,
         tile_cache_mb: float = 256.0,
         mode: ExtractMode = "auto",
+        first_batch_size: int | None = None,
     ) -> None:
         if batch_size < 1:
             raise InvalidRequestError(f"batch_size must be >= 1, got {batch_size}")
+        if first_batch_size is not None and first_batch_size < 1:
+            raise InvalidRequestError(f"first_batch_size must be >= 1, got {first_batch_size}")
         if prefetch_batches < 1:
             raise InvalidRequestError(f"prefetch_batches must be >= 1, got {prefetch_batches}")
         if threads is not None and threads < 1:
@@ -121,6 +126,7 @@ class Extractor:
         self.slide = slide
         self.plan = plan
         self.batch_size = batch_size
+        self.first_batch_size = first_batch_size or batch_size
         self.threads = threads or default_threads()
         self.prefetch_batches = prefetch_batches
         ds = plan.downsample
@@ -196,11 +202,19 @@ class Extractor:
         return buf
 
     # -- batches ----------------------------------------------------------------------------
+    def _bounds(self) -> Iterator[tuple[int, int]]:
+        """(start, end) of each batch: ``first_batch_size``, then ``batch_size``."""
+        n, start, size = len(self.plan), 0, self.first_batch_size
+        while start < n:
+            end = min(start + size, n)
+            yield start, end
+            start, size = end, self.batch_size
+
     def _submit(
-        self, pool: ThreadPoolExecutor, tile_pool: ThreadPoolExecutor | None, start: int
+        self, pool: ThreadPoolExecutor, tile_pool: ThreadPoolExecutor | None,
+        bounds: tuple[int, int],
     ) -> tuple[PatchBatch, list[Future[None]]]:
-        n = len(self.plan)
-        idx = np.arange(start, min(start + self.batch_size, n), dtype=np.int64)
+        idx = np.arange(*bounds, dtype=np.int64)
         size = self.plan.patch_size_px
         images = np.empty((len(idx), size, size, 3), np.uint8)
         futures = [
@@ -211,7 +225,7 @@ class Extractor:
 
     def iter_batches(self) -> Generator[PatchBatch, None, None]:
         """Yield batches in plan order; stopping early cancels the reads ahead."""
-        starts = iter(range(0, len(self.plan), self.batch_size))
+        batches = self._bounds()
         pool = ThreadPoolExecutor(self.threads, thread_name_prefix="wsi-extract")
         # Tiles of one large patch decode here; a separate pool, so patch tasks waiting on
         # their tiles can never starve the tile tasks. Only for plans shorter than the pool.
@@ -221,15 +235,15 @@ class Extractor:
         )
         pending: deque[tuple[PatchBatch, list[Future[None]]]] = deque()
         try:
-            for start in starts:
-                pending.append(self._submit(pool, tile_pool, start))
+            for bounds in batches:
+                pending.append(self._submit(pool, tile_pool, bounds))
                 if len(pending) > self.prefetch_batches:
                     break
             while pending:
                 batch, futures = pending.popleft()
                 for fut in futures:
                     fut.result()
-                following = next(starts, None)
+                following = next(batches, None)
                 if following is not None:
                     pending.append(self._submit(pool, tile_pool, following))
                 yield batch

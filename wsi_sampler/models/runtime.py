@@ -102,7 +102,7 @@ class Model:
 
     def predict(self, patches: npt.NDArray[np.uint8]) -> Predictions:
         """Run the model on (N, H, W, 3) uint8 patches, in chunks of the card's max batch."""
-        self._check_input(patches)
+        self.check_input(patches)
         chunks: list[Predictions] = []
         for start in range(0, len(patches), self.card.max_batch):
             chunks.append(self._predict_chunk(patches[start : start + self.card.max_batch]))
@@ -129,13 +129,20 @@ class Model:
                 result[spec.name] = act.cpu().numpy().astype(np.float32, copy=False)
             return result
 
-    def _check_input(self, patches: npt.NDArray[Any]) -> None:
+    def check_input(self, patches: npt.NDArray[Any]) -> None:
+        """Raise InvalidRequestError unless ``patches`` is (N, size, size, 3) uint8.
+
+        Messages name both the numpy and the Open Inference Protocol terms: the worker server
+        returns them as they are."""
         size = self.card.patch_size_px
         if patches.dtype != np.uint8:
-            raise InvalidRequestError(f"patches must be uint8, got {patches.dtype}")
+            raise InvalidRequestError(
+                f"patches must be uint8 (datatype UINT8), got {patches.dtype}"
+            )
         if patches.ndim != 4 or patches.shape[1:] != (size, size, 3):
             raise InvalidRequestError(
-                f"model {self.name} takes (N, {size}, {size}, 3) patches, got {patches.shape}"
+                f"model {self.name} takes patches of shape (N, {size}, {size}, 3) "
+                f"([-1, {size}, {size}, 3]), got {list(patches.shape)}"
             )
 
     def check(self) -> None:
