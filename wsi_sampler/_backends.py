@@ -15,21 +15,21 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .errors import CorruptSlideError, UnsupportedFormatError, WsiSamplerError
+from .errors import (
+    CorruptSlideError,
+    UnsupportedFormatError,
+    WsiSamplerError,
+    describe_backend_error,
+)
 from .types import Backend, RGBImage
 
 __all__ = ["Reader", "open_reader"]
 
-# Exceptions backends raise for damaged data (truncated strips, bad JPEG, short reads).
-_DATA_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,
-    ValueError,
-    RuntimeError,
-    IndexError,
-    KeyError,
-    EOFError,
-    MemoryError,
-)
+# A damaged file makes the backends fail in every way Python can (struct.error for a 4-byte
+# file, ZeroDivisionError for ImageWidth=0, TypeError for flipped IFD bytes, IndexError,
+# OverflowError...). Whatever a backend raises while parsing or decoding the bytes of a file
+# is a property of that file, so all of it is translated here, at the boundary.
+_DATA_ERRORS: tuple[type[BaseException], ...] = (Exception,)
 
 
 class Reader(Protocol):
@@ -57,7 +57,9 @@ def _translated(path: str, what: str) -> Iterator[None]:
     except WsiSamplerError:
         raise
     except _DATA_ERRORS as exc:
-        raise CorruptSlideError(f"{path}: {what} failed, the file looks damaged ({exc})") from exc
+        raise CorruptSlideError(
+            f"{path}: {what} failed, the file looks damaged ({describe_backend_error(exc)})"
+        ) from exc
 
 
 def _to_rgb(arr: Any) -> RGBImage:
@@ -163,16 +165,16 @@ class _TiffSlideReader(_Attrs):
             return _to_rgb(self._ts.associated_images[name])
 
     def tiff_resolution(self) -> tuple[float, float, str] | None:
-        page = self._ts.ts_tifffile.pages.first
-        tags = page.tags
+        """(x, y, unit) from the first page's resolution tags; None if absent or unusable."""
         try:
+            tags = self._ts.ts_tifffile.pages.first.tags
             xr = tags["XResolution"].value
             yr = tags["YResolution"].value
             unit = tags["ResolutionUnit"].value if "ResolutionUnit" in tags else 2
-        except KeyError:
+            unit_name = {1: "none", 2: "inch", 3: "centimeter"}.get(int(unit), "none")
+            return (xr[0] / xr[1], yr[0] / yr[1], unit_name)
+        except Exception:  # absent, or damaged tags (a zero denominator): no MPP from them
             return None
-        unit_name = {1: "none", 2: "inch", 3: "centimeter"}.get(int(unit), "none")
-        return (xr[0] / xr[1], yr[0] / yr[1], unit_name)
 
     def close(self) -> None:
         self._ts.close()
@@ -186,9 +188,10 @@ def _open_openslide(path: str) -> Reader:
         return _OpenSlideReader(path)
     except openslide.OpenSlideUnsupportedFormatError as exc:
         raise UnsupportedFormatError(f"{path}: openslide does not recognise this file") from exc
-    except openslide.OpenSlideError as exc:
+    except _DATA_ERRORS as exc:
         raise CorruptSlideError(
-            f"{path}: the file is damaged or truncated; openslide could not open it ({exc})"
+            f"{path}: the file is damaged or truncated; openslide could not open it "
+            f"({describe_backend_error(exc)})"
         ) from exc
 
 
@@ -198,10 +201,15 @@ def _open_tiffslide(path: str) -> Reader:
     try:
         return _TiffSlideReader(path)
     except tifffile.TiffFileError as exc:
-        raise UnsupportedFormatError(f"{path}: not a TIFF-based slide ({exc})") from exc
+        raise UnsupportedFormatError(
+            f"{path}: not a TIFF-based slide ({describe_backend_error(exc)})"
+        ) from exc
+    except WsiSamplerError:
+        raise
     except _DATA_ERRORS as exc:
         raise CorruptSlideError(
-            f"{path}: the file is damaged or truncated; tiffslide could not open it ({exc})"
+            f"{path}: the file is damaged or truncated; tiffslide could not open it "
+            f"({describe_backend_error(exc)})"
         ) from exc
 
 
@@ -224,5 +232,5 @@ def open_reader(path: Path, backend: str) -> Reader:
                 raise ts_exc from os_exc
             raise UnsupportedFormatError(
                 f"{target}: not a supported whole-slide image (openslide: unsupported; "
-                f"tiffslide: {ts_exc.__cause__ or ts_exc})"
+                f"tiffslide: {ts_exc})"
             ) from ts_exc

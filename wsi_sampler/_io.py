@@ -1,19 +1,52 @@
-"""Atomic file output: write to a temporary sibling, then rename over the target."""
+"""Atomic, durable file output: write a temporary sibling, fsync it, rename it over the
+target, fsync the folder. A crash or power cut leaves the old file or the new one, never
+an empty or partial one. New files get the usual permissions (0666 less the umask), like
+any file the process would create, so shared folders and non-root containers can read them.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text"]
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "process_umask"]
+
+
+@functools.cache
+def process_umask() -> int:
+    """The process umask, read without changing it (Linux: /proc; elsewhere set+restore)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # not Linux: once, at first use
+    os.umask(mask)
+    return mask
+
+
+def _fsync_path(path: Path, *, directory: bool = False) -> None:
+    flags = os.O_RDONLY | (os.O_DIRECTORY if directory else 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:  # a folder that cannot be opened (some network file systems)
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # fsync unsupported on this file system: nothing more we can do
+        pass
+    finally:
+        os.close(fd)
 
 
 @contextlib.contextmanager
 def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yield a temporary path beside ``target``; rename it onto ``target`` on success.
+    """Yield a temporary path beside ``target``; move it onto ``target`` on success.
 
     On any error the temporary file is removed and ``target`` is left untouched, so a
     reader never sees a half-written file.
@@ -25,7 +58,10 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = Path(name)
     try:
         yield tmp
+        os.chmod(tmp, 0o666 & ~process_umask())  # mkstemp made it 0600
+        _fsync_path(tmp)
         os.replace(tmp, dest)
+        _fsync_path(dest.parent, directory=True)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -25,7 +25,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from .errors import CorruptSlideError
+from .errors import CorruptSlideError, InvalidRequestError, describe_backend_error
 from .types import RGBImage
 
 __all__ = [
@@ -34,6 +34,11 @@ __all__ = [
 
 _JPEG = 7
 _BACKGROUND = 255
+# Largest stored tile we decode (a 4096 x 4096 RGB tile is 48 MiB raw) and largest region
+# assembled at once: bounds what a forged TileByteCounts or a huge box can allocate.
+_MAX_TILE_SIDE_PX = 16_384
+_MAX_TILE_BYTES = 256 << 20
+_MAX_REGION_PX = 1 << 28
 
 logger = logging.getLogger(__name__)
 
@@ -85,16 +90,24 @@ def _level_from_page(page: Any) -> TileLevel | None:
         return None
     if page.photometric not in (2, 6) or page.fillorder != 1 or page.predictor != 1:
         return None
+    tile_w, tile_h = int(page.tilewidth), int(page.tilelength)
+    if not (0 < tile_w <= _MAX_TILE_SIDE_PX and 0 < tile_h <= _MAX_TILE_SIDE_PX):
+        return None
+    offsets = np.asarray(page.dataoffsets, np.int64)
+    counts = np.asarray(page.databytecounts, np.int64)
+    n_tiles = -(-int(page.imagewidth) // tile_w) * -(-int(page.imagelength) // tile_h)
+    if len(offsets) < n_tiles or len(counts) < n_tiles:
+        return None  # a damaged tile table: the backend reports what it can
     colorspace, outcolorspace = tifffile.tifffile.jpeg_decode_colorspace(
         page.photometric, page.planarconfig, page.extrasamples, page.is_jfif
     )
     return TileLevel(
         width=int(page.imagewidth),
         height=int(page.imagelength),
-        tile_w=int(page.tilewidth),
-        tile_h=int(page.tilelength),
-        offsets=np.asarray(page.dataoffsets, np.int64),
-        bytecounts=np.asarray(page.databytecounts, np.int64),
+        tile_w=tile_w,
+        tile_h=tile_h,
+        offsets=offsets,
+        bytecounts=counts,
         jpeg_tables=page.jpegtables,
         jpeg_colorspace=colorspace,
         jpeg_outcolorspace=outcolorspace,
@@ -118,7 +131,8 @@ class TileSource:
     def __init__(self, path: Path, levels: dict[int, TileLevel]) -> None:
         self.path = path
         self.levels = levels
-        self._fd = os.open(path, os.O_RDONLY)
+        self._fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        self._file_size = os.fstat(self._fd).st_size
 
     @classmethod
     def open(
@@ -140,8 +154,8 @@ class TileSource:
                             if level is not None:
                                 found[index] = level
                             break
-        except (tifffile.TiffFileError, OSError, ValueError, KeyError, IndexError) as exc:
-            logger.debug("no direct tile access to %s: %s", path, exc)
+        except Exception as exc:  # any parse failure: the backend path reads (or reports) it
+            logger.debug("no direct tile access to %s: %s", path, describe_backend_error(exc))
             return None
         return cls(path, found) if found else None
 
@@ -154,19 +168,22 @@ class TileSource:
             tile = out if out is not None else np.empty((lv.tile_h, lv.tile_w, 3), np.uint8)
             tile[:] = _BACKGROUND
             return tile
-        data = os.pread(self._fd, count, offset)
         try:
+            if offset < 0 or count < 0 or count > _MAX_TILE_BYTES \
+                    or offset + count > self._file_size:
+                raise ValueError(f"tile bytes {offset}+{count} lie outside the file")
+            data = os.pread(self._fd, count, offset)
+            if len(data) < count:
+                raise ValueError(f"short read: {len(data)} of {count} bytes")
             return self._decode(lv, data, index, out)
-        except Exception as exc:  # any codec failure means damaged tile data
+        except Exception as exc:  # a codec failure or a bad offset means damaged tile data
             raise CorruptSlideError(
                 f"{self.path}: the file looks damaged or truncated: tile {tx},{ty} of level "
-                f"{level} could not be decoded ({exc})"
+                f"{level} could not be decoded ({describe_backend_error(exc)})"
             ) from exc
 
     @staticmethod
     def _decode(lv: TileLevel, data: bytes, index: int, out: RGBImage | None) -> RGBImage:
-        if len(data) == 0:
-            raise ValueError("short read")
         if lv.is_jpeg:
             import imagecodecs
 
@@ -234,6 +251,8 @@ class TileSource:
     ) -> RGBImage:
         """Read level box (lx, ly, w, h), decoding its tiles in ``pool``, resized to out_size."""
         lx, ly, w, h = box
+        if w <= 0 or h <= 0 or w * h > _MAX_REGION_PX:
+            raise InvalidRequestError(f"region size {w}x{h} is not readable")
         keys = self.tiles_for_box(level, lx, ly, w, h)
         tiles = dict(zip(keys, pool.map(lambda k: self.read_tile(level, *k), keys), strict=True))
         region = np.empty((h, w, 3), np.uint8)

@@ -7,6 +7,8 @@ caller would naturally catch, so ``except FileNotFoundError`` keeps working.
 
 from __future__ import annotations
 
+import re
+
 __all__ = [
     "CorruptSlideError",
     "EmptyPlanError",
@@ -19,7 +21,21 @@ __all__ = [
     "WorkerError",
     "WorkerUnavailableError",
     "WsiSamplerError",
+    "describe_backend_error",
 ]
+
+# A bytes literal in a backend message (tifffile quotes a file's first bytes): never echo
+# file content back to a caller.
+_BYTES_LITERAL = re.compile(r"""(?<!\w)b(["'])(?:\\.|(?!\1).){0,400}\1""")
+_MAX_DETAIL = 200
+
+
+def describe_backend_error(exc: BaseException) -> str:
+    """A short, content-free description of a backend exception for an error message."""
+    text = _BYTES_LITERAL.sub("<bytes>", str(exc)).strip() or type(exc).__name__
+    if len(text) > _MAX_DETAIL:
+        text = text[: _MAX_DETAIL - 1] + "…"
+    return f"{type(exc).__name__}: {text}" if not isinstance(exc, OSError) else text
 
 
 class WsiSamplerError(Exception):

@@ -26,7 +26,7 @@ from .sampling import (
 from .slide import Slide
 from .tissue import TissueParams, detect_tissue, rasterize_geometry
 from .types import BoolMask, Strategy
-from .units import magnification_to_mpp, resolve_target_mpp
+from .units import TISSUE_MPP_RANGE, check_mpp, magnification_to_mpp, resolve_target_mpp
 
 __all__ = ["PatchPlan", "PlanParams", "TissueMask", "compute_tissue_mask", "make_plan",
            "medgemma_params"]
@@ -34,6 +34,11 @@ __all__ = ["PatchPlan", "PlanParams", "TissueMask", "compute_tissue_mask", "make
 MEDGEMMA_PATCH_PX = 896
 MEDGEMMA_MAX_PATCHES = 126
 MEDGEMMA_TISSUE_MPP = 2.0  # the recipe's 5x tissue mask
+# Bounds on the work one plan may cost: the tissue mask (the MedGemma 5x mask of a
+# 100,000 x 80,000 slide is 125 Mpx), the candidate grid, and upsampling past the scan.
+MAX_MASK_PX = 1 << 27
+MAX_GRID_CELLS = 1 << 26
+MAX_UPSAMPLING = 8.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -69,8 +74,7 @@ class PlanParams:
             raise InvalidRequestError(
                 f"min_tissue_fraction must be in [0, 1], got {self.min_tissue_fraction}"
             )
-        if not (math.isfinite(self.tissue_mpp) and self.tissue_mpp > 0):
-            raise InvalidRequestError(f"tissue_mpp must be > 0, got {self.tissue_mpp}")
+        check_mpp("tissue_mpp", self.tissue_mpp, TISSUE_MPP_RANGE)
         if self.strategy in ("random", "stratified") and self.n_patches is None:
             raise InvalidRequestError(f"strategy {self.strategy!r} needs n_patches")
         if self.n_patches is not None and self.n_patches < 1:
@@ -118,11 +122,19 @@ def compute_tissue_mask(
     slide: Slide, *, tissue_mpp: float = 8.0, params: TissueParams | None = None
 ) -> TissueMask:
     """Detect tissue on a thumbnail of ``slide`` at ``tissue_mpp`` µm/px."""
+    check_mpp("tissue_mpp", tissue_mpp, TISSUE_MPP_RANGE)
     mx, my = slide.require_mpp()
     mpp = max(tissue_mpp, mx, my)
+    w, h = slide.dimensions
+    mask_px = (w * mx / mpp) * (h * my / mpp)
+    if mask_px > MAX_MASK_PX:
+        coarser = mpp * math.sqrt(mask_px / MAX_MASK_PX)
+        raise InvalidRequestError(
+            f"a tissue mask at {mpp:g} µm/px would have {mask_px / 1e6:,.0f} Mpx (limit "
+            f"{MAX_MASK_PX / 1e6:,.0f}); use tissue_mpp >= {math.ceil(coarser * 100) / 100:g}"
+        )
     thumb = slide.thumbnail(mpp=mpp)
     mask = detect_tissue(thumb, mpp, params)
-    w, h = slide.dimensions
     return TissueMask(mask=mask, mpp=mpp, scale=(w / mask.shape[1], h / mask.shape[0]))
 
 
@@ -231,10 +243,21 @@ def make_plan(
         resolved = resolve_target_mpp(target_mpp=params.target_mpp, magnification=magnification)
         target_mpp = resolved if resolved is not None else mx
     w, h = slide.dimensions
+    if target_mpp * MAX_UPSAMPLING < min(mx, my):
+        raise InvalidRequestError(
+            f"target resolution {target_mpp:g} µm/px is more than {MAX_UPSAMPLING:g}x finer "
+            f"than the slide's scan ({min(mx, my):g} µm/px)"
+        )
     w0 = max(1, round(params.patch_size_px * target_mpp / mx))
     h0 = max(1, round(params.patch_size_px * target_mpp / my))
     stride_x = max(1, round(w0 * (1 - params.overlap)))
     stride_y = max(1, round(h0 * (1 - params.overlap)))
+    cells = (max(0, w - w0) // stride_x + 1) * (max(0, h - h0) // stride_y + 1)
+    if cells > MAX_GRID_CELLS:
+        raise InvalidRequestError(
+            f"the patch grid would have {cells:,} cells (limit {MAX_GRID_CELLS:,}); use larger "
+            "patches, less overlap or a coarser target resolution"
+        )
     tm = tissue or compute_tissue_mask(slide, tissue_mpp=params.tissue_mpp, params=params.tissue)
     mask = tm.mask
     if roi is not None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import math
 import os
+import stat
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -27,30 +28,57 @@ from .errors import (
     InvalidRequestError,
     MissingMppError,
     SlideNotFoundError,
+    UnsupportedFormatError,
 )
 from .types import Backend, BackendChoice, RGBImage
+from .units import SLIDE_MPP_RANGE, check_mpp
 
 __all__ = ["Slide", "open_slide"]
 
-# Resolution tags outside this range are placeholders (72 dpi, 1 px/unit), not optics.
-_PLAUSIBLE_MPP = (0.01, 100.0)
-_MAX_SIDE_PX = 10_000_000
+# No scanner makes a side longer than this (a 75 mm slide at 0.1 µm/px is 750,000 px).
+_MAX_SIDE_PX = 2_000_000
 _FINGERPRINT_BYTES = 1 << 20
 # Output rows resampled per read when building thumbnails; bounds memory on huge levels.
 _THUMB_BAND_PX = 512
+# Source pixels decoded per thumbnail band (memory) and per thumbnail (time): a slide
+# without a pyramid level near the asked resolution is refused, not read for minutes.
+_THUMB_BAND_SOURCE_PX = 32 << 20
+_THUMB_SOURCE_PX = 3 << 30
+
+
+def _stat(path: Path) -> os.stat_result:
+    try:
+        return path.stat()
+    except FileNotFoundError:
+        raise SlideNotFoundError(f"{path}: no such slide file or folder") from None
+    except OSError as exc:  # a symlink loop, a name too long, no permission
+        raise SlideNotFoundError(f"{path}: cannot be opened ({exc.strerror or exc})") from None
+
+
+def _require_regular(path: Path, st: os.stat_result) -> None:
+    # A FIFO, socket or device would block or stream forever when read: never open one.
+    if not stat.S_ISREG(st.st_mode):
+        raise UnsupportedFormatError(
+            f"{path}: not a regular file (FIFOs, sockets and devices are never opened)"
+        )
 
 
 def _resolve_path(path: str | os.PathLike[str]) -> Path:
     p = Path(path)
-    if not p.exists():
-        raise SlideNotFoundError(f"{p}: no such slide file or folder")
-    if p.is_dir():
-        # A DICOM-WSI series is a folder; openslide opens it through any of its files.
+    st = _stat(p)
+    if stat.S_ISDIR(st.st_mode):
+        # A DICOM-WSI series is a folder; openslide opens it through any of its files and
+        # reads the others too, so every one of them must be a regular file.
         dcm = sorted(p.glob("*.dcm"))
         if not dcm:
             raise SlideNotFoundError(f"{p}: a folder, and it holds no DICOM (.dcm) slide")
+        for child in sorted(p.iterdir()):
+            child_st = _stat(child)
+            if not stat.S_ISDIR(child_st.st_mode):
+                _require_regular(child, child_st)
         return dcm[0]
-    if p.stat().st_size == 0:
+    _require_regular(p, st)
+    if st.st_size == 0:
         raise CorruptSlideError(f"{p}: the file is empty (zero bytes)")
     return p
 
@@ -63,8 +91,13 @@ def _mpp_from_resolution(res: tuple[float, float, str] | None) -> tuple[float, f
     if per_unit_um is None or xres <= 0 or yres <= 0:
         return None
     mpp = (per_unit_um / xres, per_unit_um / yres)
-    lo, hi = _PLAUSIBLE_MPP
-    return mpp if all(lo <= m <= hi for m in mpp) else None
+    return mpp if all(_plausible_mpp(m) for m in mpp) else None
+
+
+def _plausible_mpp(mpp: float) -> bool:
+    # Values outside the physical range are placeholders (72 dpi, 1 px/unit) or damage.
+    lo, hi = SLIDE_MPP_RANGE
+    return math.isfinite(mpp) and lo <= mpp <= hi
 
 
 def _float_prop(props: dict[str, str], *keys: str) -> float | None:
@@ -78,6 +111,18 @@ def _float_prop(props: dict[str, str], *keys: str) -> float | None:
     return None
 
 
+def _check_geometry(path: Path, reader: Reader) -> None:
+    """Refuse level sizes and downsamples no real slide has (they would break every read)."""
+    dims, downsamples = reader.level_dimensions, reader.level_downsamples
+    if not dims or len(dims) != len(downsamples) or dims[0] != reader.dimensions:
+        raise CorruptSlideError(f"{path}: inconsistent pyramid levels")
+    for (w, h), ds in zip(dims, downsamples, strict=True):
+        if not (0 < w <= _MAX_SIDE_PX and 0 < h <= _MAX_SIDE_PX):
+            raise CorruptSlideError(f"{path}: absurd slide dimensions {w}x{h}")
+        if not (math.isfinite(ds) and 0.5 <= ds <= _MAX_SIDE_PX):
+            raise CorruptSlideError(f"{path}: absurd level downsample {ds}")
+
+
 class Slide:
     """An open whole-slide image. Use :func:`open_slide` to get one."""
 
@@ -86,10 +131,11 @@ class Slide:
     ) -> None:
         self.path = path
         self._reader = reader
-        w, h = reader.dimensions
-        if not (0 < w <= _MAX_SIDE_PX and 0 < h <= _MAX_SIDE_PX):
+        try:
+            _check_geometry(path, reader)
+        except CorruptSlideError:
             reader.close()
-            raise CorruptSlideError(f"{path}: absurd slide dimensions {w}x{h}")
+            raise
         props = dict(reader.properties)
         self.properties: dict[str, str] = props
         prefix = reader.backend
@@ -98,7 +144,8 @@ class Slide:
         else:
             mx = _float_prop(props, f"{prefix}.mpp-x")
             my = _float_prop(props, f"{prefix}.mpp-y")
-            self.mpp = (mx, my) if mx and my else _mpp_from_resolution(reader.tiff_resolution())
+            self.mpp = (mx, my) if mx and my and _plausible_mpp(mx) and _plausible_mpp(my) \
+                else _mpp_from_resolution(reader.tiff_resolution())
         self.objective_power = _float_prop(props, f"{prefix}.objective-power")
         vendor = props.get(f"{prefix}.vendor")
         self.vendor: str | None = vendor if vendor and vendor != "None" else None
@@ -217,14 +264,22 @@ class Slide:
     def _banded_resample(self, out_w: int, out_h: int) -> RGBImage:
         w, h = self.dimensions
         fy = h / out_h
-        out = np.empty((out_h, out_w, 3), np.uint8)
         level = self.best_level_for_downsample(min(w / out_w, h / out_h))
+        lw, lh = self.level_dimensions[level]
+        if lw * lh > _THUMB_SOURCE_PX:
+            raise InvalidRequestError(
+                f"{self.path}: no pyramid level close to the asked resolution; a {out_w}x{out_h}"
+                f" px image would decode {lw * lh / 1e6:,.0f} Mpx of level {level}"
+            )
+        # Output rows per band, so that one band decodes at most _THUMB_BAND_SOURCE_PX.
+        band_px = max(1, min(_THUMB_BAND_PX, _THUMB_BAND_SOURCE_PX * out_h // (lw * lh)))
         source = self.tile_source()
         tiled = source is not None and level in source.levels
         ds = self.level_downsamples[level]
+        out = np.empty((out_h, out_w, 3), np.uint8)
         with ThreadPoolExecutor(default_threads() if tiled else 1) as pool:
-            for oy in range(0, out_h, _THUMB_BAND_PX):
-                oh = min(_THUMB_BAND_PX, out_h - oy)
+            for oy in range(0, out_h, band_px):
+                oh = min(band_px, out_h - oy)
                 y0, y1 = round(oy * fy), round((oy + oh) * fy)
                 if source is not None and tiled:
                     box = (0, math.floor(y0 / ds), max(1, round(w / ds)),
@@ -326,8 +381,8 @@ def open_slide(
     """
     if backend not in ("auto", "openslide", "tiffslide"):
         raise InvalidRequestError(f"unknown backend {backend!r} (auto, openslide, tiffslide)")
-    if mpp_override is not None and not (math.isfinite(mpp_override) and mpp_override > 0):
-        raise InvalidRequestError(f"mpp_override must be > 0 µm/px, got {mpp_override}")
+    if mpp_override is not None:
+        check_mpp("mpp_override", mpp_override, SLIDE_MPP_RANGE)
     resolved = _resolve_path(path)
     reader = open_reader(resolved, backend)
     return Slide(resolved, reader, mpp_override=mpp_override)

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import SlideNotFoundError
 
-__all__ = ["SLIDE_FORMATS", "Discovery", "SlideTask", "discover"]
+__all__ = ["SLIDE_FORMATS", "Discovery", "SlideTask", "discover", "not_regular_reason"]
 
 SLIDE_FORMATS = {
     ".svs": "svs", ".tif": "tiff", ".tiff": "tiff", ".ndpi": "ndpi", ".scn": "scn",
@@ -50,6 +51,28 @@ def _is_mirax_data(path: Path) -> bool:
     return (path.parent.with_suffix(".mrxs")).exists()
 
 
+def not_regular_reason(path: Path) -> str | None:
+    """Why ``path`` (followed if a symlink) must not be opened, or None for a regular file.
+
+    A FIFO, socket or device blocks or streams forever when read; a broken link or a link
+    loop cannot be read at all. Only ``stat`` is called: nothing is opened.
+    """
+    try:
+        mode = path.stat().st_mode
+    except (OSError, RuntimeError) as exc:  # RuntimeError: a symlink loop (Python < 3.13)
+        return f"cannot be read ({getattr(exc, 'strerror', None) or exc})"
+    return None if stat.S_ISREG(mode) else "not a regular file (FIFO, socket or device)"
+
+
+def _dicom_folder_problem(folder: Path, filenames: list[str]) -> str | None:
+    # openslide reads every file of a DICOM-WSI folder, so each must be a regular file.
+    for name in sorted(filenames):
+        reason = not_regular_reason(folder / name)
+        if reason is not None:
+            return f"a DICOM-WSI folder holding {name}, which is {reason}"
+    return None
+
+
 def discover(root: Path) -> Discovery:
     """Slides under ``root`` in path order; hidden files and result folders are ignored."""
     if not root.is_dir():
@@ -60,7 +83,12 @@ def discover(root: Path) -> Discovery:
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         dcm = [f for f in filenames if f.lower().endswith(".dcm")]
         if dcm and here != root:
-            found.slides.append(SlideTask(here, here.relative_to(root).as_posix()))
+            rel_dir = here.relative_to(root).as_posix()
+            problem = _dicom_folder_problem(here, filenames)
+            if problem is None:
+                found.slides.append(SlideTask(here, rel_dir))
+            else:
+                found.skipped.append((rel_dir, problem))
             continue
         for name in sorted(filenames):
             path = here / name
@@ -68,7 +96,9 @@ def discover(root: Path) -> Discovery:
             suffix = path.suffix.lower()
             if name.startswith("."):
                 continue
-            if suffix in SLIDE_FORMATS:
+            if suffix in SLIDE_FORMATS and (reason := not_regular_reason(path)) is not None:
+                found.skipped.append((rel, reason))
+            elif suffix in SLIDE_FORMATS:
                 found.slides.append(SlideTask(path, rel))
             elif suffix == ".dcm":
                 found.skipped.append((rel, "a DICOM file outside a DICOM-WSI folder"))
