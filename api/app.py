@@ -11,10 +11,10 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
-from fastapi import Depends, FastAPI, Request, Response
+from fastapi import FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -26,17 +26,25 @@ from wsi_sampler.errors import WsiSamplerError
 from wsi_sampler.worker import Worker, open_worker
 
 from .config import Settings, load_settings
-from .deps import Services, require_api_key
-from .errors import install_error_handlers
+from .deps import Services
+from .errors import MessageScrubber, install_error_handlers
 from .jobs import JobManager
+from .memory import limit_malloc_arenas
 from .metrics import Metrics
+from .middleware import RequestGuard, RequestMetrics
 from .routes import jobs, sampling, slides
+from .schemas import ErrorBody
 from .slides import SlideRegistry
 
 __all__ = ["create_app"]
 
 logger = logging.getLogger("wsi_sampler.api")
 _WORKER_RETRY_S = 5.0
+# Statuses any /v1 route may answer besides its own (documented once, for every route).
+_COMMON: dict[int | str, dict[str, object]] = {
+    401: {"model": ErrorBody, "description": "Missing or wrong API key (when keys are set)"},
+    413: {"model": ErrorBody, "description": "Request body over max_body_kb"},
+}
 
 
 def ensure_demo_slide(settings: Settings) -> None:
@@ -78,19 +86,25 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        limit_malloc_arenas(cfg.malloc_arena_max)
         if cfg.demo_slide:
             await asyncio.to_thread(ensure_demo_slide, cfg)
         cfg.uploads_dir.mkdir(parents=True, exist_ok=True)
-        registry = SlideRegistry([*cfg.slide_roots, cfg.uploads_dir])
+        registry = SlideRegistry([*cfg.slide_roots, cfg.uploads_dir],
+                                 refresh_s=cfg.slide_index_refresh_s)
+        await asyncio.to_thread(registry.start)
         jobs_ = JobManager(cfg.data_dir, registry, lambda: app.state.services.worker,
                            workers=cfg.job_workers, batch_size=cfg.batch_size)
-        services = Services(cfg, registry, jobs_, Metrics())
+        scrub = MessageScrubber([*registry.roots, cfg.data_dir])
+        jobs_.scrub = scrub
+        services = Services(cfg, registry, jobs_, Metrics(), scrub)
         app.state.services = services
         task = asyncio.create_task(_connect_worker(services, factory))
         try:
             yield
         finally:
             task.cancel()
+            registry.close()
             jobs_.close()
             if services.worker is not None:
                 services.worker.close()
@@ -100,48 +114,20 @@ def create_app(
         description="Whole-slide tissue detection, patch sampling, patch and prediction "
                     "streaming. Coordinates are level-0 pixels; sizes are physical.",
     )
+    # Outermost first: metrics see every answer; CORS preflights need no key; the guard
+    # checks keys and body sizes before a route reads the body.
+    app.add_middleware(RequestGuard, settings=cfg)
     if cfg.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=cfg.cors_origins,
                            allow_methods=["*"], allow_headers=["*"])
+    app.add_middleware(RequestMetrics,
+                       metrics=lambda: getattr(getattr(app.state, "services", None),
+                                               "metrics", None))
     install_error_handlers(app)
-    _install_upload_limit(app, cfg)
-    _install_metrics_middleware(app)
     _install_health(app)
     for router in (slides.router, sampling.router, jobs.router):
-        app.include_router(router, dependencies=[Depends(require_api_key)])
+        app.include_router(router, responses=_COMMON)
     return app
-
-
-def _install_upload_limit(app: FastAPI, cfg: Settings) -> None:
-    """Refuse an upload whose declared size is over the limit before reading its body
-    (the route also counts bytes, for uploads without Content-Length)."""
-    limit = int(cfg.max_upload_mb * 2**20) + 64 * 1024  # + multipart framing
-
-    @app.middleware("http")
-    async def upload_limit(request: Request, call_next: Callable[[Request], Awaitable[Response]]
-                           ) -> Response:
-        declared = request.headers.get("content-length", "")
-        if (request.method == "POST" and request.url.path.rstrip("/") == "/v1/slides"
-                and declared.isdigit() and int(declared) > limit):
-            return JSONResponse(
-                {"error": f"upload exceeds the limit of {cfg.max_upload_mb:g} MiB"},
-                status_code=413, headers={"Connection": "close"},
-            )
-        return await call_next(request)
-
-
-def _install_metrics_middleware(app: FastAPI) -> None:
-    @app.middleware("http")
-    async def count(request: Request, call_next: Callable[[Request], Awaitable[Response]]
-                    ) -> Response:
-        response = await call_next(request)
-        route = request.scope.get("route")
-        path = getattr(route, "path", "unmatched")
-        services: Services | None = getattr(request.app.state, "services", None)
-        if services is not None:
-            services.metrics.requests.labels(request.method, path,
-                                             str(response.status_code)).inc()
-        return response
 
 
 def _install_health(app: FastAPI) -> None:

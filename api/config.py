@@ -37,10 +37,13 @@ class Settings(BaseSettings):
     api_keys: list[SecretStr] = Field(default_factory=list)
     cors_origins: list[str] = Field(default_factory=list)
     max_upload_mb: float = Field(4096, gt=0)
+    max_body_kb: float = Field(1024, gt=0, description="Largest JSON request body, KiB")
     max_concurrent_streams: int = Field(4, ge=1)
     max_patches_per_request: int = Field(20_000, ge=1)
     batch_size: int = Field(32, ge=1, le=4096)
     job_workers: int = Field(1, ge=1, le=64)
+    slide_index_refresh_s: float = Field(30.0, ge=0.5, le=86_400)
+    malloc_arena_max: int = Field(4, ge=0, le=64, description="0 = glibc's default")
 
     @field_validator("worker_url")
     @classmethod

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hmac
 import threading
 from dataclasses import dataclass, field
 from typing import Annotated
@@ -12,12 +11,12 @@ from fastapi import Depends, Request
 from wsi_sampler.worker import Worker
 
 from .config import Settings
-from .errors import TooBusyError, UnauthorizedError, WorkerNotReadyError
+from .errors import MessageScrubber, TooBusyError, WorkerNotReadyError, describe_error
 from .jobs import JobManager
 from .metrics import Metrics
 from .slides import SlideRegistry
 
-__all__ = ["ServicesDep", "Services", "require_api_key"]
+__all__ = ["ServicesDep", "Services"]
 
 
 @dataclass
@@ -26,6 +25,7 @@ class Services:
     registry: SlideRegistry
     jobs: JobManager
     metrics: Metrics
+    scrub: MessageScrubber
     worker: Worker | None = None
     worker_error: str | None = None
     _streams: int = 0
@@ -53,6 +53,10 @@ class Services:
             self._streams -= 1
             self.metrics.active_streams.set(self._streams)
 
+    def describe(self, exc: BaseException) -> tuple[int, str]:
+        """(HTTP status, client-safe message) of an exception."""
+        return describe_error(exc, self.scrub)
+
 
 def get_services(request: Request) -> Services:
     services: Services = request.app.state.services
@@ -60,15 +64,3 @@ def get_services(request: Request) -> Services:
 
 
 ServicesDep = Annotated[Services, Depends(get_services)]
-
-
-def require_api_key(request: Request, services: ServicesDep) -> None:
-    """With API keys configured, every /v1 call needs ``Authorization: Bearer <key>``."""
-    keys = services.settings.api_keys
-    if not keys:
-        return
-    scheme, _, token = request.headers.get("authorization", "").partition(" ")
-    if scheme.lower() != "bearer" or not token:
-        raise UnauthorizedError("this service needs an API key: Authorization: Bearer <key>")
-    if not any(hmac.compare_digest(token.encode(), k.get_secret_value().encode()) for k in keys):
-        raise UnauthorizedError("the API key is not valid")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -24,7 +25,14 @@ from wsi_sampler.errors import (
 from .jobs import JobNotFoundError
 from .slides import UploadTooLargeError
 
-__all__ = ["TooBusyError", "UnauthorizedError", "WorkerNotReadyError", "install_error_handlers"]
+__all__ = [
+    "MessageScrubber",
+    "TooBusyError",
+    "UnauthorizedError",
+    "WorkerNotReadyError",
+    "describe_error",
+    "install_error_handlers",
+]
 
 logger = logging.getLogger("wsi_sampler.api")
 
@@ -66,16 +74,48 @@ def status_for(exc: BaseException) -> int:
     return 500
 
 
+class MessageScrubber:
+    """Removes the server's own folders from messages: a slide is named by its path
+    relative to its root (as listed), never by where the server keeps it."""
+
+    def __init__(self, folders: list[Path]) -> None:
+        names = {str(f) for f in folders} | {str(f.resolve()) for f in folders}
+        self._prefixes = sorted(names, key=len, reverse=True)
+
+    def __call__(self, message: str) -> str:
+        for prefix in self._prefixes:
+            message = message.replace(prefix + "/", "").replace(prefix, "<slide root>")
+        return message
+
+
+def describe_error(exc: BaseException, scrub: MessageScrubber) -> tuple[int, str]:
+    """(HTTP status, client-safe message) of an exception; bugs say nothing of themselves."""
+    if isinstance(exc, WsiSamplerError):
+        return status_for(exc), scrub(str(exc))
+    logger.error("internal error", exc_info=exc)
+    return 500, "internal error (logged by the server)"
+
+
+def _scrubber(request: Request) -> MessageScrubber:
+    services = getattr(request.app.state, "services", None)
+    return services.scrub if services is not None else MessageScrubber([])
+
+
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(WsiSamplerError)
-    async def domain(_: Request, exc: WsiSamplerError) -> JSONResponse:
-        status = status_for(exc)
+    async def domain(request: Request, exc: WsiSamplerError) -> JSONResponse:
+        status, message = describe_error(exc, _scrubber(request))
         headers = {"Retry-After": "2"} if status in (429, 503) else {}
         if status == 401:
             headers["WWW-Authenticate"] = "Bearer"
         if status >= 500:
-            logger.warning("%s: %s", type(exc).__name__, exc)
-        return JSONResponse({"error": str(exc)}, status_code=status, headers=headers)
+            logger.warning("%s: %s", type(exc).__name__, message)
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
+
+    @app.exception_handler(Exception)
+    async def internal(request: Request, exc: Exception) -> JSONResponse:
+        status, message = describe_error(exc, _scrubber(request))
+        return JSONResponse({"error": message}, status_code=status)
 
     @app.exception_handler(RequestValidationError)
     async def validation(_: Request, exc: RequestValidationError) -> JSONResponse:

@@ -64,6 +64,7 @@ class JobManager:
         self.registry = registry
         self.get_worker = get_worker
         self.batch_size = batch_size
+        self.scrub: Callable[[str], str] = lambda message: message
         self._db = sqlite3.connect(data_dir / "jobs.sqlite3", check_same_thread=False,
                                    isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -156,6 +157,15 @@ class JobManager:
                              (*values, time.time(), job_id))
 
     def _run(self, job_id: str, request: JobRequest) -> None:
+        try:
+            self._run_slides(job_id, request)
+        except Exception:  # a job is never left "running" by a failure of its own
+            logger.exception("job %s failed", job_id)
+            self._update(job_id, state="failed", only_if_active=True)
+        finally:
+            self._cancel.pop(job_id, None)
+
+    def _run_slides(self, job_id: str, request: JobRequest) -> None:
         cancel = self._cancel[job_id]
         if cancel.is_set():
             return
@@ -168,14 +178,16 @@ class JobManager:
                 results += self._score_one(job_id, sid, request, cancel, progress)
             except Cancelled:
                 return
-            except (WsiSamplerError, OSError) as exc:
-                errors.append({"slide": sid, "error": type(exc).__name__, "message": str(exc)})
+            except Exception as exc:  # any failure fails this slide; the job goes on
+                if not isinstance(exc, WsiSamplerError | OSError):
+                    logger.exception("job %s: slide %s failed unexpectedly", job_id, sid)
+                errors.append({"slide": sid, "error": type(exc).__name__,
+                               "message": self.scrub(str(exc))})
             progress.slides_done += 1
             self._update(job_id, slides_done=progress.slides_done,
                          patches_done=progress.patches_done, errors=errors, results=results)
         state = "succeeded" if not errors else "failed" if not results else "partial"
         self._update(job_id, state=state, only_if_active=True)
-        self._cancel.pop(job_id, None)
 
     def _score_one(
         self, job_id: str, sid: str, request: JobRequest, cancel: threading.Event,

@@ -9,6 +9,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from wsi_sampler import PlanParams, medgemma_params
 from wsi_sampler.errors import InvalidRequestError
 from wsi_sampler.plan import MEDGEMMA_MAX_PATCHES
+from wsi_sampler.units import PATCH_MPP_RANGE, SLIDE_MPP_RANGE, TISSUE_MPP_RANGE
 
 __all__ = [
     "ErrorBody",
@@ -66,16 +67,18 @@ class SamplingRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     strategy: Literal["grid", "random", "stratified", "medgemma"] = "grid"
     patch_size_px: int = Field(256, ge=8, le=8192)
-    target_mpp: float | None = Field(None, gt=0, le=1000)
-    magnification: float | None = Field(None, gt=0, le=400)
+    target_mpp: float | None = Field(None, ge=PATCH_MPP_RANGE[0], le=PATCH_MPP_RANGE[1])
+    magnification: float | None = Field(None, ge=10 / PATCH_MPP_RANGE[1],
+                                        le=10 / PATCH_MPP_RANGE[0])
     overlap: float = Field(0.0, ge=0, lt=1)
     min_tissue_fraction: float = Field(0.5, ge=0, le=1)
     n_patches: int | None = Field(None, ge=1, le=10_000_000,
                                   description="random/stratified: how many; medgemma: the cap")
     seed: int = Field(0, ge=0, le=2**32 - 1)
-    tissue_mpp: float = Field(8.0, gt=0, le=1000)
+    tissue_mpp: float = Field(8.0, ge=TISSUE_MPP_RANGE[0], le=TISSUE_MPP_RANGE[1])
     mpp_override: float | None = Field(
-        None, gt=0, le=100, description="µm/px for slides without MPP metadata")
+        None, ge=SLIDE_MPP_RANGE[0], le=SLIDE_MPP_RANGE[1],
+        description="µm/px for slides without MPP metadata")
 
     def to_params(self) -> PlanParams:
         if self.strategy == "medgemma":

@@ -2,35 +2,41 @@
 
 An id is a hash of (root, relative path): stable across restarts, and never a path, so a
 request cannot name a file at all; it can only pick one the scan found. The scan does not
-follow symlinks out of a root, and every open re-checks that the resolved file is inside.
+follow symlinks out of a root (for a DICOM-WSI folder: none of its files), lists only
+regular files, and every open re-checks both.
+
+The index is built off the event loop and kept: a background thread refreshes it every
+``refresh_s`` seconds, a listing refreshes it when it is older than a second, and an
+upload adds to it. A request for an unknown id never scans.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
-import shutil
 import threading
-import uuid
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
 from wsi_sampler import Slide, open_slide
-from wsi_sampler.batch.discover import SLIDE_FORMATS, discover
+from wsi_sampler.batch.discover import SLIDE_FORMATS, discover, not_regular_reason
 from wsi_sampler.errors import (
     InvalidRequestError,
     SlideNotFoundError,
-    UnsupportedFormatError,
     WsiSamplerError,
 )
 
-__all__ = ["SlideEntry", "SlideRegistry", "UploadTooLargeError", "sniff_format"]
+__all__ = ["SlideEntry", "SlideRegistry", "UploadTooLargeError"]
 
+logger = logging.getLogger("wsi_sampler.api.slides")
 _ID = re.compile(r"^[0-9a-f]{24}$")
+_LIST_MAX_AGE_S = 1.0
 
 
 class UploadTooLargeError(WsiSamplerError):
-    """An upload bigger than the configured limit (HTTP 413)."""
+    """An upload or request body bigger than the configured limit (HTTP 413)."""
 
 
 @dataclass(frozen=True)
@@ -47,26 +53,35 @@ def _slide_id(root: Path, rel: str) -> str:
     return hashlib.sha256(f"{root}\0{rel}".encode()).hexdigest()[:24]
 
 
-def sniff_format(head: bytes) -> str | None:
-    """The container format from a file's first bytes: ``tiff``, ``dicom`` or None."""
-    if head[:4] in (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+"):
-        return "tiff"
-    if len(head) >= 132 and head[128:132] == b"DICM":
-        return "dicom"
-    return None
-
-
 def _inside(path: Path, root: Path) -> bool:
     try:
         return path.resolve(strict=True).is_relative_to(root)
-    except OSError:
+    except (OSError, RuntimeError):  # missing, or a symlink loop (RuntimeError < 3.13)
         return False
 
 
-class SlideRegistry:
-    """Index of the slides under ``roots`` (resolved once), rescanned when an id is unknown."""
+def _files_of(path: Path) -> list[Path]:
+    """The files a slide is read from: itself, or every file of its DICOM-WSI folder."""
+    if path.is_dir():
+        return [p for p in sorted(path.iterdir()) if not p.name.startswith(".")]
+    return [path]
 
-    def __init__(self, roots: list[Path]) -> None:
+
+def servable(path: Path, root: Path) -> bool:
+    """Whether every file of the slide is a regular file that resolves inside ``root``."""
+    try:
+        files = _files_of(path) if _inside(path, root) else []
+    except OSError:
+        return False
+    return bool(files) and all(
+        _inside(f, root) and (f.is_dir() or not_regular_reason(f) is None) for f in files
+    )
+
+
+class SlideRegistry:
+    """Index of the slides under ``roots`` (resolved once), refreshed off the event loop."""
+
+    def __init__(self, roots: list[Path], *, refresh_s: float = 30.0) -> None:
         self.roots: list[Path] = []
         for r in roots:
             r.mkdir(parents=True, exist_ok=True)
@@ -75,36 +90,74 @@ class SlideRegistry:
                 self.roots.append(resolved)
         self._index: dict[str, SlideEntry] = {}
         self._lock = threading.Lock()
+        self._scan_lock = threading.Lock()
+        self._scanned_at = 0.0
+        self._stop = threading.Event()
+        self._refresher: threading.Thread | None = None
+        self._refresh_s = refresh_s
 
     # -- discovery ----------------------------------------------------------------------------
     def scan(self) -> list[SlideEntry]:
-        found: dict[str, SlideEntry] = {}
-        for root in self.roots:
-            for task in discover(root).slides:  # the same discovery as batch scoring
-                self._add(found, root, task.path, task.format)
+        """Rescan every root now (one scan at a time; a caller waiting on one reuses it)."""
+        started = time.monotonic()
+        with self._scan_lock:
+            if self._scanned_at < started:
+                found: dict[str, SlideEntry] = {}
+                for root in self.roots:
+                    for task in discover(root).slides:  # the same discovery as batch scoring
+                        self._add(found, root, task.path, task.format)
+                with self._lock:
+                    self._index = found
+                self._scanned_at = time.monotonic()
+        return self.entries()
+
+    def entries(self, *, max_age_s: float | None = None) -> list[SlideEntry]:
+        """The indexed slides in path order; rescanned first if older than ``max_age_s``."""
+        if max_age_s is not None and time.monotonic() - self._scanned_at > max_age_s:
+            return self.scan()
         with self._lock:
-            self._index = found
-        return sorted(found.values(), key=lambda e: (str(e.root), e.relpath))
+            values = list(self._index.values())
+        return sorted(values, key=lambda e: (str(e.root), e.relpath))
+
+    def listing(self) -> list[SlideEntry]:
+        return self.entries(max_age_s=_LIST_MAX_AGE_S)
 
     def _add(self, found: dict[str, SlideEntry], root: Path, path: Path, fmt: str) -> None:
-        if not _inside(path, root):  # a symlink that leaves the root: never served
+        if not servable(path, root):  # a symlink that leaves the root: never served
+            return
+        try:
+            size = sum(p.stat().st_size for p in _files_of(path))
+        except OSError:
             return
         rel = path.relative_to(root).as_posix()
-        size = sum(p.stat().st_size for p in path.iterdir() if p.is_file()) if path.is_dir() \
-            else path.stat().st_size
         sid = _slide_id(root, rel)
         found[sid] = SlideEntry(sid, path, root, rel, fmt, size)
 
+    def start(self) -> None:
+        """Scan now, then refresh in a background thread until :meth:`close`."""
+        self.scan()
+        self._refresher = threading.Thread(target=self._refresh_loop, name="wsi-slide-index",
+                                           daemon=True)
+        self._refresher.start()
+
+    def _refresh_loop(self) -> None:
+        while not self._stop.wait(self._refresh_s):
+            try:
+                self.scan()
+            except Exception:  # a root that vanished for a moment must not stop the refresh
+                logger.exception("refreshing the slide index failed")
+
+    def close(self) -> None:
+        self._stop.set()
+        if self._refresher is not None:
+            self._refresher.join(timeout=5)
+
+    # -- lookup --------------------------------------------------------------------------------
     def get(self, slide_id: str) -> SlideEntry:
-        if not _ID.match(slide_id):
-            raise SlideNotFoundError(f"unknown slide id {slide_id!r}")
+        """The indexed slide, re-checked on disk; unknown ids are 404 at once (no scan)."""
         with self._lock:
-            entry = self._index.get(slide_id)
-        if entry is None:
-            self.scan()
-            with self._lock:
-                entry = self._index.get(slide_id)
-        if entry is None or not _inside(entry.path, entry.root):
+            entry = self._index.get(slide_id) if _ID.match(slide_id) else None
+        if entry is None or not servable(entry.path, entry.root):
             raise SlideNotFoundError(f"unknown slide id {slide_id!r}")
         return entry
 
@@ -112,40 +165,16 @@ class SlideRegistry:
         entry = self.get(slide_id)
         return open_slide(entry.path.resolve(), mpp_override=mpp_override)
 
-    # -- uploads -------------------------------------------------------------------------------
-    def store_upload(
-        self, uploads: Path, filename: str | None, chunks_head: bytes, tmp: Path
-    ) -> SlideEntry:
-        """Move a fully received upload ``tmp`` into ``uploads``; it must open as a slide."""
-        fmt = sniff_format(chunks_head)
-        if fmt is None:
-            raise UnsupportedFormatError(
-                "the upload is not a whole-slide image (neither TIFF-based nor DICOM content)"
-            )
-        if fmt == "dicom":
-            raise UnsupportedFormatError(
-                "single DICOM files are not accepted as uploads: a DICOM-WSI slide is a folder "
-                "of instances; place it under a slide root instead"
-            )
-        suffix = Path(filename or "").suffix.lower()
-        ext = suffix if SLIDE_FORMATS.get(suffix) in ("svs", "tiff", "ndpi", "scn", "bif",
-                                                       "qptiff") else ".tiff"
-        with open_slide(tmp) as slide:  # corrupt or unsupported content: a clear 422
-            slide.thumbnail(max_size=256)  # pixels decode too, not just the header
-            digest = slide.fingerprint.removeprefix("sha256:")[:16]
-        uploads = uploads.resolve()
-        if uploads not in self.roots:
+    def add_upload(self, root: Path, path: Path) -> SlideEntry:
+        """Index a file just stored in ``root`` (an upload) and return its entry."""
+        root = root.resolve()
+        if root not in self.roots:
             raise InvalidRequestError("uploads are disabled: the upload folder is not a root")
-        target = uploads / f"{digest}{ext}"
-        if not target.exists():
-            shutil.move(str(tmp), str(target))
-        else:
-            tmp.unlink(missing_ok=True)
-        self.scan()
-        return self.get(_slide_id(uploads, target.name))
-
-
-def temp_upload_path(uploads: Path) -> Path:
-    tmp_dir = uploads / ".incoming"
-    tmp_dir.mkdir(parents=True, exist_ok=True)
-    return tmp_dir / f"{uuid.uuid4().hex}.part"
+        found: dict[str, SlideEntry] = {}
+        self._add(found, root, path, SLIDE_FORMATS.get(path.suffix.lower(), "tiff"))
+        if not found:
+            raise SlideNotFoundError("the stored upload could not be indexed")
+        (entry,) = found.values()
+        with self._lock:
+            self._index[entry.id] = entry
+        return entry

@@ -1,19 +1,31 @@
 """Streaming bodies: a synchronous producer (reading, encoding, inference in threads) driven
 from the event loop one chunk at a time, and stopped when the client goes away.
 
-Nothing is read before the client asks for the first chunk, and a client that disconnects
-stops the producer after its current batch: the extractor's threads are cancelled and the
-slide closed (no orphan work).
+Nothing is read before the client asks for the body, and a client that disconnects stops
+the producer after its current batch: the extractor's threads are cancelled and the slide
+closed (no orphan work).
+
+Failure contract (also in the README):
+
+- The first chunk is produced *before* the status line is sent, so a failure there (a
+  corrupt first tile, a worker that refuses the first batch) is an ordinary 4xx/5xx JSON
+  error.
+- A failure after streaming began cannot change the status any more. NDJSON streams then
+  end with ``{"type": "error", "status": ..., "error": ...}`` (never a summary), and the
+  response is left incomplete, so the server aborts the connection: no chunked terminator
+  and no tar end marker, and HTTP clients (curl, httpx) report a failed transfer.
+- A clean end of stream therefore always means every planned patch was sent.
 """
 
 from __future__ import annotations
 
 import base64
 import json
+import logging
 import tarfile
 import threading
 import time
-from collections.abc import AsyncIterator, Callable, Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from typing import Any
@@ -23,18 +35,30 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from wsi_sampler import Extractor, PatchBatch, PatchPlan, Slide
+from wsi_sampler.errors import WsiSamplerError
 from wsi_sampler.export import encode_image
 from wsi_sampler.models import Predictions
 from wsi_sampler.scoring import Aggregate, iter_predictions, output_columns
 from wsi_sampler.worker import Worker
 
+from .memory import release_free_memory
 from .metrics import Metrics
+from .middleware import send_json_error
 
-__all__ = ["ProducerResponse", "patch_chunks", "prediction_chunks"]
+__all__ = ["ErrorDescriber", "ProducerResponse", "ndjson_error_record", "patch_chunks",
+           "prediction_chunks"]
 
+logger = logging.getLogger("wsi_sampler.api.stream")
 _TAR_END = b"\0" * 1024
 _FIRST_BATCH = 4  # small first batch: the first patch leaves quickly
 _BATCH = 32
+
+ErrorDescriber = Callable[[BaseException], tuple[int, str]]
+"""An exception -> (HTTP status, message safe to show the client)."""
+
+
+class IncompleteStreamError(WsiSamplerError):
+    """A producer ended before it sent everything it planned (a bug, never a clean end)."""
 
 
 class _Producer:
@@ -65,7 +89,10 @@ class _Producer:
             try:
                 self._gen.close()
             finally:
-                self._on_close()
+                try:
+                    self._on_close()
+                finally:
+                    release_free_memory()
 
 
 def _close_soon(producer: _Producer) -> None:
@@ -73,24 +100,55 @@ def _close_soon(producer: _Producer) -> None:
     threading.Thread(target=producer.close, name="wsi-stream-close", daemon=True).start()
 
 
-async def _drive(producer: _Producer) -> AsyncIterator[bytes]:
-    try:
-        while (chunk := await run_in_threadpool(producer.next)) is not None:
-            yield chunk
-    finally:
-        _close_soon(producer)
+def ndjson_error_record(status: int, message: str) -> bytes:
+    return json.dumps({"type": "error", "status": status, "error": message}).encode() + b"\n"
 
 
 class ProducerResponse(StreamingResponse):
-    """A streaming response over a synchronous producer, closed whatever happens: also when
-    the client goes away before the body was ever iterated."""
+    """A streaming response over a synchronous producer that keeps the failure contract
+    above, and closes the producer whatever happens (also when the client goes away
+    before the body was ever iterated)."""
 
     def __init__(
         self, gen: Generator[bytes, None, None], on_close: Callable[[], None], *,
-        media_type: str, headers: dict[str, str],
+        media_type: str, headers: dict[str, str], describe: ErrorDescriber,
+        error_trailer: Callable[[int, str], bytes] | None = None,
     ) -> None:
         self._producer = _Producer(gen, on_close)
-        super().__init__(_drive(self._producer), media_type=media_type, headers=headers)
+        self._describe = describe
+        self._error_trailer = error_trailer
+        super().__init__(iter(()), media_type=media_type, headers=headers)
+
+    async def _next(self) -> bytes | BaseException | None:
+        try:
+            return await run_in_threadpool(self._producer.next)
+        except Exception as exc:  # reported to the client by the contract, never swallowed
+            return exc
+
+    async def stream_response(self, send: Send) -> None:
+        chunk = await self._next()
+        if isinstance(chunk, BaseException):
+            status, message = self._describe(chunk)
+            await send_json_error(send, status, message)
+            return
+        await send({"type": "http.response.start", "status": self.status_code,
+                    "headers": self.raw_headers})
+        while chunk is not None:
+            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            chunk = await self._next()
+            if isinstance(chunk, BaseException):
+                await self._abort(send, chunk)
+                return
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+    async def _abort(self, send: Send, exc: BaseException) -> None:
+        status, message = self._describe(exc)
+        logger.warning("stream failed after it started (%d): %s", status, message)
+        if self._error_trailer is not None:
+            await send({"type": "http.response.body", "more_body": True,
+                        "body": self._error_trailer(status, message)})
+        # Returning without the final body message: the server closes the connection
+        # without a chunked terminator, so the client sees a failed transfer.
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         try:
@@ -122,9 +180,11 @@ def patch_chunks(
     now = time.time()
     # closing(): a stream closed early stops its extractor now, before the slide closes.
     extractor = Extractor(slide, plan, batch_size=_BATCH, first_batch_size=_FIRST_BATCH)
+    sent = 0
     with ThreadPoolExecutor(2, thread_name_prefix="wsi-encode") as pool, \
             closing(extractor.iter_batches()) as batches:
         for batch in batches:
+            sent += len(batch)
             indices, images = batch.indices, batch.images
             encoded = list(pool.map(lambda im: encode_image(im, f".{ext}"), images))
             parts = []
@@ -138,6 +198,8 @@ def patch_chunks(
                     parts.append(json.dumps(line).encode() + b"\n")
             metrics.patches.labels("patches").inc(len(encoded))
             yield b"".join(parts)
+    if sent != len(plan):
+        raise IncompleteStreamError(f"{sent} of {len(plan)} planned patches read")
     if as_tar:
         yield _TAR_END
 
@@ -152,6 +214,8 @@ def prediction_chunks(
     results = iter_predictions(slide, plan, worker, batch_size=batch_size, cancel=cancel)
     with closing(results):
         yield from _prediction_lines(results, slide_id, plan, worker, agg, metrics)
+    if agg.n != len(plan):
+        raise IncompleteStreamError(f"{agg.n} of {len(plan)} planned patches scored")
     summary = {"type": "summary", "slide_id": slide_id, "model": worker.card.name,
                "model_version": worker.card.version, "strategy": plan.strategy,
                "n_candidates": plan.n_candidates} | agg.summary()

@@ -17,7 +17,7 @@ from wsi_sampler.scoring import model_plan_params
 
 from ..deps import Services, ServicesDep
 from ..schemas import ErrorBody, PatchRequest, PlanResponse, SamplingRequest
-from ..streaming import ProducerResponse, patch_chunks, prediction_chunks
+from ..streaming import ProducerResponse, ndjson_error_record, patch_chunks, prediction_chunks
 
 router = APIRouter(prefix="/v1/slides", tags=["sampling"])
 ERRORS: dict[int | str, dict[str, object]] = {
@@ -64,16 +64,22 @@ async def plan(slide_id: str, req: SamplingRequest, services: ServicesDep) -> Pl
     return await run_in_threadpool(run)
 
 
+async def _open_for_stream(
+    services: Services, slide_id: str, req: SamplingRequest, for_model: bool = False
+) -> tuple[Slide, PatchPlan]:
+    """Take a stream slot first (429 costs nothing), then open and plan."""
+    services.acquire_stream()
+    try:
+        return await run_in_threadpool(_open_and_plan, services, slide_id, req, for_model)
+    except BaseException:
+        services.release_stream()
+        raise
+
+
 def _stream(
     services: Services, slide: Slide, plan: PatchPlan, chunks_of: Generator[bytes, None, None],
     media_type: str,
 ) -> StreamingResponse:
-    try:
-        services.acquire_stream()
-    except BaseException:
-        slide.close()
-        raise
-
     def on_close() -> None:
         try:
             slide.close()
@@ -81,7 +87,9 @@ def _stream(
             services.release_stream()
 
     headers = {"X-Patch-Count": str(len(plan)), "Cache-Control": "no-store"}
-    return ProducerResponse(chunks_of, on_close, media_type=media_type, headers=headers)
+    trailer = ndjson_error_record if media_type == "application/x-ndjson" else None
+    return ProducerResponse(chunks_of, on_close, media_type=media_type, headers=headers,
+                            describe=services.describe, error_trailer=trailer)
 
 
 @router.post(
@@ -96,7 +104,7 @@ async def patches(
     output: Annotated[Literal["tar", "ndjson"], Query(alias="format")] = "tar",
 ) -> StreamingResponse:
     """Stream the planned patches as they are read (tar or NDJSON with base64 images)."""
-    slide, plan_ = await run_in_threadpool(_open_and_plan, services, slide_id, req)
+    slide, plan_ = await _open_for_stream(services, slide_id, req)
     chunks = patch_chunks(slide, slide_id, plan_, as_tar=output == "tar",
                           image_format=req.image_format, metrics=services.metrics)
     media = "application/x-tar" if output == "tar" else "application/x-ndjson"
@@ -117,7 +125,7 @@ async def predictions(
     """Stream predictions as batches complete: one NDJSON record per patch (coordinates and
     outputs), then ``{"type": "summary", ...}``. Patch size and MPP are the model's."""
     worker = services.require_worker()
-    slide, plan_ = await run_in_threadpool(_open_and_plan, services, slide_id, req, True)
+    slide, plan_ = await _open_for_stream(services, slide_id, req, for_model=True)
     chunks = prediction_chunks(slide, slide_id, plan_, worker,
                                batch_size=services.settings.batch_size,
                                metrics=services.metrics, cancel=threading.Event())

@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-import asyncio
 from typing import Annotated, Literal
 
-from fastapi import APIRouter, Query, Request, UploadFile
+from fastapi import APIRouter, Query, Request
 from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from wsi_sampler import compute_tissue_mask
-from wsi_sampler.errors import CorruptSlideError
 from wsi_sampler.export import encode_image
 from wsi_sampler.tissue import mask_to_polygons
+from wsi_sampler.units import SLIDE_MPP_RANGE, TISSUE_MPP_RANGE
 
 from ..deps import ServicesDep
 from ..schemas import ErrorBody, SlideInfo, SlideList, SlideSummary
-from ..slides import SlideEntry, UploadTooLargeError, temp_upload_path
+from ..slides import SlideEntry
+from ..uploads import receive_upload, store_upload, temp_upload_path
 
 router = APIRouter(prefix="/v1/slides", tags=["slides"])
 ERRORS: dict[int | str, dict[str, object]] = {
@@ -24,7 +24,15 @@ ERRORS: dict[int | str, dict[str, object]] = {
     422: {"model": ErrorBody, "description": "Unsupported or corrupt slide, missing MPP, "
                                              "or invalid parameters"},
 }
-_CHUNK = 1 << 20
+_UPLOAD_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {"schema": {
+            "type": "object", "required": ["file"],
+            "properties": {"file": {"type": "string", "format": "binary"}}}},
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+    },
+}
 
 
 def _summary(e: SlideEntry) -> SlideSummary:
@@ -39,37 +47,25 @@ async def list_slides(
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
 ) -> SlideList:
     """Slides under the configured roots, paginated, in path order."""
-    entries = await run_in_threadpool(services.registry.scan)
+    entries = await run_in_threadpool(services.registry.listing)
     page = entries[offset : offset + limit]
     return SlideList(items=[_summary(e) for e in page], total=len(entries), offset=offset,
                      limit=limit)
 
 
-@router.post("", status_code=201, response_model=SlideSummary,
+@router.post("", status_code=201, response_model=SlideSummary, openapi_extra={
+                 "requestBody": _UPLOAD_BODY},
              responses={413: {"model": ErrorBody, "description": "Upload too large"},
                         422: ERRORS[422]})
-async def upload_slide(request: Request, services: ServicesDep, file: UploadFile) -> SlideSummary:
-    """Upload a slide (multipart field ``file``). Its format is sniffed from its content."""
-    limit = int(services.settings.max_upload_mb * 2**20)  # declared sizes: app middleware
+async def upload_slide(request: Request, services: ServicesDep) -> SlideSummary:
+    """Upload a slide: multipart field ``file``, or the raw bytes as
+    ``application/octet-stream``. Its format is sniffed from its content, and the same
+    bytes uploaded twice are stored once (same id)."""
     uploads = services.settings.uploads_dir
-    tmp = temp_upload_path(uploads)
-    size, head = 0, b""
+    tmp = await run_in_threadpool(temp_upload_path, uploads)
     try:
-        with tmp.open("wb") as fh:
-            while chunk := await file.read(_CHUNK):
-                size += len(chunk)
-                if size > limit:
-                    raise UploadTooLargeError(
-                        f"upload exceeds the limit of {services.settings.max_upload_mb:g} MiB"
-                    )
-                if len(head) < 512:
-                    head += chunk[: 512 - len(head)]
-                await asyncio.to_thread(fh.write, chunk)
-        if size == 0:
-            raise CorruptSlideError("the upload is empty (zero bytes)")
-        entry = await run_in_threadpool(
-            services.registry.store_upload, uploads, file.filename, head, tmp
-        )
+        received = await receive_upload(request, tmp)
+        entry = await run_in_threadpool(store_upload, services.registry, uploads, received)
     finally:
         tmp.unlink(missing_ok=True)
     return _summary(entry)
@@ -78,9 +74,8 @@ async def upload_slide(request: Request, services: ServicesDep, file: UploadFile
 @router.get("/{slide_id}", response_model=SlideInfo, responses=ERRORS)
 async def slide_info(slide_id: str, services: ServicesDep) -> SlideInfo:
     """Size, levels, MPP, objective, vendor and fingerprint of a slide."""
-    entry = services.registry.get(slide_id)
-
     def read() -> SlideInfo:
+        entry = services.registry.get(slide_id)
         with services.registry.open(slide_id) as s:
             info = s.info()
         info.pop("path")
@@ -91,8 +86,10 @@ async def slide_info(slide_id: str, services: ServicesDep) -> SlideInfo:
     return await run_in_threadpool(read)
 
 
-@router.get("/{slide_id}/thumbnail", responses={**ERRORS, 200: {"content": {"image/png": {}}}},
-            response_class=Response)
+@router.get("/{slide_id}/thumbnail", response_class=Response, responses={
+    **ERRORS, 200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}},
+                                "image/jpeg": {"schema": {"type": "string", "format": "binary"}}},
+                    "description": "The thumbnail image"}})
 async def thumbnail(
     slide_id: str, services: ServicesDep,
     max_size: Annotated[int, Query(ge=16, le=4096)] = 1024,
@@ -112,8 +109,9 @@ async def thumbnail(
 async def tissue(
     slide_id: str, services: ServicesDep,
     output: Annotated[Literal["png", "geojson"], Query(alias="format")] = "png",
-    tissue_mpp: Annotated[float, Query(gt=0, le=1000)] = 8.0,
-    mpp_override: Annotated[float | None, Query(gt=0, le=100)] = None,
+    tissue_mpp: Annotated[float, Query(ge=TISSUE_MPP_RANGE[0], le=TISSUE_MPP_RANGE[1])] = 8.0,
+    mpp_override: Annotated[float | None, Query(ge=SLIDE_MPP_RANGE[0],
+                                                le=SLIDE_MPP_RANGE[1])] = None,
 ) -> Response:
     """The tissue mask as a PNG (white = tissue) or QuPath GeoJSON polygons (level-0 px)."""
     def detect() -> Response:
