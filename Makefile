@@ -12,7 +12,7 @@ TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 EXTRAS := dev,timm,dask
 SLIDES_DIR := data/slides
 
-.PHONY: install test lint format run demo bench clean
+.PHONY: install test lint format run demo bench fuzz soak clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -48,6 +48,16 @@ run: $(STAMP)
 bench: $(STAMP)
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[$(EXTRAS),bench]'
 	$(PY) -m benchmarks.extract --results benchmarks/RESULTS.md
+
+# The fuzz corpus at full size: damaged slides through the library, CLI and API
+# (make test runs a 14-per-seed sample of the same corpus).
+FUZZ_MUTANTS ?= 150
+fuzz: $(STAMP)
+	WSI_FUZZ_MUTANTS=$(FUZZ_MUTANTS) $(PY) -m pytest -q tests/test_fuzz.py
+
+# 16 clients against a real server for 2 minutes: throughput, first-byte latency, RSS.
+soak: $(STAMP)
+	$(PY) -m benchmarks.soak
 
 clean:
 	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache

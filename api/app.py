@@ -42,8 +42,10 @@ logger = logging.getLogger("wsi_sampler.api")
 _WORKER_RETRY_S = 5.0
 # Statuses any /v1 route may answer besides its own (documented once, for every route).
 _COMMON: dict[int | str, dict[str, object]] = {
+    400: {"model": ErrorBody, "description": "Malformed request body (not JSON)"},
     401: {"model": ErrorBody, "description": "Missing or wrong API key (when keys are set)"},
     413: {"model": ErrorBody, "description": "Request body over max_body_kb"},
+    422: {"model": ErrorBody, "description": "Invalid parameters"},
 }
 
 

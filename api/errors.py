@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from wsi_sampler.errors import (
     CorruptSlideError,
@@ -24,6 +25,7 @@ from wsi_sampler.errors import (
 
 from .jobs import JobNotFoundError
 from .slides import UploadTooLargeError
+from .uploads import MalformedBodyError
 
 __all__ = [
     "MessageScrubber",
@@ -51,6 +53,7 @@ class WorkerNotReadyError(WsiSamplerError):
 
 # Most specific first: the first matching class decides the status.
 STATUS: list[tuple[type[BaseException], int]] = [
+    (MalformedBodyError, 400),
     (UnauthorizedError, 401),
     (SlideNotFoundError, 404),
     (JobNotFoundError, 404),
@@ -125,6 +128,19 @@ def install_error_handlers(app: FastAPI) -> None:
                             status_code=422)
 
     @app.exception_handler(StarletteHTTPException)
-    async def http_error(_: Request, exc: StarletteHTTPException) -> JSONResponse:
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405:  # every method of the path, not only the first route's
+            headers["Allow"] = ", ".join(allowed_methods(request))
         return JSONResponse({"error": str(exc.detail)}, status_code=exc.status_code,
-                            headers=getattr(exc, "headers", None))
+                            headers=headers)
+
+
+def allowed_methods(request: Request) -> list[str]:
+    """The methods that some route serves at this request's path."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        match, _ = route.matches({**request.scope, "method": "GET"})
+        if match != Match.NONE:
+            methods |= set(getattr(route, "methods", None) or ())
+    return sorted(methods)

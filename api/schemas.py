@@ -62,9 +62,11 @@ class SlideInfo(BaseModel):
 
 
 class SamplingRequest(BaseModel):
-    """What to sample. Sizes are physical (µm/px, magnification) or px at that resolution."""
+    """What to sample. Sizes are physical (µm/px, magnification) or px at that resolution.
+    ``target_mpp`` and ``magnification`` name the same thing: give one of them at most."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", json_schema_extra={
+        "not": {"required": ["target_mpp", "magnification"]}})
     strategy: Literal["grid", "random", "stratified", "medgemma"] = "grid"
     patch_size_px: int = Field(256, ge=8, le=8192)
     target_mpp: float | None = Field(None, ge=PATCH_MPP_RANGE[0], le=PATCH_MPP_RANGE[1])

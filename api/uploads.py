@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO, cast
 
+from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
@@ -34,7 +35,8 @@ from wsi_sampler.errors import (
 
 from .slides import SlideEntry, SlideRegistry
 
-__all__ = ["ReceivedUpload", "receive_upload", "sniff_format", "store_upload"]
+__all__ = ["MalformedBodyError", "ReceivedUpload", "receive_upload", "sniff_format",
+           "store_upload"]
 
 _FLUSH_BYTES = 1 << 20
 _HEAD_BYTES = 512
@@ -49,6 +51,10 @@ def sniff_format(head: bytes) -> str | None:
     if len(head) >= 132 and head[128:132] == b"DICM":
         return "dicom"
     return None
+
+
+class MalformedBodyError(WsiSamplerError, ValueError):
+    """A request body that does not parse as what its Content-Type says (HTTP 400)."""
 
 
 @dataclass
@@ -133,7 +139,7 @@ async def receive_upload(request: Request, tmp: Path) -> ReceivedUpload:
     part: _FilePart | None = None
     if ctype == b"multipart/form-data":
         if b"boundary" not in params:
-            raise InvalidRequestError("multipart body without a boundary")
+            raise MalformedBodyError("multipart body without a boundary")
         part = _FilePart(upload.add)
         feed = MultipartParser(params[b"boundary"], cast(Any, part.callbacks())).write
     elif ctype in (b"application/octet-stream", b""):
@@ -145,7 +151,10 @@ async def receive_upload(request: Request, tmp: Path) -> ReceivedUpload:
         )
     with tmp.open("wb") as fh:
         async for chunk in request.stream():
-            feed(chunk)
+            try:
+                feed(chunk)
+            except FormParserError as exc:
+                raise MalformedBodyError(f"the multipart body does not parse: {exc}") from None
             if upload.pending_bytes >= _FLUSH_BYTES:
                 await asyncio.to_thread(upload.flush_to, fh)
         await asyncio.to_thread(upload.flush_to, fh)

@@ -38,7 +38,7 @@ MEDGEMMA_TISSUE_MPP = 2.0  # the recipe's 5x tissue mask
 # 100,000 x 80,000 slide is 125 Mpx), the candidate grid, and upsampling past the scan.
 MAX_MASK_PX = 1 << 27
 MAX_GRID_CELLS = 1 << 26
-MAX_UPSAMPLING = 8.0
+MAX_UPSAMPLING = 4.0
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -31,6 +31,13 @@ STREAM_ERRORS: dict[int | str, dict[str, object]] = {
 }
 
 
+def _check_size(plan: PatchPlan, limit: int, setting: str, hint: str) -> None:
+    if len(plan) > limit:
+        raise InvalidRequestError(
+            f"the plan has {len(plan)} patches, more than {setting}={limit}; {hint}"
+        )
+
+
 def _open_and_plan(
     services: Services, slide_id: str, req: SamplingRequest, for_model: bool = False
 ) -> tuple[Slide, PatchPlan]:
@@ -40,12 +47,8 @@ def _open_and_plan(
         if for_model:
             params = model_plan_params(services.require_worker().card, params)
         plan = make_plan(slide, params)
-        limit = services.settings.max_patches_per_request
-        if len(plan) > limit:
-            raise InvalidRequestError(
-                f"the plan has {len(plan)} patches, more than max_patches_per_request={limit}; "
-                "sample fewer (random/stratified with n_patches) or use a job"
-            )
+        _check_size(plan, services.settings.max_patches_per_request, "max_patches_per_request",
+                    "sample fewer (random/stratified with n_patches) or use a job")
     except BaseException:
         slide.close()
         raise
@@ -57,7 +60,10 @@ async def plan(slide_id: str, req: SamplingRequest, services: ServicesDep) -> Pl
     """Sampling parameters in, level-0 patch coordinates out (all strategies, incl. medgemma)."""
     def run() -> PlanResponse:
         with services.registry.open(slide_id, mpp_override=req.mpp_override) as slide:
-            d = make_plan(slide, req.to_params()).to_dict()
+            plan_ = make_plan(slide, req.to_params())
+        _check_size(plan_, services.settings.max_plan_patches, "max_plan_patches",
+                    "sample fewer (random/stratified with n_patches) or use larger patches")
+        d = plan_.to_dict()
         d.pop("params")
         return PlanResponse(slide_id=slide_id, **d)
 

@@ -1,0 +1,338 @@
+"""Failures a lab must be able to see, and inputs that must not hurt the service.
+
+Everything runs against a real uvicorn on 127.0.0.1, read with httpx, curl and raw sockets.
+Faults are injected into real components (a worker that fails on its Nth batch, tiles
+overwritten in a real slide), never by mocking the server.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import tarfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+import numpy as np
+import numpy.typing as npt
+import pytest
+import tifffile
+from _servers import serve
+
+from api.app import create_app
+from api.config import Settings
+from api.slides import SlideRegistry, _slide_id
+from wsi_sampler.errors import WorkerError
+from wsi_sampler.models import Predictions, load_model
+from wsi_sampler.worker import InProcessWorker
+
+GRID = {"patch_size_px": 256, "min_tissue_fraction": 0.0, "strategy": "grid"}
+
+
+class FailingWorker:
+    """tissue-qc that fails from its ``fail_at``-th batch on, as a remote worker answering
+    500 does (``error`` chooses how)."""
+
+    def __init__(self, fail_at: int, error: type[Exception] = WorkerError) -> None:
+        self.inner = InProcessWorker(load_model("tissue-qc", device="cpu"))
+        self.card = self.inner.card
+        self.fail_at = fail_at
+        self.error = error
+        self.calls = 0
+
+    def infer(self, patches: npt.NDArray[np.uint8]) -> Predictions:
+        self.calls += 1
+        if self.calls >= self.fail_at:
+            raise self.error("the remote worker answered HTTP 500")
+        return self.inner.infer(patches)
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+def corrupt_lower_half(src: Path, dst: Path) -> None:
+    """Copy ``src`` and overwrite the level-0 tiles of its lower half with garbage."""
+    data = bytearray(src.read_bytes())
+    with tifffile.TiffFile(src) as tif:
+        page = tif.pages[0]
+        across = -(-page.imagewidth // page.tilewidth)
+        down = -(-page.imagelength // page.tilelength)
+        for index, (offset, count) in enumerate(
+                zip(page.dataoffsets, page.databytecounts, strict=True)):
+            if index // across >= down // 2:
+                data[offset + 2 : offset + count] = b"\x5a" * (count - 2)
+    dst.write_bytes(bytes(data))
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory: pytest.TempPathFactory, demo_slide: Path) -> dict[str, Path]:
+    base = tmp_path_factory.mktemp("reliability")
+    root, outside = base / "slides", base / "outside"
+    root.mkdir()
+    outside.mkdir()
+    shutil.copy(demo_slide, root / "demo.svs")
+    corrupt_lower_half(demo_slide, root / "late-corrupt.svs")
+    shutil.copy(demo_slide, outside / "secret.dcm")
+    os.mkfifo(root / "fifo.svs")
+    (root / "dicom-fifo").mkdir()
+    shutil.copy(demo_slide, root / "dicom-fifo" / "a.dcm")
+    os.mkfifo(root / "dicom-fifo" / "b.dcm")
+    (root / "dicom-link").mkdir()
+    os.symlink(outside / "secret.dcm", root / "dicom-link" / "x.dcm")
+    os.symlink("/etc/passwd", root / "passwd.svs")
+    os.symlink(root / "loop-a.svs", root / "loop-b.svs")
+    os.symlink(root / "loop-b.svs", root / "loop-a.svs")
+    return {"root": root, "data": base / "data"}
+
+
+def settings_for(env: dict[str, Path], **kw: object) -> Settings:
+    values: dict[str, object] = {"slide_roots": [env["root"]], "data_dir": env["data"],
+                                 "demo_slide": False, "device": "cpu"}
+    return Settings(**(values | kw))  # type: ignore[arg-type]
+
+
+@pytest.fixture(scope="module")
+def url(env: dict[str, Path]) -> Iterator[str]:
+    with serve(create_app(settings_for(env)), ready_path="/readyz") as base:
+        yield base
+
+
+def ids(url: str) -> dict[str, str]:
+    items = httpx.get(f"{url}/v1/slides", params={"limit": 1000}).json()["items"]
+    return {i["path"]: i["id"] for i in items}
+
+
+# -- failures after the stream started ---------------------------------------------------------
+
+def test_worker_failing_mid_stream_ends_ndjson_with_an_error_and_aborts(
+        env: dict[str, Path]) -> None:
+    worker = FailingWorker(fail_at=3)
+    with serve(create_app(settings_for(env, batch_size=4), worker_factory=lambda: worker),
+               ready_path="/readyz") as u:
+        sid = ids(u)["demo.svs"]
+        body = {"strategy": "grid", "min_tissue_fraction": 0.0}  # 52 patches, 13 batches
+        lines: list[dict[str, object]] = []
+        with pytest.raises(httpx.RemoteProtocolError), \
+                httpx.stream("POST", f"{u}/v1/slides/{sid}/predictions", json=body) as resp:
+            assert resp.status_code == 200
+            for line in resp.iter_lines():
+                lines.append(json.loads(line))
+        assert lines and all(r["type"] == "patch" for r in lines[:-1])
+        assert lines[-1]["type"] == "error" and lines[-1]["status"] == 502
+        assert "HTTP 500" in str(lines[-1]["error"])
+        assert not any(r["type"] == "summary" for r in lines)
+        # curl sees a failed transfer too (18: partial file / 56: receive failure)
+        worker.calls = 0
+        done = subprocess.run(
+            ["curl", "-sS", "-N", "-X", "POST", "-H", "content-type: application/json",
+             "-d", json.dumps(body), f"{u}/v1/slides/{sid}/predictions"],
+            capture_output=True, text=True, timeout=60, check=False)
+        assert done.returncode != 0, done.stdout[-300:]
+        assert json.loads(done.stdout.strip().splitlines()[-1])["type"] == "error"
+
+
+def test_worker_failing_on_the_first_batch_is_an_ordinary_502(env: dict[str, Path]) -> None:
+    with serve(create_app(settings_for(env), worker_factory=lambda: FailingWorker(1)),
+               ready_path="/readyz") as u:
+        resp = httpx.post(f"{u}/v1/slides/{ids(u)['demo.svs']}/predictions",
+                          json={"strategy": "random", "n_patches": 8})
+        assert resp.status_code == 502 and "HTTP 500" in resp.json()["error"]
+
+
+def test_corrupt_tiles_after_the_first_batch_abort_the_tar(url: str) -> None:
+    sid = ids(url)["late-corrupt.svs"]
+    received = bytearray()
+    with pytest.raises(httpx.RemoteProtocolError), \
+            httpx.stream("POST", f"{url}/v1/slides/{sid}/patches", json=GRID) as resp:
+        assert resp.status_code == 200
+        planned = int(resp.headers["x-patch-count"])
+        for chunk in resp.iter_bytes():
+            received += chunk
+    assert len(received) > 0 and not received.endswith(b"\0" * 1024)  # no tar end marker
+    with tarfile.open(fileobj=_BytesReader(received), mode="r|") as tar:
+        members = sum(1 for _ in tar)
+    assert 0 < members < 2 * planned  # some patches arrived, not all of them
+
+
+def test_corrupt_tiles_in_ndjson_end_with_an_error_record(url: str) -> None:
+    sid = ids(url)["late-corrupt.svs"]
+    lines = []
+    with pytest.raises(httpx.RemoteProtocolError), httpx.stream(
+            "POST", f"{url}/v1/slides/{sid}/patches", params={"format": "ndjson"},
+            json=GRID) as resp:
+        for line in resp.iter_lines():
+            lines.append(json.loads(line))
+    assert lines[-1]["type"] == "error" and lines[-1]["status"] == 422
+    assert "damaged" in lines[-1]["error"]
+    assert str(Path("/")) + "tmp" not in lines[-1]["error"]  # no server path
+
+
+class _BytesReader:
+    def __init__(self, data: bytes | bytearray) -> None:
+        self.data, self.pos = bytes(data), 0
+
+    def read(self, n: int = -1) -> bytes:
+        end = len(self.data) if n < 0 else self.pos + n
+        out, self.pos = self.data[self.pos : end], min(end, len(self.data))
+        return out
+
+
+# -- the slide roots ---------------------------------------------------------------------------
+
+def test_fifos_links_and_loops_are_never_listed_nor_opened(url: str, env: dict[str, Path]
+                                                          ) -> None:
+    t0 = time.monotonic()
+    listed = ids(url)
+    assert time.monotonic() - t0 < 5
+    assert set(listed) == {"demo.svs", "late-corrupt.svs"}  # no fifo, no link out, no loop
+    root = env["root"].resolve()
+    for rel in ("fifo.svs", "dicom-fifo", "dicom-link", "passwd.svs", "loop-a.svs"):
+        for _ in range(50 if rel == "fifo.svs" else 1):  # more than the thread pool
+            resp = httpx.get(f"{url}/v1/slides/{_slide_id(root, rel)}", timeout=5)
+            assert resp.status_code == 404, rel
+            assert "root:" not in resp.text
+    assert httpx.get(f"{url}/v1/slides/{listed['demo.svs']}", timeout=5).status_code == 200
+
+
+def test_unknown_ids_never_rescan_the_roots(tmp_path: Path) -> None:
+    registry = SlideRegistry([tmp_path])
+    registry.scan()
+
+    def no_scan() -> None:
+        raise AssertionError("an unknown id rescanned the roots")
+
+    registry.scan = no_scan  # type: ignore[method-assign]
+    with pytest.raises(FileNotFoundError):
+        registry.get("0" * 24)
+
+
+def test_errors_name_the_slide_not_the_server_path(url: str, env: dict[str, Path]) -> None:
+    resp = httpx.get(f"{url}/v1/slides/{ids(url)['demo.svs']}/tissue",
+                     params={"mpp_override": 0.05, "tissue_mpp": 0.25, "format": "geojson"})
+    assert resp.status_code == 200
+    (env["root"] / "cut.svs").write_bytes((env["root"] / "demo.svs").read_bytes()[:5000])
+    try:
+        with serve(create_app(settings_for(env)), ready_path="/readyz") as u:
+            resp = httpx.post(f"{u}/v1/slides/{ids(u)['cut.svs']}/plan", json={})
+    finally:
+        (env["root"] / "cut.svs").unlink()
+    assert resp.status_code == 422
+    assert resp.json()["error"].startswith("cut.svs: ")
+    assert str(env["root"]) not in resp.text and str(env["root"].resolve()) not in resp.text
+
+
+@pytest.mark.parametrize("query", [
+    {"mpp_override": 0.00001, "tissue_mpp": 0.00001},
+    {"mpp_override": 0.01, "tissue_mpp": 0.01},
+    {"tissue_mpp": 5e-324},
+])
+def test_absurd_resolutions_are_refused_at_once(url: str, query: dict[str, float]) -> None:
+    t0 = time.monotonic()
+    resp = httpx.get(f"{url}/v1/slides/{ids(url)['demo.svs']}/tissue", params=query)
+    assert resp.status_code == 422 and "error" in resp.json()
+    assert time.monotonic() - t0 < 2
+
+
+def test_absurd_plan_parameters_are_refused(url: str) -> None:
+    sid = ids(url)["demo.svs"]
+    bodies = [({"target_mpp": 0.05, "patch_size_px": 8}, {422}),  # 5x finer than the scan
+              ({"min_tissue_fraction": 0, "patch_size_px": 8}, {200}),  # 96k: big, allowed
+              ({"mpp_override": 0.05, "tissue_mpp": 0.25, "patch_size_px": 8}, {200, 422})]
+    for body, allowed in bodies:
+        t0 = time.monotonic()
+        resp = httpx.post(f"{url}/v1/slides/{sid}/plan", json=body)
+        assert resp.status_code in allowed, resp.text[:300]
+        assert time.monotonic() - t0 < 5
+
+
+# -- bodies: authentication and size before reading -------------------------------------------
+
+def _raw_chunked_post(url: str, path: str, total: int, headers: str = "") -> tuple[str, int]:
+    """POST a chunked body of ``total`` bytes; return (status line, bytes sent)."""
+    host, port = urlsplit(url).hostname, urlsplit(url).port
+    assert host and port
+    chunk = b"II*\x00" + b"\x00" * (64 * 1024 - 4)
+    sent = 0
+    with socket.create_connection((host, port), timeout=10) as sock:
+        sock.sendall(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nTransfer-Encoding: chunked\r\n"
+                     f"Content-Type: application/octet-stream\r\n{headers}\r\n".encode())
+        try:
+            while sent < total:
+                sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+                sent += len(chunk)
+                sock.settimeout(0.001 if sent > 256 * 1024 else 10)
+                try:
+                    if sock.recv(1, socket.MSG_PEEK):
+                        break  # the server answered before the body ended
+                except (TimeoutError, BlockingIOError):
+                    pass
+                finally:
+                    sock.settimeout(10)
+        except (BrokenPipeError, ConnectionResetError):
+            pass
+        status = sock.recv(4096).split(b"\r\n", 1)[0].decode()
+    return status, sent
+
+
+def test_chunked_upload_is_refused_unauthenticated_before_its_body(env: dict[str, Path]
+                                                                   ) -> None:
+    settings = settings_for(env, api_keys=["s3cret"], data_dir=env["data"] / "auth")
+    with serve(create_app(settings), ready_path="/readyz") as u:
+        status, sent = _raw_chunked_post(u, "/v1/slides", 64 << 20)
+    assert " 401 " in status
+    assert sent < 8 << 20  # answered long before the 64 MiB were sent
+    assert not any((settings.uploads_dir / ".incoming").glob("*"))
+
+
+def test_chunked_upload_over_the_limit_is_413_as_it_arrives(env: dict[str, Path]) -> None:
+    settings = settings_for(env, max_upload_mb=1, data_dir=env["data"] / "limit")
+    with serve(create_app(settings), ready_path="/readyz") as u:
+        status, sent = _raw_chunked_post(u, "/v1/slides", 64 << 20)
+        assert " 413 " in status and sent < 16 << 20
+        big = {"slides": ["0" * 24] * 200_000}  # ~6 MiB of JSON
+        assert httpx.post(f"{u}/v1/jobs", json=big).status_code == 413
+
+        def chunks() -> Iterator[bytes]:
+            yield json.dumps(big).encode()
+
+        assert httpx.post(f"{u}/v1/jobs", content=chunks(),
+                          headers={"content-type": "application/json"}).status_code == 413
+    assert not any((settings.uploads_dir / ".incoming").glob("*"))
+
+
+def test_same_bytes_under_three_names_are_stored_once(env: dict[str, Path], cmu_svs: Path
+                                                      ) -> None:
+    settings = settings_for(env, data_dir=env["data"] / "dedupe")
+    data = cmu_svs.read_bytes()
+    with serve(create_app(settings), ready_path="/readyz") as u:
+        got = [httpx.post(f"{u}/v1/slides", files={"file": (name, data)}).json()
+               for name in ("a.svs", "b.tiff", "c.ndpi")]
+        raw = httpx.post(f"{u}/v1/slides", content=data,
+                         headers={"content-type": "application/octet-stream"}).json()
+    assert len({g["id"] for g in got} | {raw["id"]}) == 1
+    assert got[0]["format"] == "svs" and got[0]["name"].endswith(".svs")  # from the content
+    stored = [p for p in settings.uploads_dir.iterdir() if p.is_file()]
+    assert len(stored) == 1 and oct(stored[0].stat().st_mode & 0o777) != oct(0o600)
+
+
+# -- jobs ----------------------------------------------------------------------------------------
+
+def test_a_job_never_stays_running_after_an_unexpected_error(env: dict[str, Path]) -> None:
+    settings = settings_for(env, data_dir=env["data"] / "jobs")
+    with serve(create_app(settings, worker_factory=lambda: FailingWorker(1, ValueError)),
+               ready_path="/readyz") as u:
+        sid = ids(u)["demo.svs"]
+        job = httpx.post(f"{u}/v1/jobs", json={"slides": [sid, sid]}).json()["id"]
+        deadline = time.monotonic() + 60
+        while (status := httpx.get(f"{u}/v1/jobs/{job}").json())["state"] in ("queued",
+                                                                             "running"):
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    assert status["state"] == "failed" and status["slides_done"] == 2
+    assert [e["error"] for e in status["errors"]] == ["ValueError", "ValueError"]
