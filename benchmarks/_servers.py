@@ -23,6 +23,16 @@ def free_port() -> int:
 def cli_server(args: list[str], ready_path: str, *, env: dict[str, str] | None = None,
                timeout_s: float = 180.0) -> Iterator[str]:
     """Run ``wsi-sampler <args> --port P`` and yield its URL once ``ready_path`` is 200."""
+    with cli_server_process(args, ready_path, env=env, timeout_s=timeout_s) as (url, _):
+        yield url
+
+
+@contextmanager
+def cli_server_process(
+    args: list[str], ready_path: str, *, env: dict[str, str] | None = None,
+    timeout_s: float = 180.0,
+) -> Iterator[tuple[str, subprocess.Popen[str]]]:
+    """Like :func:`cli_server`, yielding (URL, the server process)."""
     port = free_port()
     cmd = [sys.executable, "-c", "from wsi_sampler.cli import main; main()", *args,
            "--port", str(port), "--host", "127.0.0.1"]
@@ -42,7 +52,7 @@ def cli_server(args: list[str], ready_path: str, *, env: dict[str, str] | None =
             if time.monotonic() > deadline:
                 raise RuntimeError("server did not become ready")
             time.sleep(0.2)
-        yield url
+        yield url, proc
     finally:
         proc.terminate()
         try:

@@ -436,11 +436,19 @@ def serve(
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
 
 
+def _log_unraisable(unraisable: sys.UnraisableHookArgs) -> None:
+    # Objects of damaged files finalised at exit (tiffslide's zarr stores, their event
+    # loops) report errors nobody can act on; the one-line error already said what failed.
+    log.debug("ignored at shutdown: %s", unraisable.exc_value)
+
+
 def main() -> None:
     """Console entry point: run the app, turning user mistakes into one-line errors."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     # tifffile logs every damaged structure it meets; the translated error says it once.
-    logging.getLogger("tifffile").setLevel(logging.CRITICAL)
+    for noisy in ("tifffile", "asyncio", "zarr", "fsspec"):
+        logging.getLogger(noisy).setLevel(logging.CRITICAL)
+    sys.unraisablehook = _log_unraisable
     try:
         app()
     except WsiSamplerError as exc:
