@@ -32,7 +32,7 @@ from .jobs import JobManager
 from .memory import limit_malloc_arenas
 from .metrics import Metrics
 from .middleware import RequestGuard, RequestMetrics
-from .routes import jobs, sampling, slides
+from .routes import jobs, reports, sampling, slides
 from .schemas import ErrorBody
 from .slides import SlideRegistry
 
@@ -127,7 +127,7 @@ def create_app(
                                                "metrics", None))
     install_error_handlers(app)
     _install_health(app)
-    for router in (slides.router, sampling.router, jobs.router):
+    for router in (slides.router, sampling.router, reports.router, jobs.router):
         app.include_router(router, responses=_COMMON)
     return app
 

@@ -44,13 +44,20 @@ class Settings(BaseSettings):
     batch_size: int = Field(32, ge=1, le=4096)
     job_workers: int = Field(1, ge=1, le=64)
     slide_index_refresh_s: float = Field(30.0, ge=0.5, le=86_400)
+    vlm_url: str = ""
+    vlm_model: str = "google/medgemma-1.5-4b-it"
+    vlm_api_key_env: str = "WSI_VLM_API_KEY"
+    vlm_timeout_s: float = Field(600.0, gt=0)
+    vlm_max_images: int = Field(126, ge=1)
+    vlm_context_tokens: int = Field(131_072, ge=1)
+    vlm_max_tokens: int = Field(1024, ge=1)
     malloc_arena_max: int = Field(4, ge=0, le=64, description="0 = glibc's default")
 
-    @field_validator("worker_url")
+    @field_validator("worker_url", "vlm_url")
     @classmethod
     def _url(cls, v: str) -> str:
         if v and not v.startswith(("http://", "https://")):
-            raise ValueError("worker_url must start with http:// or https://")
+            raise ValueError("must start with http:// or https://")
         return v
 
     @property

@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from wsi_sampler import PlanParams, medgemma_params
 from wsi_sampler.errors import InvalidRequestError
-from wsi_sampler.plan import MEDGEMMA_MAX_PATCHES
+from wsi_sampler.medgemma import MEDGEMMA_PATCH_PX, MEDGEMMA_TISSUE_MPP
 from wsi_sampler.units import PATCH_MPP_RANGE, SLIDE_MPP_RANGE, TISSUE_MPP_RANGE
 
 __all__ = [
@@ -16,6 +16,7 @@ __all__ = [
     "JobRequest",
     "JobStatus",
     "PlanResponse",
+    "ReportRequest",
     "SamplingRequest",
     "SlideInfo",
     "SlideList",
@@ -61,6 +62,12 @@ class SlideInfo(BaseModel):
     fingerprint: str
 
 
+# What the medgemma preset fixes: a request may repeat these values (or send the field's
+# plain default, as generated clients do); any other value contradicts the preset.
+_MEDGEMMA_FIXED: dict[str, object] = {"patch_size_px": MEDGEMMA_PATCH_PX, "overlap": 0.0,
+                                      "tissue_mpp": MEDGEMMA_TISSUE_MPP, "target_mpp": None}
+
+
 class SamplingRequest(BaseModel):
     """What to sample. Sizes are physical (µm/px, magnification) or px at that resolution.
     ``target_mpp`` and ``magnification`` name the same thing: give one of them at most."""
@@ -81,21 +88,31 @@ class SamplingRequest(BaseModel):
     mpp_override: float | None = Field(
         None, ge=SLIDE_MPP_RANGE[0], le=SLIDE_MPP_RANGE[1],
         description="µm/px for slides without MPP metadata")
+    medgemma_variant: Literal["report", "notebook"] = Field(
+        "report", description="medgemma: 'report' (technical report: magnification drawn "
+        "5x/10x/20x, at most 126, spatial order) or 'notebook' (Google's public notebook: "
+        "10x, at most 125, random.sample order)")
+
+    def _medgemma_conflicts(self) -> list[str]:
+        fields = type(self).model_fields
+        return sorted(
+            f"{name}={getattr(self, name)!r}" for name, preset in _MEDGEMMA_FIXED.items()
+            if name in self.model_fields_set
+            and getattr(self, name) not in (preset, fields[name].default)
+        )
 
     def to_params(self) -> PlanParams:
         if self.strategy == "medgemma":
-            fixed = sorted(self.model_fields_set & {"patch_size_px", "target_mpp", "overlap",
-                                                    "tissue_mpp"})
-            if fixed:
+            conflicts = self._medgemma_conflicts()
+            if conflicts:
                 raise InvalidRequestError(
-                    f"the medgemma preset fixes {', '.join(fixed)} (896 px, no overlap, 5x "
-                    "mask); choose its magnification with 'magnification' and its cap with "
-                    "'n_patches'"
+                    f"the medgemma preset fixes 896 px patches, no overlap and a 5x tissue "
+                    f"mask; {', '.join(conflicts)} contradicts it. Choose its magnification "
+                    "with 'magnification' and its cap with 'n_patches'"
                 )
             return medgemma_params(
-                seed=self.seed, magnification=self.magnification,
-                max_patches=self.n_patches or MEDGEMMA_MAX_PATCHES,
-                min_tissue_fraction=self.min_tissue_fraction,
+                seed=self.seed, magnification=self.magnification, max_patches=self.n_patches,
+                min_tissue_fraction=self.min_tissue_fraction, variant=self.medgemma_variant,
             )
         return PlanParams(
             strategy=self.strategy, patch_size_px=self.patch_size_px, target_mpp=self.target_mpp,
@@ -103,6 +120,30 @@ class SamplingRequest(BaseModel):
             min_tissue_fraction=self.min_tissue_fraction, n_patches=self.n_patches,
             seed=self.seed, tissue_mpp=self.tissue_mpp,
         )
+
+
+class ReportRequest(BaseModel):
+    """A slide's MedGemma bag, described by the configured vision-language model."""
+
+    model_config = ConfigDict(extra="forbid")
+    prompt: str = Field(min_length=1, max_length=20_000,
+                        description="Text sent before the bag's images")
+    system_prompt: str | None = Field(None, max_length=20_000)
+    medgemma_variant: Literal["report", "notebook"] = "report"
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+    magnification: float | None = Field(None, ge=10 / PATCH_MPP_RANGE[1],
+                                        le=10 / PATCH_MPP_RANGE[0])
+    n_patches: int | None = Field(None, ge=1, le=1000, description="Cap of the bag")
+    min_tissue_fraction: float = Field(0.5, ge=0, le=1)
+    mpp_override: float | None = Field(None, ge=SLIDE_MPP_RANGE[0], le=SLIDE_MPP_RANGE[1])
+    image_format: Literal["jpeg", "png"] = "jpeg"
+    max_tokens: int | None = Field(None, ge=1, le=32_768)
+
+    def to_params(self) -> PlanParams:
+        return medgemma_params(seed=self.seed, magnification=self.magnification,
+                               max_patches=self.n_patches,
+                               min_tissue_fraction=self.min_tissue_fraction,
+                               variant=self.medgemma_variant)
 
 
 class PatchRequest(SamplingRequest):
@@ -126,8 +167,12 @@ class PlanResponse(BaseModel):
     height0: int
     level: int
     downsample: float
-    n_candidates: int
+    n_candidates: int = Field(description="Grid cells reaching min_tissue_fraction")
     n_patches: int
+    selection: dict[str, Any] = Field(
+        description="How the patches were chosen: 'rule' (min_tissue_fraction, "
+        "filled_by_tissue_rank, edge_cells or no_tissue), n_above_threshold, n_filled")
+    message: str | None = Field(None, description="Set when the plan is empty, saying why")
     patches: list[PlannedPatch]
 
 

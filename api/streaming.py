@@ -38,15 +38,18 @@ from wsi_sampler import Extractor, PatchBatch, PatchPlan, Slide
 from wsi_sampler.errors import WsiSamplerError
 from wsi_sampler.export import encode_image
 from wsi_sampler.models import Predictions
+from wsi_sampler.report import report_events
 from wsi_sampler.scoring import Aggregate, iter_predictions, output_columns
 from wsi_sampler.worker import Worker
+from wsi_sampler.worker.vlm import VlmWorker
 
+from .deps import Services
 from .memory import release_free_memory
 from .metrics import Metrics
 from .middleware import send_json_error
 
 __all__ = ["ErrorDescriber", "ProducerResponse", "ndjson_error_record", "patch_chunks",
-           "prediction_chunks"]
+           "prediction_chunks", "report_chunks", "slide_stream"]
 
 logger = logging.getLogger("wsi_sampler.api.stream")
 _TAR_END = b"\0" * 1024
@@ -155,6 +158,41 @@ class ProducerResponse(StreamingResponse):
             await super().__call__(scope, receive, send)
         finally:
             _close_soon(self._producer)
+
+
+NDJSON = "application/x-ndjson"
+
+
+def slide_stream(
+    services: Services, slide: Slide, n_patches: int, chunks: Generator[bytes, None, None],
+    media_type: str, also_close: Callable[[], None] | None = None,
+) -> ProducerResponse:
+    """The response of a stream over an open slide holding a stream slot: whatever
+    happens, the slide is closed (and ``also_close`` called) and the slot released."""
+    def on_close() -> None:
+        try:
+            slide.close()
+            if also_close is not None:
+                also_close()
+        finally:
+            services.release_stream()
+
+    headers = {"X-Patch-Count": str(n_patches), "Cache-Control": "no-store"}
+    trailer = ndjson_error_record if media_type == NDJSON else None
+    return ProducerResponse(chunks, on_close, media_type=media_type, headers=headers,
+                            describe=services.describe, error_trailer=trailer)
+
+
+def report_chunks(slide: Slide, plan: PatchPlan, vlm: VlmWorker, prompt: str
+                  ) -> Generator[bytes, None, None]:
+    """NDJSON report events. The bag record waits for the model's first words, so an
+    endpoint that is down, refuses the bag or fails at once is an ordinary error status."""
+    events = report_events(slide, plan, vlm, prompt)
+    with closing(events):
+        first = [next(events), next(events)]  # the bag, then the model's first event
+        yield b"".join(json.dumps(e).encode() + b"\n" for e in first)
+        for event in events:
+            yield json.dumps(event).encode() + b"\n"
 
 
 def _tar_member(name: str, data: bytes, mtime: float) -> bytes:

@@ -21,6 +21,19 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
 from ._io import atomic_write_bytes
+from .cli_vlm import (
+    DEFAULT_MODEL,
+    DEFAULT_PROMPT,
+    PromptO,
+    VariantO,
+    VariantOpt,
+    VlmModelO,
+    VlmUrlO,
+    bag_params,
+    vlm_config,
+    write_messages,
+)
+from .cli_vlm import register as register_vlm_commands
 from .demo import DemoSlideSpec, write_demo_slide
 from .errors import InvalidRequestError, WsiSamplerError
 from .export import (
@@ -36,7 +49,7 @@ from .export import (
     write_wsinfer_h5,
 )
 from .extract import Extractor
-from .plan import PatchPlan, PlanParams, TissueMask, compute_tissue_mask, make_plan, medgemma_params
+from .plan import PatchPlan, PlanParams, TissueMask, compute_tissue_mask, make_plan
 from .slide import Slide, open_slide
 from .tissue import TissueParams, load_geojson_geometry, load_mask_png, rasterize_geometry
 
@@ -107,15 +120,14 @@ def _open(slide: Path, backend: BackendOpt, mpp_override: float | None) -> Slide
 def _plan_params(
     strategy: StrategyOpt, mpp: float | None, magnification: float | None, size: int | None,
     overlap: float, min_tissue: float, n_patches: int | None, seed: int,
-    tissue_mpp: float | None, method: MethodOpt,
+    tissue_mpp: float | None, method: MethodOpt, variant: VariantOpt = VariantOpt.report,
 ) -> PlanParams:
     tissue = TissueParams(method=method.value)
     if strategy is StrategyOpt.medgemma:
-        if mpp is not None or size is not None:
+        if mpp is not None or size not in (None, 896):
             raise InvalidRequestError("medgemma fixes --size (896) and draws --mpp; use "
                                       "--magnification to fix the magnification")
-        p = medgemma_params(seed=seed, magnification=magnification,
-                            max_patches=n_patches or 126, min_tissue_fraction=min_tissue)
+        p = bag_params(seed, magnification, n_patches, min_tissue, variant)
         return replace(p, tissue=tissue, tissue_mpp=tissue_mpp or p.tissue_mpp)
     return PlanParams(
         strategy=strategy.value, patch_size_px=size or 256, target_mpp=mpp,
@@ -185,10 +197,20 @@ def plan(
     n_patches: NO = None, seed: SeedO = 0, tissue_mpp: TissueMppO = None,
     method: MethodO = MethodOpt.auto, roi: RoiO = None, mask: MaskO = None,
     backend: BackendO = BackendOpt.auto, mpp_override: MppOverrideO = None,
+    variant: VariantO = VariantOpt.report,
+    messages: Annotated[Path | None, typer.Option(
+        help="medgemma: also write a ready-to-send /v1/chat/completions body (JSON) for "
+             "the bag: prompt first, then the patches as JPEG data URIs.")] = None,
+    prompt: PromptO = None, vlm_model: VlmModelO = DEFAULT_MODEL,
 ) -> None:
     """Plan patches (coordinates only) and write them."""
     params = _plan_params(strategy, mpp, magnification, size, overlap, min_tissue, n_patches,
-                          seed, tissue_mpp, method)
+                          seed, tissue_mpp, method, variant)
+    if messages is not None:
+        if strategy is not StrategyOpt.medgemma:
+            raise InvalidRequestError("--messages exports the MedGemma bag: --strategy medgemma")
+        write_messages(messages, slide, params, model=vlm_model,
+                       prompt=prompt or DEFAULT_PROMPT, mpp_override=mpp_override)
     with _open(slide, backend, mpp_override) as s:
         p, tm = _build_plan(s, params, roi, mask)
         suffix = out.suffix.lower()
@@ -255,9 +277,9 @@ def _write_patch_files(extractor: Extractor, out: Path, ext: str, quiet: bool) -
 @app.command("demo-slide")
 def demo_slide(
     out: Annotated[Path, typer.Argument(help="Path of the .svs file to write.")],
-    width: Annotated[int, typer.Option(help="Level-0 width in px.")] = 12_000,
-    height: Annotated[int, typer.Option(help="Level-0 height in px.")] = 9_000,
-    mpp: Annotated[float, typer.Option(help="Level-0 µm/px.")] = 0.25,
+    width: Annotated[int, typer.Option(help="Level-0 width in px.")] = 16_000,
+    height: Annotated[int, typer.Option(help="Level-0 height in px.")] = 12_000,
+    mpp: Annotated[float, typer.Option(help="Level-0 µm/px.")] = 0.5,
     seed: SeedO = 0,
     pen: Annotated[bool, typer.Option(help="Draw blue and green pen strokes.")] = True,
     artefact: Annotated[bool, typer.Option(help="Draw a black artefact.")] = True,
@@ -349,17 +371,25 @@ def score(
     mpp_override: MppOverrideO = None,
     device: DeviceO = DeviceOpt.auto,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+    vlm_url: VlmUrlO = None, vlm_model: VlmModelO = DEFAULT_MODEL, prompt: PromptO = None,
+    variant: VariantO = VariantOpt.report,
 ) -> None:
-    """Score every slide of a folder. Exit 0 if all succeeded, 3 if any failed."""
+    """Score every slide of a folder. Exit 0 if all succeeded, 3 if any failed. With
+    --vlm-url, each slide's MedGemma bag is described by that model instead (report.json)."""
     from .batch import BatchConfig, run_batch
     from .models import resolve_card
 
-    if worker_url is None:
-        resolve_card(model)  # a missing model is a one-line error before any work
-    params = PlanParams(strategy=strategy.value, n_patches=n_patches, seed=seed,
-                        min_tissue_fraction=min_tissue)
-    cfg = BatchConfig(model=model, worker_url=worker_url, device=device.value, params=params,
-                      mpp_override=mpp_override)
+    if vlm_url:
+        cfg = BatchConfig(params=bag_params(seed, None, n_patches, min_tissue, variant),
+                          mpp_override=mpp_override, vlm=vlm_config(vlm_url, vlm_model),
+                          prompt=prompt or DEFAULT_PROMPT)
+    else:
+        if worker_url is None:
+            resolve_card(model)  # a missing model is a one-line error before any work
+        params = PlanParams(strategy=strategy.value, n_patches=n_patches, seed=seed,
+                            min_tissue_fraction=min_tissue)
+        cfg = BatchConfig(model=model, worker_url=worker_url, device=device.value,
+                          params=params, mpp_override=mpp_override)
     with _score_progress(quiet) as report_one:
         report = run_batch(slides_dir, out, cfg, executor=executor.value, workers=workers,
                            address=address, retries=retries, resume=resume,
@@ -434,6 +464,9 @@ def serve(
     base = f"http://{settings.host}:{settings.port}"
     log.info("wsi-sampler API on %s  -  interactive docs: %s/docs", base, base)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+
+
+register_vlm_commands(app)
 
 
 def _log_unraisable(unraisable: sys.UnraisableHookArgs) -> None:

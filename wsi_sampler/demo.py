@@ -45,9 +45,9 @@ class Ellipse:
 class DemoSlideSpec:
     """What to generate. Sizes in level-0 pixels, ``mpp`` in µm/px."""
 
-    width: int = 12_000
-    height: int = 9_000
-    mpp: float = 0.25
+    width: int = 16_000
+    height: int = 12_000
+    mpp: float = 0.5
     seed: int = 0
     n_blobs: int = 4
     tissue_scale: float = 1.0
@@ -176,7 +176,7 @@ def _level_tiles(spec: DemoSlideSpec, ds: int, texture: RGBImage) -> Iterator[RG
 
 
 def write_demo_slide(path: str | os.PathLike[str], spec: DemoSlideSpec | None = None) -> Path:
-    """Write ``spec`` (default: a 12,000 x 9,000 slide at 0.25 µm/px) to ``path``; return it."""
+    """Write ``spec`` (default: a 16,000 x 12,000 slide at 0.5 µm/px: 8 x 6 mm) to ``path``; return it."""
     spec = spec or DemoSlideSpec()
     out = Path(path)
     texture = _texture(spec.seed)

@@ -127,10 +127,11 @@ def write_wsinfer_h5(path: str | os.PathLike[str], plan: PatchPlan) -> None:
         dset.attrs["patch_spacing_um_px"] = plan.target_mpp
 
 
-def encode_image(img: np.ndarray, ext: str = ".png") -> bytes:
+def encode_image(img: np.ndarray, ext: str = ".png", *, jpeg_quality: int = 95) -> bytes:
     """Encode an RGB (or grey) uint8 image as ``.png`` or ``.jpg`` bytes."""
     arr = img[:, :, ::-1] if img.ndim == 3 else img
-    ok, buf = cv2.imencode(ext, np.ascontiguousarray(arr))
+    flags = [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality] if ext in (".jpg", ".jpeg") else []
+    ok, buf = cv2.imencode(ext, np.ascontiguousarray(arr), flags)
     if not ok:  # pragma: no cover - OpenCV encodes any uint8 image
         raise InvalidRequestError(f"{ext} encoding failed")
     return bytes(buf.tobytes())

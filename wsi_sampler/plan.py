@@ -18,6 +18,16 @@ import numpy.typing as npt
 from shapely.geometry.base import BaseGeometry
 
 from .errors import InvalidRequestError
+from .medgemma import (
+    MEDGEMMA_MAX_PATCHES,
+    MEDGEMMA_PATCH_PX,
+    MEDGEMMA_TISSUE_MPP,
+    NOTEBOOK_MAGNIFICATION,
+    NOTEBOOK_MAX_PATCHES,
+    BagOrder,
+    MedgemmaVariant,
+    select_bag,
+)
 from .sampling import (
     draw_medgemma_magnification,
     sample_random,
@@ -31,9 +41,8 @@ from .units import TISSUE_MPP_RANGE, check_mpp, magnification_to_mpp, resolve_ta
 __all__ = ["PatchPlan", "PlanParams", "TissueMask", "compute_tissue_mask", "make_plan",
            "medgemma_params"]
 
-MEDGEMMA_PATCH_PX = 896
-MEDGEMMA_MAX_PATCHES = 126
-MEDGEMMA_TISSUE_MPP = 2.0  # the recipe's 5x tissue mask
+__all__ += ["MEDGEMMA_MAX_PATCHES", "MEDGEMMA_PATCH_PX", "MEDGEMMA_TISSUE_MPP"]
+
 # Bounds on the work one plan may cost: the tissue mask (the MedGemma 5x mask of a
 # 100,000 x 80,000 slide is 125 Mpx), the candidate grid, and upsampling past the scan.
 MAX_MASK_PX = 1 << 27
@@ -60,8 +69,14 @@ class PlanParams:
     tissue_mpp: float = 8.0
     """Resolution of the tissue mask in µm/px (8 ≈ 1.25x)."""
     tissue: TissueParams = field(default_factory=TissueParams)
+    order: BagOrder = "row-major"
+    """``medgemma`` only: ``sampled`` keeps the order of the notebook's ``random.sample``."""
 
     def __post_init__(self) -> None:
+        if self.order not in ("row-major", "sampled"):
+            raise InvalidRequestError(f"unknown order {self.order!r} (row-major, sampled)")
+        if self.order == "sampled" and self.strategy != "medgemma":
+            raise InvalidRequestError("order 'sampled' belongs to the medgemma preset")
         if self.strategy not in ("grid", "random", "stratified", "medgemma"):
             raise InvalidRequestError(
                 f"unknown strategy {self.strategy!r} (grid, random, stratified, medgemma)"
@@ -92,18 +107,26 @@ def medgemma_params(
     *,
     seed: int = 0,
     magnification: float | None = None,
-    max_patches: int = MEDGEMMA_MAX_PATCHES,
+    max_patches: int | None = None,
     min_tissue_fraction: float = 0.5,
+    variant: MedgemmaVariant = "report",
 ) -> PlanParams:
-    """The MedGemma 1.5 whole-slide recipe: 896 px, no overlap, ≤ 126 patches, 5x mask."""
+    """The MedGemma 1.5 whole-slide recipe: 896 px, no overlap, 5x mask, and either the
+    technical report's sampling (``report``: magnification drawn 5x/10x/20x, ≤ 126 patches,
+    row-major order) or Google's public notebook (``notebook``: 10x, ≤ 125 patches, in the
+    order ``random.sample`` returns). ``magnification`` and ``max_patches`` override both."""
+    if variant not in ("report", "notebook"):
+        raise InvalidRequestError(f"unknown medgemma variant {variant!r} (report, notebook)")
+    notebook = variant == "notebook"
     return PlanParams(
         strategy="medgemma",
         patch_size_px=MEDGEMMA_PATCH_PX,
-        magnification=magnification,
-        n_patches=max_patches,
+        magnification=magnification or (NOTEBOOK_MAGNIFICATION if notebook else None),
+        n_patches=max_patches or (NOTEBOOK_MAX_PATCHES if notebook else MEDGEMMA_MAX_PATCHES),
         seed=seed,
         min_tissue_fraction=min_tissue_fraction,
         tissue_mpp=MEDGEMMA_TISSUE_MPP,
+        order="sampled" if notebook else "row-major",
     )
 
 
@@ -158,6 +181,8 @@ class PatchPlan:
     magnification: float | None
     n_candidates: int
     params: dict[str, Any]
+    selection: dict[str, Any] = field(default_factory=dict)
+    """How the patches were chosen (the medgemma bag: which rule filled it)."""
 
     def __len__(self) -> int:
         return len(self.x0)
@@ -175,6 +200,16 @@ class PatchPlan:
     @property
     def downsamples(self) -> npt.NDArray[np.float64]:
         return np.full(len(self), self.downsample, np.float64)
+
+    def why_empty(self) -> str | None:
+        """Why the plan holds no patch, in words; None when it holds some."""
+        if len(self):
+            return None
+        if self.strategy == "medgemma":
+            return ("the tissue detector finds no tissue on this slide, so the MedGemma bag "
+                    "is empty (check the tissue mask: GET .../tissue, or wsi-sampler tissue)")
+        return (f"no grid cell reaches min_tissue_fraction="
+                f"{self.params.get('min_tissue_fraction')}; lower it or check the tissue mask")
 
     def subset(self, indices: npt.NDArray[np.int64]) -> PatchPlan:
         """A plan holding only ``indices`` (in the given order)."""
@@ -197,6 +232,7 @@ class PatchPlan:
             "downsample": self.downsample,
             "n_candidates": self.n_candidates,
             "n_patches": len(self),
+            "selection": self.selection,
             "params": self.params,
             "patches": [
                 {"x0": int(x), "y0": int(y), "tissue_fraction": round(float(f), 4)}
@@ -220,6 +256,57 @@ def _box_fractions(
     return (total / ((bx - ax) * (by - ay))).astype(np.float32)
 
 
+@dataclass(frozen=True)
+class _Grid:
+    """Cell size and stride in level-0 px."""
+
+    w0: int
+    h0: int
+    stride_x: int
+    stride_y: int
+
+    def corners(self, w: int, h: int, *, past_edge: bool = False
+                ) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64]]:
+        """Top-left corners, row-major; ``past_edge`` also keeps cells reaching past it."""
+        stop_x, stop_y = (w, h) if past_edge else (w - self.w0 + 1, h - self.h0 + 1)
+        gy, gx = np.meshgrid(np.arange(0, stop_y, self.stride_y, dtype=np.int64),
+                             np.arange(0, stop_x, self.stride_x, dtype=np.int64), indexing="ij")
+        return gx.ravel(), gy.ravel()
+
+
+def _resolution(params: PlanParams, rng: np.random.Generator, mx: float
+                ) -> tuple[float | None, float]:
+    """(magnification, target µm/px); the medgemma preset draws its magnification here."""
+    magnification = params.magnification
+    if params.strategy == "medgemma":
+        if magnification is None:
+            magnification = draw_medgemma_magnification(rng)
+        return magnification, magnification_to_mpp(magnification)
+    resolved = resolve_target_mpp(target_mpp=params.target_mpp, magnification=magnification)
+    return magnification, resolved if resolved is not None else mx
+
+
+def _grid_for(slide: Slide, params: PlanParams, target_mpp: float) -> _Grid:
+    mx, my = slide.require_mpp()
+    w, h = slide.dimensions
+    if target_mpp * MAX_UPSAMPLING < min(mx, my):
+        raise InvalidRequestError(
+            f"target resolution {target_mpp:g} µm/px is more than {MAX_UPSAMPLING:g}x finer "
+            f"than the slide's scan ({min(mx, my):g} µm/px)"
+        )
+    w0 = max(1, round(params.patch_size_px * target_mpp / mx))
+    h0 = max(1, round(params.patch_size_px * target_mpp / my))
+    grid = _Grid(w0, h0, max(1, round(w0 * (1 - params.overlap))),
+                 max(1, round(h0 * (1 - params.overlap))))
+    cells = (-(-w // grid.stride_x)) * (-(-h // grid.stride_y))
+    if cells > MAX_GRID_CELLS:
+        raise InvalidRequestError(
+            f"the patch grid would have {cells:,} cells (limit {MAX_GRID_CELLS:,}); use larger "
+            "patches, less overlap or a coarser target resolution"
+        )
+    return grid
+
+
 def make_plan(
     slide: Slide,
     params: PlanParams,
@@ -234,55 +321,57 @@ def make_plan(
     """
     mx, my = slide.require_mpp()
     rng = np.random.default_rng(params.seed)
-    magnification = params.magnification
-    if params.strategy == "medgemma":
-        if magnification is None:
-            magnification = draw_medgemma_magnification(rng)
-        target_mpp = magnification_to_mpp(magnification)
-    else:
-        resolved = resolve_target_mpp(target_mpp=params.target_mpp, magnification=magnification)
-        target_mpp = resolved if resolved is not None else mx
-    w, h = slide.dimensions
-    if target_mpp * MAX_UPSAMPLING < min(mx, my):
-        raise InvalidRequestError(
-            f"target resolution {target_mpp:g} µm/px is more than {MAX_UPSAMPLING:g}x finer "
-            f"than the slide's scan ({min(mx, my):g} µm/px)"
-        )
-    w0 = max(1, round(params.patch_size_px * target_mpp / mx))
-    h0 = max(1, round(params.patch_size_px * target_mpp / my))
-    stride_x = max(1, round(w0 * (1 - params.overlap)))
-    stride_y = max(1, round(h0 * (1 - params.overlap)))
-    cells = (max(0, w - w0) // stride_x + 1) * (max(0, h - h0) // stride_y + 1)
-    if cells > MAX_GRID_CELLS:
-        raise InvalidRequestError(
-            f"the patch grid would have {cells:,} cells (limit {MAX_GRID_CELLS:,}); use larger "
-            "patches, less overlap or a coarser target resolution"
-        )
+    magnification, target_mpp = _resolution(params, rng, mx)
+    grid = _grid_for(slide, params, target_mpp)
     tm = tissue or compute_tissue_mask(slide, tissue_mpp=params.tissue_mpp, params=params.tissue)
     mask = tm.mask
     if roi is not None:
         mask = mask & rasterize_geometry(roi, mask.shape, tm.scale)
-    gy, gx = np.meshgrid(
-        np.arange(0, h - h0 + 1, stride_y, dtype=np.int64),
-        np.arange(0, w - w0 + 1, stride_x, dtype=np.int64),
-        indexing="ij",
-    )
-    xs, ys = gx.ravel(), gy.ravel()
-    frac = _box_fractions(mask, tm.scale, xs, ys, w0, h0) if len(xs) else np.zeros(0, np.float32)
-    keep = (frac >= params.min_tissue_fraction) & (frac > 0)
-    xs, ys, frac = xs[keep], ys[keep], frac[keep]
-    n_candidates = len(xs)
-    idx = _select(params, xs, ys, rng)
-    downsample = min(w0, h0) / params.patch_size_px
-    level = slide.best_level_for_downsample(downsample)
+    if params.strategy == "medgemma":
+        xs, ys, frac, idx, selection = _medgemma_cells(slide, params, grid, mask, tm, rng)
+        n_candidates = int(selection["n_above_threshold"])
+    else:
+        xs, ys = grid.corners(*slide.dimensions)
+        frac = _fractions(mask, tm, xs, ys, grid)
+        keep = (frac >= params.min_tissue_fraction) & (frac > 0)
+        xs, ys, frac = xs[keep], ys[keep], frac[keep]
+        n_candidates, idx = len(xs), _select(params, xs, ys, rng)
+        selection = {"rule": "min_tissue_fraction", "n_above_threshold": n_candidates,
+                     "n_filled": 0}
+    level = slide.best_level_for_downsample(min(grid.w0, grid.h0) / params.patch_size_px)
     return PatchPlan(
         x0=xs[idx], y0=ys[idx], tissue_fraction=frac[idx],
-        width0=w0, height0=h0, patch_size_px=params.patch_size_px, target_mpp=target_mpp,
-        level=level, downsample=slide.level_downsamples[level],
-        slide_dimensions=(w, h), slide_mpp=(mx, my), strategy=params.strategy,
+        width0=grid.w0, height0=grid.h0, patch_size_px=params.patch_size_px,
+        target_mpp=target_mpp, level=level, downsample=slide.level_downsamples[level],
+        slide_dimensions=slide.dimensions, slide_mpp=(mx, my), strategy=params.strategy,
         seed=params.seed, magnification=magnification, n_candidates=n_candidates,
-        params=params.to_dict(),
+        params=params.to_dict(), selection=selection,
     )
+
+
+def _fractions(mask: BoolMask, tm: TissueMask, xs: npt.NDArray[np.int64],
+               ys: npt.NDArray[np.int64], grid: _Grid) -> npt.NDArray[np.float32]:
+    if not len(xs):
+        return np.zeros(0, np.float32)
+    return _box_fractions(mask, tm.scale, xs, ys, grid.w0, grid.h0)
+
+
+def _medgemma_cells(
+    slide: Slide, params: PlanParams, grid: _Grid, mask: BoolMask, tm: TissueMask,
+    rng: np.random.Generator,
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.float32],
+           npt.NDArray[np.int64], dict[str, Any]]:
+    """The bag's cells (see :mod:`wsi_sampler.medgemma`): never empty while there is tissue;
+    a slide smaller than one patch uses the cells reaching past its edge (read as white)."""
+    cap = params.n_patches or MEDGEMMA_MAX_PATCHES
+    for past_edge in (False, True):
+        xs, ys = grid.corners(*slide.dimensions, past_edge=past_edge)
+        frac = _fractions(mask, tm, xs, ys, grid)
+        bag = select_bag(frac, min_tissue_fraction=params.min_tissue_fraction, cap=cap,
+                         order=params.order, seed=params.seed, rng=rng, edge=past_edge)
+        if len(bag.indices) or not mask.any():
+            break
+    return xs, ys, frac, bag.indices, bag.to_dict()
 
 
 def _select(
@@ -295,5 +384,5 @@ def _select(
     if params.strategy == "stratified":
         assert params.n_patches is not None  # enforced by PlanParams
         return sample_stratified(xs, ys, params.n_patches, rng)
-    n = params.n_patches if params.n_patches is not None else MEDGEMMA_MAX_PATCHES
-    return sample_random(n_total, n, rng)
+    assert params.n_patches is not None  # random: enforced by PlanParams
+    return sample_random(n_total, params.n_patches, rng)

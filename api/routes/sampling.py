@@ -4,7 +4,6 @@ streamed as they are produced. Everything is validated before the first byte is 
 from __future__ import annotations
 
 import threading
-from collections.abc import Generator
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
@@ -17,7 +16,7 @@ from wsi_sampler.scoring import model_plan_params
 
 from ..deps import Services, ServicesDep
 from ..schemas import ErrorBody, PatchRequest, PlanResponse, SamplingRequest
-from ..streaming import ProducerResponse, ndjson_error_record, patch_chunks, prediction_chunks
+from ..streaming import patch_chunks, prediction_chunks, slide_stream
 
 router = APIRouter(prefix="/v1/slides", tags=["sampling"])
 ERRORS: dict[int | str, dict[str, object]] = {
@@ -65,7 +64,7 @@ async def plan(slide_id: str, req: SamplingRequest, services: ServicesDep) -> Pl
                     "sample fewer (random/stratified with n_patches) or use larger patches")
         d = plan_.to_dict()
         d.pop("params")
-        return PlanResponse(slide_id=slide_id, **d)
+        return PlanResponse(slide_id=slide_id, message=plan_.why_empty(), **d)
 
     return await run_in_threadpool(run)
 
@@ -80,22 +79,6 @@ async def _open_for_stream(
     except BaseException:
         services.release_stream()
         raise
-
-
-def _stream(
-    services: Services, slide: Slide, plan: PatchPlan, chunks_of: Generator[bytes, None, None],
-    media_type: str,
-) -> StreamingResponse:
-    def on_close() -> None:
-        try:
-            slide.close()
-        finally:
-            services.release_stream()
-
-    headers = {"X-Patch-Count": str(len(plan)), "Cache-Control": "no-store"}
-    trailer = ndjson_error_record if media_type == "application/x-ndjson" else None
-    return ProducerResponse(chunks_of, on_close, media_type=media_type, headers=headers,
-                            describe=services.describe, error_trailer=trailer)
 
 
 @router.post(
@@ -114,7 +97,7 @@ async def patches(
     chunks = patch_chunks(slide, slide_id, plan_, as_tar=output == "tar",
                           image_format=req.image_format, metrics=services.metrics)
     media = "application/x-tar" if output == "tar" else "application/x-ndjson"
-    return _stream(services, slide, plan_, chunks, media)
+    return slide_stream(services, slide, len(plan_), chunks, media)
 
 
 @router.post(
@@ -136,4 +119,4 @@ async def predictions(
                                batch_size=services.settings.batch_size,
                                metrics=services.metrics, cancel=threading.Event())
     # Closing the stream (end, or client gone) closes this generator and its extractor.
-    return _stream(services, slide, plan_, chunks, "application/x-ndjson")
+    return slide_stream(services, slide, len(plan_), chunks, "application/x-ndjson")

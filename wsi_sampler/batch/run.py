@@ -29,9 +29,11 @@ from .._io import atomic_write_text
 from ..errors import WsiSamplerError
 from ..export import run_metadata
 from ..plan import PlanParams
+from ..report import describe_slide
 from ..scoring import score_slide
-from ..slide import open_slide
+from ..slide import Slide, open_slide
 from ..worker import Worker, open_worker
+from ..worker.vlm import VlmConfig, VlmWorker
 from .discover import Discovery, SlideTask, discover
 
 __all__ = ["EXIT_FAILURES", "BatchConfig", "RunReport", "run_batch", "score_task"]
@@ -54,6 +56,9 @@ class BatchConfig:
     mpp_override: float | None = None
     batch_size: int = 32
     allow_random_weights: bool = False
+    vlm: VlmConfig | None = None
+    """A vision-language model: each slide's MedGemma bag is described (report.json)."""
+    prompt: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -88,23 +93,52 @@ def _worker_for(cfg: BatchConfig) -> Worker:
         return _WORKERS[key]
 
 
+def _report_slide(slide: Slide, out_dir: Path, cfg: BatchConfig) -> dict[str, Any]:
+    """Describe the slide's MedGemma bag: report.json, then summary.json (last)."""
+    assert cfg.vlm is not None and cfg.prompt is not None
+    vlm = VlmWorker(cfg.vlm)
+    try:
+        report = describe_slide(slide, cfg.params, vlm, cfg.prompt)
+    finally:
+        vlm.close()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2))
+    summary = {"slide": slide.path.name, "fingerprint": slide.fingerprint,
+               "model": report["model"], "patches": report["bag"]["n_patches"],
+               "magnification": report["bag"]["magnification"],
+               "seconds": report["timings_s"]["bag"] + report["timings_s"]["model"]}
+    atomic_write_text(out_dir / "summary.json", json.dumps(summary, indent=2))
+    return summary
+
+
+def _score_into(task: SlideTask, staging: Path, cfg: BatchConfig) -> dict[str, Any]:
+    with open_slide(task.path, mpp_override=cfg.mpp_override) as slide:
+        if cfg.vlm is not None:
+            return _report_slide(slide, staging, cfg)
+        result = score_slide(slide, cfg.params, _worker_for(cfg), staging,
+                             batch_size=cfg.batch_size,
+                             config={"batch": cfg.to_dict(), "slide_rel": task.rel})
+        return result.summary
+
+
 def score_task(task: SlideTask, out: Path, cfg: BatchConfig) -> dict[str, Any]:
-    """Score one slide into ``out/slides/<key>``; return its summary or a failure record."""
+    """Score one slide into ``out/slides/<key>``; return its summary or a failure record.
+
+    Any error fails this slide only (unexpected ones are logged with their traceback)."""
     final = out / "slides" / task.key
     staging = out / "slides" / f".staging-{task.key}-{os.getpid()}-{threading.get_ident()}"
     t0 = time.perf_counter()
     try:
-        worker = _worker_for(cfg)
         shutil.rmtree(staging, ignore_errors=True)
-        with open_slide(task.path, mpp_override=cfg.mpp_override) as slide:
-            result = score_slide(slide, cfg.params, worker, staging, batch_size=cfg.batch_size,
-                                 config={"batch": cfg.to_dict(), "slide_rel": task.rel})
+        summary = _score_into(task, staging, cfg)
         if final.exists():  # scored meanwhile by a duplicate task (Dask retry): keep one
             shutil.rmtree(staging)
         else:
             os.replace(staging, final)
-        return {"status": "done", "slide": task.rel, "key": task.key} | result.summary
-    except (WsiSamplerError, OSError, ValueError) as exc:
+        return {"status": "done", "slide": task.rel, "key": task.key} | summary
+    except Exception as exc:
+        if not isinstance(exc, WsiSamplerError | OSError | ValueError):
+            logger.exception("%s failed unexpectedly", task.rel)
         shutil.rmtree(staging, ignore_errors=True)
         return {"status": "failed", "slide": task.rel, "error": type(exc).__name__,
                 "message": str(exc), "seconds": round(time.perf_counter() - t0, 3)}
@@ -201,7 +235,7 @@ def _summary_rows(out: Path, found: Discovery, failures: list[dict[str, Any]]
             s = json.loads(summary_path.read_text())
             row = {"slide": task.rel, "status": "done", "result_dir": f"slides/{task.key}",
                    "patches": s["patches"], "seconds": s["seconds"], "error": ""}
-            row |= {f"mean_{k}": v for k, v in s["mean"].items()}
+            row |= {f"mean_{k}": v for k, v in s.get("mean", {}).items()}
         else:
             f = failed.get(task.rel, {})
             row = {"slide": task.rel, "status": "failed" if f else "pending", "result_dir": "",

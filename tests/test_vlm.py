@@ -1,0 +1,245 @@
+"""The vision-language flow against a local OpenAI-compatible server (tests/_openai_server.py:
+it validates every request with the ``openai`` package's own types and decodes every
+image; no model runs here). Library, CLI, API and batch."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from _openai_server import OpenAIStub, create_openai_stub, validate_plain_request
+from _servers import serve
+
+from api.app import create_app
+from api.config import Settings
+from wsi_sampler import Extractor, InvalidRequestError, medgemma_params, open_slide
+from wsi_sampler.errors import WorkerError, WorkerUnavailableError
+from wsi_sampler.report import prepare_bag, report_events
+from wsi_sampler.worker.vlm import VlmConfig, VlmWorker, encode_data_uri
+
+CLI = Path(sys.executable).with_name("wsi-sampler")
+BAG = medgemma_params(seed=1, magnification=20)  # a few 896 px cells of the demo slide
+
+
+@pytest.fixture(scope="module")
+def stub() -> Iterator[tuple[OpenAIStub, str]]:
+    state = OpenAIStub()
+    with serve(create_openai_stub(state)) as url:
+        yield state, f"{url}/v1"
+
+
+@pytest.fixture(scope="module")
+def n_bag(demo_slide: Path) -> int:
+    """How many patches the library puts in the bag (what every surface must send)."""
+    from wsi_sampler import make_plan
+
+    with open_slide(demo_slide) as slide:
+        n = len(make_plan(slide, BAG))
+    assert n >= 3
+    return n
+
+
+def worker(url: str, model: str = "echo", **kw: object) -> VlmWorker:
+    return VlmWorker(VlmConfig(url=url, model=model, retries=0, **kw))  # type: ignore[arg-type]
+
+
+def closed_port_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}/v1"
+
+
+def run_report(slide_path: Path, vlm: VlmWorker, prompt: str = "Describe the tissue."
+               ) -> list[dict[str, object]]:
+    with open_slide(slide_path) as slide:
+        plan = prepare_bag(slide, BAG, vlm, prompt)
+        return list(report_events(slide, plan, vlm, prompt))
+
+
+def test_the_bag_reaches_the_model_as_the_notebook_sends_it(
+        stub: tuple[OpenAIStub, str], demo_slide: Path) -> None:
+    state, url = stub
+    events = run_report(demo_slide, worker(url))
+    bag, deltas, report = events[0], events[1:-1], events[-1]
+    assert bag["type"] == "bag" and report["type"] == "report"
+    assert "".join(str(d["text"]) for d in deltas) == report["text"]
+    assert report["usage"]["prompt_tokens"] > 0  # type: ignore[index]
+    got = state.received[-1]
+    assert got.body["stream"] is True and got.body["temperature"] == 0
+    assert [m["role"] for m in got.body["messages"]] == ["user"]
+    parts = got.body["messages"][0]["content"]
+    assert parts[0] == {"type": "text", "text": "Describe the tissue."}  # prompt first
+    assert all(p["type"] == "image_url" for p in parts[1:])
+    assert got.media_types == ["image/jpeg"] * bag["n_patches"]  # type: ignore[operator]
+    with open_slide(demo_slide) as slide:
+        plan = prepare_bag(slide, BAG, worker(url), "x")
+        want = np.concatenate([b.images for b in Extractor(slide, plan).iter_batches()])
+    assert len(got.images) == len(plan)
+    for sent, patch in zip(got.images, want, strict=True):  # in bag order, 896 x 896
+        assert sent.shape == (896, 896, 3)
+        assert np.abs(sent.astype(int) - patch).mean() < 3  # JPEG q95
+
+
+def test_png_images_and_a_system_prompt(stub: tuple[OpenAIStub, str], demo_slide: Path,
+                                        n_bag: int) -> None:
+    state, url = stub
+    vlm = worker(url, image_format="png", system_prompt="You are a pathologist.")
+    with open_slide(demo_slide) as slide:
+        plan = prepare_bag(slide, BAG, vlm, "Describe.")
+        uris = [encode_data_uri(im, "png")
+                for b in Extractor(slide, plan).iter_batches() for im in b.images]
+        report = vlm.complete(vlm.messages(uris, "Describe."))
+        first = next(iter(Extractor(slide, plan).iter_batches())).images[0]
+    got = state.received[-1]
+    assert [m["role"] for m in got.body["messages"]] == ["system", "user"]
+    assert got.media_types[0] == "image/png" and np.array_equal(got.images[0], first)
+    assert report.text.startswith(f"Received {n_bag} images") and "stream" not in got.body
+
+
+def test_limits_are_checked_before_anything_is_sent(stub: tuple[OpenAIStub, str],
+                                                    demo_slide: Path) -> None:
+    state, url = stub
+    before = len(state.received)
+    with open_slide(demo_slide) as slide:
+        with pytest.raises(InvalidRequestError, match="at most 2 per prompt"):
+            prepare_bag(slide, BAG, worker(url, max_images=2), "x")
+        with pytest.raises(InvalidRequestError, match="context of 2,048"):
+            prepare_bag(slide, BAG, worker(url, context_tokens=2048), "x")
+    with pytest.raises(InvalidRequestError, match="MiB"):
+        worker(url, max_request_mb=0.001).messages(["data:image/jpeg;base64," + "A" * 4096], "x")
+    assert len(state.received) == before
+
+
+@pytest.mark.parametrize(("model", "error", "needle"), [
+    ("context-too-long", InvalidRequestError, "does not fit its context"),
+    ("fail-500", WorkerError, "HTTP 500"),
+    ("empty", WorkerError, "no text"),
+])
+def test_endpoint_failures_are_clear_errors(stub: tuple[OpenAIStub, str], demo_slide: Path,
+                                            model: str, error: type[Exception], needle: str
+                                            ) -> None:
+    with pytest.raises(error, match=needle):
+        run_report(demo_slide, worker(stub[1], model))
+
+
+def test_endpoint_down_or_slow_is_unavailable(stub: tuple[OpenAIStub, str], demo_slide: Path
+                                              ) -> None:
+    with pytest.raises(WorkerUnavailableError, match="cannot be reached"):
+        run_report(demo_slide, worker(closed_port_url()))
+    t0 = time.monotonic()
+    with pytest.raises(WorkerUnavailableError, match="did not answer within 2 s"):
+        run_report(demo_slide, worker(stub[1], "slow", timeout_s=2))
+    assert time.monotonic() - t0 < 20
+
+
+def test_messages_export_parses_with_the_openai_types(demo_slide: Path, tmp_path: Path,
+                                                      n_bag: int) -> None:
+    done = subprocess.run(
+        [str(CLI), "plan", str(demo_slide), "--strategy", "medgemma", "--magnification", "20",
+         "--seed", "1", "--out", str(tmp_path / "bag.json"), "--messages",
+         str(tmp_path / "messages.json")], capture_output=True, text=True, check=False)
+    assert done.returncode == 0, done.stderr
+    body = json.loads((tmp_path / "messages.json").read_text())
+    params = validate_plain_request(body)  # the openai package's own request types
+    parts = params["messages"][0]["content"]
+    assert parts[0]["type"] == "text" and len(parts) - 1 == n_bag
+    assert body["model"] == "google/medgemma-1.5-4b-it" and body["temperature"] == 0
+    bag = json.loads((tmp_path / "bag.json").read_text())
+    assert bag["n_patches"] == n_bag and bag["selection"]["rule"]
+
+
+def test_describe_prints_the_report_and_fails_in_one_line(
+        stub: tuple[OpenAIStub, str], demo_slide: Path, tmp_path: Path, n_bag: int) -> None:
+    args = [str(CLI), "describe", str(demo_slide), "--prompt", "Describe.",
+            "--magnification", "20", "--vlm-model", "echo"]
+    done = subprocess.run([*args, "--vlm-url", stub[1], "--out", str(tmp_path / "r.json")],
+                          capture_output=True, text=True, check=False, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"Received {n_bag} images (896x896)")
+    assert json.loads((tmp_path / "r.json").read_text())["type"] == "report"
+    down = subprocess.run([*args, "--vlm-url", closed_port_url()], capture_output=True,
+                          text=True, check=False, timeout=120)
+    lines = down.stderr.strip().splitlines()
+    assert down.returncode == 2 and lines[-1].startswith("error: ") and "Traceback" not in \
+        down.stderr, down.stderr
+
+
+# -- the API ----------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory, demo_slide: Path, blank_slide: Path
+         ) -> Path:
+    path = tmp_path_factory.mktemp("vlm-api") / "slides"
+    path.mkdir()
+    shutil.copy(demo_slide, path / "demo.svs")
+    shutil.copy(blank_slide, path / "blank.svs")
+    return path
+
+
+def settings(root: Path, **kw: object) -> Settings:
+    values: dict[str, object] = {"slide_roots": [root], "data_dir": root.parent / "data",
+                                 "demo_slide": False, "device": "cpu"}
+    return Settings(**(values | kw))  # type: ignore[arg-type]
+
+
+REPORT = {"prompt": "Describe.", "magnification": 20, "seed": 1}
+
+
+def test_reports_stream_bag_deltas_and_report(stub: tuple[OpenAIStub, str], root: Path,
+                                              n_bag: int) -> None:
+    with serve(create_app(settings(root, vlm_url=stub[1], vlm_model="echo")),
+               ready_path="/readyz") as u:
+        ids = {i["name"]: i["id"] for i in httpx.get(f"{u}/v1/slides").json()["items"]}
+        with httpx.stream("POST", f"{u}/v1/slides/{ids['demo.svs']}/reports", json=REPORT,
+                          timeout=120) as resp:
+            assert resp.status_code == 200 and resp.headers["x-patch-count"] == str(n_bag)
+            events = [json.loads(line) for line in resp.iter_lines()]
+        assert [e["type"] for e in events][0] == "bag" and events[-1]["type"] == "report"
+        assert events[0]["n_patches"] == n_bag == len(events[0]["patches"])
+        assert events[-1]["text"].startswith(f"Received {n_bag} images")
+        blank = httpx.post(f"{u}/v1/slides/{ids['blank.svs']}/reports", json=REPORT)
+        assert blank.status_code == 422 and "no tissue" in blank.json()["error"]
+
+
+@pytest.mark.parametrize(("model", "status"), [("fail-500", 502), ("context-too-long", 422)])
+def test_report_failures_before_the_first_byte_are_statuses(
+        stub: tuple[OpenAIStub, str], root: Path, model: str, status: int) -> None:
+    with serve(create_app(settings(root, vlm_url=stub[1], vlm_model=model)),
+               ready_path="/readyz") as u:
+        sid = httpx.get(f"{u}/v1/slides").json()["items"][1]["id"]
+        resp = httpx.post(f"{u}/v1/slides/{sid}/reports", json=REPORT, timeout=120)
+        assert resp.status_code == status and "error" in resp.json()
+
+
+def test_reports_without_a_configured_model_are_503(root: Path) -> None:
+    with serve(create_app(settings(root)), ready_path="/readyz") as u:
+        sid = httpx.get(f"{u}/v1/slides").json()["items"][0]["id"]
+        resp = httpx.post(f"{u}/v1/slides/{sid}/reports", json=REPORT)
+        assert resp.status_code == 503 and "vlm_url" in resp.json()["error"]
+
+
+def test_batch_writes_a_report_per_slide(stub: tuple[OpenAIStub, str], root: Path,
+                                         tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    args = [str(CLI), "score", str(root), "--out", str(out), "--vlm-url", stub[1],
+            "--vlm-model", "echo", "--prompt", "Describe.", "-q"]
+    done = subprocess.run(args, capture_output=True, text=True, check=False, timeout=300)
+    assert done.returncode == 3, done.stderr  # the blank slide has no tissue: one failure
+    reports = list(out.glob("slides/*/report.json"))
+    assert len(reports) == 1
+    report = json.loads(reports[0].read_text())
+    assert report["text"].startswith("Received") and report["bag"]["n_patches"] > 0
+    assert report["prompt"] == "Describe." and report["model"] == "echo"
+    failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
+    assert "no tissue" in failures[0]["message"]
+    again = subprocess.run(args, capture_output=True, text=True, check=False, timeout=300)
+    assert again.returncode == 3 and reports[0].read_text() == json.dumps(report, indent=2)

@@ -1,0 +1,256 @@
+"""A vision-language model behind an OpenAI-compatible chat endpoint: a bag of patches in,
+text out (vLLM, SGLang, TGI, Ollama, Google's MedGemma serving container).
+
+The request is built as MedGemma's public notebook builds it (``shared/docs/DESIGN.md``,
+"How the bag reaches the model"): one user message, the text prompt first, then one
+``image_url`` part per patch in bag order, each a data URI (JPEG quality 95 by default, PNG
+on request), an optional system message, ``temperature`` 0, to ``/v1/chat/completions``
+through the official ``openai`` client. Limits are checked before anything is sent: images
+per prompt (the server's ``--limit-mm-per-prompt``), request size and the token budget
+(Gemma 3 spends 256 tokens per 896 px image). Every failure of the endpoint is a domain
+error; an answer without text is one too, never an empty success.
+"""
+
+from __future__ import annotations
+
+import base64
+import math
+import os
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from ..errors import InvalidRequestError, WorkerError, WorkerUnavailableError
+from ..export import encode_image
+from ..types import RGBImage
+
+__all__ = ["VlmConfig", "VlmReport", "VlmRequest", "VlmWorker", "encode_data_uri"]
+
+ImageEncoding = Literal["jpeg", "png"]
+# MedGemma 1.5 4B serves a 128K-token context (its model card; e.g. the Ollama listing of
+# google/medgemma-1.5-4b-it: "128K context window"). Gemma 3's vision encoder turns each
+# 896 x 896 image into 256 soft tokens (DESIGN.md, MedGemma recipe).
+DEFAULT_CONTEXT_TOKENS = 131_072
+TOKENS_PER_IMAGE = 256
+# A token is at least ~3 bytes of English text on Gemma's tokenizer: an upper bound on
+# the prompt's tokens without shipping the tokenizer.
+_BYTES_PER_TOKEN = 3
+_CONTEXT_WORDS = ("context length", "context window", "maximum context", "too long",
+                  "too many tokens", "max_model_len", "exceeds")
+
+
+@dataclass(frozen=True, kw_only=True)
+class VlmConfig:
+    """Where the model is served and what it accepts."""
+
+    url: str
+    """Base URL of the OpenAI-compatible API, e.g. ``http://gpu-box:8000/v1``."""
+    model: str = "google/medgemma-1.5-4b-it"
+    api_key_env: str = "WSI_VLM_API_KEY"
+    """Environment variable holding the API key (unset: vLLM's placeholder ``EMPTY``)."""
+    timeout_s: float = 600.0
+    retries: int = 2
+    max_images: int = 126
+    """Images the server accepts per prompt (vLLM ``--limit-mm-per-prompt '{"image": N}'``)."""
+    max_request_mb: float = 100.0
+    context_tokens: int = DEFAULT_CONTEXT_TOKENS
+    tokens_per_image: int = TOKENS_PER_IMAGE
+    max_tokens: int = 1024
+    temperature: float = 0.0
+    image_format: ImageEncoding = "jpeg"
+    jpeg_quality: int = 95
+    system_prompt: str | None = None
+
+    def __post_init__(self) -> None:
+        if not self.url.startswith(("http://", "https://")):
+            raise InvalidRequestError(f"vlm_url must start with http:// or https://: {self.url}")
+        if self.image_format not in ("jpeg", "png"):
+            raise InvalidRequestError(f"image format must be jpeg or png: {self.image_format}")
+        for name in ("max_images", "context_tokens", "tokens_per_image", "max_tokens"):
+            if getattr(self, name) < 1:
+                raise InvalidRequestError(f"{name} must be >= 1")
+        if not (0 <= self.temperature <= 2 and 1 <= self.jpeg_quality <= 100):
+            raise InvalidRequestError("temperature must be 0..2 and jpeg_quality 1..100")
+
+    def api_key(self) -> str:
+        return os.environ.get(self.api_key_env) or "EMPTY"
+
+
+@dataclass
+class VlmReport:
+    """The model's answer to one bag."""
+
+    text: str
+    model: str
+    finish_reason: str | None
+    usage: dict[str, Any] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"text": self.text, "model": self.model, "finish_reason": self.finish_reason,
+                "usage": self.usage, "seconds": round(self.seconds, 3)}
+
+
+def encode_data_uri(image: RGBImage, image_format: ImageEncoding = "jpeg",
+                    jpeg_quality: int = 95) -> str:
+    """An RGB patch as a ``data:image/...;base64,`` URI."""
+    data = encode_image(image, ".jpg" if image_format == "jpeg" else ".png",
+                        jpeg_quality=jpeg_quality)
+    return f"data:image/{image_format};base64,{base64.b64encode(data).decode()}"
+
+
+class VlmRequest:
+    """Builds and checks chat requests for a bag (nothing is sent)."""
+
+    def __init__(self, config: VlmConfig) -> None:
+        self.config = config
+
+    def check_bag(self, n_images: int, prompt: str) -> None:
+        """Refuse a bag the endpoint cannot take, saying what to change."""
+        cfg = self.config
+        if not prompt.strip():
+            raise InvalidRequestError("the prompt is empty")
+        if n_images > cfg.max_images:
+            raise InvalidRequestError(
+                f"the bag has {n_images} images, the endpoint takes at most {cfg.max_images} "
+                "per prompt (vlm_max_images, vLLM --limit-mm-per-prompt); sample fewer with "
+                "n_patches or raise the server's limit"
+            )
+        text = prompt + (cfg.system_prompt or "")
+        needed = n_images * cfg.tokens_per_image + math.ceil(
+            len(text.encode()) / _BYTES_PER_TOKEN) + cfg.max_tokens
+        if needed > cfg.context_tokens:
+            raise InvalidRequestError(
+                f"the request needs up to {needed:,} tokens ({n_images} images x "
+                f"{cfg.tokens_per_image} + prompt + max_tokens {cfg.max_tokens}), more than "
+                f"the model's context of {cfg.context_tokens:,}; use fewer patches or tokens"
+            )
+
+    def messages(self, data_uris: Sequence[str], prompt: str) -> list[dict[str, Any]]:
+        """The chat messages: optional system message, then one user message (prompt
+        first, then the images in bag order). Checks the request size."""
+        size = sum(len(u) for u in data_uris) + len(prompt.encode())
+        if size > self.config.max_request_mb * 2**20:
+            raise InvalidRequestError(
+                f"the request would be {size / 2**20:.1f} MiB, more than vlm_max_request_mb="
+                f"{self.config.max_request_mb:g}; use fewer patches or JPEG images"
+            )
+        content: list[dict[str, Any]] = [{"type": "text", "text": prompt}]
+        content += [{"type": "image_url", "image_url": {"url": u}} for u in data_uris]
+        messages: list[dict[str, Any]] = []
+        if self.config.system_prompt:
+            messages.append({"role": "system", "content": self.config.system_prompt})
+        messages.append({"role": "user", "content": content})
+        return messages
+
+    def request_body(self, messages: list[dict[str, Any]]) -> dict[str, Any]:
+        """A ready-to-send ``/v1/chat/completions`` body (for users who call the model)."""
+        return {"model": self.config.model, "messages": messages,
+                "max_tokens": self.config.max_tokens, "temperature": self.config.temperature}
+
+
+class VlmWorker(VlmRequest):
+    """Sends bags of patches to an OpenAI-compatible chat endpoint."""
+
+    def __init__(self, config: VlmConfig) -> None:
+        import openai
+
+        super().__init__(config)
+        self.client = openai.OpenAI(base_url=config.url, api_key=config.api_key(),
+                                    timeout=config.timeout_s, max_retries=config.retries)
+
+    def stream(self, messages: list[dict[str, Any]]) -> Iterator[str | VlmReport]:
+        """Yield text deltas as the endpoint streams them, then the full :class:`VlmReport`."""
+        t0 = time.perf_counter()
+        parts: list[str] = []
+        finish, model, usage = None, self.config.model, {}
+        with _translated(self.config):
+            chunks = self.client.chat.completions.create(
+                **self.request_body(messages), stream=True,
+                stream_options={"include_usage": True})
+            for chunk in chunks:
+                model = chunk.model or model
+                if chunk.usage is not None:
+                    usage = chunk.usage.model_dump(exclude_none=True)
+                for choice in chunk.choices:
+                    finish = choice.finish_reason or finish
+                    if choice.delta.content:
+                        parts.append(choice.delta.content)
+                        yield choice.delta.content
+        yield _report("".join(parts), model, finish, usage, time.perf_counter() - t0)
+
+    def complete(self, messages: list[dict[str, Any]]) -> VlmReport:
+        """The whole answer at once (no streaming)."""
+        t0 = time.perf_counter()
+        with _translated(self.config):
+            answer = self.client.chat.completions.create(
+                **self.request_body(messages))
+        choice = answer.choices[0] if answer.choices else None
+        usage = answer.usage.model_dump(exclude_none=True) if answer.usage else {}
+        return _report(choice.message.content or "" if choice else "", answer.model,
+                       choice.finish_reason if choice else None, usage,
+                       time.perf_counter() - t0)
+
+    def close(self) -> None:
+        self.client.close()
+
+
+def _report(text: str, model: str, finish: str | None, usage: dict[str, Any],
+            seconds: float) -> VlmReport:
+    if not text.strip():
+        raise WorkerError(f"the vision-language model returned no text (finish reason: "
+                          f"{finish}); nothing to report", status=502)
+    return VlmReport(text, model, finish, usage, seconds)
+
+
+class _translated:
+    """Turn the openai client's errors into domain errors that say what to do."""
+
+    def __init__(self, config: VlmConfig) -> None:
+        self.config = config
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: object) -> None:
+        if exc is None:
+            return
+        translated = translate_openai_error(exc, self.config)
+        if translated is not None:
+            raise translated from exc
+
+
+def translate_openai_error(exc: BaseException, config: VlmConfig) -> Exception | None:
+    """The domain error for an ``openai`` exception (None: not one of the client's)."""
+    import openai
+
+    where = f"the vision-language model at {config.url}"
+    if isinstance(exc, openai.APITimeoutError):
+        return WorkerUnavailableError(f"{where} did not answer within {config.timeout_s:g} s")
+    if isinstance(exc, openai.APIConnectionError):
+        return WorkerUnavailableError(f"{where} cannot be reached ({exc})")
+    if not isinstance(exc, openai.APIStatusError):
+        return None
+    detail = _error_message(exc)
+    if exc.status_code in (400, 413, 422):
+        if any(word in detail.lower() for word in _CONTEXT_WORDS):
+            return InvalidRequestError(f"{where} says the bag does not fit its context: "
+                                       f"{detail}; use fewer patches (n_patches)")
+        return InvalidRequestError(f"{where} refused the request: {detail}")
+    if exc.status_code in (401, 403):
+        return WorkerError(f"{where} refused the API key (set {config.api_key_env}): "
+                           f"{detail}", status=exc.status_code)
+    if exc.status_code == 404:
+        return WorkerError(f"{where} does not serve model {config.model!r}: {detail}",
+                           status=404)
+    return WorkerError(f"{where} answered HTTP {exc.status_code}: {detail}",
+                       status=exc.status_code)
+
+
+def _error_message(exc: Any) -> str:
+    body = exc.body if isinstance(getattr(exc, "body", None), dict) else {}
+    message = body.get("message") or (body.get("error") or {}).get("message") \
+        if isinstance(body.get("error"), dict) else body.get("message")
+    return str(message or exc.message)[:500]
