@@ -176,7 +176,7 @@ def _level_tiles(spec: DemoSlideSpec, ds: int, texture: RGBImage) -> Iterator[RG
 
 
 def write_demo_slide(path: str | os.PathLike[str], spec: DemoSlideSpec | None = None) -> Path:
-    """Write ``spec`` (default: a 16,000 x 12,000 slide at 0.5 µm/px: 8 x 6 mm) to ``path``; return it."""
+    """Write ``spec`` (default: 16,000 x 12,000 px at 0.5 µm/px, 8 x 6 mm) to ``path``."""
     spec = spec or DemoSlideSpec()
     out = Path(path)
     texture = _texture(spec.seed)
