@@ -100,6 +100,7 @@ def create_app(
         scrub = MessageScrubber([*registry.roots, cfg.data_dir])
         jobs_.scrub = scrub
         services = Services(cfg, registry, jobs_, Metrics(), scrub)
+        jobs_.vlm_for = services.vlm_for
         app.state.services = services
         task = asyncio.create_task(_connect_worker(services, factory))
         try:

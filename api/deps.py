@@ -9,11 +9,13 @@ from typing import Annotated
 from fastapi import Depends, Request
 
 from wsi_sampler.worker import Worker
+from wsi_sampler.worker.vlm import VlmConfig, VlmWorker
 
 from .config import Settings
 from .errors import MessageScrubber, TooBusyError, WorkerNotReadyError, describe_error
 from .jobs import JobManager
 from .metrics import Metrics
+from .schemas import ReportRequest
 from .slides import SlideRegistry
 
 __all__ = ["ServicesDep", "Services"]
@@ -52,6 +54,19 @@ class Services:
         with self._lock:
             self._streams -= 1
             self.metrics.active_streams.set(self._streams)
+
+    def vlm_for(self, req: ReportRequest) -> VlmWorker:
+        """A client of the configured vision-language model, with the request's options."""
+        cfg = self.settings
+        if not cfg.vlm_url:
+            raise WorkerNotReadyError("no vision-language model is configured: set vlm_url "
+                                      "(WSI_VLM_URL) to an OpenAI-compatible endpoint")
+        return VlmWorker(VlmConfig(
+            url=cfg.vlm_url, model=cfg.vlm_model, api_key_env=cfg.vlm_api_key_env,
+            timeout_s=cfg.vlm_timeout_s, max_images=cfg.vlm_max_images,
+            context_tokens=cfg.vlm_context_tokens,
+            max_tokens=req.max_tokens or cfg.vlm_max_tokens, image_format=req.image_format,
+            system_prompt=req.system_prompt))
 
     def describe(self, exc: BaseException) -> tuple[int, str]:
         """(HTTP status, client-safe message) of an exception."""

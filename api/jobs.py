@@ -19,11 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from wsi_sampler._io import atomic_write_text
 from wsi_sampler.errors import WsiSamplerError
+from wsi_sampler.report import describe_slide
 from wsi_sampler.scoring import RESULT_FILES, Cancelled, score_slide
 from wsi_sampler.worker import Worker
+from wsi_sampler.worker.vlm import VlmWorker
 
-from .schemas import JobRequest
+from .schemas import JobRequest, ReportRequest
 from .slides import SlideRegistry
 
 __all__ = ["JobManager", "JobNotFoundError"]
@@ -65,6 +68,7 @@ class JobManager:
         self.get_worker = get_worker
         self.batch_size = batch_size
         self.scrub: Callable[[str], str] = lambda message: message
+        self.vlm_for: Callable[[ReportRequest], VlmWorker] | None = None
         self._db = sqlite3.connect(data_dir / "jobs.sqlite3", check_same_thread=False,
                                    isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -92,7 +96,11 @@ class JobManager:
     def submit(self, request: JobRequest) -> dict[str, Any]:
         for sid in request.slides:  # unknown ids are a 404 now, not a failed job later
             self.registry.get(sid)
-        request.sampling.to_params()  # invalid sampling is a 422 now
+        if request.report is not None:  # no model configured is a 503 now
+            self._vlm(request.report).close()
+            request.report.to_params()
+        else:
+            request.sampling.to_params()  # invalid sampling is a 422 now
         job_id = uuid.uuid4().hex
         now = time.time()
         with self._lock:
@@ -189,10 +197,29 @@ class JobManager:
         state = "succeeded" if not errors else "failed" if not results else "partial"
         self._update(job_id, state=state, only_if_active=True)
 
+    def _vlm(self, req: ReportRequest) -> VlmWorker:
+        if self.vlm_for is None:
+            raise WsiSamplerError("reports are not available in this job manager")
+        return self.vlm_for(req)
+
+    def _report_one(self, job_id: str, sid: str, req: ReportRequest, progress: _Progress
+                    ) -> list[str]:
+        vlm = self._vlm(req)
+        try:
+            with self.registry.open(sid, mpp_override=req.mpp_override) as slide:
+                report = describe_slide(slide, req.to_params(), vlm, req.prompt)
+        finally:
+            vlm.close()
+        atomic_write_text(self.root / job_id / sid / "report.json", json.dumps(report, indent=2))
+        progress.patches_done += int(report["bag"]["n_patches"])
+        return [f"{sid}.report.json"]
+
     def _score_one(
         self, job_id: str, sid: str, request: JobRequest, cancel: threading.Event,
         progress: _Progress,
     ) -> list[str]:
+        if request.report is not None:
+            return self._report_one(job_id, sid, request.report, progress)
         worker = self.get_worker()
         if worker is None:
             raise WsiSamplerError("no model worker is available")

@@ -180,6 +180,10 @@ class JobRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
     slides: list[str] = Field(min_length=1, max_length=10_000, description="Slide ids.")
     sampling: SamplingRequest = SamplingRequest()
+    report: ReportRequest | None = Field(
+        None, description="Describe each slide's MedGemma bag with the configured "
+                          "vision-language model (result: <slide id>.report.json) instead of "
+                          "scoring it with the patch model")
 
 
 class JobError(BaseModel):

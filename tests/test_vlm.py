@@ -243,3 +243,25 @@ def test_batch_writes_a_report_per_slide(stub: tuple[OpenAIStub, str], root: Pat
     assert "no tissue" in failures[0]["message"]
     again = subprocess.run(args, capture_output=True, text=True, check=False, timeout=300)
     assert again.returncode == 3 and reports[0].read_text() == json.dumps(report, indent=2)
+
+
+def test_jobs_produce_reports(stub: tuple[OpenAIStub, str], root: Path, n_bag: int) -> None:
+    with serve(create_app(settings(root, vlm_url=stub[1], vlm_model="echo",
+                                   data_dir=root.parent / "jobs")), ready_path="/readyz") as u:
+        ids = {i["name"]: i["id"] for i in httpx.get(f"{u}/v1/slides").json()["items"]}
+        sid = ids["demo.svs"]
+        job = httpx.post(f"{u}/v1/jobs", json={"slides": [sid], "report": REPORT}).json()
+        deadline = time.monotonic() + 120
+        while (status := httpx.get(f"{u}/v1/jobs/{job['id']}").json())["state"] in (
+                "queued", "running"):
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert status["state"] == "succeeded" and status["patches_done"] == n_bag
+        assert [r["name"] for r in status["results"]] == [f"{sid}.report.json"]
+        report = httpx.get(f"{u}{status['results'][0]['url']}").json()
+        assert report["text"].startswith(f"Received {n_bag} images")
+    with serve(create_app(settings(root, data_dir=root.parent / "jobs2")),
+               ready_path="/readyz") as u:
+        sid = httpx.get(f"{u}/v1/slides").json()["items"][0]["id"]
+        resp = httpx.post(f"{u}/v1/jobs", json={"slides": [sid], "report": REPORT})
+        assert resp.status_code == 503 and "vlm_url" in resp.json()["error"]

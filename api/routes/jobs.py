@@ -18,8 +18,10 @@ NOT_FOUND: dict[int | str, dict[str, object]] = {
              responses={**NOT_FOUND, 422: {"model": ErrorBody, "description": "Bad parameters"},
                         503: {"model": ErrorBody, "description": "Worker not ready"}})
 async def create_job(req: JobRequest, services: ServicesDep) -> JobStatus:
-    """Queue scoring of ``slides``; returns at once with the job id (202)."""
-    services.require_worker()
+    """Queue scoring of ``slides`` (or, with ``report``, a MedGemma report of each); returns
+    at once with the job id (202)."""
+    if req.report is None:
+        services.require_worker()
     status = await run_in_threadpool(services.jobs.submit, req)
     services.metrics.queue_depth.set(services.jobs.queue_depth)
     return JobStatus(**status)

@@ -9,26 +9,13 @@ from starlette.concurrency import run_in_threadpool
 
 from wsi_sampler import PatchPlan, Slide
 from wsi_sampler.report import prepare_bag
-from wsi_sampler.worker.vlm import VlmConfig, VlmWorker
+from wsi_sampler.worker.vlm import VlmWorker
 
 from ..deps import Services, ServicesDep
-from ..errors import WorkerNotReadyError
 from ..schemas import ErrorBody, ReportRequest
 from ..streaming import NDJSON, report_chunks, slide_stream
 
 router = APIRouter(prefix="/v1/slides", tags=["reports"])
-
-
-def _vlm_for(services: Services, req: ReportRequest) -> VlmWorker:
-    cfg = services.settings
-    if not cfg.vlm_url:
-        raise WorkerNotReadyError("no vision-language model is configured: set vlm_url "
-                                  "(WSI_VLM_URL) to an OpenAI-compatible endpoint")
-    return VlmWorker(VlmConfig(
-        url=cfg.vlm_url, model=cfg.vlm_model, api_key_env=cfg.vlm_api_key_env,
-        timeout_s=cfg.vlm_timeout_s, max_images=cfg.vlm_max_images,
-        context_tokens=cfg.vlm_context_tokens, max_tokens=req.max_tokens or cfg.vlm_max_tokens,
-        image_format=req.image_format, system_prompt=req.system_prompt))
 
 
 def _open_bag(services: Services, slide_id: str, req: ReportRequest, vlm: VlmWorker
@@ -57,7 +44,7 @@ async def reports(slide_id: str, req: ReportRequest, services: ServicesDep
     """Send the slide's MedGemma bag (one user message: the prompt, then the patches as
     data URIs, in bag order) to the configured vision-language model and stream its answer.
     """
-    vlm = _vlm_for(services, req)
+    vlm = services.vlm_for(req)
     try:
         services.acquire_stream()
         try:
