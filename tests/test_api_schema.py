@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import schemathesis
+from _openai_server import OpenAIStub, create_openai_stub
 from _servers import serve
 from hypothesis import HealthCheck, settings
 
@@ -21,9 +22,10 @@ EXAMPLES_PER_OPERATION = 40  # 14 operations -> at most ~560 cases
 MAX_RESPONSE_S = 5.0
 
 
-def _settings(root: Path, data: Path) -> Settings:
+def _settings(root: Path, data: Path, vlm_url: str = "") -> Settings:
     return Settings(slide_roots=[root], data_dir=data, demo_slide=False, device="cpu",
-                    max_patches_per_request=300, max_upload_mb=2)
+                    max_patches_per_request=300, max_upload_mb=2, vlm_url=vlm_url,
+                    vlm_model="echo", vlm_timeout_s=30)
 
 
 SCHEMA = schemathesis.openapi.from_dict(
@@ -36,9 +38,11 @@ def live(tmp_path_factory: pytest.TempPathFactory, demo_slide: Path) -> Iterator
     base = tmp_path_factory.mktemp("schema")
     (base / "slides").mkdir()
     shutil.copy(demo_slide, base / "slides" / "demo.svs")
-    app = create_app(_settings(base / "slides", base / "data"))
-    with serve(app, ready_path="/readyz") as url:
-        yield url
+    # reports go to the local OpenAI-compatible server (tests/_openai_server.py)
+    with serve(create_openai_stub(OpenAIStub())) as vlm:
+        app = create_app(_settings(base / "slides", base / "data", f"{vlm}/v1"))
+        with serve(app, ready_path="/readyz") as url:
+            yield url
 
 
 def valid_data_passes_validation(ctx: object, response: schemathesis.Response,

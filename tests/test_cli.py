@@ -27,7 +27,7 @@ def test_info_json(cmu_svs: Path) -> None:
 
 def test_demo_slide_and_plan_formats(tmp_path: Path) -> None:
     slide = tmp_path / "demo.svs"
-    r = run("demo-slide", slide, "--width", "4096", "--height", "3072")
+    r = run("demo-slide", slide, "--width", "4096", "--height", "3072", "--mpp", "0.25")
     assert r.returncode == 0, r.stderr
     for name in ("c.csv", "c.geojson", "c.json", "c.h5"):
         r = run("plan", slide, "--out", tmp_path / name, "--mpp", "0.5", "--size", "224",

@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import replace
 from enum import Enum
@@ -482,6 +483,10 @@ def main() -> None:
     for noisy in ("tifffile", "asyncio", "zarr", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.CRITICAL)
     sys.unraisablehook = _log_unraisable
+    # zarr abandons its read coroutines when a damaged tile fails; Python then warns about
+    # each at exit, after our one-line error.
+    warnings.filterwarnings("ignore", message="coroutine .* was never awaited",
+                            category=RuntimeWarning)
     try:
         app()
     except WsiSamplerError as exc:
