@@ -41,6 +41,8 @@ class Settings(BaseSettings):
     max_concurrent_streams: int = Field(4, ge=1)
     max_patches_per_request: int = Field(20_000, ge=1)
     max_plan_patches: int = Field(200_000, ge=1)
+    max_concurrent_slide_work: int = Field(
+        2, ge=1, le=256, description="Tissue masks, thumbnails and plans computed at once")
     batch_size: int = Field(32, ge=1, le=4096)
     job_workers: int = Field(1, ge=1, le=64)
     slide_index_refresh_s: float = Field(30.0, ge=0.5, le=86_400)

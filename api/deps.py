@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Annotated
+from typing import Annotated, ParamSpec, TypeVar
 
 from fastapi import Depends, Request
+from starlette.concurrency import run_in_threadpool
 
 from wsi_sampler.worker import Worker
 from wsi_sampler.worker.vlm import VlmConfig, VlmWorker
@@ -20,6 +23,9 @@ from .slides import SlideRegistry
 
 __all__ = ["ServicesDep", "Services"]
 
+P = ParamSpec("P")
+T = TypeVar("T")
+
 
 @dataclass
 class Services:
@@ -32,6 +38,17 @@ class Services:
     worker_error: str | None = None
     _streams: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
+    _slide_work: asyncio.Semaphore = field(init=False)
+
+    def __post_init__(self) -> None:
+        self._slide_work = asyncio.Semaphore(self.settings.max_concurrent_slide_work)
+
+    async def slide_work(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Run slide work (tissue masks, thumbnails, plans) in a thread, at most
+        ``max_concurrent_slide_work`` at once; the others wait on the event loop, holding
+        no thread, so memory and CPU stay bounded under bursts."""
+        async with self._slide_work:
+            return await run_in_threadpool(fn, *args, **kwargs)
 
     def require_worker(self) -> Worker:
         if self.worker is None:

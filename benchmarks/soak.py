@@ -121,7 +121,8 @@ def run(args: argparse.Namespace) -> None:
         make_root(root, args.extra_files)
         env = {"WSI_SLIDE_ROOTS": f'["{root}"]', "WSI_DATA_DIR": str(Path(tmp) / "data"),
                "WSI_DEMO_SLIDE": "false", "WSI_DEVICE": "cpu",
-               "WSI_MAX_CONCURRENT_STREAMS": str(args.streams)}
+               "WSI_MAX_CONCURRENT_STREAMS": str(args.streams),
+               "WSI_MALLOC_ARENA_MAX": str(args.arena_max)}
         with cli_server_process(["serve"], "/readyz", env=env) as (url, proc):
             ids = {i["name"]: i["id"] for i in httpx.get(f"{url}/v1/slides").json()["items"]}
             before = rss_mib(proc.pid)
@@ -150,7 +151,7 @@ def report(args: argparse.Namespace, tally: Tally, elapsed: float, health: list[
            rss: tuple[float, float, float]) -> None:
     server_errors = sum(n for s, n in tally.statuses.items() if s >= 500)
     print(f"\n{args.clients} clients, {elapsed:.0f} s, {args.streams} stream slots, "
-          f"{args.extra_files:,} extra files in the root\n")
+          f"{args.extra_files:,} extra files in the root, malloc_arena_max={args.arena_max}\n")
     print(f"requests: {tally.requests} ({tally.requests / elapsed:.1f}/s); statuses: "
           f"{dict(sorted(tally.statuses.items()))}; 429: {tally.statuses[429]}; "
           f"5xx: {server_errors}; aborted streams: {tally.aborted}")
@@ -173,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--streams", type=int, default=4, help="max_concurrent_streams")
     parser.add_argument("--extra-files", type=int, default=20_000)
     parser.add_argument("--settle", type=float, default=30)
+    parser.add_argument("--arena-max", type=int, default=4,
+                        help="the service's malloc_arena_max (0 = glibc's default)")
     args = parser.parse_args(argv)
     run(args)
     return 0

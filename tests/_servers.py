@@ -12,6 +12,14 @@ from typing import Any
 import uvicorn
 
 
+def slide_ids(url: str) -> dict[str, str]:
+    """Path in its root -> id, of every slide the service at ``url`` lists."""
+    import httpx
+
+    items = httpx.get(f"{url}/v1/slides", params={"limit": 1000}).json()["items"]
+    return {i["path"]: i["id"] for i in items}
+
+
 @contextmanager
 def serve(app: Any, *, ready_path: str | None = None, timeout_s: float = 60.0) -> Iterator[str]:
     """Yield the base URL of ``app`` served by uvicorn; stop it on exit."""

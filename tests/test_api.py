@@ -17,7 +17,7 @@ import cv2
 import httpx
 import numpy as np
 import pytest
-from _servers import serve
+from _servers import serve, slide_ids
 from conftest import DEMO_SPEC
 
 from api.app import create_app
@@ -65,9 +65,7 @@ def url(env: dict[str, Path]) -> Iterator[str]:
         yield base
 
 
-def ids(url: str) -> dict[str, str]:
-    items = httpx.get(f"{url}/v1/slides", params={"limit": 1000}).json()["items"]
-    return {i["path"]: i["id"] for i in items}
+ids = slide_ids
 
 
 def test_listing_is_paginated_and_stays_inside_the_root(url: str, env: dict[str, Path]) -> None:

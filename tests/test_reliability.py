@@ -23,7 +23,7 @@ import numpy as np
 import numpy.typing as npt
 import pytest
 import tifffile
-from _servers import serve
+from _servers import serve, slide_ids
 
 from api.app import create_app
 from api.config import Settings
@@ -103,9 +103,7 @@ def url(env: dict[str, Path]) -> Iterator[str]:
         yield base
 
 
-def ids(url: str) -> dict[str, str]:
-    items = httpx.get(f"{url}/v1/slides", params={"limit": 1000}).json()["items"]
-    return {i["path"]: i["id"] for i in items}
+ids = slide_ids
 
 
 # -- failures after the stream started ---------------------------------------------------------

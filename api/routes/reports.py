@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
-from starlette.concurrency import run_in_threadpool
 
 from wsi_sampler import PatchPlan, Slide
 from wsi_sampler.report import prepare_bag
@@ -48,7 +47,7 @@ async def reports(slide_id: str, req: ReportRequest, services: ServicesDep
     try:
         services.acquire_stream()
         try:
-            slide, plan = await run_in_threadpool(_open_bag, services, slide_id, req, vlm)
+            slide, plan = await services.slide_work(_open_bag, services, slide_id, req, vlm)
         except BaseException:
             services.release_stream()
             raise

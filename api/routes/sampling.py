@@ -8,7 +8,6 @@ from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
 from fastapi.responses import StreamingResponse
-from starlette.concurrency import run_in_threadpool
 
 from wsi_sampler import PatchPlan, Slide, make_plan
 from wsi_sampler.errors import InvalidRequestError
@@ -66,7 +65,7 @@ async def plan(slide_id: str, req: SamplingRequest, services: ServicesDep) -> Pl
         d.pop("params")
         return PlanResponse(slide_id=slide_id, message=plan_.why_empty(), **d)
 
-    return await run_in_threadpool(run)
+    return await services.slide_work(run)
 
 
 async def _open_for_stream(
@@ -75,7 +74,7 @@ async def _open_for_stream(
     """Take a stream slot first (429 costs nothing), then open and plan."""
     services.acquire_stream()
     try:
-        return await run_in_threadpool(_open_and_plan, services, slide_id, req, for_model)
+        return await services.slide_work(_open_and_plan, services, slide_id, req, for_model)
     except BaseException:
         services.release_stream()
         raise

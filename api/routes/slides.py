@@ -65,7 +65,7 @@ async def upload_slide(request: Request, services: ServicesDep) -> SlideSummary:
     tmp = await run_in_threadpool(temp_upload_path, uploads)
     try:
         received = await receive_upload(request, tmp)
-        entry = await run_in_threadpool(store_upload, services.registry, uploads, received)
+        entry = await services.slide_work(store_upload, services.registry, uploads, received)
     finally:
         tmp.unlink(missing_ok=True)
     return _summary(entry)
@@ -100,7 +100,7 @@ async def thumbnail(
         with services.registry.open(slide_id) as s:
             return encode_image(s.thumbnail(max_size=max_size), f".{image_format}")
 
-    body = await run_in_threadpool(render)
+    body = await services.slide_work(render)
     return Response(body, media_type=f"image/{image_format}")
 
 
@@ -126,5 +126,5 @@ async def tissue(
         return JSONResponse({"type": "FeatureCollection", "features": [feature]},
                             media_type="application/geo+json")
 
-    return await run_in_threadpool(detect)
+    return await services.slide_work(detect)
 

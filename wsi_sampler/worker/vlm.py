@@ -14,6 +14,7 @@ error; an answer without text is one too, never an empty success.
 from __future__ import annotations
 
 import base64
+import contextlib
 import math
 import os
 import time
@@ -204,22 +205,16 @@ def _report(text: str, model: str, finish: str | None, usage: dict[str, Any],
     return VlmReport(text, model, finish, usage, seconds)
 
 
-class _translated:
+@contextlib.contextmanager
+def _translated(config: VlmConfig) -> Iterator[None]:
     """Turn the openai client's errors into domain errors that say what to do."""
-
-    def __init__(self, config: VlmConfig) -> None:
-        self.config = config
-
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: object) -> None:
-        if exc is None:
-            return
-        translated = translate_openai_error(exc, self.config)
-        if translated is not None:
-            raise translated from exc
+    try:
+        yield
+    except Exception as exc:
+        translated = translate_openai_error(exc, config)
+        if translated is None:
+            raise
+        raise translated from exc
 
 
 def translate_openai_error(exc: BaseException, config: VlmConfig) -> Exception | None:
@@ -250,7 +245,10 @@ def translate_openai_error(exc: BaseException, config: VlmConfig) -> Exception |
 
 
 def _error_message(exc: Any) -> str:
-    body = exc.body if isinstance(getattr(exc, "body", None), dict) else {}
-    message = body.get("message") or (body.get("error") or {}).get("message") \
-        if isinstance(body.get("error"), dict) else body.get("message")
+    """The server's own message: vLLM answers {"error": {"message": ...}} or {"message": ...}."""
+    body = getattr(exc, "body", None)
+    message = None
+    if isinstance(body, dict):
+        inner = body.get("error")
+        message = inner.get("message") if isinstance(inner, dict) else body.get("message")
     return str(message or exc.message)[:500]
