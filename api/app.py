@@ -82,7 +82,8 @@ def create_app(
 
     def default_factory() -> Worker:
         return open_worker(cfg.model, worker_url=cfg.worker_url or None, device=cfg.device,
-                           target_mpp=cfg.worker_target_mpp)
+                           target_mpp=cfg.worker_target_mpp,
+                           patch_size_px=cfg.worker_patch_size, protocol=cfg.worker_protocol)
 
     factory = worker_factory or default_factory
 

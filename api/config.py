@@ -33,6 +33,8 @@ class Settings(BaseSettings):
     model: str = "tissue-qc"
     worker_url: str = ""
     worker_target_mpp: float | None = Field(None, gt=0, le=100)
+    worker_patch_size: int | None = Field(None, ge=8, le=8192)
+    worker_protocol: Literal["auto", "binary", "json"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     api_keys: list[SecretStr] = Field(default_factory=list)
     cors_origins: list[str] = Field(default_factory=list)

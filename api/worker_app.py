@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import sys
+import time
+import zlib
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -30,6 +33,8 @@ from wsi_sampler.worker.oip import (
     encode_infer_response,
 )
 
+from .worker_stats import ModelStats
+
 __all__ = ["create_worker_app"]
 
 logger = logging.getLogger("wsi_sampler.worker")
@@ -49,6 +54,7 @@ class _State:
         self.model: Model | None = None
         self.batcher: MicroBatcher | None = None
         self.load_error: str | None = None
+        self.stats: ModelStats | None = None
 
 
 def _error(status: int, message: str) -> JSONResponse:
@@ -118,6 +124,7 @@ async def _load(state: _State, load: Callable[[], Model], max_delay_s: float) ->
     batcher = MicroBatcher(model.predict, max_batch=model.card.max_batch, max_delay_s=max_delay_s)
     batcher.start()
     state.model, state.batcher = model, batcher
+    state.stats = ModelStats(model.name, model.card.version)
     logger.info("model %s ready on %s", model.name, model.device)
 
 
@@ -167,7 +174,19 @@ def _install_routes(app: FastAPI, state: _State) -> None:
     @app.get("/v2")
     async def server_metadata() -> dict[str, Any]:
         return {"name": "wsi-sampler", "version": __version__,
-                "extensions": ["binary_tensor_data", "model_configuration"]}
+                "extensions": ["binary_tensor_data", "model_configuration", "statistics"]}
+
+    @app.get("/v2/models/stats")
+    async def all_stats() -> dict[str, Any]:
+        return {"model_stats": [state.stats.to_dict()] if state.stats else []}
+
+    @app.post("/v2/repository/index")
+    async def repository_index() -> list[dict[str, str]]:
+        """Read-only: the one model this worker serves (loading/unloading is not offered)."""
+        if state.model is None:
+            return []
+        return [{"name": state.model.name, "version": state.model.card.version,
+                 "state": "READY"}]
 
     for suffix in ("", "/versions/{version}"):
         _model_routes(app, state, "/v2/models/{name}" + suffix)
@@ -187,6 +206,11 @@ def _model_routes(app: FastAPI, state: _State, base: str) -> None:
     async def config(name: str, version: str | None = None) -> dict[str, Any]:
         return _config(_model_for(state, name, version))
 
+    @app.get(base + "/stats")
+    async def stats(name: str, version: str | None = None) -> dict[str, Any]:
+        _model_for(state, name, version)
+        return {"model_stats": [state.stats.to_dict()] if state.stats else []}
+
     @app.post(base + "/infer")
     async def infer(request: Request, name: str, version: str | None = None) -> Response:
         model = _model_for(state, name, version)
@@ -195,7 +219,13 @@ def _model_routes(app: FastAPI, state: _State, base: str) -> None:
         header_len = _header_length(request)
         req = await asyncio.to_thread(decode_infer_request, body, header_len)
         patches = _patches(model, req.inputs)
-        outputs = await state.batcher.submit(patches)
+        t0 = time.perf_counter_ns()
+        try:
+            outputs = await state.batcher.submit(patches)
+        finally:
+            if state.stats is not None:
+                state.stats.record(patches=len(patches), ns=time.perf_counter_ns() - t0,
+                                   ok=sys.exc_info()[0] is None)
         wanted = req.requested if req.requested is not None else list(outputs)
         unknown = [n for n in wanted if n not in outputs]
         if unknown:
@@ -212,10 +242,33 @@ def _model_routes(app: FastAPI, state: _State, base: str) -> None:
 
 
 async def _read_body(request: Request) -> bytes:
+    """The body, decompressed when the client sent ``Content-Encoding: gzip|deflate`` (as
+    tritonclient's ``request_compression_algorithm`` does); at most _MAX_BODY bytes."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > _MAX_BODY:
         raise InvalidRequestError(f"request body of {declared} bytes exceeds {_MAX_BODY}")
-    return await request.body()
+    body = await request.body()
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding in ("", "identity"):
+        return body
+    if encoding not in ("gzip", "deflate"):
+        raise InvalidRequestError(f"Content-Encoding {encoding!r} is not supported "
+                                  "(identity, gzip, deflate)")
+    return await asyncio.to_thread(_inflate, body, encoding)
+
+
+def _inflate(body: bytes, encoding: str) -> bytes:
+    # 32 + 15: zlib or gzip header detected automatically; -15: raw deflate streams.
+    for wbits in (32 + zlib.MAX_WBITS, -zlib.MAX_WBITS):
+        inflater = zlib.decompressobj(wbits)
+        try:
+            data = inflater.decompress(body, _MAX_BODY + 1)
+        except zlib.error:
+            continue
+        if len(data) > _MAX_BODY or inflater.unconsumed_tail:
+            raise InvalidRequestError(f"the {encoding} body inflates past {_MAX_BODY} bytes")
+        return data
+    raise InvalidRequestError(f"the request body is not valid {encoding} data")
 
 
 def _header_length(request: Request) -> int | None:

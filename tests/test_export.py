@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import csv
 import json
+import uuid
 from pathlib import Path
 
 import cv2
@@ -58,6 +59,41 @@ def test_geojson_is_qupath_tiles(planned, tmp_path: Path) -> None:  # type: igno
     assert f0["properties"]["measurements"]["prob_tumor"] == 0.25
     x, y = int(plan.x0[0]), int(plan.y0[0])
     assert shape(f0["geometry"]).equals(box(x, y, x + 896, y + 896))
+
+
+def test_geojson_ids_are_stable_uuids_and_tiles_are_classified(  # type: ignore[no-untyped-def]
+        planned, tmp_path: Path) -> None:
+    _, plan, _ = planned
+    n = len(plan)
+    tumour = np.linspace(0, 1, n)
+    probs = {"prob_normal": 1 - tumour, "prob_tumour": tumour}
+    classes = [("prob_normal", "normal"), ("prob_tumour", "tumour")]
+    runs = []
+    for name, key in (("a", "sha256:one"), ("b", "sha256:one"), ("c", "sha256:two")):
+        write_geojson(tmp_path / f"{name}.geojson", plan, probs, slide_key=key, classes=classes)
+        runs.append(json.loads((tmp_path / f"{name}.geojson").read_text())["features"])
+    ids = [[f["id"] for f in run] for run in runs]
+    assert all(str(uuid.UUID(i)) == i for i in ids[0])  # QuPath keeps only UUID ids
+    assert ids[0] == ids[1] and len(set(ids[0])) == n  # stable per slide and tile, unique
+    assert not set(ids[0]) & set(ids[2])  # another slide, other ids
+    names = [f["properties"]["classification"]["name"] for f in runs[0]]
+    assert names == ["tumour" if t > 0.5 else "normal" for t in tumour]
+    colours = {f["properties"]["classification"]["name"]: tuple(
+        f["properties"]["classification"]["color"]) for f in runs[0]}
+    assert len(set(colours.values())) == len(colours) and all(
+        len(c) == 3 for c in colours.values())
+
+
+def test_plan_and_model_tissue_fractions_are_named_apart(  # type: ignore[no-untyped-def]
+        planned, tmp_path: Path) -> None:
+    _, plan, _ = planned
+    write_csv(tmp_path / "p.csv", plan, {"tissue_fraction": np.zeros(len(plan))})
+    header = (tmp_path / "p.csv").read_text().splitlines()[0].split(",")
+    assert header[4:] == ["mask_tissue_fraction", "tissue_fraction"]
+    write_geojson(tmp_path / "p.geojson", plan, {"tissue_fraction": np.zeros(len(plan))})
+    meas = json.loads((tmp_path / "p.geojson").read_text())["features"][0]["properties"][
+        "measurements"]
+    assert meas["tissue_fraction"] == 0 and meas["mask_tissue_fraction"] > 0
 
 
 def test_clam_h5(planned, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -6,6 +6,7 @@ import socket
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import httpx
 import numpy as np
@@ -76,6 +77,39 @@ def test_tritonclient_infer_matches_in_process(
                                rtol=1e-5, atol=1e-4)
     np.testing.assert_array_equal(result.as_numpy("qc"), reference["qc"][:16])
     client.close()
+
+
+@pytest.mark.parametrize("algorithm", ["gzip", "deflate"])
+def test_tritonclient_compressed_requests_and_statistics(
+    url: str, reference: dict[str, np.ndarray], algorithm: str
+) -> None:
+    import tritonclient.http as triton
+
+    client = triton.InferenceServerClient(url.removeprefix("http://"))
+    before = client.get_inference_statistics("tissue-qc")["model_stats"][0]
+    batch = PATCHES[:8]
+    inp = triton.InferInput("patches", list(batch.shape), "UINT8")
+    inp.set_data_from_numpy(batch, binary_data=True)
+    result = client.infer("tissue-qc", [inp], request_compression_algorithm=algorithm,
+                          response_compression_algorithm=algorithm)
+    np.testing.assert_array_equal(result.as_numpy("qc"), reference["qc"][:8])
+    after = client.get_inference_statistics("tissue-qc")["model_stats"][0]
+    assert after["inference_count"] == before["inference_count"] + 8
+    assert after["inference_stats"]["success"]["count"] == \
+        before["inference_stats"]["success"]["count"] + 1
+    assert after["last_inference"] > 0 and "statistics" in client.get_server_metadata()[
+        "extensions"]
+    assert client.get_model_repository_index() == [
+        {"name": "tissue-qc", "version": "1", "state": "READY"}]
+    client.close()
+
+
+def test_unknown_or_broken_encodings_are_400(url: str) -> None:
+    body = b"x" * 64
+    for encoding, data in (("br", body), ("gzip", body)):
+        resp = httpx.post(f"{url}/v2/models/tissue-qc/infer", content=data,
+                          headers={"Content-Encoding": encoding})
+        assert resp.status_code == 400 and encoding in resp.json()["error"]
 
 
 # -- our client --------------------------------------------------------------------------------
@@ -222,3 +256,35 @@ def test_micro_batcher_groups_waiting_requests_up_to_max_batch() -> None:
     assert calls == [2, 8, 3]  # 4 + 4 waited together; 3 did not fit and went next
     for i, r in enumerate(results):
         assert r["v"].ravel().tolist() == [i] * len(r["v"])
+
+
+def _without_binary_extension(app: Any) -> Any:
+    """Our worker, answering as MLServer 1.7.1 does (issue 13): ``/v2`` lists no extensions
+    and a binary-tensor request fails with 500 (MLServer logs a UnicodeDecodeError)."""
+    async def wrapped(scope: Any, receive: Any, send: Any) -> None:
+        binary = any(k.lower() == HEADER_LENGTH.lower().encode()
+                     for k, _ in scope.get("headers", []))
+        if scope["type"] == "http" and (scope["path"] == "/v2" or binary):
+            body = json.dumps({"name": "mlserver", "version": "1.7.1", "extensions": []}
+                              if not binary else {"error": "UnicodeDecodeError"}).encode()
+            await send({"type": "http.response.start", "status": 500 if binary else 200,
+                        "headers": [(b"content-type", b"application/json")]})
+            await send({"type": "http.response.body", "body": body})
+            return
+        await app(scope, receive, send)
+    return wrapped
+
+
+def test_remote_worker_uses_json_when_the_server_offers_no_binary(
+        model: Model, reference: dict[str, np.ndarray]) -> None:
+    app = _without_binary_extension(create_worker_app(lambda: model))
+    with serve(app, ready_path="/v2/health/ready") as base:
+        with RemoteWorker(base, "tissue-qc") as auto:
+            assert auto.binary is False
+            np.testing.assert_array_equal(auto.infer(PATCHES[:4])["qc"], reference["qc"][:4])
+        with RemoteWorker(base, "tissue-qc", binary=True, retries=0) as forced, \
+                pytest.raises(WorkerError, match="500"):
+            forced.infer(PATCHES[:4])
+    with serve(create_worker_app(lambda: model), ready_path="/v2/health/ready") as base, \
+            RemoteWorker(base, "tissue-qc") as ours:
+        assert ours.binary is True  # our worker lists binary_tensor_data

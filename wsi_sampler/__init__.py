@@ -21,20 +21,35 @@ from .tissue import TissueParams, detect_tissue
 
 __version__ = "0.1.0"
 
+# The worker API loads torch; it is imported on first use, so `import wsi_sampler` stays light.
+_WORKER_NAMES = ("InProcessWorker", "RemoteWorker", "Worker", "open_worker")
+
+
+def __getattr__(name: str) -> object:
+    if name in _WORKER_NAMES:
+        from . import worker
+
+        return getattr(worker, name)
+    raise AttributeError(f"module 'wsi_sampler' has no attribute {name!r}")
+
+
 __all__ = [
     "CorruptSlideError",
     "EmptyPlanError",
     "Extractor",
+    "InProcessWorker",
     "InvalidRequestError",
     "MissingMppError",
     "PatchBatch",
     "PatchPlan",
     "PlanParams",
+    "RemoteWorker",
     "Slide",
     "SlideNotFoundError",
     "TissueMask",
     "TissueParams",
     "UnsupportedFormatError",
+    "Worker",
     "WsiSamplerError",
     "__version__",
     "compute_tissue_mask",
@@ -42,4 +57,5 @@ __all__ = [
     "make_plan",
     "medgemma_params",
     "open_slide",
+    "open_worker",
 ]

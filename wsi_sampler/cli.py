@@ -81,6 +81,12 @@ class MethodOpt(str, Enum):
     fluorescence = "fluorescence"
 
 
+class WorkerProtocolOpt(str, Enum):
+    auto = "auto"
+    binary = "binary"
+    json = "json"
+
+
 class ImageFormat(str, Enum):
     png = "png"
     jpeg = "jpeg"
@@ -222,7 +228,7 @@ def plan(
         elif suffix == ".csv":
             write_csv(out, p)
         elif suffix == ".geojson":
-            write_geojson(out, p)
+            write_geojson(out, p, slide_key=s.fingerprint)
         elif suffix == ".json":
             atomic_write_bytes(out, json.dumps(p.to_dict()).encode())
         else:
@@ -372,6 +378,14 @@ def score(
     mpp_override: MppOverrideO = None,
     device: DeviceO = DeviceOpt.auto,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+    worker_target_mpp: Annotated[float | None, typer.Option(
+        help="µm/px the remote model expects (servers without our model card: MLServer, "
+             "KServe, Triton).")] = None,
+    worker_patch_size: Annotated[int | None, typer.Option(
+        help="Input side in px, for remote models with a dynamic input shape.")] = None,
+    worker_protocol: Annotated[WorkerProtocolOpt, typer.Option(
+        help="auto: binary tensors if the server lists them, else JSON.")] = (
+        WorkerProtocolOpt.auto),
     vlm_url: VlmUrlO = None, vlm_model: VlmModelO = DEFAULT_MODEL, prompt: PromptO = None,
     variant: VariantO = VariantOpt.report,
 ) -> None:
@@ -390,7 +404,10 @@ def score(
         params = PlanParams(strategy=strategy.value, n_patches=n_patches, seed=seed,
                             min_tissue_fraction=min_tissue)
         cfg = BatchConfig(model=model, worker_url=worker_url, device=device.value,
-                          params=params, mpp_override=mpp_override)
+                          params=params, mpp_override=mpp_override,
+                          worker_target_mpp=worker_target_mpp,
+                          worker_patch_size=worker_patch_size,
+                          worker_protocol=worker_protocol.value)
     with _score_progress(quiet) as report_one:
         report = run_batch(slides_dir, out, cfg, executor=executor.value, workers=workers,
                            address=address, retries=retries, resume=resume,
@@ -440,7 +457,7 @@ def serve(
     host: Annotated[str | None, typer.Option(help="Interface (default from config).")] = None,
     port: Annotated[int | None, typer.Option(help="TCP port (default from config).")] = None,
     config: Annotated[
-        Path | None, typer.Option(help="TOML file with a [service] table (WSI_CONFIG).")
+        Path | None, typer.Option(help="TOML file with a \\[service] table (WSI_CONFIG).")
     ] = None,
 ) -> None:
     """Start the REST API (settings: WSI_* env over configs/default.toml)."""
@@ -482,6 +499,8 @@ def main() -> None:
     # tifffile logs every damaged structure it meets; the translated error says it once.
     for noisy in ("tifffile", "asyncio", "zarr", "fsspec"):
         logging.getLogger(noisy).setLevel(logging.CRITICAL)
+    # httpx logs every request at INFO (a remote worker: one line per batch).
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     sys.unraisablehook = _log_unraisable
     # zarr abandons its read coroutines when a damaged tile fails; Python then warns about
     # each at exit, after our one-line error.

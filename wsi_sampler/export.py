@@ -12,7 +12,8 @@ import os
 import platform
 import sys
 import time
-from collections.abc import Mapping
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -57,6 +58,13 @@ def _columns(plan: PatchPlan, outputs: Outputs | None) -> dict[str, np.ndarray]:
     return cols
 
 
+def plan_fraction_column(columns: Iterable[str]) -> str:
+    """Name of the plan's (tissue-mask) fraction: ``tissue_fraction``, or
+    ``mask_tissue_fraction`` when a model output already has that name (tissue-qc measures
+    the fraction on the patch's own pixels), so neither value hides the other."""
+    return "mask_tissue_fraction" if "tissue_fraction" in set(columns) else "tissue_fraction"
+
+
 def write_csv(
     path: str | os.PathLike[str], plan: PatchPlan, outputs: Outputs | None = None
 ) -> None:
@@ -64,7 +72,7 @@ def write_csv(
     cols = _columns(plan, outputs)
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["minx", "miny", "width", "height", "tissue_fraction", *cols])
+    writer.writerow(["minx", "miny", "width", "height", plan_fraction_column(cols), *cols])
     for i in range(len(plan)):
         writer.writerow([
             int(plan.x0[i]), int(plan.y0[i]), plan.width0, plan.height0,
@@ -78,24 +86,51 @@ def _cell(value: Any) -> str | int | float:
     return item if isinstance(item, (str, int, float)) else str(item)
 
 
+# QuPath keeps a feature's "id" only if it is a UUID; ours derive from the slide and the
+# tile's box, so the same tile gets the same id in every run (links between runs survive).
+_TILE_NAMESPACE = uuid.UUID("5d0c3f0e-6a0b-4f5e-9d27-7f4a5b1c2e10")
+# Class colours, in order of the classifier's classes; QuPath (0.4 and later) writes and
+# reads a classification as {"name": ..., "color": [r, g, b]}.
+_CLASS_COLOURS = ((200, 0, 0), (0, 150, 0), (0, 0, 200), (200, 150, 0), (150, 0, 150),
+                  (0, 150, 150), (120, 120, 120), (255, 100, 0))
+
+
+def tile_uuid(slide_key: str, x0: int, y0: int, width0: int, height0: int) -> str:
+    """A stable UUID for a tile of a slide (``slide_key``: e.g. its fingerprint)."""
+    return str(uuid.uuid5(_TILE_NAMESPACE, f"{slide_key}:{x0}:{y0}:{width0}:{height0}"))
+
+
 def write_geojson(
-    path: str | os.PathLike[str], plan: PatchPlan, measurements: Outputs | None = None
+    path: str | os.PathLike[str], plan: PatchPlan, measurements: Outputs | None = None, *,
+    slide_key: str = "", classes: Sequence[tuple[str, str]] = (),
 ) -> None:
-    """QuPath-compatible FeatureCollection of tile Polygons (drag-and-drop into QuPath)."""
+    """QuPath-compatible FeatureCollection of tile Polygons (drag-and-drop into QuPath).
+
+    Ids are UUIDs stable across runs (:func:`tile_uuid`); ``classes`` ((column, class name),
+    a classifier's probability columns) gives each tile its top class as QuPath's
+    ``classification``, which QuPath colours and counts by.
+    """
     cols = _columns(plan, measurements)
+    fraction = plan_fraction_column(cols)
     features = []
     for i in range(len(plan)):
         x, y, w, h = int(plan.x0[i]), int(plan.y0[i]), plan.width0, plan.height0
-        meas = {"tissue_fraction": round(float(plan.tissue_fraction[i]), 4)}
+        meas = {fraction: round(float(plan.tissue_fraction[i]), 4)}
         meas.update({k: float(v[i]) for k, v in cols.items()})
+        properties: dict[str, Any] = {"objectType": "tile", "isLocked": True,
+                                      "measurements": meas}
+        if classes:
+            best = int(np.argmax([cols[c][i] for c, _ in classes]))
+            properties["classification"] = {
+                "name": classes[best][1], "color": list(_CLASS_COLOURS[best % len(_CLASS_COLOURS)])}
         features.append({
             "type": "Feature",
-            "id": f"tile-{i}",
+            "id": tile_uuid(slide_key, x, y, w, h),
             "geometry": {
                 "type": "Polygon",
                 "coordinates": [[[x, y], [x + w, y], [x + w, y + h], [x, y + h], [x, y]]],
             },
-            "properties": {"objectType": "tile", "isLocked": True, "measurements": meas},
+            "properties": properties,
         })
     atomic_write_text(path, json.dumps({"type": "FeatureCollection", "features": features}))
 

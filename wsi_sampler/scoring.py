@@ -121,6 +121,14 @@ class SlideScore:
     summary: dict[str, Any]
 
 
+def classifier_columns(card: ModelCard) -> list[tuple[str, str]]:
+    """(column, class name) of the card's first classifier output (class probabilities)."""
+    for o in card.outputs:
+        if o.activation != "none" and o.class_names:
+            return list(zip(o.column_names(), o.class_names, strict=True))
+    return []
+
+
 def heatmap_column(card: ModelCard) -> str:
     """The column a heatmap shows: the first class probability, else the first column."""
     for o in card.outputs:
@@ -173,7 +181,8 @@ def write_results(
     """The per-slide result files; ``summary.json`` last."""
     out_dir.mkdir(parents=True, exist_ok=True)
     write_csv(out_dir / "predictions.csv", plan, outputs)
-    write_geojson(out_dir / "predictions.geojson", plan, outputs)
+    write_geojson(out_dir / "predictions.geojson", plan, outputs, slide_key=slide.fingerprint,
+                  classes=classifier_columns(card))
     write_clam_h5(out_dir / "coords.h5", plan, slide)
     col = heatmap_column(card)
     values = outputs[col] if len(plan) else np.zeros(0)

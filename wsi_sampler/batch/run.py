@@ -51,6 +51,10 @@ class BatchConfig:
 
     model: str = "tissue-qc"
     worker_url: str | None = None
+    worker_target_mpp: float | None = None
+    """µm/px the remote model expects, for servers that publish no model card."""
+    worker_patch_size: int | None = None
+    worker_protocol: str = "auto"
     device: str = "auto"
     params: PlanParams = field(default_factory=PlanParams)
     mpp_override: float | None = None
@@ -85,11 +89,15 @@ _WORKERS_LOCK = threading.Lock()
 
 def _worker_for(cfg: BatchConfig) -> Worker:
     """One model instance per process (a Dask worker keeps it across tasks)."""
-    key = json.dumps([cfg.model, cfg.worker_url, cfg.device, cfg.allow_random_weights])
+    key = json.dumps([cfg.model, cfg.worker_url, cfg.device, cfg.allow_random_weights,
+                      cfg.worker_target_mpp, cfg.worker_patch_size, cfg.worker_protocol])
     with _WORKERS_LOCK:
         if key not in _WORKERS:
-            _WORKERS[key] = open_worker(cfg.model, worker_url=cfg.worker_url, device=cfg.device,
-                                        allow_random_weights=cfg.allow_random_weights)
+            _WORKERS[key] = open_worker(
+                cfg.model, worker_url=cfg.worker_url, device=cfg.device,
+                allow_random_weights=cfg.allow_random_weights,
+                target_mpp=cfg.worker_target_mpp, patch_size_px=cfg.worker_patch_size,
+                protocol=cfg.worker_protocol)
         return _WORKERS[key]
 
 

@@ -31,21 +31,22 @@ _DEFAULT_MAX_BATCH = 32
 class RemoteWorker:
     """Run a model on a remote Open Inference Protocol server.
 
-    ``binary=True`` (default) sends and receives tensors as Triton binary data; ``False``
-    uses plain JSON. ``target_mpp`` is needed only for servers that do not publish our model
-    card in their model configuration (Triton, KServe).
+    ``binary=None`` (default) uses Triton's binary tensor extension when the server lists it
+    in ``GET /v2`` (Triton, our worker) and plain JSON otherwise (MLServer, KServe's Python
+    server); ``True`` / ``False`` force either. ``target_mpp`` is needed only for servers that
+    do not publish our model card in their model configuration (Triton, KServe).
     """
 
     def __init__(
-        self, url: str, model: str, *, version: str | None = None, binary: bool = True,
+        self, url: str, model: str, *, version: str | None = None, binary: bool | None = None,
         timeout_s: float = 60.0, retries: int = 3, backoff_s: float = 0.2,
-        target_mpp: float | None = None, client: httpx.Client | None = None,
+        target_mpp: float | None = None, patch_size_px: int | None = None,
+        client: httpx.Client | None = None,
     ) -> None:
         if not url.startswith(("http://", "https://")):
             raise InvalidRequestError(f"worker URL must start with http:// or https://: {url!r}")
         self.url = url.rstrip("/")
         self.model = model
-        self.binary = binary
         self.retries = max(0, retries)
         self.backoff_s = backoff_s
         base = f"/v2/models/{model}" + (f"/versions/{version}" if version else "")
@@ -54,17 +55,23 @@ class RemoteWorker:
         self._owns_client = client is None
         try:
             self._wait_ready()
+            self.binary = self._offers_binary() if binary is None else binary
             meta = self._get_json(base)
             config = self._get_json(f"{base}/config", missing_ok=True)
         except BaseException:
             self.close()
             raise
-        self.input_name, self.card = self._describe(meta, config, target_mpp)
+        self.input_name, self.card = self._describe(meta, config, target_mpp, patch_size_px)
         self.max_batch = self.card.max_batch
 
     # -- discovery ----------------------------------------------------------------------------
+    def _offers_binary(self) -> bool:
+        server = self._get_json("/v2", missing_ok=True) or {}
+        return "binary_tensor_data" in (server.get("extensions") or [])
+
     def _describe(
-        self, meta: dict[str, Any], config: dict[str, Any] | None, target_mpp: float | None
+        self, meta: dict[str, Any], config: dict[str, Any] | None, target_mpp: float | None,
+        patch_size_px: int | None = None,
     ) -> tuple[str, ModelCard]:
         inputs = meta.get("inputs") or []
         if len(inputs) != 1 or inputs[0].get("datatype") != "UINT8":
@@ -72,9 +79,13 @@ class RemoteWorker:
                 f"{self.url}{self._base}: expected one UINT8 input (N, H, W, 3), the server "
                 f"lists {[(i.get('name'), i.get('datatype')) for i in inputs]}"
             )
-        shape = inputs[0].get("shape") or []
+        shape = list(inputs[0].get("shape") or [])
+        if len(shape) == 4 and shape[1] == shape[2] == -1 and patch_size_px:
+            shape[1] = shape[2] = patch_size_px  # a dynamic-size input: the caller says
         if len(shape) != 4 or shape[-1] != 3 or shape[1] != shape[2] or shape[1] < 1:
-            raise WorkerError(f"{self.url}{self._base}: input shape {shape} is not (N, H, H, 3)")
+            raise WorkerError(
+                f"{self.url}{self._base}: input shape {shape} is not (N, H, H, 3); for a "
+                "dynamic size pass patch_size_px (--worker-patch-size)")
         params = (config or {}).get("parameters") or {}
         card_json = (params.get("model_card") or {}).get("string_value")
         if card_json:
@@ -82,7 +93,7 @@ class RemoteWorker:
         if target_mpp is None:
             raise WorkerError(
                 f"{self.url}{self._base} publishes no model card; pass target_mpp "
-                "(the µm/px the model expects)"
+                "(the µm/px the model expects: --worker-target-mpp, worker_target_mpp)"
             )
         max_batch = int((config or {}).get("max_batch_size") or _DEFAULT_MAX_BATCH)
         outputs = tuple(
