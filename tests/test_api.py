@@ -192,6 +192,28 @@ def test_patches_stream_as_webdataset_tar(url: str, demo_slide: Path) -> None:
         np.testing.assert_array_equal(img[:, :, ::-1], want[i])  # PNG is lossless
 
 
+def test_webdataset_reads_the_tar_stream(url: str, demo_slide: Path, tmp_path: Path) -> None:
+    from webdataset.autodecode import Decoder, imagehandler
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    sid = ids(url)["demo.svs"]
+    shard = tmp_path / "patches.tar"
+    with httpx.stream("POST", f"{url}/v1/slides/{sid}/patches", json=SAMPLE) as resp, \
+            shard.open("wb") as fh:
+        for chunk in resp.iter_bytes():
+            fh.write(chunk)
+    decode = Decoder([imagehandler("rgb8")])  # webdataset's reader and decoders; our handle
+    with shard.open("rb") as fh:
+        samples = [(s["__key__"], s["png"], s["json"])
+                   for s in map(decode, group_by_keys(tar_file_expander(
+                       [{"url": str(shard), "stream": fh}])))]
+    want = expected_patches(demo_slide, SAMPLE)
+    assert [key for key, _, _ in samples] == [f"{i:06d}" for i in range(10)]
+    for key, image, meta in samples:
+        assert meta["index"] == int(key)
+        np.testing.assert_array_equal(image, want[int(key)])
+
+
 def test_patches_stream_as_ndjson(url: str, demo_slide: Path) -> None:
     sid = ids(url)["demo.svs"]
     want = expected_patches(demo_slide, SAMPLE)
