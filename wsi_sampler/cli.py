@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import replace
 from enum import Enum
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
@@ -53,6 +53,9 @@ from .extract import Extractor
 from .plan import PatchPlan, PlanParams, TissueMask, compute_tissue_mask, make_plan
 from .slide import Slide, open_slide
 from .tissue import TissueParams, load_geojson_geometry, load_mask_png, rasterize_geometry
+
+if TYPE_CHECKING:
+    from .batch import RunReport
 
 log = logging.getLogger("wsi_sampler")
 app = typer.Typer(
@@ -412,13 +415,18 @@ def score(
         report = run_batch(slides_dir, out, cfg, executor=executor.value, workers=workers,
                            address=address, retries=retries, resume=resume,
                            on_result=report_one)
-    if not quiet:
-        log.info("%d scored, %d already done, %d failed, %d skipped in %.1f s -> %s",
-                 len(report.done), report.resumed, len(report.failures), len(report.skipped),
-                 report.seconds, out)
-        for f in report.failures:
-            log.info("failed: %s: %s", f["slide"], f["message"])
+    _log_run(report, out, quiet)
     raise typer.Exit(report.exit_code)
+
+
+def _log_run(report: RunReport, out: Path, quiet: bool) -> None:
+    if quiet:
+        return
+    log.info("%d scored, %d already done, %d failed, %d skipped in %.1f s -> %s",
+             len(report.done), report.resumed, len(report.failures), len(report.skipped),
+             report.seconds, out)
+    for f in report.failures:
+        log.info("failed: %s: %s", f["slide"], f["message"])
 
 
 @contextlib.contextmanager
