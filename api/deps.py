@@ -67,6 +67,16 @@ class Services:
             self._streams += 1
             self.metrics.active_streams.set(self._streams)
 
+    async def stream_work(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
+        """Take a stream slot first (a 429 costs nothing), then run ``fn`` as slide work;
+        the slot is released if that fails (on success the stream releases it)."""
+        self.acquire_stream()
+        try:
+            return await self.slide_work(fn, *args, **kwargs)
+        except BaseException:
+            self.release_stream()
+            raise
+
     def release_stream(self) -> None:
         with self._lock:
             self._streams -= 1

@@ -45,12 +45,7 @@ async def reports(slide_id: str, req: ReportRequest, services: ServicesDep
     """
     vlm = services.vlm_for(req)
     try:
-        services.acquire_stream()
-        try:
-            slide, plan = await services.slide_work(_open_bag, services, slide_id, req, vlm)
-        except BaseException:
-            services.release_stream()
-            raise
+        slide, plan = await services.stream_work(_open_bag, services, slide_id, req, vlm)
     except BaseException:
         vlm.close()
         raise

@@ -68,18 +68,6 @@ async def plan(slide_id: str, req: SamplingRequest, services: ServicesDep) -> Pl
     return await services.slide_work(run)
 
 
-async def _open_for_stream(
-    services: Services, slide_id: str, req: SamplingRequest, for_model: bool = False
-) -> tuple[Slide, PatchPlan]:
-    """Take a stream slot first (429 costs nothing), then open and plan."""
-    services.acquire_stream()
-    try:
-        return await services.slide_work(_open_and_plan, services, slide_id, req, for_model)
-    except BaseException:
-        services.release_stream()
-        raise
-
-
 @router.post(
     "/{slide_id}/patches", response_class=StreamingResponse, responses={
         **STREAM_ERRORS,
@@ -92,7 +80,7 @@ async def patches(
     output: Annotated[Literal["tar", "ndjson"], Query(alias="format")] = "tar",
 ) -> StreamingResponse:
     """Stream the planned patches as they are read (tar or NDJSON with base64 images)."""
-    slide, plan_ = await _open_for_stream(services, slide_id, req)
+    slide, plan_ = await services.stream_work(_open_and_plan, services, slide_id, req)
     chunks = patch_chunks(slide, slide_id, plan_, as_tar=output == "tar",
                           image_format=req.image_format, metrics=services.metrics)
     media = "application/x-tar" if output == "tar" else "application/x-ndjson"
@@ -113,7 +101,7 @@ async def predictions(
     """Stream predictions as batches complete: one NDJSON record per patch (coordinates and
     outputs), then ``{"type": "summary", ...}``. Patch size and MPP are the model's."""
     worker = services.require_worker()
-    slide, plan_ = await _open_for_stream(services, slide_id, req, for_model=True)
+    slide, plan_ = await services.stream_work(_open_and_plan, services, slide_id, req, True)
     chunks = prediction_chunks(slide, slide_id, plan_, worker,
                                batch_size=services.settings.batch_size,
                                metrics=services.metrics, cancel=threading.Event())
