@@ -81,7 +81,8 @@ def create_app(
     cfg = settings or load_settings()
 
     def default_factory() -> Worker:
-        return open_worker(cfg.model, worker_url=cfg.worker_url or None, device=cfg.device,
+        return open_worker(cfg.model, weights=cfg.model_weights or None,
+                           worker_url=cfg.worker_url or None, device=cfg.device,
                            target_mpp=cfg.worker_target_mpp,
                            patch_size_px=cfg.worker_patch_size, protocol=cfg.worker_protocol)
 

@@ -31,6 +31,8 @@ class Settings(BaseSettings):
     data_dir: Path = Path("data")
     demo_slide: bool = True
     model: str = "tissue-qc"
+    model_weights: str = Field("", description="Weights file of the model (a built-in "
+                               "encoder's pytorch_model.bin); empty = the card's own")
     worker_url: str = ""
     worker_target_mpp: float | None = Field(None, gt=0, le=100)
     worker_patch_size: int | None = Field(None, ge=8, le=8192)

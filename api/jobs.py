@@ -22,7 +22,7 @@ from typing import Any
 from wsi_sampler._io import atomic_write_text
 from wsi_sampler.errors import WsiSamplerError
 from wsi_sampler.report import describe_slide
-from wsi_sampler.scoring import RESULT_FILES, Cancelled, score_slide
+from wsi_sampler.scoring import Cancelled, result_files, score_slide
 from wsi_sampler.worker import Worker
 from wsi_sampler.worker.vlm import VlmWorker
 
@@ -234,4 +234,4 @@ class JobManager:
             score_slide(slide, request.sampling.to_params(), worker, out,
                         batch_size=self.batch_size, cancel=cancel, progress=report,
                         config={"job": job_id, "sampling": request.sampling.model_dump()})
-        return [f"{sid}.{name}" for name in RESULT_FILES]
+        return [f"{sid}.{name}" for name in result_files(worker.card)]

@@ -28,8 +28,10 @@ import time
 from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
-from typing import Any
+from typing import Any, Literal
 
+import numpy as np
+import numpy.typing as npt
 from starlette.concurrency import run_in_threadpool
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
@@ -39,7 +41,7 @@ from wsi_sampler.errors import WsiSamplerError
 from wsi_sampler.export import encode_image
 from wsi_sampler.models import Predictions
 from wsi_sampler.report import report_events
-from wsi_sampler.scoring import Aggregate, iter_predictions, output_columns
+from wsi_sampler.scoring import Aggregate, embedding_output, iter_predictions, output_columns
 from wsi_sampler.worker import Worker
 from wsi_sampler.worker.vlm import VlmWorker
 
@@ -242,16 +244,34 @@ def patch_chunks(
         yield _TAR_END
 
 
+EmbeddingFormat = Literal["base64-float16", "base64-float32", "json", "none"]
+
+
+def embedding_field(values: npt.NDArray[np.float32], fmt: EmbeddingFormat
+                    ) -> dict[str, Any] | list[float] | None:
+    """One patch's embedding in a prediction record: base64 of little-endian float16/32
+    (``{"dtype", "shape", "data"}``), a JSON list, or nothing."""
+    if fmt == "none":
+        return None
+    if fmt == "json":
+        return [round(float(v), 6) for v in values]
+    dtype = "float16" if fmt == "base64-float16" else "float32"
+    data = np.ascontiguousarray(values, dtype="<f2" if dtype == "float16" else "<f4")
+    return {"dtype": dtype, "shape": [len(values)],
+            "data": base64.b64encode(data.tobytes()).decode("ascii")}
+
+
 def prediction_chunks(
     slide: Slide, slide_id: str, plan: PatchPlan, worker: Worker, *, batch_size: int,
-    metrics: Metrics, cancel: threading.Event,
+    metrics: Metrics, cancel: threading.Event, embedding_format: EmbeddingFormat = "base64-float16",
 ) -> Generator[bytes, None, None]:
     """One NDJSON record per patch as its batch completes, then a summary record."""
     t0 = time.perf_counter()
     agg = Aggregate(worker.card)
     results = iter_predictions(slide, plan, worker, batch_size=batch_size, cancel=cancel)
     with closing(results):
-        yield from _prediction_lines(results, slide_id, plan, worker, agg, metrics)
+        yield from _prediction_lines(results, slide_id, plan, worker, agg, metrics,
+                                     embedding_format)
     if agg.n != len(plan):
         raise IncompleteStreamError(f"{agg.n} of {len(plan)} planned patches scored")
     summary = {"type": "summary", "slide_id": slide_id, "model": worker.card.name,
@@ -263,9 +283,10 @@ def prediction_chunks(
 
 def _prediction_lines(
     results: Iterator[tuple[PatchBatch, Predictions, float]], slide_id: str, plan: PatchPlan,
-    worker: Worker, agg: Aggregate, metrics: Metrics,
+    worker: Worker, agg: Aggregate, metrics: Metrics, embedding_format: EmbeddingFormat,
 ) -> Iterator[bytes]:
     cols = output_columns(worker.card)
+    emb = embedding_output(worker.card)
     for batch, preds, worker_s in results:
         metrics.worker_latency.observe(worker_s)
         agg.add(preds, worker_s)
@@ -273,6 +294,8 @@ def _prediction_lines(
         for j, i in enumerate(batch.indices.tolist()):
             rec = {"type": "patch"} | patch_meta(slide_id, plan, i)
             rec["outputs"] = {col: round(float(preds[name][j, k]), 6) for name, k, col in cols}
+            if emb is not None and embedding_format != "none":
+                rec[emb.name] = embedding_field(preds[emb.name][j], embedding_format)
             lines.append(json.dumps(rec).encode())
         metrics.patches.labels("predictions").inc(len(batch))
         yield b"\n".join(lines) + b"\n"

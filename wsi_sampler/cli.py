@@ -6,15 +6,12 @@ one-line ``error: ...`` on stderr and exit code 2, never a traceback.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import sys
 import time
 import warnings
-from collections.abc import Callable, Iterator
 from dataclasses import replace
-from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
@@ -22,6 +19,29 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
 from ._io import atomic_write_bytes
+from .cli_models import register as register_model_commands
+from .cli_options import (
+    NO,
+    BackendO,
+    BackendOpt,
+    ImageFormat,
+    MagO,
+    MaskO,
+    MethodO,
+    MethodOpt,
+    MinTissueO,
+    MppO,
+    MppOverrideO,
+    OverlapO,
+    RoiO,
+    SeedO,
+    SizeO,
+    SlideArg,
+    StrategyO,
+    StrategyOpt,
+    TissueMppO,
+)
+from .cli_score import register as register_score_commands
 from .cli_vlm import (
     DEFAULT_MODEL,
     DEFAULT_PROMPT,
@@ -29,9 +49,7 @@ from .cli_vlm import (
     VariantO,
     VariantOpt,
     VlmModelO,
-    VlmUrlO,
     bag_params,
-    vlm_config,
     write_messages,
 )
 from .cli_vlm import register as register_vlm_commands
@@ -55,7 +73,7 @@ from .slide import Slide, open_slide
 from .tissue import TissueParams, load_geojson_geometry, load_mask_png, rasterize_geometry
 
 if TYPE_CHECKING:
-    from .batch import RunReport
+    pass
 
 log = logging.getLogger("wsi_sampler")
 app = typer.Typer(
@@ -63,64 +81,6 @@ app = typer.Typer(
     help="Whole-slide patch sampling: slide info, tissue masks, patch plans, patch export.",
 )
 EXIT_USER_ERROR = 2
-
-
-class BackendOpt(str, Enum):
-    auto = "auto"
-    openslide = "openslide"
-    tiffslide = "tiffslide"
-
-
-class StrategyOpt(str, Enum):
-    grid = "grid"
-    random = "random"
-    stratified = "stratified"
-    medgemma = "medgemma"
-
-
-class MethodOpt(str, Enum):
-    auto = "auto"
-    brightfield = "brightfield"
-    fluorescence = "fluorescence"
-
-
-class WorkerProtocolOpt(str, Enum):
-    auto = "auto"
-    binary = "binary"
-    json = "json"
-
-
-class ImageFormat(str, Enum):
-    png = "png"
-    jpeg = "jpeg"
-
-
-SlideArg = Annotated[Path, typer.Argument(help="Slide file (or DICOM-WSI folder).")]
-BackendO = Annotated[BackendOpt, typer.Option(help="Reader backend.")]
-MppOverrideO = Annotated[
-    float | None, typer.Option(help="Level-0 µm/px to use when the slide has no MPP metadata.")
-]
-StrategyO = Annotated[StrategyOpt, typer.Option(help="Sampling strategy.")]
-MppO = Annotated[float | None, typer.Option("--mpp", help="Target µm/px of the patches.")]
-MagO = Annotated[
-    float | None, typer.Option(help="Target magnification (10x = 1.0 µm/px); medgemma: fixes it.")
-]
-SizeO = Annotated[int | None, typer.Option("--size", help="Patch side in px at the target MPP.")]
-OverlapO = Annotated[float, typer.Option(help="Fraction shared by neighbouring patches.")]
-MinTissueO = Annotated[float, typer.Option(help="Minimum tissue fraction of a patch.")]
-NO = Annotated[
-    int | None, typer.Option("-n", "--n-patches", help="Patches to keep (random, stratified; "
-                             "medgemma's cap, default 126).")
-]
-SeedO = Annotated[int, typer.Option(help="Random seed: same seed, same plan.")]
-TissueMppO = Annotated[float | None, typer.Option(help="Tissue-mask resolution in µm/px.")]
-MethodO = Annotated[MethodOpt, typer.Option(help="Tissue detection method.")]
-RoiO = Annotated[Path | None, typer.Option(help="GeoJSON polygons (level-0 px) to sample within.")]
-MaskO = Annotated[
-    Path | None,
-    typer.Option(help="Tissue mask to use instead of detection: an image covering the whole "
-                 "slide (non-zero = tissue) or GeoJSON polygons in level-0 px."),
-]
 
 
 def _open(slide: Path, backend: BackendOpt, mpp_override: float | None) -> Slide:
@@ -301,165 +261,6 @@ def demo_slide(
     log.info("demo slide %dx%d at %.3f µm/px -> %s", width, height, mpp, out)
 
 
-class DeviceOpt(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
-
-
-ModelO = Annotated[
-    str, typer.Option("--model", "-m", help="Built-in model (tissue-qc) or a model card .json.")
-]
-DeviceO = Annotated[DeviceOpt, typer.Option(help="auto = cuda if available, else cpu.")]
-
-
-@app.command()
-def worker(
-    model: ModelO = "tissue-qc",
-    host: Annotated[str, typer.Option(help="Interface to bind (0.0.0.0 in containers).")] = (
-        "127.0.0.1"
-    ),
-    port: Annotated[int, typer.Option(help="TCP port.")] = 8001,
-    device: DeviceO = DeviceOpt.auto,
-    random_weights: Annotated[
-        bool, typer.Option(help="Allow a timm card without weights (benchmarks only).")
-    ] = False,
-    max_delay_ms: Annotated[
-        float, typer.Option(help="How long a request may wait for others to batch with.")
-    ] = 2.0,
-) -> None:
-    """Serve a model over the Open Inference Protocol (KServe V2 REST + Triton binary)."""
-    import uvicorn
-
-    from api.worker_app import create_worker_app  # servers live in api/, loaded on demand
-
-    from .models import load_model
-
-    loaded = load_model(model, device=device.value, allow_random_weights=random_weights)
-    log.info("model %s v%s on %s; serving on http://%s:%d/v2", loaded.name,
-             loaded.card.version, loaded.device, host, port)
-    app_ = create_worker_app(lambda: loaded, max_delay_s=max_delay_ms / 1000)
-    uvicorn.run(app_, host=host, port=port, log_level="info")
-
-
-class ExecutorOpt(str, Enum):
-    local = "local"
-    dask = "dask"
-
-
-class ScoreStrategy(str, Enum):
-    grid = "grid"
-    random = "random"
-    stratified = "stratified"
-
-
-@app.command()
-def score(
-    slides_dir: Annotated[Path, typer.Argument(help="Folder of slides (searched recursively).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
-    model: ModelO = "tissue-qc",
-    worker_url: Annotated[
-        str | None, typer.Option(help="Remote Open Inference Protocol worker instead.")
-    ] = None,
-    strategy: Annotated[ScoreStrategy, typer.Option(help="Sampling strategy.")] = (
-        ScoreStrategy.grid
-    ),
-    n_patches: NO = None,
-    min_tissue: MinTissueO = 0.5,
-    seed: SeedO = 0,
-    executor: Annotated[ExecutorOpt, typer.Option(help="local threads or a Dask cluster.")] = (
-        ExecutorOpt.local
-    ),
-    address: Annotated[
-        str | None, typer.Option(help="Dask scheduler (tcp://host:8786); none = LocalCluster.")
-    ] = None,
-    workers: Annotated[
-        int | None, typer.Option(help="Slides in flight (local) / Dask workers (LocalCluster).")
-    ] = None,
-    retries: Annotated[int, typer.Option(help="Dask task retries per slide.")] = 1,
-    resume: Annotated[bool, typer.Option(help="Skip slides already scored in OUT.")] = True,
-    mpp_override: MppOverrideO = None,
-    device: DeviceO = DeviceOpt.auto,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
-    worker_target_mpp: Annotated[float | None, typer.Option(
-        help="µm/px the remote model expects (servers without our model card: MLServer, "
-             "KServe, Triton).")] = None,
-    worker_patch_size: Annotated[int | None, typer.Option(
-        help="Input side in px, for remote models with a dynamic input shape.")] = None,
-    worker_protocol: Annotated[WorkerProtocolOpt, typer.Option(
-        help="auto: binary tensors if the server lists them, else JSON.")] = (
-        WorkerProtocolOpt.auto),
-    vlm_url: VlmUrlO = None, vlm_model: VlmModelO = DEFAULT_MODEL, prompt: PromptO = None,
-    variant: VariantO = VariantOpt.report,
-) -> None:
-    """Score every slide of a folder. Exit 0 if all succeeded, 3 if any failed. With
-    --vlm-url, each slide's MedGemma bag is described by that model instead (report.json)."""
-    from .batch import BatchConfig, run_batch
-    from .models import resolve_card
-
-    if vlm_url:
-        cfg = BatchConfig(params=bag_params(seed, None, n_patches, min_tissue, variant),
-                          mpp_override=mpp_override, vlm=vlm_config(vlm_url, vlm_model),
-                          prompt=prompt or DEFAULT_PROMPT)
-    else:
-        if worker_url is None:
-            resolve_card(model)  # a missing model is a one-line error before any work
-        params = PlanParams(strategy=strategy.value, n_patches=n_patches, seed=seed,
-                            min_tissue_fraction=min_tissue)
-        cfg = BatchConfig(model=model, worker_url=worker_url, device=device.value,
-                          params=params, mpp_override=mpp_override,
-                          worker_target_mpp=worker_target_mpp,
-                          worker_patch_size=worker_patch_size,
-                          worker_protocol=worker_protocol.value)
-    with _score_progress(quiet) as report_one:
-        report = run_batch(slides_dir, out, cfg, executor=executor.value, workers=workers,
-                           address=address, retries=retries, resume=resume,
-                           on_result=report_one)
-    _log_run(report, out, quiet)
-    raise typer.Exit(report.exit_code)
-
-
-def _log_run(report: RunReport, out: Path, quiet: bool) -> None:
-    if quiet:
-        return
-    log.info("%d scored, %d already done, %d failed, %d skipped in %.1f s -> %s",
-             len(report.done), report.resumed, len(report.failures), len(report.skipped),
-             report.seconds, out)
-    for f in report.failures:
-        log.info("failed: %s: %s", f["slide"], f["message"])
-
-
-@contextlib.contextmanager
-def _score_progress(quiet: bool) -> Iterator[Callable[[dict[str, object], int, int], None]]:
-    """A rich progress bar on a terminal, periodic log lines otherwise, nothing if quiet."""
-    if quiet:
-        yield lambda rec, i, n: None
-        return
-    started = time.monotonic()
-    patches = [0]
-
-    def rate(rec: dict[str, object]) -> float:
-        """Patches/s over the run so far, counting ``rec``."""
-        patches[0] += int(rec.get("patches", 0) or 0)  # type: ignore[call-overload]
-        return patches[0] / max(time.monotonic() - started, 1e-6)
-
-    def line(rec: dict[str, object], i: int, n: int) -> None:
-        log.info("[%d/%d] %s %s (%.0f patches/s)", i, n, rec["status"], rec["slide"], rate(rec))
-
-    if not sys.stderr.isatty():
-        yield line
-        return
-    columns = (*Progress.get_default_columns(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, transient=False) as progress:
-        task = progress.add_task("scoring slides", total=None)
-
-        def bar(rec: dict[str, object], i: int, n: int) -> None:
-            progress.update(task, completed=i, total=n,
-                            description=f"scoring slides ({rate(rec):.0f} patches/s)")
-
-        yield bar
-
-
 @app.command()
 def serve(
     host: Annotated[str | None, typer.Option(help="Interface (default from config).")] = None,
@@ -493,6 +294,8 @@ def serve(
 
 
 register_vlm_commands(app)
+register_score_commands(app)
+register_model_commands(app)
 
 
 def _log_unraisable(unraisable: sys.UnraisableHookArgs) -> None:

@@ -136,18 +136,14 @@ def write_geojson(
 
 
 def write_clam_h5(path: str | os.PathLike[str], plan: PatchPlan, slide: Slide) -> None:
-    """CLAM patch file: ``coords`` (N, 2) level-0 top-left plus CLAM's attributes."""
-    level_dim = slide.level_dimensions[plan.level]
+    """Patch coordinates for CLAM and TRIDENT: ``coords`` (N, 2) level-0 top-left with both
+    tools' attributes (:func:`wsi_sampler.features.coords_attrs`)."""
+    from .features import coords_attrs
+
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         dset = f.create_dataset("coords", data=plan.coords.astype(np.int64))
-        dset.attrs["patch_size"] = round(plan.width0 / plan.downsample)
-        dset.attrs["patch_level"] = plan.level
-        dset.attrs["downsample"] = np.array([plan.downsample, plan.downsample])
-        dset.attrs["downsampled_level_dim"] = np.array(level_dim, np.int64)
-        dset.attrs["level_dim"] = np.array(level_dim, np.int64)
-        dset.attrs["name"] = slide.path.stem
-        dset.attrs["target_mpp"] = plan.target_mpp
-        dset.attrs["patch_size_px"] = plan.patch_size_px
+        for key, value in coords_attrs(plan, slide).items():
+            dset.attrs[key] = value
 
 
 def write_wsinfer_h5(path: str | os.PathLike[str], plan: PatchPlan) -> None:

@@ -3,6 +3,10 @@
 Frame: coordinates are level-0 pixels. Patches are planned at the model card's patch size
 and MPP; the sampling strategy and its options come from the caller. Used by the API
 (streaming predictions, jobs) and by batch scoring of folders.
+
+Per-patch values (class probabilities, measurements) become table columns (CSV, GeoJSON,
+means in the summary); an encoder's embedding is kept whole and leaves as a feature bag
+(``features.h5``), never as thousands of text columns.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ from .export import (
     write_metadata_json,
 )
 from .extract import Extractor, PatchBatch
-from .models import ModelCard, Predictions
+from .features import FeaturesDtype, write_features_h5, write_features_pt
+from .models import ModelCard, OutputSpec, Predictions
 from .plan import PatchPlan, PlanParams, make_plan
 from .slide import Slide
 from .worker import Worker
@@ -40,11 +45,25 @@ __all__ = [
     "iter_predictions",
     "model_plan_params",
     "output_columns",
+    "result_files",
     "score_slide",
 ]
 
 RESULT_FILES = ("predictions.csv", "predictions.geojson", "coords.h5", "heatmap.png",
                 "run_metadata.json", "summary.json")
+FEATURE_FILES = ("features.h5",)
+
+
+def result_files(card: ModelCard, *, clam_pt: bool = False) -> tuple[str, ...]:
+    """The files :func:`score_slide` writes for a model with this card."""
+    if embedding_output(card) is None:
+        return RESULT_FILES
+    return RESULT_FILES + FEATURE_FILES + (("features.pt",) if clam_pt else ())
+
+
+def embedding_output(card: ModelCard) -> OutputSpec | None:
+    """The card's embedding output (unnamed columns): kept whole, written as a feature bag."""
+    return card.embedding_output
 
 
 class Cancelled(WsiSamplerError):
@@ -63,8 +82,11 @@ def model_plan_params(card: ModelCard, params: PlanParams) -> PlanParams:
 
 
 def output_columns(card: ModelCard) -> list[tuple[str, int, str]]:
-    """(output name, column index, column name) for every column of every output."""
-    return [(o.name, i, col) for o in card.outputs for i, col in enumerate(o.column_names())]
+    """(output name, column index, column name) of every table column: every column of every
+    output but the embedding (see :func:`embedding_output`)."""
+    emb = embedding_output(card)
+    return [(o.name, i, col) for o in card.outputs if o is not emb
+            for i, col in enumerate(o.column_names())]
 
 
 def iter_predictions(
@@ -117,8 +139,10 @@ class Aggregate:
 class SlideScore:
     plan: PatchPlan
     outputs: dict[str, npt.NDArray[np.float32]]
-    """Column name -> (N,) values, in plan order."""
+    """Column name -> (N,) values, in plan order (table columns only)."""
     summary: dict[str, Any]
+    features: npt.NDArray[np.float32] | None = None
+    """(N, D) embeddings of an encoder, in plan order."""
 
 
 def classifier_columns(card: ModelCard) -> list[tuple[str, str]]:
@@ -129,18 +153,53 @@ def classifier_columns(card: ModelCard) -> list[tuple[str, str]]:
     return []
 
 
-def heatmap_column(card: ModelCard) -> str:
-    """The column a heatmap shows: the first class probability, else the first column."""
+def heatmap_column(card: ModelCard) -> str | None:
+    """The column a heatmap shows: the first class probability, else the first column; None
+    for a pure encoder (its heatmap shows the patches' tissue fraction)."""
     for o in card.outputs:
         if o.activation != "none" and o.class_names:
             return o.column_names()[-1]
-    return output_columns(card)[0][2]
+    columns = output_columns(card)
+    return columns[0][2] if columns else None
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """What :func:`score_slide` writes besides the tables: feature bag precision, CLAM .pt."""
+
+    features_dtype: FeaturesDtype = "float32"
+    clam_pt: bool = False
+
+
+@dataclass
+class _Collected:
+    columns: dict[str, list[npt.NDArray[np.float32]]]
+    embeddings: list[npt.NDArray[np.float32]] = field(default_factory=list)
+
+    def add(self, card: ModelCard, preds: Predictions) -> None:
+        for name, i, col in output_columns(card):
+            self.columns[col].append(preds[name][:, i])
+        emb = embedding_output(card)
+        if emb is not None:
+            self.embeddings.append(preds[emb.name])
+
+    def outputs(self) -> dict[str, npt.NDArray[np.float32]]:
+        return {c: np.concatenate(v) if v else np.zeros(0, np.float32)
+                for c, v in self.columns.items()}
+
+    def features(self, card: ModelCard) -> npt.NDArray[np.float32] | None:
+        emb = embedding_output(card)
+        if emb is None:
+            return None
+        return (np.concatenate(self.embeddings) if self.embeddings
+                else np.zeros((0, emb.width), np.float32))
 
 
 def score_slide(
     slide: Slide, params: PlanParams, worker: Worker, out_dir: Path | None = None, *,
     batch_size: int = 32, cancel: threading.Event | None = None,
     progress: Callable[[int, int], None] | None = None, config: dict[str, Any] | None = None,
+    options: OutputOptions = OutputOptions(),
 ) -> SlideScore:
     """Plan, extract, predict, aggregate; with ``out_dir``, write the result files.
 
@@ -150,18 +209,15 @@ def score_slide(
     plan = make_plan(slide, model_plan_params(worker.card, params))
     t_plan = time.perf_counter() - t0
     agg = Aggregate(worker.card)
-    columns: dict[str, list[npt.NDArray[np.float32]]] = {c: [] for _, _, c in output_columns(
-        worker.card)}
+    collected = _Collected({c: [] for _, _, c in output_columns(worker.card)})
     done = 0
     for batch, preds, worker_s in iter_predictions(slide, plan, worker, batch_size=batch_size,
                                                    cancel=cancel):
         agg.add(preds, worker_s)
-        for name, i, col in output_columns(worker.card):
-            columns[col].append(preds[name][:, i])
+        collected.add(worker.card, preds)
         done += len(batch)
         if progress is not None:
             progress(done, len(plan))
-    outputs = {c: np.concatenate(v) if v else np.zeros(0, np.float32) for c, v in columns.items()}
     total = time.perf_counter() - t0
     summary = agg.summary() | {
         "slide": slide.path.name, "fingerprint": slide.fingerprint, "model": worker.card.name,
@@ -169,28 +225,38 @@ def score_slide(
         "n_candidates": plan.n_candidates, "seconds": round(total, 3),
         "timings_s": {"plan": round(t_plan, 3), "total": round(total, 3)},
     }
+    result = SlideScore(plan, collected.outputs(), summary, collected.features(worker.card))
+    if result.features is not None:
+        summary["embedding_dim"] = int(result.features.shape[1])
     if out_dir is not None:
-        write_results(out_dir, slide, plan, outputs, summary, worker.card, config or {})
-    return SlideScore(plan, outputs, summary)
+        write_results(out_dir, slide, result, worker.card, config or {}, options)
+    return result
 
 
 def write_results(
-    out_dir: Path, slide: Slide, plan: PatchPlan, outputs: dict[str, npt.NDArray[np.float32]],
-    summary: dict[str, Any], card: ModelCard, config: dict[str, Any],
+    out_dir: Path, slide: Slide, result: SlideScore, card: ModelCard, config: dict[str, Any],
+    options: OutputOptions = OutputOptions(),
 ) -> None:
     """The per-slide result files; ``summary.json`` last."""
+    plan, outputs, summary = result.plan, result.outputs, result.summary
     out_dir.mkdir(parents=True, exist_ok=True)
     write_csv(out_dir / "predictions.csv", plan, outputs)
     write_geojson(out_dir / "predictions.geojson", plan, outputs, slide_key=slide.fingerprint,
                   classes=classifier_columns(card))
     write_clam_h5(out_dir / "coords.h5", plan, slide)
+    if result.features is not None:
+        write_features_h5(out_dir / "features.h5", plan, slide, result.features, card,
+                          dtype=options.features_dtype)
+        if options.clam_pt:
+            write_features_pt(out_dir / "features.pt", result.features)
     col = heatmap_column(card)
-    values = outputs[col] if len(plan) else np.zeros(0)
-    hi = float(values.max()) if len(values) and not col.startswith(("prob_", "qc_")) else 1.0
+    values = outputs[col] if col is not None else plan.tissue_fraction
+    hi = float(values.max()) if len(values) and col and not col.startswith(
+        ("prob_", "qc_")) else 1.0
     write_heatmap_png(out_dir / "heatmap.png", slide.thumbnail(max_size=1024), plan, values,
                       vmax=hi if hi > 0 else 1.0)
     meta = run_metadata(slide=slide, plan=plan, config=config | {"model": card.model_dump()},
                         timings_s=summary["timings_s"])
     write_metadata_json(out_dir / "run_metadata.json", meta)
-    write_metadata_json(out_dir / "summary.json", summary | {"heatmap_column": col})
-
+    write_metadata_json(out_dir / "summary.json",
+                        summary | {"heatmap_column": col or "tissue_fraction"})

@@ -15,7 +15,7 @@ from wsi_sampler.scoring import model_plan_params
 
 from ..deps import Services, ServicesDep
 from ..schemas import ErrorBody, PatchRequest, PlanResponse, SamplingRequest
-from ..streaming import patch_chunks, prediction_chunks, slide_stream
+from ..streaming import EmbeddingFormat, patch_chunks, prediction_chunks, slide_stream
 
 router = APIRouter(prefix="/v1/slides", tags=["sampling"])
 ERRORS: dict[int | str, dict[str, object]] = {
@@ -96,14 +96,20 @@ async def patches(
     },
 )
 async def predictions(
-    slide_id: str, req: SamplingRequest, services: ServicesDep
+    slide_id: str, req: SamplingRequest, services: ServicesDep,
+    embedding_format: Annotated[EmbeddingFormat, Query(
+        description="Encoders: each record's embedding as base64 of little-endian float16 or "
+        "float32 ({dtype, shape, data}), a JSON list, or none (the feature bag of a job "
+        "holds all of them as features.h5).")] = "base64-float16",
 ) -> StreamingResponse:
     """Stream predictions as batches complete: one NDJSON record per patch (coordinates and
-    outputs), then ``{"type": "summary", ...}``. Patch size and MPP are the model's."""
+    outputs; an encoder's embedding under its output name), then ``{"type": "summary",
+    ...}``. Patch size and MPP are the model's."""
     worker = services.require_worker()
     slide, plan_ = await services.stream_work(_open_and_plan, services, slide_id, req, True)
     chunks = prediction_chunks(slide, slide_id, plan_, worker,
                                batch_size=services.settings.batch_size,
-                               metrics=services.metrics, cancel=threading.Event())
+                               metrics=services.metrics, cancel=threading.Event(),
+                               embedding_format=embedding_format)
     # Closing the stream (end, or client gone) closes this generator and its extractor.
     return slide_stream(services, slide, len(plan_), chunks, "application/x-ndjson")

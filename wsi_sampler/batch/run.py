@@ -1,7 +1,8 @@
 """Score every slide of a folder, locally (threads) or on a Dask cluster, resumably.
 
 Layout of ``OUT_DIR``: ``slides/<key>/`` per slide (predictions.csv, predictions.geojson,
-coords.h5, heatmap.png, run_metadata.json, summary.json), and per run
+coords.h5, heatmap.png, run_metadata.json, summary.json; for encoders features.h5, and
+features.pt on request), and per run
 ``run_metadata.json``, ``summary.csv`` (one row per slide) and ``failures.jsonl``.
 A slide is scored into ``slides/.staging-<key>-<pid>/`` and renamed into place when
 complete, so a result folder is never partial; stale staging folders are removed.
@@ -28,9 +29,10 @@ from typing import Any, Literal
 from .._io import atomic_write_text
 from ..errors import WsiSamplerError
 from ..export import run_metadata
+from ..features import FeaturesDtype
 from ..plan import PlanParams
 from ..report import describe_slide
-from ..scoring import score_slide
+from ..scoring import OutputOptions, score_slide
 from ..slide import Slide, open_slide
 from ..worker import Worker, open_worker
 from ..worker.vlm import VlmConfig, VlmWorker
@@ -50,6 +52,8 @@ class BatchConfig:
     """Everything a slide task needs; plain data, so it travels to Dask workers."""
 
     model: str = "tissue-qc"
+    weights: str | None = None
+    """Weights file of the model (e.g. a built-in encoder's pytorch_model.bin)."""
     worker_url: str | None = None
     worker_target_mpp: float | None = None
     """µm/px the remote model expects, for servers that publish no model card."""
@@ -60,6 +64,10 @@ class BatchConfig:
     mpp_override: float | None = None
     batch_size: int = 32
     allow_random_weights: bool = False
+    features_dtype: FeaturesDtype = "float32"
+    """Precision of the embeddings in each slide's features.h5 (float32 or float16)."""
+    clam_pt: bool = False
+    """Also write CLAM's features.pt (the (N, D) tensor) beside features.h5."""
     vlm: VlmConfig | None = None
     """A vision-language model: each slide's MedGemma bag is described (report.json)."""
     prompt: str | None = None
@@ -89,12 +97,13 @@ _WORKERS_LOCK = threading.Lock()
 
 def _worker_for(cfg: BatchConfig) -> Worker:
     """One model instance per process (a Dask worker keeps it across tasks)."""
-    key = json.dumps([cfg.model, cfg.worker_url, cfg.device, cfg.allow_random_weights,
+    key = json.dumps([cfg.model, cfg.weights, cfg.worker_url, cfg.device,
+                      cfg.allow_random_weights,
                       cfg.worker_target_mpp, cfg.worker_patch_size, cfg.worker_protocol])
     with _WORKERS_LOCK:
         if key not in _WORKERS:
             _WORKERS[key] = open_worker(
-                cfg.model, worker_url=cfg.worker_url, device=cfg.device,
+                cfg.model, weights=cfg.weights, worker_url=cfg.worker_url, device=cfg.device,
                 allow_random_weights=cfg.allow_random_weights,
                 target_mpp=cfg.worker_target_mpp, patch_size_px=cfg.worker_patch_size,
                 protocol=cfg.worker_protocol)
@@ -125,7 +134,8 @@ def _score_into(task: SlideTask, staging: Path, cfg: BatchConfig) -> dict[str, A
             return _report_slide(slide, staging, cfg)
         result = score_slide(slide, cfg.params, _worker_for(cfg), staging,
                              batch_size=cfg.batch_size,
-                             config={"batch": cfg.to_dict(), "slide_rel": task.rel})
+                             config={"batch": cfg.to_dict(), "slide_rel": task.rel},
+                             options=OutputOptions(cfg.features_dtype, cfg.clam_pt))
         return result.summary
 
 

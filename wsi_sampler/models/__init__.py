@@ -1,8 +1,10 @@
-"""Models: cards, the built-in ``tissue-qc``, loaders for local files, the torch runtime."""
+"""Models: cards, the built-in ``tissue-qc``, the encoder catalogue, loaders for local files,
+the torch runtime."""
 
 from __future__ import annotations
 
-from .card import ModelCard, Normalization, OutputSpec, load_card
+from .card import ModelCard, Normalization, OutputSpec, Pooling, Provenance, load_card
+from .catalogue import catalogue_card, catalogue_names
 from .loaders import BUILTIN_MODELS, load_model, resolve_card
 from .runtime import Model, Predictions, select_device
 from .tissue_qc import QC_THRESHOLDS, TissueQC, tissue_qc_card
@@ -14,8 +16,12 @@ __all__ = [
     "ModelCard",
     "Normalization",
     "OutputSpec",
+    "Pooling",
     "Predictions",
+    "Provenance",
     "TissueQC",
+    "catalogue_card",
+    "catalogue_names",
     "load_card",
     "load_model",
     "resolve_card",

@@ -3,21 +3,30 @@
 A card sits beside the model file (WSInfer-style) and is checked against the real model at
 load time. Patches reach every model as uint8 RGB NHWC at ``patch_size_px`` and
 ``target_mpp``; the model side normalises with the card's mean/std (on 0..1 values).
+
+A ``timm:<arch>`` card can describe a foundation encoder exactly: ``timm_kwargs`` (layer
+classes by name), the embedding ``pooling`` and the weights' key prefix; built-in cards of
+the well-known encoders live in ``catalogue/`` (see :mod:`.catalogue`).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..errors import ModelLoadError, ModelNotFoundError
 
-__all__ = ["ModelCard", "Normalization", "OutputSpec", "load_card"]
+__all__ = ["ModelCard", "Normalization", "OutputSpec", "Pooling", "Provenance", "load_card"]
 
 Activation = Literal["softmax", "sigmoid", "none"]
+Pooling = Literal["model", "cls", "mean", "cls+mean"]
+"""How a ViT's tokens become one embedding: ``model`` = what the timm model returns with
+``num_classes=0`` (its own ``global_pool``); ``cls`` = the class token; ``mean`` = the mean of
+the patch tokens (register tokens skipped); ``cls+mean`` = both concatenated (Virchow)."""
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth", ".pt")
 
 
 class Normalization(BaseModel):
@@ -63,6 +72,25 @@ class OutputSpec(BaseModel):
         return [f"{self.name}_{i}" for i in range(self.width)]
 
 
+class Provenance(BaseModel):
+    """Where a model comes from. Catalogue cards (``encoder_cards/``) cite the source of
+    every fact they state."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    licence: str
+    weights_url: str
+    """Where users download the weights themselves (nothing is ever downloaded for them)."""
+    weights_file: str
+    """The file name the publisher ships, e.g. ``pytorch_model.bin``."""
+    parameters: int | None = Field(default=None, ge=1)
+    """Published parameter count (checked against a meta-device build in the tests)."""
+    parameters_tolerance: float = Field(default=0.01, gt=0, lt=1)
+    """Relative tolerance of that check: the published figure's own rounding."""
+    sources: tuple[str, ...] = ()
+    """Public documents each fact of the card was taken from."""
+    notes: str = ""
+
+
 class ModelCard(BaseModel):
     """What a model is and how to feed it."""
 
@@ -80,13 +108,38 @@ class ModelCard(BaseModel):
     outputs: tuple[OutputSpec, ...] = Field(min_length=1)
     max_batch: int = Field(default=64, ge=1, le=4096)
     description: str = ""
+    timm_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """Keyword arguments for ``timm.create_model`` (``timm:`` cards); layer classes by name,
+    e.g. ``{"mlp_layer": "SwiGLUPacked", "act_layer": "SiLU"}``."""
+    pooling: Pooling = "model"
+    weights_key_prefix: str | None = None
+    """Prefix stripped from every key of the weights file (e.g. ``module.``, ``model.``)."""
+    provenance: Provenance | None = None
 
     @model_validator(mode="after")
     def _unique_outputs(self) -> ModelCard:
         names = [o.name for o in self.outputs]
         if len(set(names)) != len(names):
             raise ValueError(f"output names must be unique, got {names}")
+        if "num_classes" in self.timm_kwargs:
+            raise ValueError("timm_kwargs must not set num_classes: it follows from the outputs "
+                             "(0 for an embedding, the number of class names otherwise)")
+        if (self.timm_kwargs or self.pooling != "model") and not self.architecture.startswith(
+                "timm:"):
+            raise ValueError("timm_kwargs and pooling apply to timm:<arch> models only")
+        if self.file is not None and self.architecture.startswith("timm:") and not (
+                self.file.lower().endswith(WEIGHT_SUFFIXES)):
+            raise ValueError(f"weights file {self.file!r}: expected one of "
+                             f"{', '.join(WEIGHT_SUFFIXES)}")
         return self
+
+    @property
+    def embedding_output(self) -> OutputSpec | None:
+        """The output that is an embedding (``dim`` set, no activation), if any."""
+        for o in self.outputs:
+            if o.class_names is None and o.activation == "none":
+                return o
+        return None
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2)

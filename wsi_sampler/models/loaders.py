@@ -1,13 +1,16 @@
 """Load models from local files, each with its card. Nothing is ever downloaded.
 
-``load_model`` takes ``tissue-qc`` (built in) or a model card JSON path (or a model file
-with ``<stem>.json`` beside it). The card's ``architecture`` picks the loader:
+``load_model`` takes ``tissue-qc`` (built in), a built-in encoder name (``uni2-h``,
+``virchow2``…: :mod:`.catalogue`), or a model card JSON path (or a model file with
+``<stem>.json`` beside it); ``weights`` overrides the card's ``file``. The card's
+``architecture`` picks the loader:
 
 - ``torchscript``: ``torch.jit.load(file)``;
 - ``torch-export``: ``torch.export.load(file).module()`` (a ``.pt2`` archive);
-- ``timm:<arch>``: ``timm.create_model(arch, pretrained=False, num_classes=k)`` plus the
-  card's ``.safetensors`` weights, loaded strictly. Random weights only with
-  ``allow_random_weights=True`` (meant for benchmarks) and no ``file``.
+- ``timm:<arch>``: ``timm.create_model(arch, pretrained=False, num_classes=k, **timm_kwargs)``
+  with the card's pooling, plus its weights (``.safetensors``, ``.bin``, ``.pth``), loaded
+  strictly. Random weights only with ``allow_random_weights=True`` (tests and benchmarks)
+  and no weights file.
 
 Every model is then run once on a blank patch and must match its card, or loading fails.
 """
@@ -21,26 +24,44 @@ import torch
 
 from ..errors import ModelLoadError, ModelNotFoundError
 from .card import ModelCard, load_card
+from .catalogue import catalogue_card, catalogue_names
+from .encoder import TokenPooling, build_timm
 from .runtime import Model
 from .tissue_qc import TissueQC, tissue_qc_card
+from .weights import load_strict, read_state_dict
 
 __all__ = ["BUILTIN_MODELS", "load_model", "resolve_card"]
 
 BUILTIN_MODELS = ("tissue-qc",)
 
 
-def resolve_card(spec: str | Path) -> tuple[ModelCard, Path | None]:
-    """Return the card for ``spec`` and the folder its ``file`` is relative to."""
+def resolve_card(
+    spec: str | Path, weights: str | Path | None = None
+) -> tuple[ModelCard, Path | None]:
+    """Return the card for ``spec`` and the folder its ``file`` is relative to;
+    ``weights`` (a path) replaces the card's ``file``."""
+    card, base = _find_card(spec)
+    if weights is not None:
+        if card.architecture == "builtin:tissue-qc":
+            raise ModelLoadError("the built-in tissue-qc model takes no weights file")
+        card = ModelCard.model_validate(card.model_dump() | {"file": str(weights)})
+        base = None
+    return card, base
+
+
+def _find_card(spec: str | Path) -> tuple[ModelCard, Path | None]:
     text = str(spec)
     if text in BUILTIN_MODELS or text == "builtin:tissue-qc":
         return tissue_qc_card(), None
+    if text in catalogue_names():
+        return catalogue_card(text), None
     path = Path(spec)
     if path.suffix.lower() != ".json":
         beside = path.with_suffix(".json")
         if not path.exists():
             raise ModelNotFoundError(
-                f"{path}: no such model (built in: {', '.join(BUILTIN_MODELS)}; or give a "
-                "model card .json)"
+                f"{path}: no such model (built in: {', '.join(BUILTIN_MODELS)}; encoders: "
+                f"{', '.join(catalogue_names())}; or a model card .json)"
             )
         if not beside.is_file():
             raise ModelNotFoundError(f"{path}: model card {beside.name} not found beside it")
@@ -59,41 +80,31 @@ def _model_file(card: ModelCard, base: Path | None) -> Path:
     return path
 
 
+def _missing_weights(card: ModelCard) -> ModelLoadError:
+    prov = card.provenance
+    where = (f": download {prov.weights_file} from {prov.weights_url} (licence: {prov.licence})"
+             f" and pass --weights PATH" if prov is not None else "")
+    return ModelLoadError(
+        f"model {card.name!r} needs its weights file{where}; random weights only with "
+        "allow_random_weights (CLI: --random-weights), for tests and benchmarks")
+
+
 def _load_timm(
     card: ModelCard, base: Path | None, arch: str, allow_random_weights: bool
 ) -> torch.nn.Module:
-    try:
-        import timm
-    except ImportError as exc:
-        raise ModelLoadError(
-            f"model {card.name!r} needs timm: pip install 'wsi-sampler[timm]'"
-        ) from exc
     if len(card.outputs) != 1:
         raise ModelLoadError(f"timm model {card.name!r}: the card must list exactly one output")
     out = card.outputs[0]
-    features = out.class_names is None
-    try:
-        module: torch.nn.Module = timm.create_model(
-            arch, pretrained=False, num_classes=0 if features else out.width
-        )
-    except RuntimeError as exc:  # timm: "Unknown model"
-        raise ModelLoadError(f"timm has no architecture {arch!r} ({exc})") from exc
+    module = build_timm(card, arch, num_classes=0 if out.class_names is None else out.width)
     if card.file is None:
         if not allow_random_weights:
-            raise ModelLoadError(
-                f"model card {card.name!r} names no weights file; random weights are only "
-                "allowed with allow_random_weights (CLI: --random-weights), for benchmarks"
-            )
+            raise _missing_weights(card)
         return module
-    from safetensors.torch import load_file
-
     weights = _model_file(card, base)
-    try:
-        state = load_file(str(weights))
-        module.load_state_dict(state, strict=True)
-    except (RuntimeError, OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ModelLoadError(f"{weights}: weights do not fit timm {arch!r}: {first}") from exc
+    state = read_state_dict(weights, prefix=card.weights_key_prefix)
+    # Checkpoints hold the timm model's own keys; pooling is ours and has no weights.
+    target = module.backbone if isinstance(module, TokenPooling) else module
+    load_strict(target, state, source=str(weights), what=f"timm {arch!r} (card {card.name!r})")
     return module
 
 
@@ -130,10 +141,13 @@ def _load_module(
 
 
 def load_model(
-    spec: str | Path, *, device: str = "auto", allow_random_weights: bool = False
+    spec: str | Path, *, weights: str | Path | None = None, device: str = "auto",
+    allow_random_weights: bool = False, compile_model: bool = False,
 ) -> Model:
-    """Load a model by built-in name or card path, check it against its card, return it."""
-    card, base = resolve_card(spec)
+    """Load a model by built-in name or card path (``weights``: its weights file), check it
+    against its card, return it. ``compile_model``: ``torch.compile`` it (GPU serving)."""
+    card, base = resolve_card(spec, weights)
     if card.architecture == "builtin:tissue-qc":
         return Model(TissueQC(), card, device=device, normalize=False)
-    return Model(_load_module(card, base, allow_random_weights), card, device=device)
+    return Model(_load_module(card, base, allow_random_weights), card, device=device,
+                 compile_model=compile_model)

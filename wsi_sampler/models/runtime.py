@@ -45,7 +45,7 @@ class Model:
 
     def __init__(
         self, module: torch.nn.Module, card: ModelCard, *, device: str = "auto",
-        normalize: bool = True,
+        normalize: bool = True, compile_model: bool = False,
     ) -> None:
         self.card = card
         self.device = select_device(device)
@@ -54,6 +54,8 @@ class Model:
         self.module = module.to(self.device)
         if self.device.type == "cuda":
             self.module = self.module.to(memory_format=torch.channels_last)
+        if compile_model:  # worth it for long GPU runs; the first batches pay the compile time
+            self.module = torch.compile(self.module)  # type: ignore[assignment]
         norm = card.normalization
         self._normalize = normalize
         self._mean = torch.tensor(norm.mean, device=self.device).view(1, 3, 1, 1) * 255

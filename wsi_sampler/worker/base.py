@@ -49,12 +49,13 @@ class InProcessWorker:
 
 
 def open_worker(
-    model: str = "tissue-qc", *, worker_url: str | None = None, device: str = "auto",
-    allow_random_weights: bool = False, target_mpp: float | None = None,
+    model: str = "tissue-qc", *, weights: str | None = None, worker_url: str | None = None,
+    device: str = "auto", allow_random_weights: bool = False, target_mpp: float | None = None,
     patch_size_px: int | None = None, protocol: str = "auto",
 ) -> Worker:
-    """In-process ``model`` (name or card path), or the remote worker at ``worker_url``
-    (``protocol``: ``auto`` = binary tensors if the server offers them, ``binary``, ``json``)."""
+    """In-process ``model`` (name or card path; ``weights``: its weights file), or the
+    remote worker at ``worker_url`` (``protocol``: ``auto`` = binary tensors if the server
+    offers them, ``binary``, ``json``)."""
     if worker_url:
         from .remote import RemoteWorker
 
@@ -62,5 +63,6 @@ def open_worker(
         return RemoteWorker(worker_url, model, target_mpp=target_mpp,
                             patch_size_px=patch_size_px, binary=binary)
     return InProcessWorker(
-        load_model(model, device=device, allow_random_weights=allow_random_weights)
+        load_model(model, weights=weights, device=device,
+                   allow_random_weights=allow_random_weights)
     )

@@ -1,0 +1,72 @@
+"""``wsi-sampler models``: the built-in models and encoder catalogue, and a check that a
+downloaded weights file fits its card. Registered onto the main app by
+:mod:`wsi_sampler.cli`."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Annotated
+
+import typer
+
+from .cli_options import DeviceO, DeviceOpt, RandomWeightsO, WeightsO
+
+__all__ = ["register"]
+
+log = logging.getLogger("wsi_sampler")
+models_app = typer.Typer(name="models", no_args_is_help=True,
+                         help="Built-in models and encoders; check downloaded weights.")
+NameArg = Annotated[str, typer.Argument(help="A built-in name (models list) or a card .json.")]
+
+
+@models_app.command("list")
+def list_models() -> None:
+    """The built-in models: name, output, input, licence and where to get the weights."""
+    from .models import BUILTIN_MODELS, catalogue_card, catalogue_names, resolve_card
+
+    rows = [("name", "output", "input", "licence", "weights")]
+    for name in (*BUILTIN_MODELS, *catalogue_names()):
+        card = resolve_card(name)[0] if name in BUILTIN_MODELS else catalogue_card(name)
+        out = card.embedding_output
+        kind = f"{out.width}-d embedding" if out else f"{len(card.outputs)} output(s)"
+        prov = card.provenance
+        rows.append((name, kind, f"{card.patch_size_px} px @ {card.target_mpp} µm/px",
+                     prov.licence.split(" (")[0] if prov else "built in",
+                     prov.weights_url if prov else "-"))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        sys.stdout.write("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
+                         + "\n")
+
+
+@models_app.command("show")
+def show(name: NameArg) -> None:
+    """Print a model's card (JSON): copy it to describe a variant of your own."""
+    from .models import resolve_card
+
+    sys.stdout.write(resolve_card(name)[0].to_json() + "\n")
+
+
+@models_app.command("check")
+def check(
+    name: NameArg, weights: WeightsO = None, device: DeviceO = DeviceOpt.cpu,
+    random_weights: RandomWeightsO = False,
+) -> None:
+    """Load a model strictly (every weight present, none extra, every shape equal) and run
+    one patch through it: the way to know a downloaded file fits before a long run."""
+    from .models import load_model
+
+    model = load_model(name, weights=weights, device=device.value,
+                       allow_random_weights=random_weights)
+    params = sum(p.numel() for p in model.module.parameters())
+    widths = ", ".join(f"{o.name}: {o.width}" for o in model.card.outputs)
+    log.info("%s: OK - %.1f M parameters, outputs %s, %d px at %.3f µm/px, on %s",
+             model.name, params / 1e6, widths, model.card.patch_size_px, model.card.target_mpp,
+             model.device)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(models_app)
+
+

@@ -1,0 +1,94 @@
+"""Option types shared by the ``wsi-sampler`` commands (one place, so every command spells
+an option the same way)."""
+
+from __future__ import annotations
+
+from enum import Enum
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+
+class BackendOpt(str, Enum):
+    auto = "auto"
+    openslide = "openslide"
+    tiffslide = "tiffslide"
+
+
+class StrategyOpt(str, Enum):
+    grid = "grid"
+    random = "random"
+    stratified = "stratified"
+    medgemma = "medgemma"
+
+
+class MethodOpt(str, Enum):
+    auto = "auto"
+    brightfield = "brightfield"
+    fluorescence = "fluorescence"
+
+
+class WorkerProtocolOpt(str, Enum):
+    auto = "auto"
+    binary = "binary"
+    json = "json"
+
+
+class ImageFormat(str, Enum):
+    png = "png"
+    jpeg = "jpeg"
+
+
+SlideArg = Annotated[Path, typer.Argument(help="Slide file (or DICOM-WSI folder).")]
+BackendO = Annotated[BackendOpt, typer.Option(help="Reader backend.")]
+MppOverrideO = Annotated[
+    float | None, typer.Option(help="Level-0 µm/px to use when the slide has no MPP metadata.")
+]
+StrategyO = Annotated[StrategyOpt, typer.Option(help="Sampling strategy.")]
+MppO = Annotated[float | None, typer.Option("--mpp", help="Target µm/px of the patches.")]
+MagO = Annotated[
+    float | None, typer.Option(help="Target magnification (10x = 1.0 µm/px); medgemma: fixes it.")
+]
+SizeO = Annotated[int | None, typer.Option("--size", help="Patch side in px at the target MPP.")]
+OverlapO = Annotated[float, typer.Option(help="Fraction shared by neighbouring patches.")]
+MinTissueO = Annotated[float, typer.Option(help="Minimum tissue fraction of a patch.")]
+NO = Annotated[
+    int | None, typer.Option("-n", "--n-patches", help="Patches to keep (random, stratified; "
+                             "medgemma's cap, default 126).")
+]
+SeedO = Annotated[int, typer.Option(help="Random seed: same seed, same plan.")]
+TissueMppO = Annotated[float | None, typer.Option(help="Tissue-mask resolution in µm/px.")]
+MethodO = Annotated[MethodOpt, typer.Option(help="Tissue detection method.")]
+RoiO = Annotated[Path | None, typer.Option(help="GeoJSON polygons (level-0 px) to sample within.")]
+MaskO = Annotated[
+    Path | None,
+    typer.Option(help="Tissue mask to use instead of detection: an image covering the whole "
+                 "slide (non-zero = tissue) or GeoJSON polygons in level-0 px."),
+]
+
+
+class DeviceOpt(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+ModelO = Annotated[str, typer.Option(
+    "--model", "-m",
+    help="tissue-qc, a built-in encoder (wsi-sampler models list) or a model card .json.")]
+DeviceO = Annotated[DeviceOpt, typer.Option(help="auto = cuda if available, else cpu.")]
+WeightsO = Annotated[Path | None, typer.Option(
+    help="Weights file of the model (.safetensors, .bin, .pth), e.g. the pytorch_model.bin "
+         "of a built-in encoder (wsi-sampler models list).")]
+RandomWeightsO = Annotated[bool, typer.Option(
+    help="Allow a timm model without weights (random weights: tests and benchmarks only).")]
+
+
+class FeaturesDtypeOpt(str, Enum):
+    float32 = "float32"
+    float16 = "float16"
+
+
+FeaturesDtypeO = Annotated[FeaturesDtypeOpt, typer.Option(
+    help="Precision of the embeddings in features.h5 (encoders).")]

@@ -1,0 +1,210 @@
+"""``wsi-sampler worker`` (serve a model over the Open Inference Protocol) and
+``wsi-sampler score`` (batch scoring of a slide folder, with progress). Registered onto the
+main app by :mod:`wsi_sampler.cli`."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import sys
+import time
+from collections.abc import Callable, Iterator
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.progress import MofNCompleteColumn, Progress, TimeRemainingColumn
+
+from .cli_options import (
+    NO,
+    DeviceO,
+    DeviceOpt,
+    FeaturesDtypeO,
+    FeaturesDtypeOpt,
+    MinTissueO,
+    ModelO,
+    MppOverrideO,
+    RandomWeightsO,
+    SeedO,
+    WeightsO,
+    WorkerProtocolOpt,
+)
+from .cli_vlm import (
+    DEFAULT_MODEL,
+    DEFAULT_PROMPT,
+    PromptO,
+    VariantO,
+    VariantOpt,
+    VlmModelO,
+    VlmUrlO,
+    bag_params,
+    vlm_config,
+)
+from .plan import PlanParams
+
+if TYPE_CHECKING:
+    from .batch import RunReport
+
+__all__ = ["register"]
+
+log = logging.getLogger("wsi_sampler")
+
+
+def worker(
+    model: ModelO = "tissue-qc",
+    host: Annotated[str, typer.Option(help="Interface to bind (0.0.0.0 in containers).")] = (
+        "127.0.0.1"
+    ),
+    port: Annotated[int, typer.Option(help="TCP port.")] = 8001,
+    device: DeviceO = DeviceOpt.auto,
+    weights: WeightsO = None,
+    random_weights: RandomWeightsO = False,
+    max_delay_ms: Annotated[
+        float, typer.Option(help="How long a request may wait for others to batch with.")
+    ] = 2.0,
+) -> None:
+    """Serve a model over the Open Inference Protocol (KServe V2 REST + Triton binary)."""
+    import uvicorn
+
+    from api.worker_app import create_worker_app  # servers live in api/, loaded on demand
+
+    from .models import load_model
+
+    loaded = load_model(model, weights=weights, device=device.value,
+                        allow_random_weights=random_weights)
+    log.info("model %s v%s on %s; serving on http://%s:%d/v2", loaded.name,
+             loaded.card.version, loaded.device, host, port)
+    app_ = create_worker_app(lambda: loaded, max_delay_s=max_delay_ms / 1000)
+    uvicorn.run(app_, host=host, port=port, log_level="info")
+
+
+class ExecutorOpt(str, Enum):
+    local = "local"
+    dask = "dask"
+
+
+class ScoreStrategy(str, Enum):
+    grid = "grid"
+    random = "random"
+    stratified = "stratified"
+
+
+def score(
+    slides_dir: Annotated[Path, typer.Argument(help="Folder of slides (searched recursively).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
+    model: ModelO = "tissue-qc",
+    weights: WeightsO = None,
+    worker_url: Annotated[
+        str | None, typer.Option(help="Remote Open Inference Protocol worker instead.")
+    ] = None,
+    strategy: Annotated[ScoreStrategy, typer.Option(help="Sampling strategy.")] = (
+        ScoreStrategy.grid
+    ),
+    n_patches: NO = None,
+    min_tissue: MinTissueO = 0.5,
+    seed: SeedO = 0,
+    executor: Annotated[ExecutorOpt, typer.Option(help="local threads or a Dask cluster.")] = (
+        ExecutorOpt.local
+    ),
+    address: Annotated[
+        str | None, typer.Option(help="Dask scheduler (tcp://host:8786); none = LocalCluster.")
+    ] = None,
+    workers: Annotated[
+        int | None, typer.Option(help="Slides in flight (local) / Dask workers (LocalCluster).")
+    ] = None,
+    retries: Annotated[int, typer.Option(help="Dask task retries per slide.")] = 1,
+    resume: Annotated[bool, typer.Option(help="Skip slides already scored in OUT.")] = True,
+    mpp_override: MppOverrideO = None,
+    device: DeviceO = DeviceOpt.auto,
+    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
+    worker_target_mpp: Annotated[float | None, typer.Option(
+        help="µm/px the remote model expects (servers without our model card: MLServer, "
+             "KServe, Triton).")] = None,
+    worker_patch_size: Annotated[int | None, typer.Option(
+        help="Input side in px, for remote models with a dynamic input shape.")] = None,
+    worker_protocol: Annotated[WorkerProtocolOpt, typer.Option(
+        help="auto: binary tensors if the server lists them, else JSON.")] = (
+        WorkerProtocolOpt.auto),
+    vlm_url: VlmUrlO = None, vlm_model: VlmModelO = DEFAULT_MODEL, prompt: PromptO = None,
+    variant: VariantO = VariantOpt.report,
+    features_dtype: FeaturesDtypeO = FeaturesDtypeOpt.float32,
+    clam_pt: Annotated[bool, typer.Option(
+        help="Encoders: also write CLAM's features.pt beside features.h5.")] = False,
+    random_weights: RandomWeightsO = False,
+) -> None:
+    """Score every slide of a folder. Exit 0 if all succeeded, 3 if any failed. Encoders
+    write one features.h5 per slide (CLAM/TRIDENT layout). With --vlm-url, each slide's
+    MedGemma bag is described by that model instead (report.json)."""
+    from .batch import BatchConfig, run_batch
+    from .models import resolve_card
+
+    if vlm_url:
+        cfg = BatchConfig(params=bag_params(seed, None, n_patches, min_tissue, variant),
+                          mpp_override=mpp_override, vlm=vlm_config(vlm_url, vlm_model),
+                          prompt=prompt or DEFAULT_PROMPT)
+    else:
+        if worker_url is None:
+            resolve_card(model, weights)  # a missing model: one-line error before any work
+        params = PlanParams(strategy=strategy.value, n_patches=n_patches, seed=seed,
+                            min_tissue_fraction=min_tissue)
+        cfg = BatchConfig(model=model, weights=str(weights) if weights else None,
+                          worker_url=worker_url, device=device.value,
+                          features_dtype=features_dtype.value, clam_pt=clam_pt,
+                          allow_random_weights=random_weights,
+                          params=params, mpp_override=mpp_override,
+                          worker_target_mpp=worker_target_mpp,
+                          worker_patch_size=worker_patch_size,
+                          worker_protocol=worker_protocol.value)
+    with _score_progress(quiet) as report_one:
+        report = run_batch(slides_dir, out, cfg, executor=executor.value, workers=workers,
+                           address=address, retries=retries, resume=resume,
+                           on_result=report_one)
+    _log_run(report, out, quiet)
+    raise typer.Exit(report.exit_code)
+
+
+def _log_run(report: RunReport, out: Path, quiet: bool) -> None:
+    if quiet:
+        return
+    log.info("%d scored, %d already done, %d failed, %d skipped in %.1f s -> %s",
+             len(report.done), report.resumed, len(report.failures), len(report.skipped),
+             report.seconds, out)
+    for f in report.failures:
+        log.info("failed: %s: %s", f["slide"], f["message"])
+
+
+@contextlib.contextmanager
+def _score_progress(quiet: bool) -> Iterator[Callable[[dict[str, object], int, int], None]]:
+    """A rich progress bar on a terminal, periodic log lines otherwise, nothing if quiet."""
+    if quiet:
+        yield lambda rec, i, n: None
+        return
+    started = time.monotonic()
+    patches = [0]
+
+    def rate(rec: dict[str, object]) -> float:
+        """Patches/s over the run so far, counting ``rec``."""
+        patches[0] += int(rec.get("patches", 0) or 0)  # type: ignore[call-overload]
+        return patches[0] / max(time.monotonic() - started, 1e-6)
+
+    def line(rec: dict[str, object], i: int, n: int) -> None:
+        log.info("[%d/%d] %s %s (%.0f patches/s)", i, n, rec["status"], rec["slide"], rate(rec))
+
+    if not sys.stderr.isatty():
+        yield line
+        return
+    columns = (*Progress.get_default_columns(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, transient=False) as progress:
+        task = progress.add_task("scoring slides", total=None)
+
+        def bar(rec: dict[str, object], i: int, n: int) -> None:
+            progress.update(task, completed=i, total=n,
+                            description=f"scoring slides ({rate(rec):.0f} patches/s)")
+
+        yield bar
+
+
+def register(app: typer.Typer) -> None:
+    app.command()(worker)
+    app.command()(score)
