@@ -137,7 +137,7 @@ def score(
     write one features.h5 per slide (CLAM/TRIDENT layout). With --vlm-url, each slide's
     MedGemma bag is described by that model instead (report.json)."""
     from .batch import BatchConfig, run_batch
-    from .models import resolve_card
+    from .models import preflight
 
     if vlm_url:
         cfg = BatchConfig(params=bag_params(seed, None, n_patches, min_tissue, variant),
@@ -145,7 +145,8 @@ def score(
                           prompt=prompt or DEFAULT_PROMPT)
     else:
         if worker_url is None:
-            resolve_card(model, weights)  # a missing model: one-line error before any work
+            # a missing model or weights file: a one-line error before any work
+            preflight(model, weights, allow_random_weights=random_weights)
         params = PlanParams(strategy=strategy.value, n_patches=n_patches, seed=seed,
                             min_tissue_fraction=min_tissue)
         cfg = BatchConfig(model=model, weights=str(weights) if weights else None,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from .card import ModelCard, Normalization, OutputSpec, Pooling, Provenance, load_card
 from .catalogue import catalogue_card, catalogue_names
-from .loaders import BUILTIN_MODELS, load_model, resolve_card
+from .loaders import BUILTIN_MODELS, load_model, preflight, resolve_card
 from .runtime import Model, Predictions, select_device
 from .tissue_qc import QC_THRESHOLDS, TissueQC, tissue_qc_card
 
@@ -24,6 +24,7 @@ __all__ = [
     "catalogue_names",
     "load_card",
     "load_model",
+    "preflight",
     "resolve_card",
     "select_device",
     "tissue_qc_card",

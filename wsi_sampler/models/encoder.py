@@ -52,8 +52,11 @@ class TokenPooling(torch.nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         tokens: torch.Tensor = self.backbone.forward_features(x)  # type: ignore[operator]
-        cls = tokens[:, 0]
-        mean = tokens[:, self.prefix_tokens:].mean(dim=1)
+        # timm normalises after pooling (fc_norm) instead of before when global_pool="avg";
+        # elsewhere fc_norm is the identity.
+        post: Any = getattr(self.backbone, "fc_norm", torch.nn.Identity())
+        cls: torch.Tensor = post(tokens[:, 0])
+        mean: torch.Tensor = post(tokens[:, self.prefix_tokens:].mean(dim=1))
         if self.pooling == "cls":
             return cls
         if self.pooling == "mean":

@@ -21,6 +21,7 @@ import warnings
 from pathlib import Path
 
 import torch
+from pydantic import ValidationError
 
 from ..errors import ModelLoadError, ModelNotFoundError
 from .card import ModelCard, load_card
@@ -30,7 +31,7 @@ from .runtime import Model
 from .tissue_qc import TissueQC, tissue_qc_card
 from .weights import load_strict, read_state_dict
 
-__all__ = ["BUILTIN_MODELS", "load_model", "resolve_card"]
+__all__ = ["BUILTIN_MODELS", "load_model", "preflight", "resolve_card"]
 
 BUILTIN_MODELS = ("tissue-qc",)
 
@@ -44,7 +45,10 @@ def resolve_card(
     if weights is not None:
         if card.architecture == "builtin:tissue-qc":
             raise ModelLoadError("the built-in tissue-qc model takes no weights file")
-        card = ModelCard.model_validate(card.model_dump() | {"file": str(weights)})
+        try:
+            card = ModelCard.model_validate(card.model_dump() | {"file": str(weights)})
+        except ValidationError as exc:
+            raise ModelLoadError(f"--weights {weights}: {exc.errors()[0]['msg']}") from None
         base = None
     return card, base
 
@@ -138,6 +142,24 @@ def _load_module(
         f"model card {card.name!r}: unknown architecture {arch!r} "
         "(builtin:tissue-qc, torchscript, torch-export, timm:<arch>)"
     )
+
+
+def preflight(
+    spec: str | Path, weights: str | Path | None = None, *, allow_random_weights: bool = False
+) -> ModelCard:
+    """The card of a model, once its files are known to exist: the checks a long run makes
+    before any work (loading itself happens later, e.g. on each Dask worker)."""
+    card, base = resolve_card(spec, weights)
+    if card.architecture == "builtin:tissue-qc":
+        return card
+    if card.file is None:
+        if card.architecture.startswith("timm:") and not allow_random_weights:
+            raise _missing_weights(card)
+        if not card.architecture.startswith("timm:"):
+            _model_file(card, base)  # raises: TorchScript / export cards need their file
+        return card
+    _model_file(card, base)
+    return card
 
 
 def load_model(

@@ -77,6 +77,18 @@ def _first_mismatch(module: torch.nn.Module, state: StateDict) -> str | None:
     return None
 
 
+def _prefix_hint(expected: StateDict, state: StateDict) -> str:
+    """Name the key prefix that would make the file fit, if there is one."""
+    first = next(iter(state), "")
+    if "." not in first:
+        return "wrong model, or set weights_key_prefix"
+    prefix = first.split(".", 1)[0] + "."
+    if all(k.startswith(prefix) for k in state) and all(
+            k.removeprefix(prefix) in expected for k in state):
+        return f"the file's keys start with {prefix!r}: set weights_key_prefix to {prefix!r}"
+    return "wrong model, or set weights_key_prefix"
+
+
 def load_strict(module: torch.nn.Module, state: StateDict, *, source: str, what: str) -> None:
     """Load ``state`` into ``module``: every key present, none extra, every shape equal.
 
@@ -91,7 +103,7 @@ def load_strict(module: torch.nn.Module, state: StateDict, *, source: str, what:
                      for k, v in expected.items())
         raise ModelLoadError(
             f"{source}: weights do not fit {what}: {problem} ({missing} missing, {extra} "
-            f"unexpected, {shaped} of another shape; wrong model, or set weights_key_prefix)")
+            f"unexpected, {shaped} of another shape; {_prefix_hint(expected, state)})")
     try:
         target.load_state_dict(state, strict=True)
     except RuntimeError as exc:  # dtype that cannot be copied, …
