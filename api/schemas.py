@@ -13,6 +13,7 @@ from wsi_sampler.units import PATCH_MPP_RANGE, SLIDE_MPP_RANGE, TISSUE_MPP_RANGE
 
 __all__ = [
     "ErrorBody",
+    "binary_content",
     "JobRequest",
     "JobStatus",
     "PlanResponse",
@@ -22,6 +23,12 @@ __all__ = [
     "SlideList",
     "SlideSummary",
 ]
+
+
+def binary_content(*media_types: str) -> dict[str, dict[str, Any]]:
+    """OpenAPI ``content`` of a non-JSON response: bytes (``format: binary``) in each media
+    type, which client generators turn into a file / bytes result instead of dropping it."""
+    return {m: {"schema": {"type": "string", "format": "binary"}} for m in media_types}
 
 
 class ErrorBody(BaseModel):

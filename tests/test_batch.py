@@ -142,3 +142,58 @@ def test_cli_exit_codes(folder: Path, tmp_path: Path) -> None:
     r = subprocess.run([*CLI, "score", str(folder), "--out", str(tmp_path / "o"), "--model",
                         str(tmp_path / "none.json")], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "none.json" in r.stderr
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _dask(*args: str) -> subprocess.Popen[bytes]:
+    dask = str(Path(sys.executable).parent / "dask")
+    return subprocess.Popen([dask, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def test_real_dask_scheduler_and_workers_survive_a_killed_worker(
+        folder: Path, local_out: Path, tmp_path: Path) -> None:
+    pytest.importorskip("distributed", reason="the dask extra is installed by make test")
+    from distributed import Client
+
+    port = _free_port()
+    address = f"tcp://127.0.0.1:{port}"
+    procs = [_dask("scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard")]
+    try:
+        procs += [_dask("worker", address, "--host", "127.0.0.1", "--nthreads", "1",
+                        "--no-nanny", "--no-dashboard") for _ in range(2)]
+        deadline = time.monotonic() + 60
+        with Client(address, timeout=60) as client:
+            while len(client.scheduler_info()["workers"]) < 2:
+                assert time.monotonic() < deadline, "dask workers did not start"
+                time.sleep(0.2)
+        killed: list[int] = []
+
+        def kill_one(rec: dict[str, object], i: int, n: int) -> None:
+            if not killed:  # the first result: other slides are still running or queued
+                procs[1].send_signal(signal.SIGKILL)
+                killed.append(i)
+
+        report = run_batch(folder, tmp_path, CFG, executor="dask", address=address,
+                           retries=2, on_result=kill_one)
+        assert killed and procs[1].wait(timeout=10) == -signal.SIGKILL
+    finally:
+        for p in procs:
+            p.kill()
+            p.wait(timeout=30)
+    assert report.exit_code == EXIT_FAILURES  # the damaged slides, as in the local run
+    local_rows, dask_rows = rows(local_out), rows(tmp_path)
+    assert {k: v["status"] for k, v in dask_rows.items()} == \
+        {k: v["status"] for k, v in local_rows.items()}
+    for rel, row in local_rows.items():
+        if row["status"] == "done":
+            for name in ("predictions.csv", "predictions.geojson", "coords.h5"):
+                a = (local_out / row["result_dir"] / name).read_bytes()
+                b = (tmp_path / dask_rows[rel]["result_dir"] / name).read_bytes()
+                assert a == b, (rel, name)

@@ -7,7 +7,7 @@ from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
 from ..deps import ServicesDep
-from ..schemas import ErrorBody, JobRequest, JobStatus
+from ..schemas import ErrorBody, JobRequest, JobStatus, binary_content
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 NOT_FOUND: dict[int | str, dict[str, object]] = {
@@ -34,8 +34,10 @@ async def job_status(job_id: str, services: ServicesDep) -> JobStatus:
 
 
 @router.get("/{job_id}/results/{name}", response_class=FileResponse, responses={
-    **NOT_FOUND, 200: {"content": {"text/csv": {}, "application/geo+json": {}, "image/png": {},
-                                   "application/x-hdf5": {}, "application/json": {}}}})
+    # octet-stream first: generators that pick one representation read every result as bytes
+    **NOT_FOUND, 200: {"content": binary_content(
+        "application/octet-stream", "text/csv", "application/geo+json", "image/png",
+        "application/x-hdf5", "application/json"), "description": "The result file"}})
 async def job_result(job_id: str, name: str, services: ServicesDep) -> FileResponse:
     """One result file, by a name listed in the job's ``results``."""
     path, media = await run_in_threadpool(services.jobs.result_file, job_id, name)

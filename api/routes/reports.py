@@ -11,7 +11,7 @@ from wsi_sampler.report import prepare_bag
 from wsi_sampler.worker.vlm import VlmWorker
 
 from ..deps import Services, ServicesDep
-from ..schemas import ErrorBody, ReportRequest
+from ..schemas import ErrorBody, ReportRequest, binary_content
 from ..streaming import NDJSON, report_chunks, slide_stream
 
 router = APIRouter(prefix="/v1/slides", tags=["reports"])
@@ -34,7 +34,7 @@ def _open_bag(services: Services, slide_id: str, req: ReportRequest, vlm: VlmWor
     429: {"model": ErrorBody, "description": "Too many concurrent streams (see Retry-After)"},
     502: {"model": ErrorBody, "description": "The vision-language model failed"},
     503: {"model": ErrorBody, "description": "No model configured, or it cannot be reached"},
-    200: {"content": {NDJSON: {"schema": {"type": "string", "format": "binary"}}},
+    200: {"content": binary_content(NDJSON),
           "description": 'NDJSON: {"type": "bag"}, {"type": "delta", "text"}..., then '
                          '{"type": "report", "text", "usage", "timings_s"}'},
 })

@@ -14,7 +14,7 @@ from wsi_sampler.errors import InvalidRequestError
 from wsi_sampler.scoring import model_plan_params
 
 from ..deps import Services, ServicesDep
-from ..schemas import ErrorBody, PatchRequest, PlanResponse, SamplingRequest
+from ..schemas import ErrorBody, PatchRequest, PlanResponse, SamplingRequest, binary_content
 from ..streaming import EmbeddingFormat, patch_chunks, prediction_chunks, slide_stream
 
 router = APIRouter(prefix="/v1/slides", tags=["sampling"])
@@ -71,7 +71,7 @@ async def plan(slide_id: str, req: SamplingRequest, services: ServicesDep) -> Pl
 @router.post(
     "/{slide_id}/patches", response_class=StreamingResponse, responses={
         **STREAM_ERRORS,
-        200: {"content": {"application/x-tar": {}, "application/x-ndjson": {}},
+        200: {"content": binary_content("application/x-tar", "application/x-ndjson"),
               "description": "WebDataset tar (000042.png + 000042.json) or NDJSON lines"},
     },
 )
@@ -91,7 +91,7 @@ async def patches(
     "/{slide_id}/predictions", response_class=StreamingResponse, responses={
         **STREAM_ERRORS,
         503: {"model": ErrorBody, "description": "The model worker is not ready"},
-        200: {"content": {"application/x-ndjson": {}},
+        200: {"content": binary_content("application/x-ndjson"),
               "description": "One record per patch, then a summary record"},
     },
 )

@@ -14,7 +14,7 @@ from wsi_sampler.tissue import mask_to_polygons
 from wsi_sampler.units import SLIDE_MPP_RANGE, TISSUE_MPP_RANGE
 
 from ..deps import ServicesDep
-from ..schemas import ErrorBody, SlideInfo, SlideList, SlideSummary
+from ..schemas import ErrorBody, SlideInfo, SlideList, SlideSummary, binary_content
 from ..slides import SlideEntry
 from ..uploads import receive_upload, store_upload, temp_upload_path
 
@@ -87,8 +87,7 @@ async def slide_info(slide_id: str, services: ServicesDep) -> SlideInfo:
 
 
 @router.get("/{slide_id}/thumbnail", response_class=Response, responses={
-    **ERRORS, 200: {"content": {"image/png": {"schema": {"type": "string", "format": "binary"}},
-                                "image/jpeg": {"schema": {"type": "string", "format": "binary"}}},
+    **ERRORS, 200: {"content": binary_content("image/png", "image/jpeg"),
                     "description": "The thumbnail image"}})
 async def thumbnail(
     slide_id: str, services: ServicesDep,
@@ -105,7 +104,9 @@ async def thumbnail(
 
 
 @router.get("/{slide_id}/tissue", response_model=None,
-            responses={**ERRORS, 200: {"content": {"image/png": {}, "application/geo+json": {}}}})
+            responses={**ERRORS, 200: {
+                "content": binary_content("image/png", "application/geo+json"),
+                "description": "The tissue mask (PNG) or its polygons (GeoJSON, level-0 px)"}})
 async def tissue(
     slide_id: str, services: ServicesDep,
     output: Annotated[Literal["png", "geojson"], Query(alias="format")] = "png",

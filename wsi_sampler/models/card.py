@@ -53,6 +53,10 @@ class OutputSpec(BaseModel):
     dim: int | None = Field(default=None, ge=1)
     """Feature dimension, when columns have no names (embeddings)."""
     activation: Activation = "none"
+    embedding: bool | None = None
+    """An embedding is kept whole (feature bags) instead of becoming table columns. Unset:
+    an output with ``dim`` >= 32, no class names and no activation is one (a remote model's
+    3-value output stays three columns; a 384-d encoder output is a feature bag)."""
 
     @model_validator(mode="after")
     def _width(self) -> OutputSpec:
@@ -63,6 +67,12 @@ class OutputSpec(BaseModel):
     @property
     def width(self) -> int:
         return len(self.class_names) if self.class_names is not None else int(self.dim or 0)
+
+    @property
+    def is_embedding(self) -> bool:
+        if self.embedding is not None:
+            return self.embedding
+        return self.class_names is None and self.activation == "none" and self.width >= 32
 
     def column_names(self) -> list[str]:
         """Names for table columns: class/measurement names, else ``<name>_<i>``."""
@@ -135,11 +145,8 @@ class ModelCard(BaseModel):
 
     @property
     def embedding_output(self) -> OutputSpec | None:
-        """The output that is an embedding (``dim`` set, no activation), if any."""
-        for o in self.outputs:
-            if o.class_names is None and o.activation == "none":
-                return o
-        return None
+        """The (first) output that is an embedding (:attr:`OutputSpec.is_embedding`), if any."""
+        return next((o for o in self.outputs if o.is_embedding), None)
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2)
