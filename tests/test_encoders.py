@@ -315,3 +315,28 @@ def test_api_streams_embeddings_in_binary_and_jobs_return_the_bag(
         (tmp_path / "job.h5").write_bytes(httpx.get(url + h5["url"]).content)
         np.testing.assert_allclose(read_features_h5(tmp_path / "job.h5").features, got,
                                    rtol=2e-3, atol=2e-3)
+
+
+def test_a_batch_that_does_not_fit_is_split_and_the_size_remembered(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    model = load_model("tissue-qc", device="cpu")
+    patches = np.random.default_rng(3).integers(0, 256, (10, 224, 224, 3), dtype=np.uint8)
+    expected = model.predict(patches)
+    forward = model._forward
+    sizes: list[int] = []
+
+    def small_memory(x: torch.Tensor) -> list[torch.Tensor]:
+        sizes.append(len(x))
+        if len(x) > 4:  # as a GPU does when the batch does not fit
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return forward(x)
+
+    monkeypatch.setattr(model, "_forward", small_memory)
+    got = model.predict(patches)
+    assert model.batch_limit == 2 and sizes == [10, 5, 2, 2, 2, 2, 2]
+    for name, values in expected.items():
+        np.testing.assert_allclose(got[name], values, rtol=1e-6, atol=1e-6)
+    monkeypatch.setattr(model, "_forward", lambda x: (_ for _ in ()).throw(
+        torch.OutOfMemoryError("simulated")))
+    with pytest.raises(ModelLoadError, match="does not fit .* even for one patch"):
+        model.predict(patches[:2])

@@ -111,6 +111,12 @@ def test_clam_h5(planned, tmp_path: Path) -> None:  # type: ignore[no-untyped-de
         assert list(a["level_dim"]) == list(s.level_dimensions[1])
         assert list(a["downsampled_level_dim"]) == list(s.level_dimensions[1])
         assert a["name"] == "demo"
+        # TRIDENT's read_coords + patcher: patch_size * level0_mag / target_mag level-0 px
+        assert a["level0_magnification"] == 40 and a["target_magnification"] == 10
+        assert a["patch_size"] * a["level0_magnification"] / a["target_magnification"] == \
+            a["patch_size_level0"] == plan.width0 == 896
+        assert (a["level0_width"], a["level0_height"]) == s.dimensions
+        assert (a["patch_size_px"], a["target_mpp"]) == (plan.patch_size_px, plan.target_mpp)
 
 
 def test_wsinfer_h5(planned, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

@@ -2,12 +2,15 @@
 
 Input: (N, H, W, 3) uint8 RGB, H = W = the card's ``patch_size_px``. Output: one float32
 (N, k) array per card output. The device is chosen once (cuda, then cpu); on a GPU batches
-go through pinned memory with non-blocking copies and run under bf16 autocast.
+go through pinned memory, are copied on a side CUDA stream (the copy of one batch overlaps
+the model on the previous one) and run under bf16 autocast with channels-last inputs. A
+batch that does not fit in GPU memory is split: the largest size that fits is kept.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import threading
 from typing import Any, Literal
 
@@ -20,6 +23,7 @@ from .card import ModelCard
 
 __all__ = ["DeviceChoice", "Model", "Predictions", "select_device"]
 
+log = logging.getLogger("wsi_sampler.models")
 DeviceChoice = Literal["auto", "cpu", "cuda"]
 Predictions = dict[str, npt.NDArray[np.float32]]
 
@@ -61,6 +65,11 @@ class Model:
         self._mean = torch.tensor(norm.mean, device=self.device).view(1, 3, 1, 1) * 255
         self._std = torch.tensor(norm.std, device=self.device).view(1, 3, 1, 1) * 255
         self._lock = threading.Lock()
+        self._copy_stream: torch.cuda.Stream | None = (
+            torch.cuda.Stream(self.device) if self.device.type == "cuda" else None  # type: ignore[no-untyped-call]
+        )
+        self.batch_limit = card.max_batch
+        """The largest batch run at once: the card's max_batch, halved on out-of-memory."""
         self.check()
 
     @property
@@ -69,8 +78,12 @@ class Model:
 
     def _to_tensor(self, patches: npt.NDArray[np.uint8]) -> torch.Tensor:
         x = torch.from_numpy(np.require(patches, requirements=["C", "W"]))  # copies read-only
-        if self.device.type == "cuda":
-            x = x.pin_memory().to(self.device, non_blocking=True)
+        if self._copy_stream is not None:
+            pinned = x.pin_memory()
+            with torch.cuda.stream(self._copy_stream):
+                x = pinned.to(self.device, non_blocking=True)
+            torch.cuda.current_stream(self.device).wait_stream(self._copy_stream)
+            x.record_stream(torch.cuda.current_stream(self.device))
         x = x.permute(0, 3, 1, 2).float()  # NCHW view of NHWC memory: channels_last
         if self.card.channel_order == "BGR":
             x = x.flip(1)
@@ -103,14 +116,31 @@ class Model:
         return t
 
     def predict(self, patches: npt.NDArray[np.uint8]) -> Predictions:
-        """Run the model on (N, H, W, 3) uint8 patches, in chunks of the card's max batch."""
+        """Run the model on (N, H, W, 3) uint8 patches, in chunks of at most ``batch_limit``."""
         self.check_input(patches)
         chunks: list[Predictions] = []
-        for start in range(0, len(patches), self.card.max_batch):
-            chunks.append(self._predict_chunk(patches[start : start + self.card.max_batch]))
+        start = 0
+        while start < len(patches):
+            chunk = patches[start : start + self.batch_limit]
+            try:
+                chunks.append(self._predict_chunk(chunk))
+            except torch.OutOfMemoryError:
+                if len(chunk) == 1:
+                    raise ModelLoadError(f"model {self.name} does not fit in {self.device} "
+                                         "memory even for one patch") from None
+                self._shrink_batch(len(chunk))
+                continue
+            start += len(chunk)
         if not chunks:
             return {o.name: np.zeros((0, o.width), np.float32) for o in self.card.outputs}
         return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
+
+    def _shrink_batch(self, failed: int) -> None:
+        self.batch_limit = max(1, min(self.batch_limit, failed // 2))
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+        log.warning("model %s: out of %s memory at batch %d; batches of %d from now on",
+                    self.name, self.device, failed, self.batch_limit)
 
     def _predict_chunk(self, patches: npt.NDArray[np.uint8]) -> Predictions:
         with self._lock:
