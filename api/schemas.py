@@ -154,7 +154,9 @@ class ReportRequest(BaseModel):
 
 
 class PatchRequest(SamplingRequest):
-    image_format: Literal["png", "jpeg"] = "png"
+    image_format: Literal["png", "jpeg", "raw"] = Field(
+        "png", description="png (lossless), jpeg (quality 95) or raw: uint8 (H, W, 3) RGB "
+        "arrays as .npy (no encoding; for machines feeding a model)")
 
 
 class PlannedPatch(BaseModel):

@@ -28,6 +28,7 @@ import time
 from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
+from functools import partial
 from typing import Any, Literal
 
 import numpy as np
@@ -37,8 +38,9 @@ from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from wsi_sampler import Extractor, PatchBatch, PatchPlan, Slide
+from wsi_sampler._tiles import default_threads
 from wsi_sampler.errors import WsiSamplerError
-from wsi_sampler.export import encode_image
+from wsi_sampler.export import encode_image, npy_bytes
 from wsi_sampler.models import Predictions
 from wsi_sampler.report import report_events
 from wsi_sampler.scoring import Aggregate, embedding_output, iter_predictions, output_columns
@@ -56,6 +58,8 @@ __all__ = ["ErrorDescriber", "ProducerResponse", "ndjson_error_record", "patch_c
 logger = logging.getLogger("wsi_sampler.api.stream")
 _TAR_END = b"\0" * 1024
 _FIRST_BATCH = 4  # small first batch: the first patch leaves quickly
+_IMAGE_FORMATS = {"png": ("png", "image/png"), "jpeg": ("jpg", "image/jpeg"),
+                  "raw": ("npy", "application/x-npy")}
 _BATCH = 32
 
 ErrorDescriber = Callable[[BaseException], tuple[int, str]]
@@ -214,19 +218,21 @@ def patch_chunks(
     slide: Slide, slide_id: str, plan: PatchPlan, *, as_tar: bool, image_format: str,
     metrics: Metrics,
 ) -> Generator[bytes, None, None]:
-    """WebDataset tar members (``000042.png`` + ``000042.json``) or NDJSON lines."""
-    ext = "jpg" if image_format == "jpeg" else "png"
-    media = f"image/{image_format}"
+    """WebDataset tar members (``000042.png`` + ``000042.json``) or NDJSON lines. Images are
+    encoded in parallel threads; ``raw`` sends ``.npy`` arrays and encodes nothing."""
+    ext, media = _IMAGE_FORMATS[image_format]
+    encode = npy_bytes if image_format == "raw" else partial(encode_image, ext=f".{ext}")
     now = time.time()
     # closing(): a stream closed early stops its extractor now, before the slide closes.
     extractor = Extractor(slide, plan, batch_size=_BATCH, first_batch_size=_FIRST_BATCH)
     sent = 0
-    with ThreadPoolExecutor(2, thread_name_prefix="wsi-encode") as pool, \
+    with ThreadPoolExecutor(default_threads(), thread_name_prefix="wsi-encode") as pool, \
             closing(extractor.iter_batches()) as batches:
         for batch in batches:
             sent += len(batch)
             indices, images = batch.indices, batch.images
-            encoded = list(pool.map(lambda im: encode_image(im, f".{ext}"), images))
+            encoded = list(pool.map(encode, images)) if image_format != "raw" else [
+                npy_bytes(im) for im in images]
             parts = []
             for i, data in zip(indices.tolist(), encoded, strict=True):
                 meta = patch_meta(slide_id, plan, i)

@@ -214,6 +214,34 @@ def test_webdataset_reads_the_tar_stream(url: str, demo_slide: Path, tmp_path: P
         np.testing.assert_array_equal(image, want[int(key)])
 
 
+def test_raw_arrays_in_the_tar_stream_equal_the_extractor(url: str, demo_slide: Path,
+                                                          tmp_path: Path) -> None:
+    from webdataset.autodecode import Decoder
+    from webdataset.tariterators import group_by_keys, tar_file_expander
+
+    sid = ids(url)["demo.svs"]
+    shard = tmp_path / "raw.tar"
+    with httpx.stream("POST", f"{url}/v1/slides/{sid}/patches",
+                      json=SAMPLE | {"image_format": "raw"}) as resp, shard.open("wb") as fh:
+        assert resp.status_code == 200
+        for chunk in resp.iter_bytes():
+            fh.write(chunk)
+    with shard.open("rb") as fh:  # webdataset decodes .npy members itself
+        samples = list(map(Decoder([]), group_by_keys(tar_file_expander(
+            [{"url": str(shard), "stream": fh}]))))
+    want = expected_patches(demo_slide, SAMPLE)
+    assert [s["__key__"] for s in samples] == [f"{i:06d}" for i in range(10)]
+    for sample in samples:
+        assert sample["npy"].dtype == np.uint8 and sample["npy"].shape == (128, 128, 3)
+        np.testing.assert_array_equal(sample["npy"], want[int(sample["__key__"])])
+    lines = httpx.post(f"{url}/v1/slides/{sid}/patches", params={"format": "ndjson"},
+                       json=SAMPLE | {"image_format": "raw"}).text.splitlines()
+    first = json.loads(lines[0])
+    assert first["media_type"] == "application/x-npy"
+    np.testing.assert_array_equal(np.load(io.BytesIO(base64.b64decode(first["image"]))),
+                                  want[first["index"]])
+
+
 def test_patches_stream_as_ndjson(url: str, demo_slide: Path) -> None:
     sid = ids(url)["demo.svs"]
     want = expected_patches(demo_slide, SAMPLE)
