@@ -1,0 +1,153 @@
+"""The GPU run: JPEG decode on the GPU vs our CPU path, and slide to embeddings in bf16.
+
+Run on a GPU machine with ``bash benchmarks/gpu.sh`` (installs what the machine lacks, then
+runs this), or ``python -m benchmarks.gpu``. ``--dry-run`` runs every step on the CPU with
+tiny sizes (a small generated slide, a few patches): the test suite calls it, so the script
+is known to work on the day a GPU is lent. Reports, in one table and as JSON:
+
+(a) JPEG decode: 256 px JPEG tiles (quality 90, made from the slide's patches) decoded by
+    nvjpeg (``torchvision.io.decode_jpeg`` on cuda, batched) vs OpenCV on all CPU cores;
+(b) slide file to embeddings for a ResNet-50 and a ViT-L/16 (UNI's architecture), random
+    weights, bf16 autocast: patches/s, and the fraction of the wall time spent in the model
+    (goal >= 80 %: the GPU, not the data path, is the limit);
+(c) peak GPU memory of each model run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+import warnings
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from wsi_sampler import Extractor, PlanParams, make_plan, open_slide
+from wsi_sampler.demo import DemoSlideSpec, write_demo_slide
+from wsi_sampler.models import Predictions, load_model
+from wsi_sampler.scoring import score_slide
+from wsi_sampler.worker import InProcessWorker
+
+from ._harness import ensure_slide, machine
+from .extract import SPECS
+
+DRY_SPEC = DemoSlideSpec(width=4096, height=3072, mpp=0.25, seed=3)
+
+
+class TimedWorker(InProcessWorker):
+    """The in-process worker, counting the wall time spent in the model."""
+
+    seconds = 0.0
+
+    def infer(self, patches: np.ndarray) -> Predictions:
+        t = time.perf_counter()
+        try:
+            return super().infer(patches)
+        finally:
+            self.seconds += time.perf_counter() - t
+
+
+def _jpeg_tiles(slide_path: Path, n: int) -> list[bytes]:
+    import cv2
+
+    with open_slide(slide_path) as slide:
+        plan = make_plan(slide, PlanParams(strategy="random", n_patches=n, seed=1,
+                                           patch_size_px=256))
+        images = np.concatenate([b.images for b in Extractor(slide, plan).iter_batches()])
+    return [bytes(cv2.imencode(".jpg", im[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 90])[1])
+            for im in images]
+
+
+def _rate(fn: Callable[[], int], repeats: int) -> float:
+    fn()  # warm up (nvjpeg handles, thread pools)
+    t = time.perf_counter()
+    count = sum(fn() for _ in range(repeats))
+    return count / (time.perf_counter() - t)
+
+
+def decode_rates(tiles: list[bytes], device: str, repeats: int) -> dict[str, float]:
+    """(a): images/s decoding ``tiles`` with OpenCV on all cores and nvjpeg on ``device``."""
+    import cv2
+    import torch
+    from torchvision.io import decode_jpeg
+
+    arrays = [np.frombuffer(t, np.uint8) for t in tiles]
+    cores = len(os.sched_getaffinity(0))
+    with ThreadPoolExecutor(cores) as pool:
+        cpu = _rate(lambda: len(list(pool.map(lambda a: cv2.imdecode(a, 1), arrays))),
+                    repeats)
+    tensors = [torch.from_numpy(a.copy()) for a in arrays]
+
+    def gpu_batch() -> int:
+        with warnings.catch_warnings():  # torchvision >= 0.29 points to TorchCodec; same nvjpeg
+            warnings.simplefilter("ignore", DeprecationWarning)
+            out = decode_jpeg(tensors, device=device)
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        return len(out)
+
+    return {"cpu_opencv_images_per_s": cpu, "cpu_cores": cores,
+            f"decode_jpeg_{device}_images_per_s": _rate(gpu_batch, repeats)}
+
+
+def embed(slide_path: Path, model: str, device: str, n: int) -> dict[str, Any]:
+    """(b) and (c): slide file to embeddings for one model, random weights."""
+    import torch
+
+    worker = TimedWorker(load_model(model, device=device, allow_random_weights=True))
+    params = PlanParams(strategy="random", n_patches=n, seed=2)
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    with open_slide(slide_path) as slide:
+        score_slide(slide, params, worker, batch_size=worker.card.max_batch)  # warm up
+        worker.seconds = 0.0
+        t = time.perf_counter()
+        result = score_slide(slide, params, worker, batch_size=worker.card.max_batch)
+        total = time.perf_counter() - t
+    assert result.features is not None
+    peak = torch.cuda.max_memory_allocated() / 2**20 if device.startswith("cuda") else 0.0
+    return {"model": model, "patches": len(result.plan), "seconds": round(total, 3),
+            "patches_per_s": round(len(result.plan) / total, 1),
+            "model_fraction": round(worker.seconds / total, 3),
+            "embedding_dim": int(result.features.shape[1]), "peak_gpu_mib": round(peak)}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dry-run", action="store_true",
+                        help="everything on the CPU, tiny sizes: checks the script works")
+    parser.add_argument("--patches", type=int, default=4096, help="patches per model run")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args(argv)
+    device = "cpu" if args.dry_run else "cuda"
+    n = 8 if args.dry_run else args.patches
+    models = ("resnet50", "vit-s16") if args.dry_run else ("resnet50", "uni")
+    with tempfile.TemporaryDirectory() as tmp:
+        slide = (write_demo_slide(Path(tmp) / "dry.svs", DRY_SPEC) if args.dry_run
+                 else ensure_slide("A", SPECS["A"]))
+        decode = decode_rates(_jpeg_tiles(slide, 16 if args.dry_run else 1024), device,
+                              1 if args.dry_run else 5)
+        runs = [embed(slide, m, device, n) for m in models]
+    results = {"machine": machine(), "device": device, "dry_run": args.dry_run,
+               "decode": decode, "embed": runs}
+    print(f"# {results['machine']} ({device}{', dry run' if args.dry_run else ''})\n")
+    for key, value in decode.items():
+        print(f"- {key}: {value:,.0f}")
+    print("\n| model | patches | s | patches/s | time in model | embedding | peak GPU MiB |\n"
+          "|---|---:|---:|---:|---:|---:|---:|")
+    for r in runs:
+        print(f"| {r['model']} | {r['patches']} | {r['seconds']} | {r['patches_per_s']} | "
+              f"{r['model_fraction']:.0%} | {r['embedding_dim']} | {r['peak_gpu_mib']} |")
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
