@@ -8,7 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from wsi_sampler import PlanParams, medgemma_params
 from wsi_sampler.errors import InvalidRequestError
-from wsi_sampler.medgemma import MEDGEMMA_PATCH_PX, MEDGEMMA_TISSUE_MPP
+from wsi_sampler.medgemma import MEDGEMMA_PATCH_PX
 from wsi_sampler.units import PATCH_MPP_RANGE, SLIDE_MPP_RANGE, TISSUE_MPP_RANGE
 
 __all__ = [
@@ -70,9 +70,11 @@ class SlideInfo(BaseModel):
 
 
 # What the medgemma preset fixes: a request may repeat these values (or send the field's
-# plain default, as generated clients do); any other value contradicts the preset.
+# plain default, as generated clients do); any other value contradicts the preset. Its
+# tissue mask resolution is the request's tissue_mpp (8 µm/px by default, 2.0 = the recipe's
+# 5x mask exactly).
 _MEDGEMMA_FIXED: dict[str, object] = {"patch_size_px": MEDGEMMA_PATCH_PX, "overlap": 0.0,
-                                      "tissue_mpp": MEDGEMMA_TISSUE_MPP, "target_mpp": None}
+                                      "target_mpp": None}
 
 
 class SamplingRequest(BaseModel):
@@ -113,13 +115,14 @@ class SamplingRequest(BaseModel):
             conflicts = self._medgemma_conflicts()
             if conflicts:
                 raise InvalidRequestError(
-                    f"the medgemma preset fixes 896 px patches, no overlap and a 5x tissue "
-                    f"mask; {', '.join(conflicts)} contradicts it. Choose its magnification "
+                    f"the medgemma preset fixes 896 px patches and no overlap; "
+                    f"{', '.join(conflicts)} contradicts it. Choose its magnification "
                     "with 'magnification' and its cap with 'n_patches'"
                 )
             return medgemma_params(
                 seed=self.seed, magnification=self.magnification, max_patches=self.n_patches,
                 min_tissue_fraction=self.min_tissue_fraction, variant=self.medgemma_variant,
+                tissue_mpp=self.tissue_mpp,
             )
         return PlanParams(
             strategy=self.strategy, patch_size_px=self.patch_size_px, target_mpp=self.target_mpp,

@@ -98,9 +98,10 @@ def test_explicit_preset_values_and_plain_defaults_are_accepted() -> None:
     generated = SamplingRequest(strategy="medgemma", patch_size_px=256, tissue_mpp=8.0,
                                 overlap=0.0, target_mpp=None, seed=7)
     assert generated.to_params().patch_size_px == 896
-    assert generated.to_params().tissue_mpp == 2.0
+    assert generated.to_params().tissue_mpp == 8.0  # detection at 8 µm/px by default
     explicit = SamplingRequest(strategy="medgemma", patch_size_px=896, tissue_mpp=2.0)
     assert explicit.to_params().patch_size_px == 896
+    assert explicit.to_params().tissue_mpp == 2.0  # the recipe's 5x mask, literally
     with pytest.raises(InvalidRequestError, match="patch_size_px=512"):
         SamplingRequest(strategy="medgemma", patch_size_px=512).to_params()
     with pytest.raises(InvalidRequestError, match="target_mpp"):

@@ -19,6 +19,7 @@ from shapely.geometry.base import BaseGeometry
 
 from .errors import InvalidRequestError
 from .medgemma import (
+    MEDGEMMA_DETECT_MPP,
     MEDGEMMA_MAX_PATCHES,
     MEDGEMMA_PATCH_PX,
     MEDGEMMA_TISSUE_MPP,
@@ -41,7 +42,8 @@ from .units import TISSUE_MPP_RANGE, check_mpp, magnification_to_mpp, resolve_ta
 __all__ = ["PatchPlan", "PlanParams", "TissueMask", "compute_tissue_mask", "make_plan",
            "medgemma_params"]
 
-__all__ += ["MEDGEMMA_MAX_PATCHES", "MEDGEMMA_PATCH_PX", "MEDGEMMA_TISSUE_MPP"]
+__all__ += ["MEDGEMMA_DETECT_MPP", "MEDGEMMA_MAX_PATCHES", "MEDGEMMA_PATCH_PX",
+            "MEDGEMMA_TISSUE_MPP"]
 
 # Bounds on the work one plan may cost: the tissue mask (the MedGemma 5x mask of a
 # 100,000 x 80,000 slide is 125 Mpx), the candidate grid, and upsampling past the scan.
@@ -110,11 +112,14 @@ def medgemma_params(
     max_patches: int | None = None,
     min_tissue_fraction: float = 0.5,
     variant: MedgemmaVariant = "report",
+    tissue_mpp: float = MEDGEMMA_DETECT_MPP,
 ) -> PlanParams:
-    """The MedGemma 1.5 whole-slide recipe: 896 px, no overlap, 5x mask, and either the
-    technical report's sampling (``report``: magnification drawn 5x/10x/20x, ≤ 126 patches,
-    row-major order) or Google's public notebook (``notebook``: 10x, ≤ 125 patches, in the
-    order ``random.sample`` returns). ``magnification`` and ``max_patches`` override both."""
+    """The MedGemma 1.5 whole-slide recipe: 896 px, no overlap, a low-resolution tissue mask,
+    and either the technical report's sampling (``report``: magnification drawn 5x/10x/20x,
+    ≤ 126 patches, row-major order) or Google's public notebook (``notebook``: 10x, ≤ 125
+    patches, in the order ``random.sample`` returns). ``magnification`` and ``max_patches``
+    override both. ``tissue_mpp``: 8 µm/px by default (see ``MEDGEMMA_DETECT_MPP``); 2.0 is
+    the recipe's 5x mask exactly."""
     if variant not in ("report", "notebook"):
         raise InvalidRequestError(f"unknown medgemma variant {variant!r} (report, notebook)")
     notebook = variant == "notebook"
@@ -125,7 +130,7 @@ def medgemma_params(
         n_patches=max_patches or (NOTEBOOK_MAX_PATCHES if notebook else MEDGEMMA_MAX_PATCHES),
         seed=seed,
         min_tissue_fraction=min_tissue_fraction,
-        tissue_mpp=MEDGEMMA_TISSUE_MPP,
+        tissue_mpp=tissue_mpp,
         order="sampled" if notebook else "row-major",
     )
 
