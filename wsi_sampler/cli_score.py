@@ -60,6 +60,9 @@ def worker(
     device: DeviceO = DeviceOpt.auto,
     weights: WeightsO = None,
     random_weights: RandomWeightsO = False,
+    compile_model: Annotated[bool, typer.Option(
+        "--compile", help="torch.compile the model (long GPU serving; the first batches "
+        "pay the compile time).")] = False,
     max_delay_ms: Annotated[
         float, typer.Option(help="How long a request may wait for others to batch with.")
     ] = 2.0,
@@ -72,7 +75,7 @@ def worker(
     from .models import load_model
 
     loaded = load_model(model, weights=weights, device=device.value,
-                        allow_random_weights=random_weights)
+                        allow_random_weights=random_weights, compile_model=compile_model)
     log.info("model %s v%s on %s; serving on http://%s:%d/v2", loaded.name,
              loaded.card.version, loaded.device, host, port)
     app_ = create_worker_app(lambda: loaded, max_delay_s=max_delay_ms / 1000)
