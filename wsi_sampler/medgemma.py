@@ -42,10 +42,12 @@ MEDGEMMA_TISSUE_MPP = 2.0  # the recipe's 5x tissue mask, literally (tissue_mpp=
 MEDGEMMA_DETECT_MPP = 8.0
 """Where the preset detects tissue by default: 16x fewer pixels than the 5x mask. The bag's
 cells are 896 px at 5x/10x/20x (1,792 / 896 / 448 µm), 224 / 112 / 56 mask pixels a side at
-8 µm/px, plenty for a tissue fraction. Measured against the literal 5x mask
-(``benchmarks/RESULTS.md``): the same candidate cells on every slide tried except 2 of 457
-at 20x on a 100,000 x 80,000 slide, where tissue + plan fall from ~16.6 s and 1.7 GiB to
-~0.8 s. ``tissue_mpp=2.0`` reproduces the recipe's mask exactly."""
+8 µm/px, plenty for a tissue fraction. Measured against the literal 5x mask on six slides at
+5x, 10x and 20x (``benchmarks/RESULTS.md``): the same cells at or above the threshold and
+the same default bags everywhere; the cells with any tissue at all (which only fill a bag)
+differ by 2 of 457 at 20x on a 100,000 x 80,000 slide, where tissue + plan fall from 14.3 s
+and 1.7 GiB to 0.54 s and 213 MiB. ``tissue_mpp=2.0`` reproduces the recipe's mask
+exactly."""
 NOTEBOOK_MAX_PATCHES = 125
 NOTEBOOK_MAGNIFICATION = 10.0
 
