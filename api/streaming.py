@@ -22,7 +22,6 @@ from __future__ import annotations
 import base64
 import json
 import logging
-import tarfile
 import threading
 import time
 from collections.abc import Callable, Generator, Iterator
@@ -40,7 +39,7 @@ from starlette.types import Receive, Scope, Send
 from wsi_sampler import Extractor, PatchBatch, PatchPlan, Slide
 from wsi_sampler._tiles import default_threads
 from wsi_sampler.errors import WsiSamplerError
-from wsi_sampler.export import encode_image, npy_bytes
+from wsi_sampler.export import encode_image
 from wsi_sampler.models import Predictions
 from wsi_sampler.report import report_events
 from wsi_sampler.scoring import Aggregate, embedding_output, iter_predictions, output_columns
@@ -51,12 +50,13 @@ from .deps import Services
 from .memory import release_free_memory
 from .metrics import Metrics
 from .middleware import send_json_error
+from .tarball import END as TAR_END
+from .tarball import TarMembers, npy_header
 
 __all__ = ["ErrorDescriber", "ProducerResponse", "ndjson_error_record", "patch_chunks",
            "prediction_chunks", "report_chunks", "slide_stream"]
 
 logger = logging.getLogger("wsi_sampler.api.stream")
-_TAR_END = b"\0" * 1024
 _FIRST_BATCH = 4  # small first batch: the first patch leaves quickly
 _IMAGE_FORMATS = {"png": ("png", "image/png"), "jpeg": ("jpg", "image/jpeg"),
                   "raw": ("npy", "application/x-npy")}
@@ -201,12 +201,6 @@ def report_chunks(slide: Slide, plan: PatchPlan, vlm: VlmWorker, prompt: str
             yield json.dumps(event).encode() + b"\n"
 
 
-def _tar_member(name: str, data: bytes, mtime: float) -> bytes:
-    info = tarfile.TarInfo(name)
-    info.size, info.mtime, info.mode = len(data), int(mtime), 0o644
-    return info.tobuf(tarfile.USTAR_FORMAT) + data + b"\0" * (-len(data) % 512)
-
-
 def patch_meta(slide_id: str, plan: PatchPlan, i: int) -> dict[str, Any]:
     return {"index": i, "slide_id": slide_id, "x0": int(plan.x0[i]), "y0": int(plan.y0[i]),
             "width0": plan.width0, "height0": plan.height0, "level": plan.level,
@@ -221,8 +215,8 @@ def patch_chunks(
     """WebDataset tar members (``000042.png`` + ``000042.json``) or NDJSON lines. Images are
     encoded in parallel threads; ``raw`` sends ``.npy`` arrays and encodes nothing."""
     ext, media = _IMAGE_FORMATS[image_format]
-    encode = npy_bytes if image_format == "raw" else partial(encode_image, ext=f".{ext}")
-    now = time.time()
+    encode = partial(encode_image, ext=f".{ext}")
+    members = TarMembers(time.time())
     # closing(): a stream closed early stops its extractor now, before the slide closes.
     extractor = Extractor(slide, plan, batch_size=_BATCH, first_batch_size=_FIRST_BATCH)
     sent = 0
@@ -230,24 +224,28 @@ def patch_chunks(
             closing(extractor.iter_batches()) as batches:
         for batch in batches:
             sent += len(batch)
-            indices, images = batch.indices, batch.images
-            encoded = list(pool.map(encode, images)) if image_format != "raw" else [
-                npy_bytes(im) for im in images]
-            parts = []
-            for i, data in zip(indices.tolist(), encoded, strict=True):
+            if image_format == "raw":  # header + the array's own memory: one copy, at join
+                head = npy_header(batch.images.shape[1:])
+                payloads: list[tuple[bytes | memoryview, ...]] = [
+                    (head, memoryview(im).cast("B")) for im in batch.images]
+            else:
+                payloads = [(data,) for data in pool.map(encode, batch.images)]
+            parts: list[bytes | memoryview] = []
+            for i, payload in zip(batch.indices.tolist(), payloads, strict=True):
                 meta = patch_meta(slide_id, plan, i)
                 if as_tar:
-                    parts.append(_tar_member(f"{i:06d}.{ext}", data, now))
-                    parts.append(_tar_member(f"{i:06d}.json", json.dumps(meta).encode(), now))
+                    parts += members.member(f"{i:06d}.{ext}", *payload)
+                    parts += members.member(f"{i:06d}.json", json.dumps(meta).encode())
                 else:
+                    data = b"".join(payload)
                     line = meta | {"media_type": media, "image": base64.b64encode(data).decode()}
                     parts.append(json.dumps(line).encode() + b"\n")
-            metrics.patches.labels("patches").inc(len(encoded))
+            metrics.patches.labels("patches").inc(len(payloads))
             yield b"".join(parts)
     if sent != len(plan):
         raise IncompleteStreamError(f"{sent} of {len(plan)} planned patches read")
     if as_tar:
-        yield _TAR_END
+        yield TAR_END
 
 
 EmbeddingFormat = Literal["base64-float16", "base64-float32", "json", "none"]
