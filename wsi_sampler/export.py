@@ -32,7 +32,6 @@ from .types import BoolMask, RGBImage
 
 __all__ = [
     "encode_image",
-    "npy_bytes",
     "run_metadata",
     "write_clam_h5",
     "write_csv",
@@ -167,13 +166,6 @@ def encode_image(img: np.ndarray, ext: str = ".png", *, jpeg_quality: int = 95) 
     if not ok:  # pragma: no cover - OpenCV encodes any uint8 image
         raise InvalidRequestError(f"{ext} encoding failed")
     return bytes(buf.tobytes())
-
-
-def npy_bytes(img: np.ndarray) -> bytes:
-    """An array as a ``.npy`` file's bytes (``numpy.load`` reads it back as it was)."""
-    buf = io.BytesIO()
-    np.lib.format.write_array(buf, np.ascontiguousarray(img), allow_pickle=False)
-    return buf.getvalue()
 
 
 def write_tissue_geojson(
