@@ -42,7 +42,7 @@ from wsi_sampler.errors import WsiSamplerError
 from wsi_sampler.export import encode_image
 from wsi_sampler.models import Predictions
 from wsi_sampler.report import report_events
-from wsi_sampler.scoring import Aggregate, embedding_output, iter_predictions, output_columns
+from wsi_sampler.scoring import Aggregate, iter_predictions, output_columns
 from wsi_sampler.worker import Worker
 from wsi_sampler.worker.vlm import VlmWorker
 
@@ -290,7 +290,7 @@ def _prediction_lines(
     worker: Worker, agg: Aggregate, metrics: Metrics, embedding_format: EmbeddingFormat,
 ) -> Iterator[bytes]:
     cols = output_columns(worker.card)
-    emb = embedding_output(worker.card)
+    emb = worker.card.embedding_output
     for batch, preds, worker_s in results:
         metrics.worker_latency.observe(worker_s)
         agg.add(preds, worker_s)

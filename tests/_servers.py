@@ -1,8 +1,10 @@
-"""Run an ASGI app under a real uvicorn on 127.0.0.1 (an ephemeral port) for a test."""
+"""Run an ASGI app under a real uvicorn on 127.0.0.1 (an ephemeral port) for a test, and
+small helpers for servers started as processes."""
 
 from __future__ import annotations
 
 import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -18,6 +20,23 @@ def slide_ids(url: str) -> dict[str, str]:
 
     items = httpx.get(f"{url}/v1/slides", params={"limit": 1000}).json()["items"]
     return {i["path"]: i["id"] for i in items}
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 nobody listens on now (for servers we start as processes)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def stop_process(proc: subprocess.Popen[bytes]) -> None:
+    """SIGTERM, then SIGKILL if it does not stop within 20 s."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=20)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
 
 
 @contextmanager

@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+from _servers import free_port
 
 from wsi_sampler.batch import EXIT_FAILURES, BatchConfig, discover, run_batch
 from wsi_sampler.demo import DemoSlideSpec, write_demo_slide
@@ -144,14 +145,6 @@ def test_cli_exit_codes(folder: Path, tmp_path: Path) -> None:
     assert r.returncode == 2 and "none.json" in r.stderr
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
 def _dask(*args: str) -> subprocess.Popen[bytes]:
     dask = str(Path(sys.executable).parent / "dask")
     return subprocess.Popen([dask, *args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -162,7 +155,7 @@ def test_real_dask_scheduler_and_workers_survive_a_killed_worker(
     pytest.importorskip("distributed", reason="the dask extra is installed by make test")
     from distributed import Client
 
-    port = _free_port()
+    port = free_port()
     address = f"tcp://127.0.0.1:{port}"
     procs = [_dask("scheduler", "--host", "127.0.0.1", "--port", str(port), "--no-dashboard")]
     try:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from _servers import serve, slide_ids
+from _servers import free_port, serve, slide_ids, stop_process
 from _tools import tool_bin
 
 from api.app import create_app
@@ -30,12 +29,6 @@ from wsi_sampler.worker import RemoteWorker
 INTEROP = Path(__file__).resolve().parent / "interop"
 SIZE, MPP = 64, 2.0  # the custom model's input: 64 px at 2 µm/px
 CLI = [sys.executable, "-c", "from wsi_sampler.cli import main; main()"]
-
-
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def _wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
@@ -55,8 +48,8 @@ def _wait_ready(url: str, proc: subprocess.Popen[bytes], log: Path) -> None:
 def _mlserver(tmp: Path, port: int) -> list[str]:
     shutil.copy(INTEROP / "mean_colour_model.py", tmp)
     (tmp / "settings.json").write_text(json.dumps({
-        "host": "127.0.0.1", "http_port": port, "grpc_port": _port(),
-        "metrics_port": _port(), "parallel_workers": 0}))
+        "host": "127.0.0.1", "http_port": port, "grpc_port": free_port(),
+        "metrics_port": free_port(), "parallel_workers": 0}))
     (tmp / "model-settings.json").write_text(json.dumps({
         "name": "mean-colour", "implementation": "mean_colour_model.MeanColour",
         "inputs": [{"name": "patches", "datatype": "UINT8", "shape": [-1, SIZE, SIZE, 3]}],
@@ -72,7 +65,7 @@ def _kserve(tmp: Path, port: int) -> list[str]:
 @pytest.fixture(scope="module", params=["mlserver", "kserve"])
 def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
            ) -> Iterator[str]:
-    kind, port = str(request.param), _port()
+    kind, port = str(request.param), free_port()
     tmp = tmp_path_factory.mktemp(kind)
     cmd = (_mlserver if kind == "mlserver" else _kserve)(tmp, port)
     log = tmp / "server.log"
@@ -83,12 +76,7 @@ def server(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFact
         _wait_ready(url, proc, log)
         yield url
     finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
+        stop_process(proc)
 
 
 def _means(slide_path: Path, params: PlanParams) -> tuple[np.ndarray, np.ndarray]:

@@ -23,11 +23,11 @@ NameArg = Annotated[str, typer.Argument(help="A built-in name (models list) or a
 @models_app.command("list")
 def list_models() -> None:
     """The built-in models: name, output, input, licence and where to get the weights."""
-    from .models import BUILTIN_MODELS, catalogue_card, catalogue_names, resolve_card
+    from .models import BUILTIN_MODELS, catalogue_names, resolve_card
 
     rows = [("name", "output", "input", "licence", "weights")]
     for name in (*BUILTIN_MODELS, *catalogue_names()):
-        card = resolve_card(name)[0] if name in BUILTIN_MODELS else catalogue_card(name)
+        card = resolve_card(name)[0]
         out = card.embedding_output
         kind = f"{out.width}-d embedding" if out else f"{len(card.outputs)} output(s)"
         prov = card.provenance

@@ -138,12 +138,10 @@ def write_geojson(
 def write_clam_h5(path: str | os.PathLike[str], plan: PatchPlan, slide: Slide) -> None:
     """Patch coordinates for CLAM and TRIDENT: ``coords`` (N, 2) level-0 top-left with both
     tools' attributes (:func:`wsi_sampler.features.coords_attrs`)."""
-    from .features import coords_attrs
+    from .features import write_coords_dataset  # features imports models: load it late
 
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
-        dset = f.create_dataset("coords", data=plan.coords.astype(np.int64))
-        for key, value in coords_attrs(plan, slide).items():
-            dset.attrs[key] = value
+        write_coords_dataset(f, plan, slide)
 
 
 def write_wsinfer_h5(path: str | os.PathLike[str], plan: PatchPlan) -> None:

@@ -33,7 +33,7 @@ from .plan import PatchPlan
 from .slide import Slide
 
 __all__ = ["FeatureBag", "FeaturesDtype", "coords_attrs", "read_features_h5",
-           "write_features_h5", "write_features_pt"]
+           "write_coords_dataset", "write_features_h5", "write_features_pt"]
 
 FeaturesDtype = Literal["float32", "float16"]
 
@@ -67,6 +67,13 @@ def coords_attrs(plan: PatchPlan, slide: Slide) -> dict[str, Any]:
     }
 
 
+def write_coords_dataset(f: h5py.File, plan: PatchPlan, slide: Slide) -> None:
+    """``coords`` (N, 2) int64, level-0 top-left, with :func:`coords_attrs`."""
+    dset = f.create_dataset("coords", data=plan.coords.astype(np.int64))
+    for key, value in coords_attrs(plan, slide).items():
+        dset.attrs[key] = value
+
+
 def _checked_features(features: npt.ArrayLike, plan: PatchPlan, dtype: str
                       ) -> npt.NDArray[np.floating[Any]]:
     if dtype not in ("float32", "float16"):
@@ -89,9 +96,7 @@ def write_features_h5(
         feats = f.create_dataset("features", data=arr)
         feats.attrs["name"] = slide.path.stem
         feats.attrs["encoder"] = card.name
-        coords = f.create_dataset("coords", data=plan.coords.astype(np.int64))
-        for key, value in coords_attrs(plan, slide).items():
-            coords.attrs[key] = value
+        write_coords_dataset(f, plan, slide)
         f.attrs["encoder"] = card.name
         f.attrs["encoder_version"] = card.version
         f.attrs["card"] = card.model_dump_json()

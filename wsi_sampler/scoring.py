@@ -33,7 +33,7 @@ from .export import (
 )
 from .extract import Extractor, PatchBatch
 from .features import FeaturesDtype, write_features_h5, write_features_pt
-from .models import ModelCard, OutputSpec, Predictions
+from .models import ModelCard, Predictions
 from .plan import PatchPlan, PlanParams, make_plan
 from .slide import Slide
 from .worker import Worker
@@ -56,14 +56,9 @@ FEATURE_FILES = ("features.h5",)
 
 def result_files(card: ModelCard, *, clam_pt: bool = False) -> tuple[str, ...]:
     """The files :func:`score_slide` writes for a model with this card."""
-    if embedding_output(card) is None:
+    if card.embedding_output is None:
         return RESULT_FILES
     return RESULT_FILES + FEATURE_FILES + (("features.pt",) if clam_pt else ())
-
-
-def embedding_output(card: ModelCard) -> OutputSpec | None:
-    """The card's embedding output (unnamed columns): kept whole, written as a feature bag."""
-    return card.embedding_output
 
 
 class Cancelled(WsiSamplerError):
@@ -83,8 +78,8 @@ def model_plan_params(card: ModelCard, params: PlanParams) -> PlanParams:
 
 def output_columns(card: ModelCard) -> list[tuple[str, int, str]]:
     """(output name, column index, column name) of every table column: every column of every
-    output but the embedding (see :func:`embedding_output`)."""
-    emb = embedding_output(card)
+    output but the embedding (:attr:`ModelCard.embedding_output`, kept whole)."""
+    emb = card.embedding_output
     return [(o.name, i, col) for o in card.outputs if o is not emb
             for i, col in enumerate(o.column_names())]
 
@@ -179,7 +174,7 @@ class _Collected:
     def add(self, card: ModelCard, preds: Predictions) -> None:
         for name, i, col in output_columns(card):
             self.columns[col].append(preds[name][:, i])
-        emb = embedding_output(card)
+        emb = card.embedding_output
         if emb is not None:
             self.embeddings.append(preds[emb.name])
 
@@ -188,7 +183,7 @@ class _Collected:
                 for c, v in self.columns.items()}
 
     def features(self, card: ModelCard) -> npt.NDArray[np.float32] | None:
-        emb = embedding_output(card)
+        emb = card.embedding_output
         if emb is None:
             return None
         return (np.concatenate(self.embeddings) if self.embeddings
