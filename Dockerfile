@@ -25,7 +25,7 @@ COPY configs ./configs
 # The project itself is the one unpinned install: it is this source tree.
 # hadolint ignore=DL3013
 RUN pip install --no-cache-dir --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}" \
-    && pip install --no-cache-dir ".[dask]" \
+    && pip install --no-cache-dir ".[dask,remote]" \
     && useradd --create-home --uid 1000 wsi \
     && mkdir -p /slides /data \
     && chown wsi:wsi /data

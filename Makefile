@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # from timm architectures + safetensors weights, tested in CI) needs torchvision, and
 # PyPI's torchvision does not import beside the smaller 2.13.0 CPU build.
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
-EXTRAS := dev,timm,dask
+EXTRAS := dev,timm,dask,remote
 SLIDES_DIR := data/slides
 
 # Real counterparts whose dependencies clash with ours (the OpenAPI client generator,
@@ -20,15 +20,33 @@ define TOOL_VENV
 $(TOOLS_DIR)/$(1)/.installed-$(3):
 	rm -rf $(TOOLS_DIR)/$(1)
 	$(PYTHON) -m venv $(TOOLS_DIR)/$(1)
-	$(TOOLS_DIR)/$(1)/bin/pip install --quiet --disable-pip-version-check $(2)==$(3)
+	$(TOOLS_DIR)/$(1)/bin/pip install --quiet --disable-pip-version-check '$(2)==$(3)'
 	touch $$@
 TOOL_STAMPS += $(TOOLS_DIR)/$(1)/.installed-$(3)
 endef
 $(eval $(call TOOL_VENV,openapi,openapi-python-client,0.29.1))
 $(eval $(call TOOL_VENV,mlserver,mlserver,1.7.1))
 $(eval $(call TOOL_VENV,kserve,kserve,0.21.0))
+# An S3-compatible server for the s3:// slide tests (moto in server mode).
+MOTO := moto[server,s3]
+$(eval $(call TOOL_VENV,moto,$(MOTO),5.2.5))
 
-.PHONY: install test lint format run demo bench fuzz soak clean tools
+# Servers from Debian packages for the remote-slide tests: Orthanc with its DICOMweb and WSI
+# plugins (a PACS, and OrthancWSIDicomizer to convert slides into DICOM-WSI) and nginx (HTTP
+# Range). Installed when missing and apt-get can run (root); the tests skip, saying so,
+# where it cannot.
+SYSTEM_PACKAGES := orthanc orthanc-dicomweb orthanc-wsi nginx-light
+system-deps:
+	@if command -v Orthanc >/dev/null && command -v OrthancWSIDicomizer >/dev/null \
+	    && command -v nginx >/dev/null \
+	    && [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    apt-get update -q >/dev/null \
+	    && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+	        $(SYSTEM_PACKAGES) >/dev/null; \
+	else echo "system-deps: not root or no apt-get; Orthanc/nginx tests will skip"; fi
+
+.PHONY: install test lint format run demo bench fuzz soak clean tools system-deps
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -48,7 +66,7 @@ format: $(STAMP)
 
 tools: $(TOOL_STAMPS)
 
-test: lint tools
+test: lint tools system-deps
 	WSI_TOOLS_DIR=$(TOOLS_DIR) $(PY) -m pytest
 
 $(SLIDES_DIR)/demo.svs: | $(STAMP)

@@ -95,11 +95,12 @@ def create_app(
             await asyncio.to_thread(ensure_demo_slide, cfg)
         cfg.uploads_dir.mkdir(parents=True, exist_ok=True)
         registry = SlideRegistry([*cfg.slide_roots, cfg.uploads_dir],
-                                 refresh_s=cfg.slide_index_refresh_s)
+                                 refresh_s=cfg.slide_index_refresh_s,
+                                 remote_roots=cfg.remote_slide_roots)
         await asyncio.to_thread(registry.start)
         jobs_ = JobManager(cfg.data_dir, registry, lambda: app.state.services.worker,
                            workers=cfg.job_workers, batch_size=cfg.batch_size)
-        scrub = MessageScrubber([*registry.roots, cfg.data_dir])
+        scrub = MessageScrubber([*registry.roots, cfg.data_dir], registry.remote_roots)
         jobs_.scrub = scrub
         services = Services(cfg, registry, jobs_, Metrics(), scrub)
         jobs_.vlm_for = services.vlm_for

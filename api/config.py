@@ -28,6 +28,12 @@ class Settings(BaseSettings):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     slide_roots: list[Path] = Field(default_factory=lambda: [Path("data/slides")], min_length=1)
+    remote_slide_roots: list[str] = Field(
+        default_factory=list,
+        description="Slide roots on servers: s3://bucket/prefix/ (AWS_* environment, "
+                    "AWS_ENDPOINT_URL_S3 for MinIO/Ceph) and DICOMweb servers "
+                    "(dicomweb://host/dicom-web, dicomweb+http:// without TLS; "
+                    "WSI_DICOMWEB_* environment for credentials)")
     data_dir: Path = Path("data")
     demo_slide: bool = True
     model: str = "tissue-qc"
@@ -58,6 +64,19 @@ class Settings(BaseSettings):
     vlm_context_tokens: int = Field(131_072, ge=1)
     vlm_max_tokens: int = Field(1024, ge=1)
     malloc_arena_max: int = Field(4, ge=0, le=64, description="0 = glibc's default")
+
+    @field_validator("remote_slide_roots")
+    @classmethod
+    def _remote_roots(cls, roots: list[str]) -> list[str]:
+        from wsi_sampler.sources.location import parse_location
+
+        for root in roots:
+            where = parse_location(root)  # an unknown scheme or credentials: refused here
+            if not (where.kind == "s3" or (where.kind == "dicomweb" and not where.study)):
+                raise ValueError(
+                    f"{root}: a remote slide root is s3://bucket/prefix/ or a DICOMweb "
+                    "server URL (dicomweb://host/prefix, dicomweb+http://host/prefix)")
+        return roots
 
     @field_validator("worker_url", "vlm_url")
     @classmethod

@@ -17,6 +17,8 @@ from wsi_sampler.errors import (
     MissingMppError,
     ModelLoadError,
     SlideNotFoundError,
+    SlideStoreError,
+    SlideStoreUnavailableError,
     UnsupportedFormatError,
     WorkerError,
     WorkerUnavailableError,
@@ -64,6 +66,8 @@ STATUS: list[tuple[type[BaseException], int]] = [
     (InvalidRequestError, 422),
     (TooBusyError, 429),
     (WorkerUnavailableError, 503),
+    (SlideStoreUnavailableError, 503),
+    (SlideStoreError, 502),
     (WorkerNotReadyError, 503),
     (WorkerError, 502),
     (ModelLoadError, 503),
@@ -81,8 +85,9 @@ class MessageScrubber:
     """Removes the server's own folders from messages: a slide is named by its path
     relative to its root (as listed), never by where the server keeps it."""
 
-    def __init__(self, folders: list[Path]) -> None:
+    def __init__(self, folders: list[Path], urls: list[str] | None = None) -> None:
         names = {str(f) for f in folders} | {str(f.resolve()) for f in folders}
+        names |= {u.rstrip("/") for u in urls or []}  # remote roots: S3 prefix, PACS URL
         self._prefixes = sorted(names, key=len, reverse=True)
 
     def __call__(self, message: str) -> str:

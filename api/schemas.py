@@ -39,9 +39,20 @@ class ErrorBody(BaseModel):
 class SlideSummary(BaseModel):
     id: str = Field(description="Opaque, stable id.")
     name: str
-    path: str = Field(description="Path relative to its slide root.")
+    path: str = Field(description="Path relative to its slide root (a DICOMweb series: "
+                                  "studies/<study UID>/series/<series UID>).")
     format: str
-    size_bytes: int
+    size_bytes: int | None = Field(description="File size; null for a DICOMweb series.")
+    source: Literal["local", "s3", "dicomweb"] = Field(
+        "local", description="Where the slide lives: a local folder, an S3 prefix, or a "
+                             "DICOMweb server.")
+
+
+class RootError(BaseModel):
+    source: Literal["s3", "dicomweb"]
+    root: int = Field(description="Position of the root in remote_slide_roots (0-based).")
+    error: str = Field(description="Why its last listing failed; its slides are those of "
+                                   "the last listing that worked (none if none did).")
 
 
 class SlideList(BaseModel):
@@ -49,6 +60,8 @@ class SlideList(BaseModel):
     total: int
     offset: int
     limit: int
+    unavailable_roots: list[RootError] = Field(
+        default_factory=list, description="Remote roots whose last listing failed.")
 
 
 class SlideInfo(BaseModel):

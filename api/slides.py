@@ -5,9 +5,14 @@ request cannot name a file at all; it can only pick one the scan found. The scan
 follow symlinks out of a root (for a DICOM-WSI folder: none of its files), lists only
 regular files, and every open re-checks both.
 
+Remote roots (an S3 prefix, a DICOMweb server) are listed the same way and their slides
+opened by URL. Listing them is a network round trip (paged), so they are listed at start
+and by the background refresh only; a root whose server is down keeps its last listing
+(logged) and never hides the other roots.
+
 The index is built off the event loop and kept: a background thread refreshes it every
-``refresh_s`` seconds, a listing refreshes it when it is older than a second, and an
-upload adds to it. A request for an unknown id never scans.
+``refresh_s`` seconds, a listing refreshes the local roots when older than a second, and
+an upload adds to it. A request for an unknown id never scans.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from wsi_sampler.errors import (
     SlideNotFoundError,
     WsiSamplerError,
 )
+from wsi_sampler.sources.listing import list_remote_root
 
 __all__ = ["SlideEntry", "SlideRegistry", "UploadTooLargeError"]
 
@@ -42,14 +48,19 @@ class UploadTooLargeError(WsiSamplerError):
 @dataclass(frozen=True)
 class SlideEntry:
     id: str
-    path: Path
-    root: Path
+    location: str
+    """A local path, or the URL of a remote slide."""
+    root: str
     relpath: str
+    name: str
     format: str
-    size_bytes: int
+    size_bytes: int | None
+    path: Path | None = None
+    """The local file or DICOM folder (None for a remote slide)."""
+    local_root: Path | None = None
 
 
-def _slide_id(root: Path, rel: str) -> str:
+def _slide_id(root: Path | str, rel: str) -> str:
     return hashlib.sha256(f"{root}\0{rel}".encode()).hexdigest()[:24]
 
 
@@ -81,7 +92,12 @@ def servable(path: Path, root: Path) -> bool:
 class SlideRegistry:
     """Index of the slides under ``roots`` (resolved once), refreshed off the event loop."""
 
-    def __init__(self, roots: list[Path], *, refresh_s: float = 30.0) -> None:
+    def __init__(
+        self, roots: list[Path], *, refresh_s: float = 30.0, remote_roots: list[str] | None = None
+    ) -> None:
+        self.remote_roots = list(dict.fromkeys(remote_roots or []))
+        self._remote: dict[str, dict[str, SlideEntry]] = {r: {} for r in self.remote_roots}
+        self._remote_errors: dict[str, str] = {}
         self.roots: list[Path] = []
         for r in roots:
             r.mkdir(parents=True, exist_ok=True)
@@ -107,6 +123,8 @@ class SlideRegistry:
                     for task in discover(root).slides:  # the same discovery as batch scoring
                         self._add(found, root, task.path, task.format)
                 with self._lock:
+                    for remote in self._remote.values():
+                        found.update(remote)
                     self._index = found
                 self._scanned_at = time.monotonic()
         return self.entries()
@@ -117,7 +135,7 @@ class SlideRegistry:
             return self.scan()
         with self._lock:
             values = list(self._index.values())
-        return sorted(values, key=lambda e: (str(e.root), e.relpath))
+        return sorted(values, key=lambda e: (e.root, e.relpath))
 
     def listing(self) -> list[SlideEntry]:
         return self.entries(max_age_s=_LIST_MAX_AGE_S)
@@ -131,10 +149,38 @@ class SlideRegistry:
             return
         rel = path.relative_to(root).as_posix()
         sid = _slide_id(root, rel)
-        found[sid] = SlideEntry(sid, path, root, rel, fmt, size)
+        found[sid] = SlideEntry(sid, str(path), str(root), rel, path.name, fmt, size, path,
+                                root)
+
+    def scan_remote(self) -> None:
+        """List every remote root again; one that fails keeps its last listing."""
+        for root in self.remote_roots:
+            try:
+                listed = list_remote_root(root)
+            except WsiSamplerError as exc:
+                logger.warning("listing the remote slide root %s failed, keeping its last "
+                               "listing: %s", root, exc)
+                with self._lock:
+                    self._remote_errors[root] = str(exc)
+                continue
+            entries = {}
+            for slide in listed:
+                sid = _slide_id(root, slide.relpath)
+                entries[sid] = SlideEntry(sid, slide.location, root, slide.relpath, slide.name,
+                                          slide.format, slide.size_bytes)
+            with self._lock:
+                self._remote[root] = entries
+                self._remote_errors.pop(root, None)
+        self._scanned_at = 0.0  # the next listing merges them in
+
+    def root_errors(self) -> dict[str, str]:
+        """Remote root -> why its last listing failed (roots listed fine are absent)."""
+        with self._lock:
+            return dict(self._remote_errors)
 
     def start(self) -> None:
         """Scan now, then refresh in a background thread until :meth:`close`."""
+        self.scan_remote()
         self.scan()
         self._refresher = threading.Thread(target=self._refresh_loop, name="wsi-slide-index",
                                            daemon=True)
@@ -143,6 +189,7 @@ class SlideRegistry:
     def _refresh_loop(self) -> None:
         while not self._stop.wait(self._refresh_s):
             try:
+                self.scan_remote()
                 self.scan()
             except Exception:  # a root that vanished for a moment must not stop the refresh
                 logger.exception("refreshing the slide index failed")
@@ -157,12 +204,15 @@ class SlideRegistry:
         """The indexed slide, re-checked on disk; unknown ids are 404 at once (no scan)."""
         with self._lock:
             entry = self._index.get(slide_id) if _ID.match(slide_id) else None
-        if entry is None or not servable(entry.path, entry.root):
+        if entry is None or (entry.path is not None and entry.local_root is not None
+                             and not servable(entry.path, entry.local_root)):
             raise SlideNotFoundError(f"unknown slide id {slide_id!r}")
         return entry
 
     def open(self, slide_id: str, *, mpp_override: float | None = None) -> Slide:
         entry = self.get(slide_id)
+        if entry.path is None:
+            return open_slide(entry.location, mpp_override=mpp_override)
         return open_slide(entry.path.resolve(), mpp_override=mpp_override)
 
     def add_upload(self, root: Path, path: Path) -> SlideEntry:

@@ -93,7 +93,7 @@ def test_compose_services_use_real_commands_and_configs() -> None:
     assert shutil.which("dask") or (Path(sys.executable).parent / "dask").exists()
 
 
-@pytest.mark.parametrize("name", ["default", "cpu", "gpu", "remote-worker"])
+@pytest.mark.parametrize("name", ["default", "cpu", "gpu", "remote-worker", "remote-slides"])
 def test_example_configs_are_valid_settings(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     from api.config import load_settings
 

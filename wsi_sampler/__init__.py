@@ -11,6 +11,8 @@ from .errors import (
     InvalidRequestError,
     MissingMppError,
     SlideNotFoundError,
+    SlideStoreError,
+    SlideStoreUnavailableError,
     UnsupportedFormatError,
     WsiSamplerError,
 )
@@ -46,6 +48,8 @@ __all__ = [
     "RemoteWorker",
     "Slide",
     "SlideNotFoundError",
+    "SlideStoreError",
+    "SlideStoreUnavailableError",
     "TissueMask",
     "TissueParams",
     "UnsupportedFormatError",

@@ -11,7 +11,7 @@ import threading
 import warnings
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 import numpy as np
 
@@ -23,7 +23,7 @@ from .errors import (
 )
 from .types import Backend, RGBImage
 
-__all__ = ["Reader", "open_reader"]
+__all__ = ["Reader", "open_reader", "open_tiff_reader", "to_rgb"]
 
 # A damaged file makes the backends fail in every way Python can (struct.error for a 4-byte
 # file, ZeroDivisionError for ImageWidth=0, TypeError for flipped IFD bytes, IndexError,
@@ -62,7 +62,7 @@ def _translated(path: str, what: str) -> Iterator[None]:
         ) from exc
 
 
-def _to_rgb(arr: Any) -> RGBImage:
+def to_rgb(arr: Any) -> RGBImage:
     """Return an (H, W, 3) uint8 array; transparent pixels are composited on white."""
     a = np.asarray(arr)
     if a.ndim == 2:
@@ -105,11 +105,11 @@ class _OpenSlideReader(_Attrs):
     def read(self, x0: int, y0: int, level: int, width: int, height: int) -> RGBImage:
         with _translated(self._path, "reading a region"):
             region = self._os.read_region((x0, y0), level, (width, height))
-            return _to_rgb(region)
+            return to_rgb(region)
 
     def associated(self, name: str) -> RGBImage:
         with _translated(self._path, f"reading the {name} image"):
-            return _to_rgb(self._os.associated_images[name])
+            return to_rgb(self._os.associated_images[name])
 
     def tiff_resolution(self) -> tuple[float, float, str] | None:
         p = self.properties
@@ -126,12 +126,13 @@ class _OpenSlideReader(_Attrs):
 class _TiffSlideReader(_Attrs):
     backend: Backend = "tiffslide"
 
-    def __init__(self, path: str) -> None:
+    def __init__(self, path: str, fh: BinaryIO | None = None) -> None:
         import tiffslide
 
         self._path = path
-        # Own the file handle: tiffslide leaks its own when opening fails.
-        self._fh = open(path, "rb")  # noqa: SIM115 - closed in close() or below
+        # Own the file handle: tiffslide leaks its own when opening fails. A remote slide
+        # comes as a file object over ranged reads.
+        self._fh = fh if fh is not None else open(path, "rb")  # noqa: SIM115 - closed below
         try:
             self._load(tiffslide)
         except BaseException:
@@ -158,11 +159,11 @@ class _TiffSlideReader(_Attrs):
     def read(self, x0: int, y0: int, level: int, width: int, height: int) -> RGBImage:
         with _translated(self._path, "reading a region"), self._lock:
             arr = self._ts.read_region((x0, y0), level, (width, height), as_array=True)
-            return _to_rgb(arr)
+            return to_rgb(arr)
 
     def associated(self, name: str) -> RGBImage:
         with _translated(self._path, f"reading the {name} image"), self._lock:
-            return _to_rgb(self._ts.associated_images[name])
+            return to_rgb(self._ts.associated_images[name])
 
     def tiff_resolution(self) -> tuple[float, float, str] | None:
         """(x, y, unit) from the first page's resolution tags; None if absent or unusable."""
@@ -195,11 +196,11 @@ def _open_openslide(path: str) -> Reader:
         ) from exc
 
 
-def _open_tiffslide(path: str) -> Reader:
+def _open_tiffslide(path: str, fh: BinaryIO | None = None) -> Reader:
     import tifffile
 
     try:
-        return _TiffSlideReader(path)
+        return _TiffSlideReader(path, fh)
     except tifffile.TiffFileError as exc:
         raise UnsupportedFormatError(
             f"{path}: not a TIFF-based slide ({describe_backend_error(exc)})"
@@ -211,6 +212,11 @@ def _open_tiffslide(path: str) -> Reader:
             f"{path}: the file is damaged or truncated; tiffslide could not open it "
             f"({describe_backend_error(exc)})"
         ) from exc
+
+
+def open_tiff_reader(name: str, fh: BinaryIO) -> Reader:
+    """Open a TIFF-based slide (SVS, generic pyramidal TIFF) from a seekable file object."""
+    return _open_tiffslide(name, fh)
 
 
 def open_reader(path: Path, backend: str) -> Reader:

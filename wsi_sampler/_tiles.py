@@ -15,22 +15,27 @@ import logging
 import os
 import threading
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Protocol
 
 import cv2
 import numpy as np
 import numpy.typing as npt
 
-from .errors import CorruptSlideError, InvalidRequestError, describe_backend_error
+from .errors import (
+    CorruptSlideError,
+    InvalidRequestError,
+    WsiSamplerError,
+    describe_backend_error,
+)
 from .types import RGBImage
 
 __all__ = [
-    "TileCache",
-    "resize_area", "TileKey", "TileLevel", "TileSource", "default_threads"]
+    "PreadFetch", "TileCache", "TileFetch", "TileKey", "TileLevel", "TileSource",
+    "default_threads", "resize_area", "tiff_tile_levels", "tile_range"]
 
 _JPEG = 7
 _BACKGROUND = 255
@@ -39,6 +44,10 @@ _BACKGROUND = 255
 _MAX_TILE_SIDE_PX = 16_384
 _MAX_TILE_BYTES = 256 << 20
 _MAX_REGION_PX = 1 << 28
+# Remote sources: tiles fetched per request, requests in flight, tiles held ahead at most.
+_FETCH_BATCH = 16
+_IO_THREADS = 8
+_MAX_AHEAD = 4096
 
 logger = logging.getLogger(__name__)
 
@@ -116,6 +125,33 @@ def _level_from_page(page: Any) -> TileLevel | None:
     )
 
 
+def tiff_tile_levels(
+    file: Path | BinaryIO, name: str, level_dimensions: tuple[tuple[int, int], ...]
+) -> dict[int, TileLevel]:
+    """The slide levels whose pages of this TIFF the tile path can serve (maybe none)."""
+    import tifffile
+
+    found: dict[int, TileLevel] = {}
+    try:
+        with tifffile.TiffFile(file) as tif:
+            if tif.is_ndpi:
+                return {}  # NDPI "tiles" are JPEG restart intervals, not TIFF tiles
+            pages = _candidate_pages(tif)
+            for index, (w, h) in enumerate(level_dimensions):
+                for page in pages:
+                    if (page.imagewidth, page.imagelength) == (w, h):
+                        level = _level_from_page(page)
+                        if level is not None:
+                            found[index] = level
+                        break
+    except WsiSamplerError:
+        raise  # a remote store that failed while we read the header
+    except Exception as exc:  # any parse failure: the backend path reads (or reports) it
+        logger.debug("no direct tile access to %s: %s", name, describe_backend_error(exc))
+        return {}
+    return found
+
+
 def _candidate_pages(tif: Any) -> list[Any]:
     pages = []
     for series in tif.series:
@@ -125,62 +161,142 @@ def _candidate_pages(tif: Any) -> list[Any]:
     return pages
 
 
+class TileFetch(Protocol):
+    """Where a tile source gets the stored bytes of its tiles."""
+
+    remote: bool
+    """True when every fetch is a network round trip (tiles are then fetched ahead, in
+    batches, see :meth:`TileSource.prefetch`)."""
+
+    def fetch(self, level: int, lv: TileLevel, indices: Sequence[int]) -> list[bytes]:
+        """The stored bytes of tiles ``indices`` of level ``level`` (``b""``: sparse tile)."""
+        ...
+
+    def close(self) -> None: ...
+
+
+class PreadFetch:
+    """Tiles of a local file, read with ``os.pread`` (releases the GIL; no shared offset)."""
+
+    remote = False
+
+    def __init__(self, path: Path) -> None:
+        self._fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        self._file_size = os.fstat(self._fd).st_size
+
+    def fetch(self, level: int, lv: TileLevel, indices: Sequence[int]) -> list[bytes]:
+        out = []
+        for index in indices:
+            offset, count = tile_range(lv, index, self._file_size)
+            data = os.pread(self._fd, count, offset) if count else b""
+            if len(data) < count:
+                raise ValueError(f"short read: {len(data)} of {count} bytes")
+            out.append(data)
+        return out
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def tile_range(lv: TileLevel, index: int, file_size: int) -> tuple[int, int]:
+    """(offset, byte count) of a stored tile, checked against the file size."""
+    offset, count = int(lv.offsets[index]), int(lv.bytecounts[index])
+    if count == 0:  # sparse tile: nothing was scanned there
+        return 0, 0
+    if offset < 0 or count < 0 or count > _MAX_TILE_BYTES or offset + count > file_size:
+        raise ValueError(f"tile bytes {offset}+{count} lie outside the file")
+    return offset, count
+
+
 class TileSource:
     """The stored tiles of a slide's pyramid levels, read without the slide backend."""
 
-    def __init__(self, path: Path, levels: dict[int, TileLevel]) -> None:
-        self.path = path
+    def __init__(self, name: str, levels: dict[int, TileLevel], fetch: TileFetch) -> None:
+        self.name = name
         self.levels = levels
-        self._fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-        self._file_size = os.fstat(self._fd).st_size
+        self._fetch = fetch
+        self._lock = threading.Lock()
+        self._ahead: dict[tuple[int, int], Future[bytes]] = {}
+        self._io_pool: ThreadPoolExecutor | None = None
+
+    @property
+    def remote(self) -> bool:
+        return self._fetch.remote
 
     @classmethod
     def open(
         cls, path: Path, level_dimensions: tuple[tuple[int, int], ...]
     ) -> TileSource | None:
-        """Map each slide level to stored tiles; None when no level can be served."""
-        import tifffile
-
-        try:
-            with tifffile.TiffFile(path) as tif:
-                if tif.is_ndpi:
-                    return None  # NDPI "tiles" are JPEG restart intervals, not TIFF tiles
-                found: dict[int, TileLevel] = {}
-                pages = _candidate_pages(tif)
-                for index, (w, h) in enumerate(level_dimensions):
-                    for page in pages:
-                        if (page.imagewidth, page.imagelength) == (w, h):
-                            level = _level_from_page(page)
-                            if level is not None:
-                                found[index] = level
-                            break
-        except Exception as exc:  # any parse failure: the backend path reads (or reports) it
-            logger.debug("no direct tile access to %s: %s", path, describe_backend_error(exc))
-            return None
-        return cls(path, found) if found else None
+        """Map each level of a local TIFF-based slide to stored tiles; None if none can be."""
+        levels = tiff_tile_levels(path, str(path), level_dimensions)
+        return cls(str(path), levels, PreadFetch(path)) if levels else None
 
     def read_tile(self, level: int, tx: int, ty: int, out: RGBImage | None = None) -> RGBImage:
         """Decode tile (tx, ty) of ``level`` into a (tile_h, tile_w, 3) array (or ``out``)."""
         lv = self.levels[level]
         index = ty * lv.tiles_across + tx
-        offset, count = int(lv.offsets[index]), int(lv.bytecounts[index])
-        if count == 0:  # sparse tile: nothing was scanned there
-            tile = out if out is not None else np.empty((lv.tile_h, lv.tile_w, 3), np.uint8)
-            tile[:] = _BACKGROUND
-            return tile
         try:
-            if offset < 0 or count < 0 or count > _MAX_TILE_BYTES \
-                    or offset + count > self._file_size:
-                raise ValueError(f"tile bytes {offset}+{count} lie outside the file")
-            data = os.pread(self._fd, count, offset)
-            if len(data) < count:
-                raise ValueError(f"short read: {len(data)} of {count} bytes")
+            data = self._tile_bytes(level, lv, index)
+            if not data:  # sparse tile: nothing was scanned there
+                tile = out if out is not None else np.empty((lv.tile_h, lv.tile_w, 3), np.uint8)
+                tile[:] = _BACKGROUND
+                return tile
             return self._decode(lv, data, index, out)
+        except WsiSamplerError:
+            raise  # the store failed (network, credentials): not a damaged slide
         except Exception as exc:  # a codec failure or a bad offset means damaged tile data
             raise CorruptSlideError(
-                f"{self.path}: the file looks damaged or truncated: tile {tx},{ty} of level "
+                f"{self.name}: the file looks damaged or truncated: tile {tx},{ty} of level "
                 f"{level} could not be decoded ({describe_backend_error(exc)})"
             ) from exc
+
+    def _tile_bytes(self, level: int, lv: TileLevel, index: int) -> bytes:
+        with self._lock:
+            ahead = self._ahead.pop((level, index), None)
+        if ahead is not None:
+            return ahead.result()
+        return self._fetch.fetch(level, lv, [index])[0]
+
+    def prefetch(self, level: int, keys: Iterable[TileKey]) -> None:
+        """Fetch the bytes of these tiles ahead, in batched requests, in parallel.
+
+        Only for remote sources (a no-op for local files). Each tile's bytes are kept until
+        :meth:`read_tile` takes them, at most ``_MAX_AHEAD`` tiles.
+        """
+        if not self._fetch.remote:
+            return
+        lv = self.levels[level]
+        with self._lock:
+            room = _MAX_AHEAD - len(self._ahead)
+            wanted: list[tuple[int, Future[bytes]]] = []
+            for tx, ty in keys:
+                index = ty * lv.tiles_across + tx
+                if (level, index) not in self._ahead and len(wanted) < room:
+                    fut: Future[bytes] = Future()
+                    self._ahead[(level, index)] = fut
+                    wanted.append((index, fut))
+            if self._io_pool is None and wanted:
+                self._io_pool = ThreadPoolExecutor(_IO_THREADS, thread_name_prefix="wsi-fetch")
+            pool = self._io_pool
+        for start in range(0, len(wanted), _FETCH_BATCH):
+            assert pool is not None
+            pool.submit(self._fetch_ahead, level, lv, wanted[start : start + _FETCH_BATCH])
+
+    def _fetch_ahead(
+        self, level: int, lv: TileLevel, wanted: list[tuple[int, Future[bytes]]]
+    ) -> None:
+        try:
+            datas = self._fetch.fetch(level, lv, [index for index, _ in wanted])
+        except BaseException as exc:
+            for _, fut in wanted:
+                if fut.set_running_or_notify_cancel():
+                    fut.set_exception(exc)
+            return
+        for (_, fut), data in zip(wanted, datas, strict=True):
+            if fut.set_running_or_notify_cancel():
+                fut.set_result(data)
 
     @staticmethod
     def _decode(lv: TileLevel, data: bytes, index: int, out: RGBImage | None) -> RGBImage:
@@ -254,15 +370,21 @@ class TileSource:
         if w <= 0 or h <= 0 or w * h > _MAX_REGION_PX:
             raise InvalidRequestError(f"region size {w}x{h} is not readable")
         keys = self.tiles_for_box(level, lx, ly, w, h)
+        self.prefetch(level, keys)
         tiles = dict(zip(keys, pool.map(lambda k: self.read_tile(level, *k), keys), strict=True))
         region = np.empty((h, w, 3), np.uint8)
         self.read_box(level, lx, ly, region, tiles.__getitem__)
         return resize_area(region, out_size)
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        with self._lock:
+            pool, self._io_pool = self._io_pool, None
+            for fut in self._ahead.values():
+                fut.cancel()  # nobody waits on these any more
+            self._ahead.clear()
+        if pool is not None:
+            pool.shutdown(wait=True, cancel_futures=True)
+        self._fetch.close()
 
 
 def resize_area(region: RGBImage, out_size: tuple[int, int], out: RGBImage | None = None

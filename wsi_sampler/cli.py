@@ -83,7 +83,7 @@ app = typer.Typer(
 EXIT_USER_ERROR = 2
 
 
-def _open(slide: Path, backend: BackendOpt, mpp_override: float | None) -> Slide:
+def _open(slide: str, backend: BackendOpt, mpp_override: float | None) -> Slide:
     return open_slide(slide, backend=backend.value, mpp_override=mpp_override)
 
 
@@ -153,7 +153,7 @@ def tissue(
     if geojson is not None:
         write_tissue_geojson(geojson, tm.mask, tm.scale)
     log.info("tissue: %.1f %% of %s at %.2f µm/px -> %s",
-             100 * tm.mask.mean(), slide.name, tm.mpp, out)
+             100 * tm.mask.mean(), s.name, tm.mpp, out)
 
 
 @app.command()
@@ -308,7 +308,7 @@ def main() -> None:
     """Console entry point: run the app, turning user mistakes into one-line errors."""
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     # tifffile logs every damaged structure it meets; the translated error says it once.
-    for noisy in ("tifffile", "asyncio", "zarr", "fsspec"):
+    for noisy in ("tifffile", "asyncio", "zarr", "fsspec", "pydicom", "wsidicom"):
         logging.getLogger(noisy).setLevel(logging.CRITICAL)
     # httpx logs every request at INFO (a remote worker: one line per batch).
     logging.getLogger("httpx").setLevel(logging.WARNING)

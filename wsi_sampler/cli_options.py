@@ -40,7 +40,9 @@ class ImageFormat(str, Enum):
     jpeg = "jpeg"
 
 
-SlideArg = Annotated[Path, typer.Argument(help="Slide file (or DICOM-WSI folder).")]
+SlideArg = Annotated[str, typer.Argument(
+    help="Slide file, DICOM-WSI folder, or URL: https://…, s3://bucket/key, "
+         "dicomweb://host/…/studies/<uid>/series/<uid> (see the README).")]
 BackendO = Annotated[BackendOpt, typer.Option(help="Reader backend.")]
 MppOverrideO = Annotated[
     float | None, typer.Option(help="Level-0 µm/px to use when the slide has no MPP metadata.")

@@ -14,6 +14,7 @@ from typing import Annotated
 import typer
 
 from ._io import atomic_write_text
+from .cli_options import SlideArg
 from .errors import InvalidRequestError
 from .plan import PlanParams, medgemma_params
 from .report import prepare_bag, report_events
@@ -61,7 +62,7 @@ def bag_params(seed: int, magnification: float | None, n_patches: int | None,
 
 
 def describe(
-    slide: Annotated[Path, typer.Argument(help="Slide file (or DICOM-WSI folder).")],
+    slide: SlideArg,
     vlm_url: VlmUrlO = None,
     prompt: PromptO = None,
     vlm_model: VlmModelO = DEFAULT_MODEL,
@@ -111,7 +112,7 @@ def _show(event: dict[str, object], out: Path | None) -> None:
             log.info("report -> %s", out)
 
 
-def write_messages(path: Path, slide: Path, params: PlanParams, *, model: str, prompt: str,
+def write_messages(path: Path, slide: str, params: PlanParams, *, model: str, prompt: str,
                    image_format: str = "jpeg", mpp_override: float | None = None) -> None:
     """Write a ready-to-send ``/v1/chat/completions`` body for the slide's bag."""
     from .report import bag_request_body

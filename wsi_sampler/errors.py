@@ -17,6 +17,8 @@ __all__ = [
     "ModelLoadError",
     "ModelNotFoundError",
     "SlideNotFoundError",
+    "SlideStoreError",
+    "SlideStoreUnavailableError",
     "UnsupportedFormatError",
     "WorkerError",
     "WorkerUnavailableError",
@@ -44,6 +46,22 @@ class WsiSamplerError(Exception):
 
 class SlideNotFoundError(WsiSamplerError, FileNotFoundError):
     """The slide path does not exist (or is not a readable file or DICOM folder)."""
+
+
+class SlideStoreError(WsiSamplerError, OSError):
+    """A remote slide store (HTTP server, S3, DICOMweb PACS) refused or failed a request.
+
+    Not the caller's mistake: the store rejected the configured credentials, or answered
+    with an error. ``status`` is the store's HTTP status where there was one.
+    """
+
+    def __init__(self, message: str, *, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class SlideStoreUnavailableError(SlideStoreError, ConnectionError):
+    """A remote slide store could not be reached (refused, timed out, connection lost)."""
 
 
 class UnsupportedFormatError(WsiSamplerError, ValueError):

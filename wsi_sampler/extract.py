@@ -134,6 +134,7 @@ class Extractor:
         self._ly = np.floor(plan.y0 / ds).astype(np.int64)
         self._region_wh = (max(1, round(plan.width0 / ds)), max(1, round(plan.height0 / ds)))
         self._tiles = self._tile_reader(mode, tile_cache_mb)
+        self._fetched_ahead: set[TileKey] = set()
         self._buffers = threading.local()
 
     def _tile_reader(self, mode: ExtractMode, cache_mb: float) -> _TileReader | None:
@@ -143,7 +144,7 @@ class Extractor:
         if source is None or self.plan.level not in source.levels:
             if mode == "tiles":
                 raise InvalidRequestError(
-                    f"{self.slide.path}: level {self.plan.level} has no stored tiles the fast "
+                    f"{self.slide.location}: level {self.plan.level} has no stored tiles the fast "
                     "path can decode; use mode='auto' or 'reference'"
                 )
             return None
@@ -215,6 +216,8 @@ class Extractor:
         bounds: tuple[int, int],
     ) -> tuple[PatchBatch, list[Future[None]]]:
         idx = np.arange(*bounds, dtype=np.int64)
+        if self._tiles is not None and self._tiles.source.remote:
+            self._fetch_ahead(idx)
         size = self.plan.patch_size_px
         images = np.empty((len(idx), size, size, 3), np.uint8)
         futures = [
@@ -222,6 +225,19 @@ class Extractor:
             for slot, i in enumerate(idx)
         ]
         return PatchBatch(images, idx, self.plan.x0[idx], self.plan.y0[idx]), futures
+
+    def _fetch_ahead(self, idx: npt.NDArray[np.int64]) -> None:
+        """Remote slides: ask for every tile of these patches at once, so they arrive in
+        batched, parallel requests instead of one round trip per tile."""
+        assert self._tiles is not None
+        source, level, (rw, rh) = self._tiles.source, self.plan.level, self._region_wh
+        keys = []
+        for i in idx.tolist():
+            for key in source.tiles_for_box(level, int(self._lx[i]), int(self._ly[i]), rw, rh):
+                if key not in self._fetched_ahead:
+                    self._fetched_ahead.add(key)
+                    keys.append(key)
+        source.prefetch(level, keys)
 
     def iter_batches(self) -> Generator[PatchBatch, None, None]:
         """Yield batches in plan order; stopping early cancels the reads ahead."""

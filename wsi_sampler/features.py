@@ -54,7 +54,7 @@ def coords_attrs(plan: PatchPlan, slide: Slide) -> dict[str, Any]:
         # CLAM (create_patches_fp.py / Whole_Slide_Bag_FP)
         "patch_size": size_at_level, "patch_level": plan.level,
         "downsample": np.array([plan.downsample, plan.downsample]),
-        "downsampled_level_dim": level_dim, "level_dim": level_dim, "name": slide.path.stem,
+        "downsampled_level_dim": level_dim, "level_dim": level_dim, "name": slide.stem,
         # TRIDENT (IO.coords_to_h5 / read_coords)
         "patch_size_level0": plan.width0, "level0_magnification": _magnification(mag0),
         "target_magnification": _magnification(mag0 / plan.downsample),
@@ -94,14 +94,14 @@ def write_features_h5(
     arr = _checked_features(features, plan, dtype)
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         feats = f.create_dataset("features", data=arr)
-        feats.attrs["name"] = slide.path.stem
+        feats.attrs["name"] = slide.stem
         feats.attrs["encoder"] = card.name
         write_coords_dataset(f, plan, slide)
         f.attrs["encoder"] = card.name
         f.attrs["encoder_version"] = card.version
         f.attrs["card"] = card.model_dump_json()
         f.attrs["pooling"] = card.pooling
-        f.attrs["slide"] = slide.path.name
+        f.attrs["slide"] = slide.name
         f.attrs["slide_fingerprint"] = slide.fingerprint
         f.attrs["strategy"] = plan.strategy
 

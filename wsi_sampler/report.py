@@ -33,7 +33,7 @@ def plan_bag(slide: Slide, params: PlanParams) -> PatchPlan:
         raise InvalidRequestError("reports send the MedGemma bag: use strategy 'medgemma'")
     plan = make_plan(slide, params)
     if not len(plan):
-        raise EmptyPlanError(f"{slide.path.name}: {plan.why_empty()}")
+        raise EmptyPlanError(f"{slide.name}: {plan.why_empty()}")
     return plan
 
 
@@ -100,7 +100,7 @@ def describe_slide(slide: Slide, params: PlanParams, vlm: VlmWorker, prompt: str
             bag = event
         elif event["type"] == "report":
             report = event
-    return {"slide": slide.path.name, "fingerprint": slide.fingerprint,
+    return {"slide": slide.name, "fingerprint": slide.fingerprint,
             "model": report["model"], "prompt": prompt, "text": report["text"],
             "finish_reason": report["finish_reason"], "usage": report["usage"],
             "timings_s": report["timings_s"], "params": params.to_dict(),

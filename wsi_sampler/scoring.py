@@ -215,7 +215,7 @@ def score_slide(
             progress(done, len(plan))
     total = time.perf_counter() - t0
     summary = agg.summary() | {
-        "slide": slide.path.name, "fingerprint": slide.fingerprint, "model": worker.card.name,
+        "slide": slide.name, "fingerprint": slide.fingerprint, "model": worker.card.name,
         "model_version": worker.card.version, "strategy": plan.strategy,
         "n_candidates": plan.n_candidates, "seconds": round(total, 3),
         "timings_s": {"plan": round(t_plan, 3), "total": round(total, 3)},

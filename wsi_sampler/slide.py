@@ -10,7 +10,6 @@ threads at once. openslide is thread-safe itself; tiffslide reads are serialised
 
 from __future__ import annotations
 
-import hashlib
 import math
 import os
 import stat
@@ -30,6 +29,8 @@ from .errors import (
     SlideNotFoundError,
     UnsupportedFormatError,
 )
+from .sources.location import parse_location
+from .sources.origin import LocalOrigin, SlideOrigin
 from .types import Backend, BackendChoice, RGBImage
 from .units import SLIDE_MPP_RANGE, check_mpp
 
@@ -37,7 +38,6 @@ __all__ = ["Slide", "open_slide"]
 
 # No scanner makes a side longer than this (a 75 mm slide at 0.1 µm/px is 750,000 px).
 _MAX_SIDE_PX = 2_000_000
-_FINGERPRINT_BYTES = 1 << 20
 # Output rows resampled per read when building thumbnails; bounds memory on huge levels.
 _THUMB_BAND_PX = 512
 # Source pixels decoded per thumbnail band (memory) and per thumbnail (time, ~5 s here):
@@ -114,7 +114,7 @@ def _float_prop(props: dict[str, str], *keys: str) -> float | None:
     return None
 
 
-def _check_geometry(path: Path, reader: Reader) -> None:
+def _check_geometry(path: str, reader: Reader) -> None:
     """Refuse level sizes and downsamples no real slide has (they would break every read)."""
     dims, downsamples = reader.level_dimensions, reader.level_downsamples
     if not dims or len(dims) != len(downsamples) or dims[0] != reader.dimensions:
@@ -130,14 +130,21 @@ class Slide:
     """An open whole-slide image. Use :func:`open_slide` to get one."""
 
     def __init__(
-        self, path: Path, reader: Reader, *, mpp_override: float | None = None
+        self, origin: SlideOrigin, reader: Reader, *, mpp_override: float | None = None
     ) -> None:
-        self.path = path
+        self._origin = origin
+        self.path: Path | None = origin.path
+        """The local file, or None for a slide on a server (see ``location``)."""
+        self.location = origin.location
+        """The local path or the URL the slide was opened from."""
+        self.name = origin.name
+        """The file name (a DICOMweb series: its series UID)."""
         self._reader = reader
         try:
-            _check_geometry(path, reader)
+            _check_geometry(self.location, reader)
         except CorruptSlideError:
             reader.close()
+            origin.close()
             raise
         props = dict(reader.properties)
         self.properties: dict[str, str] = props
@@ -187,7 +194,7 @@ class Slide:
     def require_mpp(self) -> tuple[float, float]:
         """Return level-0 (mpp_x, mpp_y) in µm/px, or raise :class:`MissingMppError`."""
         if self.mpp is None:
-            raise MissingMppError(str(self.path))
+            raise MissingMppError(self.location)
         return self.mpp
 
     def best_level_for_downsample(self, downsample: float) -> int:
@@ -274,9 +281,9 @@ class Slide:
         limit = _THUMB_SOURCE_PX_TILES if tiled else _THUMB_SOURCE_PX_BACKEND
         if lw * lh > limit:
             raise InvalidRequestError(
-                f"{self.path}: no pyramid level close to the asked resolution; a {out_w}x{out_h}"
-                f" px image would decode {lw * lh / 1e6:,.0f} Mpx of level {level} (limit "
-                f"{limit / 1e6:,.0f} Mpx)"
+                f"{self.location}: no pyramid level close to the asked resolution; a "
+                f"{out_w}x{out_h} px image would decode {lw * lh / 1e6:,.0f} Mpx of level "
+                f"{level} (limit {limit / 1e6:,.0f} Mpx)"
             )
         # Output rows per band, so that one band decodes at most _THUMB_BAND_SOURCE_PX.
         band_px = max(1, min(_THUMB_BAND_PX, _THUMB_BAND_SOURCE_PX * out_h // (lw * lh)))
@@ -299,7 +306,7 @@ class Slide:
         """Return an associated image (``thumbnail``, ``label``, ``macro``...) as RGB."""
         if name not in self.associated_image_names:
             raise InvalidRequestError(
-                f"{self.path}: no associated image {name!r} "
+                f"{self.location}: no associated image {name!r} "
                 f"(available: {', '.join(self.associated_image_names) or 'none'})"
             )
         return self._reader.associated(name)
@@ -309,26 +316,33 @@ class Slide:
         with self._tiles_lock:
             if not self._tiles_probed:
                 self._tiles_probed = True
-                self._tiles = TileSource.open(self.path, self.level_dimensions)
+                self._tiles = self._origin.open_tiles(self.level_dimensions)
             return self._tiles
 
     # -- identity ---------------------------------------------------------------------------
     @property
     def fingerprint(self) -> str:
-        """``sha256:<hex>`` over the file size and its first MiB: cheap and stable."""
+        """``sha256:<hex>`` over the file size and its first MiB (the same for a file read
+        locally or over HTTP/S3); a DICOMweb series: over its study, series and instance
+        UIDs."""
         if self._fingerprint is None:
-            digest = hashlib.sha256()
-            size = self.path.stat().st_size
-            digest.update(str(size).encode())
-            with self.path.open("rb") as fh:
-                digest.update(fh.read(_FINGERPRINT_BYTES))
-            self._fingerprint = f"sha256:{digest.hexdigest()}"
+            self._fingerprint = self._origin.fingerprint()
         return self._fingerprint
+
+    @property
+    def stem(self) -> str:
+        """The name without its extension (CLAM/TRIDENT use it as the slide id)."""
+        # A DICOM series is named by its UID, whose dots are not an extension.
+        return self.name if self.backend == "wsidicom" else Path(self.name).stem
+
+    def io_stats(self) -> dict[str, int] | None:
+        """Requests made and bytes fetched so far (a remote slide), or None (a local one)."""
+        return self._origin.io_stats()
 
     def info(self) -> dict[str, object]:
         """A JSON-ready summary of the slide."""
         return {
-            "path": str(self.path),
+            "path": self.location,
             "backend": self.backend,
             "vendor": self.vendor,
             "width": self.dimensions[0],
@@ -355,6 +369,7 @@ class Slide:
                 self._tiles = None
             self._tiles_probed = True
         self._reader.close()
+        self._origin.close()
 
     def __enter__(self) -> Slide:
         return self
@@ -369,25 +384,42 @@ class Slide:
 
     def __repr__(self) -> str:
         w, h = self.dimensions
-        return f"Slide({str(self.path)!r}, backend={self.backend!r}, {w}x{h}, mpp={self.mpp})"
+        return f"Slide({self.location!r}, backend={self.backend!r}, {w}x{h}, mpp={self.mpp})"
 
 
 def open_slide(
-    path: str | os.PathLike[str],
+    location: str | os.PathLike[str],
     *,
     backend: BackendChoice = "auto",
     mpp_override: float | None = None,
 ) -> Slide:
-    """Open a whole-slide image.
+    """Open a whole-slide image from a local path or a URL (see
+    :mod:`wsi_sampler.sources.location`: ``https://``, ``s3://``, ``dicomweb://``).
 
     ``backend="auto"`` tries openslide first and falls back to tiffslide for TIFFs
     openslide refuses (plain or generic TIFF, QPTIFF). A DICOM-WSI folder or any of its
-    files opens through openslide. ``mpp_override`` (µm/px) replaces the slide's own MPP.
+    files opens through openslide. Remote TIFF-based slides open with tiffslide, DICOMweb
+    series with wsidicom. ``mpp_override`` (µm/px) replaces the slide's own MPP.
     """
     if backend not in ("auto", "openslide", "tiffslide"):
         raise InvalidRequestError(f"unknown backend {backend!r} (auto, openslide, tiffslide)")
     if mpp_override is not None:
         check_mpp("mpp_override", mpp_override, SLIDE_MPP_RANGE)
-    resolved = _resolve_path(path)
-    reader = open_reader(resolved, backend)
-    return Slide(resolved, reader, mpp_override=mpp_override)
+    where = parse_location(location)
+    origin: SlideOrigin
+    if where.kind == "file":
+        resolved = _resolve_path(where.url)
+        reader = open_reader(resolved, backend)
+        origin = LocalOrigin(resolved)
+    elif backend == "openslide":
+        raise InvalidRequestError(
+            f"{where.url}: openslide reads local files only; use backend 'auto'")
+    elif where.kind == "dicomweb":
+        from .sources.dicomweb import open_dicomweb
+
+        origin, reader = open_dicomweb(where)
+    else:
+        from .sources.remote_tiff import open_remote_tiff
+
+        origin, reader = open_remote_tiff(where)
+    return Slide(origin, reader, mpp_override=mpp_override)

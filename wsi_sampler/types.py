@@ -9,7 +9,7 @@ import numpy.typing as npt
 
 __all__ = ["Backend", "BackendChoice", "BoolMask", "RGBImage", "Strategy", "TissueMethod"]
 
-Backend = Literal["openslide", "tiffslide"]
+Backend = Literal["openslide", "tiffslide", "wsidicom"]
 BackendChoice = Literal["auto", "openslide", "tiffslide"]
 Strategy = Literal["grid", "random", "stratified", "medgemma"]
 TissueMethod = Literal["auto", "brightfield", "fluorescence"]

@@ -14,7 +14,14 @@ from wsi_sampler.tissue import mask_to_polygons
 from wsi_sampler.units import SLIDE_MPP_RANGE, TISSUE_MPP_RANGE
 
 from ..deps import ServicesDep
-from ..schemas import ErrorBody, SlideInfo, SlideList, SlideSummary, binary_content
+from ..schemas import (
+    ErrorBody,
+    RootError,
+    SlideInfo,
+    SlideList,
+    SlideSummary,
+    binary_content,
+)
 from ..slides import SlideEntry
 from ..uploads import receive_upload, store_upload, temp_upload_path
 
@@ -36,8 +43,14 @@ _UPLOAD_BODY = {
 
 
 def _summary(e: SlideEntry) -> SlideSummary:
-    return SlideSummary(id=e.id, name=e.path.name, path=e.relpath, format=e.format,
-                        size_bytes=e.size_bytes)
+    return SlideSummary(id=e.id, name=e.name, path=e.relpath, format=e.format,
+                        size_bytes=e.size_bytes, source=_source_kind(e))
+
+
+def _source_kind(e: SlideEntry) -> Literal["local", "s3", "dicomweb"]:
+    if e.path is not None:
+        return "local"
+    return "dicomweb" if e.format == "dicom" else "s3"
 
 
 @router.get("", response_model=SlideList)
@@ -49,8 +62,12 @@ async def list_slides(
     """Slides under the configured roots, paginated, in path order."""
     entries = await run_in_threadpool(services.registry.listing)
     page = entries[offset : offset + limit]
+    failed = [RootError(source="s3" if root.startswith("s3://") else "dicomweb",
+                        root=services.registry.remote_roots.index(root),
+                        error=services.scrub(message))
+              for root, message in services.registry.root_errors().items()]
     return SlideList(items=[_summary(e) for e in page], total=len(entries), offset=offset,
-                     limit=limit)
+                     limit=limit, unavailable_roots=failed)
 
 
 @router.post("", status_code=201, response_model=SlideSummary, openapi_extra={
@@ -80,7 +97,7 @@ async def slide_info(slide_id: str, services: ServicesDep) -> SlideInfo:
             info = s.info()
         info.pop("path")
         return SlideInfo.model_validate(
-            info | {"id": slide_id, "name": entry.path.name, "format": entry.format}
+            info | {"id": slide_id, "name": entry.name, "format": entry.format}
         )
 
     return await run_in_threadpool(read)

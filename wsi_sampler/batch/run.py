@@ -120,7 +120,7 @@ def _report_slide(slide: Slide, out_dir: Path, cfg: BatchConfig) -> dict[str, An
         vlm.close()
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2))
-    summary = {"slide": slide.path.name, "fingerprint": slide.fingerprint,
+    summary = {"slide": slide.name, "fingerprint": slide.fingerprint,
                "model": report["model"], "patches": report["bag"]["n_patches"],
                "magnification": report["bag"]["magnification"],
                "seconds": report["timings_s"]["bag"] + report["timings_s"]["model"]}
