@@ -18,11 +18,13 @@ from fastapi import FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import SecretStr
 
 from wsi_sampler import __version__
 from wsi_sampler.batch import discover
 from wsi_sampler.demo import write_demo_slide
 from wsi_sampler.errors import WsiSamplerError
+from wsi_sampler.sources.dicomweb import DicomWebCredentials
 from wsi_sampler.worker import Worker, open_worker
 
 from .config import Settings, load_settings
@@ -47,6 +49,17 @@ _COMMON: dict[int | str, dict[str, object]] = {
     413: {"model": ErrorBody, "description": "Request body over max_body_kb"},
     422: {"model": ErrorBody, "description": "Invalid parameters"},
 }
+
+
+def dicomweb_credentials(settings: Settings) -> DicomWebCredentials:
+    """The DICOMweb roots' credentials from the settings (TOML or WSI_DICOMWEB_*)."""
+    def secret(value: SecretStr | None) -> str:
+        return value.get_secret_value() if value is not None else ""
+
+    return DicomWebCredentials(
+        token=secret(settings.dicomweb_token), username=settings.dicomweb_username or "",
+        password=secret(settings.dicomweb_password),
+        ca_bundle=settings.dicomweb_ca_bundle or "")
 
 
 def ensure_demo_slide(settings: Settings) -> None:
@@ -96,7 +109,8 @@ def create_app(
         cfg.uploads_dir.mkdir(parents=True, exist_ok=True)
         registry = SlideRegistry([*cfg.slide_roots, cfg.uploads_dir],
                                  refresh_s=cfg.slide_index_refresh_s,
-                                 remote_roots=cfg.remote_slide_roots)
+                                 remote_roots=cfg.remote_slide_roots,
+                                 dicomweb_credentials=dicomweb_credentials(cfg))
         await asyncio.to_thread(registry.start)
         jobs_ = JobManager(cfg.data_dir, registry, lambda: app.state.services.worker,
                            workers=cfg.job_workers, batch_size=cfg.batch_size)

@@ -34,6 +34,12 @@ class Settings(BaseSettings):
                     "AWS_ENDPOINT_URL_S3 for MinIO/Ceph) and DICOMweb servers "
                     "(dicomweb://host/dicom-web, dicomweb+http:// without TLS; "
                     "WSI_DICOMWEB_* environment for credentials)")
+    dicomweb_token: SecretStr | None = Field(None, description="Bearer token for the "
+                                             "DICOMweb roots (WSI_DICOMWEB_TOKEN)")
+    dicomweb_username: str | None = None
+    dicomweb_password: SecretStr | None = None
+    dicomweb_ca_bundle: str | None = Field(None, description="CA bundle to verify the "
+                                           "DICOMweb servers' TLS certificates with")
     data_dir: Path = Path("data")
     demo_slide: bool = True
     model: str = "tissue-qc"

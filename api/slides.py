@@ -32,6 +32,7 @@ from wsi_sampler.errors import (
     SlideNotFoundError,
     WsiSamplerError,
 )
+from wsi_sampler.sources.dicomweb import DicomWebCredentials
 from wsi_sampler.sources.listing import list_remote_root
 
 __all__ = ["SlideEntry", "SlideRegistry", "UploadTooLargeError"]
@@ -93,9 +94,11 @@ class SlideRegistry:
     """Index of the slides under ``roots`` (resolved once), refreshed off the event loop."""
 
     def __init__(
-        self, roots: list[Path], *, refresh_s: float = 30.0, remote_roots: list[str] | None = None
+        self, roots: list[Path], *, refresh_s: float = 30.0, remote_roots: list[str] | None = None,
+        dicomweb_credentials: DicomWebCredentials | None = None,
     ) -> None:
         self.remote_roots = list(dict.fromkeys(remote_roots or []))
+        self._credentials = dicomweb_credentials
         self._remote: dict[str, dict[str, SlideEntry]] = {r: {} for r in self.remote_roots}
         self._remote_errors: dict[str, str] = {}
         self.roots: list[Path] = []
@@ -156,7 +159,7 @@ class SlideRegistry:
         """List every remote root again; one that fails keeps its last listing."""
         for root in self.remote_roots:
             try:
-                listed = list_remote_root(root)
+                listed = list_remote_root(root, self._credentials)
             except WsiSamplerError as exc:
                 logger.warning("listing the remote slide root %s failed, keeping its last "
                                "listing: %s", root, exc)
@@ -212,7 +215,8 @@ class SlideRegistry:
     def open(self, slide_id: str, *, mpp_override: float | None = None) -> Slide:
         entry = self.get(slide_id)
         if entry.path is None:
-            return open_slide(entry.location, mpp_override=mpp_override)
+            return open_slide(entry.location, mpp_override=mpp_override,
+                              dicomweb_credentials=self._credentials)
         return open_slide(entry.path.resolve(), mpp_override=mpp_override)
 
     def add_upload(self, root: Path, path: Path) -> SlideEntry:

@@ -37,13 +37,13 @@ def system_program(name: str) -> str:
 
 
 def _wait_http(url: str, proc: subprocess.Popen[bytes], what: str,
-               auth: tuple[str, str] | None = None) -> None:
+               auth: tuple[str, str] | None = None, verify: bool = True) -> None:
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{what} exited with {proc.returncode}")
         try:
-            httpx.get(url, auth=auth, timeout=2)
+            httpx.get(url, auth=auth, timeout=2, verify=verify)
             return
         except httpx.HTTPError:
             time.sleep(0.1)
@@ -65,11 +65,28 @@ class Nginx:
         return self.access_log.read_text().splitlines()
 
 
+def self_signed_certificate(work: Path) -> tuple[Path, Path]:
+    """(certificate, key) for 127.0.0.1, signed by itself (so it is also its own CA)."""
+    cert, key = work / "cert.pem", work / "key.pem"
+    subprocess.run(
+        [system_program("openssl"), "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days",
+         "2", "-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1",
+         "-keyout", str(key), "-out", str(cert)], check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
 @contextmanager
-def nginx(www: Path, work: Path) -> Iterator[Nginx]:
-    """nginx serving ``www`` (static files answer HTTP Range natively)."""
+def nginx(www: Path, work: Path, *, tls: tuple[Path, Path] | None = None,
+          proxy_dicomweb: str | None = None) -> Iterator[Nginx]:
+    """nginx serving ``www`` (static files answer HTTP Range natively); with ``tls``
+    (certificate, key) over HTTPS, and with ``proxy_dicomweb`` forwarding /dicom-web/ to
+    that server (a PACS behind a TLS front end, as labs deploy them)."""
     program = system_program("nginx")
     port = free_port()
+    listen = f"127.0.0.1:{port}" + (" ssl" if tls else "")
+    extra = f"ssl_certificate {tls[0]}; ssl_certificate_key {tls[1]};" if tls else ""
+    if proxy_dicomweb:
+        extra += f" location /dicom-web/ {{ proxy_pass {proxy_dicomweb}/dicom-web/; }}"
     (work / "tmp").mkdir(parents=True, exist_ok=True)
     log = work / "access.log"
     log.touch()
@@ -85,14 +102,15 @@ http {{
   access_log {log} ranges;
   client_body_temp_path {work}/tmp; proxy_temp_path {work}/tmp;
   fastcgi_temp_path {work}/tmp; uwsgi_temp_path {work}/tmp; scgi_temp_path {work}/tmp;
-  server {{ listen 127.0.0.1:{port}; root {www}; }}
+  server {{ listen {listen}; root {www}; {extra} }}
 }}
 """)
     proc = subprocess.Popen([program, "-c", str(conf)], stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
+    scheme = "https" if tls else "http"
     try:
-        _wait_http(f"http://127.0.0.1:{port}/", proc, "nginx")
-        yield Nginx(f"http://127.0.0.1:{port}", www, log)
+        _wait_http(f"{scheme}://127.0.0.1:{port}/", proc, "nginx", verify=False)
+        yield Nginx(f"{scheme}://127.0.0.1:{port}", www, log)
     finally:
         stop_process(proc)
 

@@ -23,6 +23,7 @@ from _remote_servers import (
     orthanc,
 )
 from _servers import serve
+from pydantic import SecretStr
 
 from api.app import create_app
 from api.config import Settings
@@ -188,7 +189,7 @@ def test_a_pacs_crashing_mid_stream_aborts_the_tar_then_answers_503(
 
 
 def test_a_deleted_series_is_404_and_refused_credentials_are_reported(
-        tmp_path: Path, demo_slide: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        tmp_path: Path, demo_slide: Path) -> None:
     with orthanc(tmp_path / "pacs") as pacs:
         w, h = _demo_size(demo_slide)
         dicomize(pacs, demo_slide, tmp_path, width_mm=w * DEMO_MPP / 1000,
@@ -204,8 +205,8 @@ def test_a_deleted_series_is_404_and_refused_credentials_are_reported(
             gone = httpx.get(f"{u}/v1/slides/{sid}/tissue", timeout=60)
             assert gone.status_code == 404, gone.text
             assert "not found" in gone.json()["error"]
-        monkeypatch.setenv("WSI_DICOMWEB_PASSWORD", "not-the-password")
-        with serve(create_app(settings), ready_path="/readyz") as u:
+        refused = settings.model_copy(update={"dicomweb_password": SecretStr("not-the-password")})
+        with serve(create_app(refused), ready_path="/readyz") as u:
             listed = httpx.get(f"{u}/v1/slides").json()
             assert listed["total"] == 0  # the PACS refused the listing, and the answer says so
             (failed,) = listed["unavailable_roots"]

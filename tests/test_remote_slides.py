@@ -26,6 +26,7 @@ from _remote_servers import (
     moto_s3,
     nginx,
     orthanc,
+    self_signed_certificate,
     upload_dicom,
 )
 
@@ -347,6 +348,31 @@ def test_dicomweb_server_listing(pacs: tuple[Orthanc, dict[str, str]]) -> None:
     found = {s.location: s for s in list_remote_root(server.dicomweb)}
     assert set(found) == set(urls.values())
     assert found[urls["demo"]].name == "demo" and found[urls["demo"]].format == "dicom"
+
+
+def test_tls_is_verified_and_a_private_ca_can_be_trusted(
+        pacs: tuple[Orthanc, dict[str, str]], demo_slide: Path, tmp_path: Path,
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """nginx over HTTPS (a self-signed certificate) serving a file and proxying Orthanc."""
+    server, urls = pacs
+    (tmp_path / "www").mkdir()
+    shutil.copy(demo_slide, tmp_path / "www" / "demo.svs")
+    cert = self_signed_certificate(tmp_path)
+    with nginx(tmp_path / "www", tmp_path / "nginx", tls=cert,
+               proxy_dicomweb=server.rest) as front:
+        https_file = f"{front.url}/demo.svs"
+        series = urls["bone"].split("/dicom-web/", 1)[1]
+        dicomweb = f"dicomweb://{front.url.split('://', 1)[1]}/dicom-web/{series}"
+        with pytest.raises(SlideStoreError, match="TLS certificate could not be verified"):
+            open_slide(https_file)
+        with pytest.raises(SlideStoreError, match="WSI_DICOMWEB_CA_BUNDLE"):
+            open_slide(dicomweb)
+        monkeypatch.setenv("WSI_HTTP_CA_BUNDLE", str(cert[0]))
+        monkeypatch.setenv("WSI_DICOMWEB_CA_BUNDLE", str(cert[0]))
+        with open_slide(https_file) as s, open_slide(demo_slide) as local:
+            assert s.fingerprint == local.fingerprint
+        with open_slide(dicomweb) as s:
+            assert s.dimensions == (957, 715)
 
 
 def test_cli_plan_of_a_dicomweb_slide(pacs: tuple[Orthanc, dict[str, str]], tmp_path: Path

@@ -17,6 +17,7 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from types import TracebackType
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -30,6 +31,9 @@ from .errors import (
     UnsupportedFormatError,
 )
 from .sources.location import parse_location
+
+if TYPE_CHECKING:
+    from .sources.dicomweb import DicomWebCredentials
 from .sources.origin import LocalOrigin, SlideOrigin
 from .types import Backend, BackendChoice, RGBImage
 from .units import SLIDE_MPP_RANGE, check_mpp
@@ -392,6 +396,7 @@ def open_slide(
     *,
     backend: BackendChoice = "auto",
     mpp_override: float | None = None,
+    dicomweb_credentials: DicomWebCredentials | None = None,
 ) -> Slide:
     """Open a whole-slide image from a local path or a URL (see
     :mod:`wsi_sampler.sources.location`: ``https://``, ``s3://``, ``dicomweb://``).
@@ -400,6 +405,7 @@ def open_slide(
     openslide refuses (plain or generic TIFF, QPTIFF). A DICOM-WSI folder or any of its
     files opens through openslide. Remote TIFF-based slides open with tiffslide, DICOMweb
     series with wsidicom. ``mpp_override`` (µm/px) replaces the slide's own MPP.
+    ``dicomweb_credentials`` default to the ``WSI_DICOMWEB_*`` environment.
     """
     if backend not in ("auto", "openslide", "tiffslide"):
         raise InvalidRequestError(f"unknown backend {backend!r} (auto, openslide, tiffslide)")
@@ -417,7 +423,7 @@ def open_slide(
     elif where.kind == "dicomweb":
         from .sources.dicomweb import open_dicomweb
 
-        origin, reader = open_dicomweb(where)
+        origin, reader = open_dicomweb(where, dicomweb_credentials)
     else:
         from .sources.remote_tiff import open_remote_tiff
 

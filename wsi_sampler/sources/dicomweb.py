@@ -49,8 +49,8 @@ from ..types import Backend, RGBImage
 from .location import SlideLocation
 
 __all__ = [
-    "DicomWebCredentials", "DicomWebOrigin", "DicomWebReader", "RemoteSeries", "list_series",
-    "open_dicomweb",
+    "DicomWebCredentials", "DicomWebOrigin", "DicomWebReader", "RemoteSeries",
+    "forget_open_series", "list_series", "open_dicomweb",
 ]
 
 _CONNECT_TIMEOUT_S = 10.0
@@ -110,6 +110,8 @@ def _session(creds: DicomWebCredentials, counter: _Counter) -> Any:
     class _TimeoutSession(requests.Session):
         def request(self, *args: Any, **kwargs: Any) -> Any:
             kwargs.setdefault("timeout", (_CONNECT_TIMEOUT_S, _READ_TIMEOUT_S))
+            if creds.ca_bundle:  # per request: REQUESTS_CA_BUNDLE would beat session.verify
+                kwargs.setdefault("verify", creds.ca_bundle)
             return super().request(*args, **kwargs)
 
     session = _TimeoutSession()
@@ -117,8 +119,6 @@ def _session(creds: DicomWebCredentials, counter: _Counter) -> Any:
         session.headers["Authorization"] = f"Bearer {creds.token}"
     elif creds.username:
         session.auth = (creds.username, creds.password)
-    if creds.ca_bundle:
-        session.verify = creds.ca_bundle
     session.hooks["response"].append(counter.hook)
     return session
 
@@ -155,6 +155,10 @@ def pacs_errors(what: str) -> Iterator[None]:
                 status=status) from exc
         raise SlideStoreError(f"{what}: the DICOMweb server answered HTTP {status}",
                               status=status) from exc
+    except requests.exceptions.SSLError as exc:
+        raise SlideStoreError(
+            f"{what}: the DICOMweb server's TLS certificate could not be verified; trust its "
+            "CA with WSI_DICOMWEB_CA_BUNDLE (or dicomweb_ca_bundle)") from exc
     except (requests.ConnectionError, requests.Timeout) as exc:
         raise SlideStoreUnavailableError(
             f"{what}: the DICOMweb server could not be reached or broke off "
@@ -202,6 +206,12 @@ def _open_series_cached(location: SlideLocation, creds: DicomWebCredentials) -> 
         while len(_open_series) > _OPEN_CACHE_SIZE:
             _open_series.popitem(last=False)
     return opened
+
+
+def forget_open_series() -> None:
+    """Drop every cached open series (the next open reads its metadata again)."""
+    with _open_lock:
+        _open_series.clear()
 
 
 def open_dicomweb(

@@ -10,8 +10,11 @@ caller can see that a plan fetched its tiles and not the slide.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import io
+import os
+import ssl
 import threading
 from collections import OrderedDict
 from collections.abc import Iterator, Sequence
@@ -69,7 +72,16 @@ def open_filesystem(protocol: str) -> Any:
 
         options = {"client_kwargs": {"timeout": aiohttp.ClientTimeout(
             sock_connect=_CONNECT_TIMEOUT_S, sock_read=_READ_TIMEOUT_S)}}
+        cafile = os.environ.get("WSI_HTTP_CA_BUNDLE", "")
+        if cafile:  # certificates are always verified; this adds a private CA
+            options["ssl"] = _tls_context(cafile)
     return fsspec.filesystem(protocol, **options)
+
+
+@functools.lru_cache(maxsize=4)
+def _tls_context(cafile: str) -> ssl.SSLContext:
+    # One context per CA file, so fsspec's filesystem cache keeps one client per CA.
+    return ssl.create_default_context(cafile=cafile)
 
 
 def _filesystem(location: SlideLocation) -> tuple[Any, str]:
@@ -98,6 +110,11 @@ def store_errors(what: str) -> Iterator[None]:
             f"{what}: access denied by the store; check the credentials "
             f"({describe_backend_error(exc)})", status=403) from exc
     except Exception as exc:
+        if _is_tls_failure(exc):
+            raise SlideStoreError(
+                f"{what}: the server's TLS certificate could not be verified "
+                f"({describe_backend_error(exc)}); trust its CA with WSI_HTTP_CA_BUNDLE "
+                "(HTTPS) or AWS_CA_BUNDLE (S3)") from exc
         status = getattr(exc, "status", None) or getattr(exc, "code", None) \
             or _s3_status(exc)
         if isinstance(status, int) and status in (401, 403):
@@ -112,6 +129,15 @@ def store_errors(what: str) -> Iterator[None]:
         raise SlideStoreUnavailableError(
             f"{what}: the slide store could not be reached or broke off "
             f"({describe_backend_error(exc)})") from exc
+
+
+def _is_tls_failure(exc: BaseException | None) -> bool:
+    while exc is not None:
+        if isinstance(exc, ssl.SSLCertVerificationError) or \
+                type(exc).__name__ == "ClientConnectorCertificateError":
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
 
 
 _S3_CODES = {"NoSuchBucket": 404, "NoSuchKey": 404, "NotFound": 404, "AccessDenied": 403,
