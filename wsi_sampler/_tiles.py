@@ -44,8 +44,7 @@ _BACKGROUND = 255
 _MAX_TILE_SIDE_PX = 16_384
 _MAX_TILE_BYTES = 256 << 20
 _MAX_REGION_PX = 1 << 28
-# Remote sources: tiles fetched per request, requests in flight, tiles held ahead at most.
-_FETCH_BATCH = 16
+# Remote sources: requests in flight, tiles held ahead at most.
 _IO_THREADS = 8
 _MAX_AHEAD = 4096
 
@@ -167,6 +166,8 @@ class TileFetch(Protocol):
     remote: bool
     """True when every fetch is a network round trip (tiles are then fetched ahead, in
     batches, see :meth:`TileSource.prefetch`)."""
+    batch: int
+    """Tiles asked for in one request when fetching ahead."""
 
     def fetch(self, level: int, lv: TileLevel, indices: Sequence[int]) -> list[bytes]:
         """The stored bytes of tiles ``indices`` of level ``level`` (``b""``: sparse tile)."""
@@ -179,6 +180,7 @@ class PreadFetch:
     """Tiles of a local file, read with ``os.pread`` (releases the GIL; no shared offset)."""
 
     remote = False
+    batch = 1
 
     def __init__(self, path: Path) -> None:
         self._fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
@@ -280,9 +282,10 @@ class TileSource:
             if self._io_pool is None and wanted:
                 self._io_pool = ThreadPoolExecutor(_IO_THREADS, thread_name_prefix="wsi-fetch")
             pool = self._io_pool
-        for start in range(0, len(wanted), _FETCH_BATCH):
+        step = self._fetch.batch
+        for start in range(0, len(wanted), step):
             assert pool is not None
-            pool.submit(self._fetch_ahead, level, lv, wanted[start : start + _FETCH_BATCH])
+            pool.submit(self._fetch_ahead, level, lv, wanted[start : start + step])
 
     def _fetch_ahead(
         self, level: int, lv: TileLevel, wanted: list[tuple[int, Future[bytes]]]

@@ -299,6 +299,10 @@ class FrameFetch:
     """Encoded frames of JPEG levels, fetched through WADO-RS in batches."""
 
     remote = True
+    # Frames per multipart request. A PACS reads (Orthanc: parses) the instance for each
+    # request, so a request costs about the same for 1 or 64 frames (~0.3 s for a 60 MB
+    # instance on Orthanc 1.10): 64 per request made the benchmark grid 3.6x faster than 16.
+    batch = 64
 
     def __init__(self, url: str, image_data: dict[int, Any]) -> None:
         self._url = url

@@ -67,6 +67,11 @@ def open_filesystem(protocol: str) -> Any:
         options: dict[str, Any] = {"config_kwargs": {
             "connect_timeout": _CONNECT_TIMEOUT_S, "read_timeout": _READ_TIMEOUT_S,
             "retries": {"max_attempts": 3, "mode": "standard"}}}
+        # botocore reads the endpoint from the environment itself; naming it here also keys
+        # fsspec's cache of filesystems, so a changed endpoint gets a new client.
+        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+        if endpoint:
+            options["endpoint_url"] = endpoint
     else:
         import aiohttp
 
@@ -132,10 +137,12 @@ def store_errors(what: str) -> Iterator[None]:
 
 
 def _is_tls_failure(exc: BaseException | None) -> bool:
-    while exc is not None:
+    seen: set[int] = set()  # a re-raised cause makes the chain a cycle
+    while exc is not None and id(exc) not in seen:
         if isinstance(exc, ssl.SSLCertVerificationError) or \
                 type(exc).__name__ == "ClientConnectorCertificateError":
             return True
+        seen.add(id(exc))
         exc = exc.__cause__ or exc.__context__
     return False
 
@@ -303,6 +310,7 @@ class RangeFetch:
     """Stored TIFF tiles of a remote file: one ranged request per run of near tiles."""
 
     remote = True
+    batch = 16  # ranges per request batch (neighbours among them are coalesced)
 
     def __init__(self, source: RangedBytes) -> None:
         self._source = source
