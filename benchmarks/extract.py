@@ -86,17 +86,27 @@ def _finish(region: np.ndarray, job: dict[str, Any]) -> np.ndarray:
 # warmed by the previous one (openslide and fastslide keep tile caches per handle).
 
 
-def c_ours(path: Path, job: dict[str, Any], threads: int, repeats: int) -> dict[str, Any]:
+def c_ours(path: Path, job: dict[str, Any], threads: int, repeats: int,
+           dct_scaling: bool = True) -> dict[str, Any]:
     plan = job["plan"]  # planned in the parent, like every contestant's patch list
     with open_slide(path) as s:
-        path_name = Extractor(s, plan).path_name
+        probe = Extractor(s, plan, dct_scaling=dct_scaling)
+        note = f"{probe.path_name} path" + (
+            f", tiles decoded at 1/{probe.dct_scale}" if probe.dct_scale > 1 else "")
 
     def run() -> int:
         with open_slide(path) as s:
-            return sum(len(b) for b in Extractor(s, plan, threads=threads).iter_batches())
+            return sum(len(b) for b in Extractor(s, plan, threads=threads,
+                                                 dct_scaling=dct_scaling).iter_batches())
 
     n, sec = median_seconds(run, repeats)
-    return {"patches": n, "seconds": sec, "note": f"{path_name} path"}
+    return {"patches": n, "seconds": sec, "note": note}
+
+
+def c_ours_exact(path: Path, job: dict[str, Any], threads: int, repeats: int
+                 ) -> dict[str, Any]:
+    """Ours with dct_scaling=False: whole tiles decoded, then area-averaged."""
+    return c_ours(path, job, threads, repeats, dct_scaling=False)
 
 
 def c_floor(path: Path, job: dict[str, Any], threads: int, repeats: int) -> dict[str, Any]:
@@ -201,7 +211,7 @@ def c_plan_time(path: Path, job: dict[str, Any], threads: int, repeats: int) -> 
 
 CONTESTANTS: dict[str, Callable[..., dict[str, Any]]] = {
     "decode floor": c_floor, "openslide": c_openslide, "tiffslide": c_tiffslide,
-    "fastslide": c_fastslide, "wsi-sampler": c_ours,
+    "fastslide": c_fastslide, "wsi-sampler": c_ours, "wsi-sampler exact": c_ours_exact,
 }
 
 
@@ -220,7 +230,8 @@ def workloads(names: set[str], full_threads: int) -> list[Workload]:
     if "A" in names:
         out.append(("A", "A", PlanParams(patch_size_px=256), all_of))
     if "B" in names:
-        out.append(("B", "A", PlanParams(patch_size_px=224, target_mpp=0.5), all_of))
+        out.append(("B", "A", PlanParams(patch_size_px=224, target_mpp=0.5),
+                    [*all_of, ("wsi-sampler exact", full_threads)]))
     if "C" in names:  # on the large slide: at 20x and 10x the 126-patch cap is what binds
         for mag in (5.0, 10.0, 20.0):
             out.append((f"C {mag:g}x", "D", medgemma_params(magnification=mag), all_of))
@@ -293,7 +304,9 @@ def targets(rows: list[Row], ours: dict[str, float]) -> str:
                      f"{ours['A'] / rate('A', 'fastslide', n):.2f} (target >= 1.1)")
     if "B" in ours:
         lines.append(f"- B: ours / decode floor of its level-0 tiles ({n} threads) = "
-                     f"{ours['B'] / rate('B', 'decode floor', n):.2f} (target >= 0.7)")
+                     f"{ours['B'] / rate('B', 'decode floor', n):.2f} (target >= 0.8; tiles "
+                     f"decoded at 1/2 by the scaled DCT), exact area averaging "
+                     f"{rate('B', 'wsi-sampler exact', n) / rate('B', 'decode floor', n):.2f}")
     for r in rows:
         if r.workload == "D" and r.contestant == "wsi-sampler":
             lines.append(f"- D: peak RSS {r.peak_rss_mib:,.0f} MiB (target < 1536)")

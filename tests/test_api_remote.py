@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import json
 import tarfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -214,3 +215,23 @@ def test_a_deleted_series_is_404_and_refused_credentials_are_reported(
             assert "refused the credentials (HTTP 401)" in failed["error"]
             assert "127.0.0.1" not in failed["error"] and "not-the-password" not in json.dumps(
                 listed)
+
+
+def test_a_job_scores_slides_from_all_three_roots_alike(url: str) -> None:
+    ids = _ids(url)
+    body = {"slides": [ids[s] for s in SOURCES],
+            "sampling": {"strategy": "random", "n_patches": 12, "seed": 1}}
+    resp = httpx.post(f"{url}/v1/jobs", json=body)
+    assert resp.status_code == 202, resp.text
+    job = resp.json()["id"]
+    deadline = time.monotonic() + 180
+    while (status := httpx.get(f"{url}/v1/jobs/{job}").json())["state"] in ("queued", "running"):
+        assert time.monotonic() < deadline
+        time.sleep(0.2)
+    assert status["state"] == "succeeded" and status["slides_done"] == 3, status
+    tables = {s: httpx.get(f"{url}/v1/jobs/{job}/results/{ids[s]}.predictions.csv").text
+              for s in SOURCES}
+    rows = {s: [line.split(",") for line in text.splitlines()[1:]] for s, text in tables.items()}
+    assert len(rows["local"]) == 12
+    for source in ("s3", "dicomweb"):
+        assert [r[:4] for r in rows[source]] == [r[:4] for r in rows["local"]]  # same patches

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import threading
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -49,7 +50,7 @@ def test_resampled_patches_match_reference(demo_slide: Path) -> None:
     with open_slide(demo_slide) as s:
         plan = make_plan(s, PlanParams(strategy="random", n_patches=6, seed=1,
                                        patch_size_px=224, target_mpp=0.5))
-        patches = dict(Extractor(s, plan).iter_patches())
+        patches = dict(Extractor(s, plan, dct_scaling=False).iter_patches())
     assert plan.width0 == 448
     for i, img in patches.items():
         ref = reference_patch(demo_slide, int(plan.x0[i]), int(plan.y0[i]), 448, 224)
@@ -98,8 +99,9 @@ def boxes_plan(slide: Slide, level: int, xs: np.ndarray, ys: np.ndarray, size: i
     )
 
 
-def both_paths(slide: Slide, plan: PatchPlan) -> tuple[np.ndarray, np.ndarray]:
-    fast = Extractor(slide, plan, mode="tiles", batch_size=7)
+def both_paths(slide: Slide, plan: PatchPlan, dct_scaling: bool = False
+               ) -> tuple[np.ndarray, np.ndarray]:
+    fast = Extractor(slide, plan, mode="tiles", batch_size=7, dct_scaling=dct_scaling)
     ref = Extractor(slide, plan, mode="reference", batch_size=7)
     assert fast.path_name == "tiles" and ref.path_name == "reference"
     return (np.concatenate([b.images for b in fast.iter_batches()]),
@@ -158,6 +160,27 @@ def test_plan_through_both_paths_matches_reference(demo_slide: Path) -> None:
         assert len(plan) > 40
         fast, ref = both_paths(s, plan)
     assert max_abs_diff(fast, ref) <= 2
+
+
+@pytest.mark.parametrize(("mpp", "size", "scale"), [(0.5, 224, 2), (1.0, 112, 4), (2.0, 64, 8)])
+def test_dct_scaled_decoding_stays_within_its_documented_tolerance(
+        demo_slide: Path, mpp: float, size: int, scale: int) -> None:
+    """0.5 µm/px from 0.25 decodes tiles at 1/2 (1.0 from level 0: 1/4...) instead of whole
+    + area averaging; the pixels stay within the tolerance TileSource.read_tile documents."""
+    with open_slide(demo_slide) as s:
+        plan = make_plan(s, PlanParams(patch_size_px=size, target_mpp=mpp, overlap=0.25))
+        plan = replace(plan, level=0, downsample=1.0)  # read level 0, whatever the pyramid
+        scaled = Extractor(s, plan, mode="tiles")
+        assert scaled.dct_scale == scale
+        fast = np.concatenate([b.images for b in scaled.iter_batches()])
+        exact = Extractor(s, plan, mode="tiles", dct_scaling=False)  # whole + area average
+        assert exact.dct_scale == 1
+        ref = np.concatenate([b.images for b in exact.iter_batches()])
+        unaligned = replace(plan, x0=plan.x0 + 1)  # odd offsets cannot be decoded at 1/2
+        assert Extractor(s, unaligned, mode="tiles").dct_scale == 1
+    assert len(plan) > 20
+    diff = np.abs(fast.astype(np.int16) - ref.astype(np.int16))
+    assert float(diff.mean()) <= 0.75 and np.percentile(diff, 99.9) <= 12 and diff.max() <= 48
 
 
 def test_neighbouring_patches_share_decoded_tiles(demo_slide: Path) -> None:

@@ -17,7 +17,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
@@ -35,7 +35,7 @@ from .types import RGBImage
 
 __all__ = [
     "PreadFetch", "TileCache", "TileFetch", "TileKey", "TileLevel", "TileSource",
-    "default_threads", "resize_area", "tiff_tile_levels", "tile_range"]
+    "default_threads", "jpeg_stream", "resize_area", "tiff_tile_levels", "tile_range"]
 
 _JPEG = 7
 _BACKGROUND = 255
@@ -160,6 +160,24 @@ def _candidate_pages(tif: Any) -> list[Any]:
     return pages
 
 
+# OpenCV's reduced-size JPEG reads (libjpeg's scale_denom), without the colour bit.
+_REDUCED = {2: cv2.IMREAD_REDUCED_GRAYSCALE_2, 4: cv2.IMREAD_REDUCED_GRAYSCALE_4,
+            8: cv2.IMREAD_REDUCED_GRAYSCALE_8}
+# APP14 "Adobe" marker with transform 0: the scan is RGB, not YCbCr. TIFF says so in its
+# Photometric tag, which a lone JPEG decoder never sees; libjpeg reads this marker instead.
+# (Adobe's JPEG tech note 5116; the same marker libjpeg writes for RGB.)
+_ADOBE_RGB = b"\xff\xee\x00\x0eAdobe\x00\x64\x00\x00\x00\x00\x00"
+_JCS_RGB = 2
+
+
+def jpeg_stream(lv: TileLevel, data: bytes) -> bytes:
+    """A self-contained JPEG stream of a stored tile: the level's shared tables spliced in
+    after SOI, and an Adobe marker where the TIFF says its JPEG data is RGB."""
+    tables = lv.jpeg_tables[2:-2] if lv.jpeg_tables else b""  # without their SOI / EOI
+    rgb = lv.jpeg_colorspace in (_JCS_RGB, "RGB") and b"Adobe" not in data[:64]
+    return b"\xff\xd8" + (_ADOBE_RGB if rgb else b"") + tables + data[2:]
+
+
 class TileFetch(Protocol):
     """Where a tile source gets the stored bytes of its tiles."""
 
@@ -235,16 +253,29 @@ class TileSource:
         levels = tiff_tile_levels(path, str(path), level_dimensions)
         return cls(str(path), levels, PreadFetch(path)) if levels else None
 
-    def read_tile(self, level: int, tx: int, ty: int, out: RGBImage | None = None) -> RGBImage:
-        """Decode tile (tx, ty) of ``level`` into a (tile_h, tile_w, 3) array (or ``out``)."""
+    def read_tile(
+        self, level: int, tx: int, ty: int, out: RGBImage | None = None, scale: int = 1
+    ) -> RGBImage:
+        """Decode tile (tx, ty) of ``level`` into a (tile_h, tile_w, 3) array (or ``out``).
+
+        ``scale`` 2, 4 or 8 decodes it at that fraction of its size: JPEG tiles through
+        libjpeg-turbo's scaled inverse DCT (a fraction of a full decode's cost), others
+        decoded whole and area-averaged. The scaled DCT approximates area averaging: against
+        a full decode + area average, mean |difference| ≤ 0.5 levels and 99.9 % of values
+        within 9 on our slides at 1/2, the worst 32 on a synthetic pen stroke's edge
+        (tests/test_extract.py holds it to mean ≤ 0.75, 99.9 % ≤ 12, worst ≤ 48).
+        """
         lv = self.levels[level]
         index = ty * lv.tiles_across + tx
         try:
             data = self._tile_bytes(level, lv, index)
             if not data:  # sparse tile: nothing was scanned there
-                tile = out if out is not None else np.empty((lv.tile_h, lv.tile_w, 3), np.uint8)
+                h, w = lv.tile_h // scale, lv.tile_w // scale
+                tile = out if out is not None else np.empty((h, w, 3), np.uint8)
                 tile[:] = _BACKGROUND
                 return tile
+            if scale != 1:
+                return self._decode_scaled(lv, data, index, scale, out)
             return self._decode(lv, data, index, out)
         except WsiSamplerError:
             raise  # the store failed (network, credentials): not a damaged slide
@@ -301,6 +332,21 @@ class TileSource:
             if fut.set_running_or_notify_cancel():
                 fut.set_result(data)
 
+    def _decode_scaled(
+        self, lv: TileLevel, data: bytes, index: int, scale: int, out: RGBImage | None
+    ) -> RGBImage:
+        size = (lv.tile_w // scale, lv.tile_h // scale)
+        if not lv.is_jpeg:
+            return resize_area(self._decode(lv, data, index, None), size, out)
+        stream = np.frombuffer(jpeg_stream(lv, data), np.uint8)
+        tile: RGBImage | None = cv2.imdecode(stream, _REDUCED[scale] | cv2.IMREAD_COLOR_RGB)
+        if tile is None or tile.shape != (size[1], size[0], 3):
+            raise ValueError(f"tile decoded at 1/{scale} to {None if tile is None else tile.shape}")
+        if out is None:
+            return tile
+        out[:] = tile
+        return out
+
     @staticmethod
     def _decode(lv: TileLevel, data: bytes, index: int, out: RGBImage | None) -> RGBImage:
         if lv.is_jpeg:
@@ -320,9 +366,23 @@ class TileSource:
         out[:] = decoded
         return out
 
-    def tiles_for_box(self, level: int, lx: int, ly: int, w: int, h: int) -> list[TileKey]:
-        """The (tx, ty) of every stored tile a level box touches (inside the level)."""
+    def geometry(self, level: int, scale: int = 1) -> TileLevel:
+        """The level's tiling as decoded at ``1/scale`` (the same tiles, smaller)."""
         lv = self.levels[level]
+        if scale == 1:
+            return lv
+        if lv.tile_w % scale or lv.tile_h % scale:
+            raise InvalidRequestError(f"tiles of {lv.tile_w}x{lv.tile_h} px cannot be "
+                                      f"decoded at 1/{scale}")
+        return replace(lv, width=-(-lv.width // scale), height=-(-lv.height // scale),
+                       tile_w=lv.tile_w // scale, tile_h=lv.tile_h // scale)
+
+    def tiles_for_box(
+        self, level: int, lx: int, ly: int, w: int, h: int, scale: int = 1
+    ) -> list[TileKey]:
+        """The (tx, ty) of every stored tile a level box touches (inside the level); the box
+        is in the level's pixels decoded at ``1/scale``."""
+        lv = self.geometry(level, scale)
         cx0, cy0 = max(lx, 0), max(ly, 0)
         cx1, cy1 = min(lx + w, lv.width), min(ly + h, lv.height)
         if cx1 <= cx0 or cy1 <= cy0:
@@ -333,9 +393,11 @@ class TileSource:
             for tx in range(cx0 // lv.tile_w, (cx1 - 1) // lv.tile_w + 1)
         ]
 
-    def is_one_tile(self, level: int, lx: int, ly: int, w: int, h: int) -> bool:
+    def is_one_tile(
+        self, level: int, lx: int, ly: int, w: int, h: int, scale: int = 1
+    ) -> bool:
         """Whether the level box is exactly one whole stored tile."""
-        lv = self.levels[level]
+        lv = self.geometry(level, scale)
         return (
             (lx % lv.tile_w, ly % lv.tile_h, w, h) == (0, 0, lv.tile_w, lv.tile_h)
             and 0 <= lx <= lv.width - w and 0 <= ly <= lv.height - h
@@ -343,21 +405,22 @@ class TileSource:
 
     def read_box(
         self, level: int, lx: int, ly: int, region: RGBImage,
-        tile: Callable[[TileKey], RGBImage],
+        tile: Callable[[TileKey], RGBImage], scale: int = 1,
     ) -> None:
         """Fill ``region`` (h, w, 3) with level pixels from (lx, ly); white outside the level.
 
-        ``tile((tx, ty))`` supplies decoded tiles (a cache, or tiles decoded ahead).
+        ``tile((tx, ty))`` supplies decoded tiles (a cache, or tiles decoded ahead), decoded
+        at ``1/scale``, and (lx, ly) is in that frame.
         """
-        lv = self.levels[level]
+        lv = self.geometry(level, scale)
         rh, rw = region.shape[:2]
-        if self.is_one_tile(level, lx, ly, rw, rh):
-            self.read_tile(level, lx // rw, ly // rh, out=region)  # decoded in place, no copy
+        if self.is_one_tile(level, lx, ly, rw, rh, scale):  # decoded in place, no copy
+            self.read_tile(level, lx // rw, ly // rh, out=region, scale=scale)
             return
         if lx < 0 or ly < 0 or lx + rw > lv.width or ly + rh > lv.height:
             region[:] = _BACKGROUND
         tw, th = lv.tile_w, lv.tile_h
-        for tx, ty in self.tiles_for_box(level, lx, ly, rw, rh):
+        for tx, ty in self.tiles_for_box(level, lx, ly, rw, rh, scale):
             ax0, ax1 = max(lx, tx * tw), min(lx + rw, (tx + 1) * tw, lv.width)
             ay0, ay1 = max(ly, ty * th), min(ly + rh, (ty + 1) * th, lv.height)
             region[ay0 - ly : ay1 - ly, ax0 - lx : ax1 - lx] = tile((tx, ty))[

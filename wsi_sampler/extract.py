@@ -8,7 +8,8 @@ Two paths give the same pixels (within JPEG decoder rounding):
 - ``tiles``: reads the plan's pyramid level straight from the stored tiles (see
   :mod:`wsi_sampler._tiles`). A patch that is exactly one stored tile is decoded into its
   batch slot; any other patch is assembled from the tiles it touches, through a bounded
-  LRU tile cache shared by the worker threads, then resampled with area averaging.
+  LRU tile cache shared by the worker threads, then resampled with area averaging (or
+  decoded straight at the output size by the scaled DCT, see ``dct_scaling``).
 - ``reference``: ``Slide.read_scaled`` per patch (the backend's ``read_region``), used for
   formats the tile path cannot serve (NDPI, DICOM, JPEG XR...).
 
@@ -64,30 +65,33 @@ class _TileReader:
     """Reads level-pixel boxes of one pyramid level from its stored tiles."""
 
     def __init__(
-        self, source: TileSource, level: int, cache_tiles: int, uses: dict[TileKey, int]
+        self, source: TileSource, level: int, cache_tiles: int, uses: dict[TileKey, int],
+        scale: int = 1,
     ) -> None:
         self.source = source
         self.level = level
-        self.lv: TileLevel = source.levels[level]
+        self.scale = scale
+        self.lv: TileLevel = source.geometry(level, scale)
         self.cache = TileCache(cache_tiles, self._load, uses)
 
     def _load(self, key: TileKey) -> RGBImage:
         tx, ty = key
-        return self.source.read_tile(self.level, tx, ty)
+        return self.source.read_tile(self.level, tx, ty, scale=self.scale)
 
     def read_into(
         self, lx: int, ly: int, region: RGBImage, pool: ThreadPoolExecutor | None = None
     ) -> None:
-        """Fill ``region`` with level pixels from (lx, ly); white outside the level.
-
-        A patch spanning many tiles has them decoded in parallel in ``pool`` first.
+        """Fill ``region`` with level pixels (decoded at ``1/scale``) from (lx, ly), in that
+        frame; white outside the level. A patch spanning many tiles has them decoded in
+        parallel in ``pool`` first.
         """
         if pool is not None:
-            keys = self.source.tiles_for_box(self.level, lx, ly, region.shape[1], region.shape[0])
+            keys = self.source.tiles_for_box(self.level, lx, ly, region.shape[1],
+                                             region.shape[0], self.scale)
             if len(keys) >= _PARALLEL_TILES:
                 for _ in pool.map(lambda k: self.cache.get(k, use=False), keys):
                     pass
-        self.source.read_box(self.level, lx, ly, region, self.cache.get)
+        self.source.read_box(self.level, lx, ly, region, self.cache.get, self.scale)
 
 
 class Extractor:
@@ -98,7 +102,12 @@ class Extractor:
     ``mode="tiles"`` insists on the tile path (an error where it cannot serve the slide),
     ``"reference"`` forces the backend path, ``"auto"`` picks the tile path when it can.
     ``first_batch_size`` (default ``batch_size``) makes the first batch smaller, so a
-    stream's first patches leave sooner.
+    stream's first patches leave sooner. ``dct_scaling`` (default on): where a plan reads
+    a level at 2, 4 or 8 times its output resolution (e.g. 0.5 µm/px from a 0.25 µm/px
+    scan) and its patches align to that factor, JPEG tiles are decoded straight at the
+    output size by libjpeg's scaled inverse DCT instead of decoded whole and area-averaged:
+    ~40 % less decoding, no resize; pixels within the tolerance documented in
+    :meth:`TileSource.read_tile`. ``dct_scaling=False`` gives exact area averaging.
     """
 
     def __init__(
@@ -112,6 +121,7 @@ class Extractor:
         tile_cache_mb: float = 256.0,
         mode: ExtractMode = "auto",
         first_batch_size: int | None = None,
+        dct_scaling: bool = True,
     ) -> None:
         if batch_size < 1:
             raise InvalidRequestError(f"batch_size must be >= 1, got {batch_size}")
@@ -133,11 +143,14 @@ class Extractor:
         self._lx = np.floor(plan.x0 / ds).astype(np.int64)
         self._ly = np.floor(plan.y0 / ds).astype(np.int64)
         self._region_wh = (max(1, round(plan.width0 / ds)), max(1, round(plan.height0 / ds)))
-        self._tiles = self._tile_reader(mode, tile_cache_mb)
+        self._scale = 1
+        self._tiles = self._tile_reader(mode, tile_cache_mb, dct_scaling)
         self._fetched_ahead: set[TileKey] = set()
         self._buffers = threading.local()
 
-    def _tile_reader(self, mode: ExtractMode, cache_mb: float) -> _TileReader | None:
+    def _tile_reader(
+        self, mode: ExtractMode, cache_mb: float, dct_scaling: bool
+    ) -> _TileReader | None:
         if mode == "reference":
             return None
         source = self.slide.tile_source()
@@ -149,8 +162,23 @@ class Extractor:
                 )
             return None
         lv = source.levels[self.plan.level]
-        cache_tiles = math.floor(cache_mb * 2**20 / (lv.tile_w * lv.tile_h * 3))
-        return _TileReader(source, self.plan.level, cache_tiles, self._tile_uses(source))
+        self._scale = self._dct_scale(lv) if dct_scaling else 1
+        geometry = source.geometry(self.plan.level, self._scale)
+        cache_tiles = math.floor(cache_mb * 2**20 / (geometry.tile_w * geometry.tile_h * 3))
+        return _TileReader(source, self.plan.level, cache_tiles, self._tile_uses(source),
+                           self._scale)
+
+    def _dct_scale(self, lv: TileLevel) -> int:
+        """The largest of 8, 4, 2 the plan's level reads can be decoded down by (1: none)."""
+        rw, rh = self._region_wh
+        out = self.plan.patch_size_px
+        for scale in (8, 4, 2):
+            fits = rw >= out * scale and rh >= out * scale
+            aligned = not (rw % scale or rh % scale or lv.tile_w % scale or lv.tile_h % scale)
+            if lv.is_jpeg and fits and aligned and not (
+                    np.any(self._lx % scale) or np.any(self._ly % scale)):
+                return scale
+        return 1
 
     def _tile_uses(self, source: TileSource) -> dict[TileKey, int]:
         """How many patches read each tile through the cache (one-tile patches do not)."""
@@ -167,6 +195,11 @@ class Extractor:
     def path_name(self) -> Literal["tiles", "reference"]:
         """Which path serves this plan."""
         return "tiles" if self._tiles is not None else "reference"
+
+    @property
+    def dct_scale(self) -> int:
+        """1, or the factor tiles are decoded down by (see ``dct_scaling``)."""
+        return self._scale
 
     # -- one patch --------------------------------------------------------------------------
     def read_patch(self, index: int) -> RGBImage:
@@ -186,8 +219,9 @@ class Extractor:
                 int(p.x0[index]), int(p.y0[index]), p.width0, p.height0, out_wh
             )
             return
-        lx, ly = int(self._lx[index]), int(self._ly[index])
-        rw, rh = self._region_wh
+        s = self._scale
+        lx, ly = int(self._lx[index]) // s, int(self._ly[index]) // s
+        rw, rh = self._region_wh[0] // s, self._region_wh[1] // s
         if (rw, rh) == (out.shape[1], out.shape[0]):
             self._tiles.read_into(lx, ly, out, tile_pool)
             return
