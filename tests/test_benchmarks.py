@@ -31,3 +31,27 @@ def test_gpu_scripts_are_valid_bash() -> None:
         done = subprocess.run(["bash", "-n", str(ROOT / "benchmarks" / script)],
                               capture_output=True, text=True)
         assert done.returncode == 0, done.stderr
+
+
+def test_peer_driver_runs_our_contestants_on_the_same_patches(demo_slide: Path,
+                                                              tmp_path: Path) -> None:
+    """The peers benchmark's driver (TIAToolbox and LazySlide need their own venvs, made by
+    the benchmark; ours and the CLAM-style reads run here on the same coordinates)."""
+    import sys
+
+    import numpy as np
+
+    from wsi_sampler import PlanParams, make_plan, open_slide
+
+    with open_slide(demo_slide) as s:
+        plan = make_plan(s, PlanParams(patch_size_px=224, target_mpp=0.5))
+    coords = tmp_path / "coords.npy"
+    np.save(coords, np.stack([plan.x0, plan.y0], axis=1))
+    for contestant in ("wsi-sampler", "clam-loop", "clam-dataloader"):
+        done = subprocess.run(
+            [sys.executable, str(ROOT / "benchmarks" / "peer_driver.py"), contestant,
+             str(demo_slide), "B", str(coords)],
+            capture_output=True, text=True, timeout=300, check=False)
+        assert done.returncode == 0, done.stderr[-500:]
+        result = json.loads(done.stdout.strip().splitlines()[-1])
+        assert result["patches"] == len(plan) > 0 and result["seconds"] > 0
