@@ -9,6 +9,7 @@ import json
 import tarfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import cv2
@@ -19,6 +20,7 @@ from _remote_servers import (
     ORTHANC_PASSWORD,
     ORTHANC_USER,
     S3_ENV,
+    Orthanc,
     dicomize,
     moto_s3,
     orthanc,
@@ -157,17 +159,26 @@ def test_every_endpoint_answers_as_for_the_local_file(url: str, source: str) -> 
     np.testing.assert_allclose(tissue[1], tissue[0], atol=0.02)
 
 
-def test_a_pacs_crashing_mid_stream_aborts_the_tar_then_answers_503(
-        tmp_path: Path, demo_slide: Path, stores: dict[str, str]) -> None:
-    """A second Orthanc, stopped while the service streams from it."""
+@contextmanager
+def own_pacs(tmp_path: Path, demo_slide: Path, **settings: object
+             ) -> Iterator[tuple[Orthanc, Settings]]:
+    """An Orthanc of this test's own holding the demo slide, and service settings whose
+    only remote root it is."""
     with orthanc(tmp_path / "pacs") as pacs:
         w, h = _demo_size(demo_slide)
         dicomize(pacs, demo_slide, tmp_path, width_mm=w * DEMO_MPP / 1000,
-                 height_mm=h * DEMO_MPP / 1000, label="doomed")
+                 height_mm=h * DEMO_MPP / 1000, label="own")
         (tmp_path / "slides").mkdir()
-        settings = Settings(slide_roots=[tmp_path / "slides"], data_dir=tmp_path / "data",
-                            demo_slide=False, device="cpu", batch_size=16,
-                            remote_slide_roots=[pacs.dicomweb])
+        yield pacs, Settings(
+            slide_roots=[tmp_path / "slides"], data_dir=tmp_path / "data", demo_slide=False,
+            device="cpu", remote_slide_roots=[pacs.dicomweb], dicomweb_username=ORTHANC_USER,
+            dicomweb_password=SecretStr(ORTHANC_PASSWORD), **settings)  # type: ignore[arg-type]
+
+
+def test_a_pacs_crashing_mid_stream_aborts_the_tar_then_answers_503(
+        tmp_path: Path, demo_slide: Path) -> None:
+    """A second Orthanc, killed while the service streams from it."""
+    with own_pacs(tmp_path, demo_slide, batch_size=16) as (pacs, settings):
         with serve(create_app(settings), ready_path="/readyz") as u:
             sid = _ids(u)["dicomweb"]
             grid = {"strategy": "grid", "patch_size_px": 256, "min_tissue_fraction": 0.0,
@@ -191,13 +202,7 @@ def test_a_pacs_crashing_mid_stream_aborts_the_tar_then_answers_503(
 
 def test_a_deleted_series_is_404_and_refused_credentials_are_reported(
         tmp_path: Path, demo_slide: Path) -> None:
-    with orthanc(tmp_path / "pacs") as pacs:
-        w, h = _demo_size(demo_slide)
-        dicomize(pacs, demo_slide, tmp_path, width_mm=w * DEMO_MPP / 1000,
-                 height_mm=h * DEMO_MPP / 1000, label="gone")
-        (tmp_path / "slides").mkdir()
-        settings = Settings(slide_roots=[tmp_path / "slides"], data_dir=tmp_path / "data",
-                            demo_slide=False, device="cpu", remote_slide_roots=[pacs.dicomweb])
+    with own_pacs(tmp_path, demo_slide) as (pacs, settings):
         with serve(create_app(settings), ready_path="/readyz") as u:
             sid = _ids(u)["dicomweb"]
             auth = (ORTHANC_USER, ORTHANC_PASSWORD)
