@@ -4,7 +4,8 @@ DICOMweb PACS (Orthanc), side by side: patches/s, bytes fetched, requests.
 Run ``python -m benchmarks.remote`` (needs ``make system-deps`` and ``make tools``). The
 servers run on loopback, so the numbers show what our side costs (requests, parsing,
 decoding), not a network: a real link adds its round trips and bandwidth. Each run opens
-the slide afresh (the DICOMweb series cache is cleared), so metadata is fetched every time.
+the slide afresh (the shared header and DICOMweb series caches cleared), so metadata is
+fetched every time.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from pathlib import Path
 from wsi_sampler import Extractor, PlanParams, Slide, make_plan, open_slide
 from wsi_sampler.demo import DemoSlideSpec
 from wsi_sampler.sources.dicomweb import forget_open_series
+from wsi_sampler.sources.remote_tiff import forget_shared_files
 
 from ._harness import ensure_slide
 
@@ -60,6 +62,7 @@ def tile_bytes(local: Slide, params: PlanParams) -> tuple[int, int]:
 def one_run(location: str, params: PlanParams) -> tuple[float, float, dict[str, int]]:
     """(open s, plan + extract s, io stats of the run)."""
     forget_open_series()
+    forget_shared_files()
     t = time.perf_counter()
     with open_slide(location) as slide:
         opened = time.perf_counter() - t

@@ -178,6 +178,22 @@ def test_tissue_detection_reads_a_low_level_only(web: Nginx) -> None:
         assert fetched < level0_bytes / 10
 
 
+def test_a_slide_reopened_within_a_minute_reuses_its_header(web: Nginx) -> None:
+    """The service opens a slide per request: the second open costs no request."""
+    from wsi_sampler.sources.remote_tiff import forget_shared_files
+
+    forget_shared_files()
+    with open_slide(f"{web.url}/cmu.svs") as first:
+        assert first.tile_source() is not None
+        opened = first.io_stats()
+    assert opened is not None and opened["requests"] > 0
+    logged = len(web.requests())
+    with open_slide(f"{web.url}/cmu.svs") as again:
+        assert again.tile_source() is not None
+        assert again.io_stats() == {"requests": 0, "bytes_fetched": 0}
+    assert len(web.requests()) == logged
+
+
 def test_http_errors_are_clear(web: Nginx) -> None:
     with pytest.raises(SlideNotFoundError, match="not found"):
         open_slide(f"{web.url}/missing.svs")

@@ -7,6 +7,10 @@ openslide cannot read remote files, so these slides always open with tiffslide.
 
 from __future__ import annotations
 
+import os
+import threading
+import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import BinaryIO, cast
 
@@ -15,7 +19,7 @@ from .._tiles import TileSource, tiff_tile_levels
 from .location import SlideLocation
 from .ranged import BlockCache, RangedBytes, RangedFile, RangeFetch
 
-__all__ = ["RemoteTiffOrigin", "open_remote_tiff"]
+__all__ = ["RemoteTiffOrigin", "forget_shared_files", "open_remote_tiff"]
 
 
 class RemoteTiffOrigin:
@@ -26,8 +30,8 @@ class RemoteTiffOrigin:
     def __init__(self, location: SlideLocation) -> None:
         self.location = location.url
         self.name = location.name
-        self.bytes = RangedBytes(location)
-        self.blocks = BlockCache(self.bytes)
+        self.bytes, self.blocks = _shared_bytes(location)
+        self._start = self.bytes.stats
 
     def open_tiles(self, level_dimensions: tuple[tuple[int, int], ...]) -> TileSource | None:
         with RangedFile(self.bytes, self.blocks) as fh:
@@ -38,10 +42,49 @@ class RemoteTiffOrigin:
         return self.bytes.fingerprint()
 
     def io_stats(self) -> dict[str, int] | None:
-        return self.bytes.stats
+        """Requests and bytes since this slide was opened (approximate while another
+        reader of the same file fetches at the same time)."""
+        now = self.bytes.stats
+        return {key: now[key] - self._start[key] for key in now}
 
     def close(self) -> None:
         """Nothing held open: each request is its own (fsspec pools connections)."""
+
+
+# A file's size and header blocks, shared by the slides opened from it for a minute: a
+# service opens a slide per request, and re-reading the header each time would cost a few
+# round trips and ~300 KB. Keyed by everything that changes what the URL reaches.
+_SHARED_TTL_S = 60.0
+_SHARED_MAX = 16
+_shared_lock = threading.Lock()
+_shared: OrderedDict[tuple[str, ...], tuple[float, RangedBytes, BlockCache]] = OrderedDict()
+
+
+def _shared_bytes(location: SlideLocation) -> tuple[RangedBytes, BlockCache]:
+    key = (location.url, *(os.environ.get(k, "") for k in _ENVIRONMENT))
+    now = time.monotonic()
+    with _shared_lock:
+        hit = _shared.get(key)
+        if hit is not None and now - hit[0] < _SHARED_TTL_S:
+            _shared.move_to_end(key)
+            return hit[1], hit[2]
+    source = RangedBytes(location)
+    blocks = BlockCache(source)
+    with _shared_lock:
+        _shared[key] = (now, source, blocks)
+        while len(_shared) > _SHARED_MAX:
+            _shared.popitem(last=False)
+    return source, blocks
+
+
+_ENVIRONMENT = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL", "AWS_PROFILE", "AWS_ACCESS_KEY_ID",
+                "WSI_HTTP_CA_BUNDLE")
+
+
+def forget_shared_files() -> None:
+    """Drop the shared sizes and headers (the next open reads them again)."""
+    with _shared_lock:
+        _shared.clear()
 
 
 def open_remote_tiff(location: SlideLocation) -> tuple[RemoteTiffOrigin, Reader]:
