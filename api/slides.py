@@ -24,6 +24,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from wsi_sampler import Slide, open_slide
 from wsi_sampler.batch.discover import SLIDE_FORMATS, discover, not_regular_reason
@@ -34,8 +35,9 @@ from wsi_sampler.errors import (
 )
 from wsi_sampler.sources.dicomweb import DicomWebCredentials
 from wsi_sampler.sources.listing import list_remote_root
+from wsi_sampler.sources.location import parse_location
 
-__all__ = ["SlideEntry", "SlideRegistry", "UploadTooLargeError"]
+__all__ = ["SlideEntry", "SlideRegistry", "SlideSource", "UploadTooLargeError", "root_source"]
 
 logger = logging.getLogger("wsi_sampler.api.slides")
 _ID = re.compile(r"^[0-9a-f]{24}$")
@@ -44,6 +46,9 @@ _LIST_MAX_AGE_S = 1.0
 
 class UploadTooLargeError(WsiSamplerError):
     """An upload or request body bigger than the configured limit (HTTP 413)."""
+
+
+SlideSource = Literal["local", "s3", "dicomweb"]
 
 
 @dataclass(frozen=True)
@@ -56,9 +61,15 @@ class SlideEntry:
     name: str
     format: str
     size_bytes: int | None
+    source: SlideSource = "local"
     path: Path | None = None
     """The local file or DICOM folder (None for a remote slide)."""
     local_root: Path | None = None
+
+
+def root_source(root: str) -> SlideSource:
+    """Where a remote root's slides live (the config validated it is one of these)."""
+    return "s3" if parse_location(root).kind == "s3" else "dicomweb"
 
 
 def _slide_id(root: Path | str, rel: str) -> str:
@@ -152,8 +163,8 @@ class SlideRegistry:
             return
         rel = path.relative_to(root).as_posix()
         sid = _slide_id(root, rel)
-        found[sid] = SlideEntry(sid, str(path), str(root), rel, path.name, fmt, size, path,
-                                root)
+        found[sid] = SlideEntry(sid, str(path), str(root), rel, path.name, fmt, size, "local",
+                                path, root)
 
     def scan_remote(self) -> None:
         """List every remote root again; one that fails keeps its last listing."""
@@ -170,7 +181,7 @@ class SlideRegistry:
             for slide in listed:
                 sid = _slide_id(root, slide.relpath)
                 entries[sid] = SlideEntry(sid, slide.location, root, slide.relpath, slide.name,
-                                          slide.format, slide.size_bytes)
+                                          slide.format, slide.size_bytes, root_source(root))
             with self._lock:
                 self._remote[root] = entries
                 self._remote_errors.pop(root, None)

@@ -24,6 +24,7 @@ __all__ = [
     "WorkerUnavailableError",
     "WsiSamplerError",
     "describe_backend_error",
+    "store_status_error",
 ]
 
 # A bytes literal in a backend message (tifffile quotes a file's first bytes): never echo
@@ -110,3 +111,17 @@ class WorkerError(WsiSamplerError, RuntimeError):
 
 class WorkerUnavailableError(WorkerError, ConnectionError):
     """A remote worker could not be reached, or stayed not ready, after the retries."""
+
+
+def store_status_error(
+    what: str, status: int, *, store: str = "the server", credentials_hint: str = ""
+) -> WsiSamplerError:
+    """The error for a slide store's HTTP error status: 404 is a missing slide, 401/403
+    refused credentials, anything else the store's own failure."""
+    if status == 404:
+        return SlideNotFoundError(f"{what}: not found on {store}")
+    if status in (401, 403):
+        hint = f"; {credentials_hint}" if credentials_hint else ""
+        return SlideStoreError(f"{what}: {store} refused the credentials (HTTP {status}){hint}",
+                               status=status)
+    return SlideStoreError(f"{what}: {store} answered HTTP {status}", status=status)

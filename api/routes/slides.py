@@ -22,7 +22,7 @@ from ..schemas import (
     SlideSummary,
     binary_content,
 )
-from ..slides import SlideEntry
+from ..slides import SlideEntry, root_source
 from ..uploads import receive_upload, store_upload, temp_upload_path
 
 router = APIRouter(prefix="/v1/slides", tags=["slides"])
@@ -44,13 +44,7 @@ _UPLOAD_BODY = {
 
 def _summary(e: SlideEntry) -> SlideSummary:
     return SlideSummary(id=e.id, name=e.name, path=e.relpath, format=e.format,
-                        size_bytes=e.size_bytes, source=_source_kind(e))
-
-
-def _source_kind(e: SlideEntry) -> Literal["local", "s3", "dicomweb"]:
-    if e.path is not None:
-        return "local"
-    return "dicomweb" if e.format == "dicom" else "s3"
+                        size_bytes=e.size_bytes, source=e.source)
 
 
 @router.get("", response_model=SlideList)
@@ -62,7 +56,7 @@ async def list_slides(
     """Slides under the configured roots, paginated, in path order."""
     entries = await run_in_threadpool(services.registry.listing)
     page = entries[offset : offset + limit]
-    failed = [RootError(source="s3" if root.startswith("s3://") else "dicomweb",
+    failed = [RootError(source=root_source(root),
                         root=services.registry.remote_roots.index(root),
                         error=services.scrub(message))
               for root, message in services.registry.root_errors().items()]

@@ -44,6 +44,7 @@ from ..errors import (
     UnsupportedFormatError,
     WsiSamplerError,
     describe_backend_error,
+    store_status_error,
 )
 from ..types import Backend, RGBImage
 from .location import SlideLocation
@@ -145,16 +146,10 @@ def pacs_errors(what: str) -> Iterator[None]:
     except WsiSamplerError:
         raise
     except requests.HTTPError as exc:
-        status = exc.response.status_code if exc.response is not None else None
-        if status == 404:
-            raise SlideNotFoundError(f"{what}: not found on the DICOMweb server") from exc
-        if status in (401, 403):
-            raise SlideStoreError(
-                f"{what}: the DICOMweb server refused the credentials (HTTP {status}); set "
-                "WSI_DICOMWEB_TOKEN or WSI_DICOMWEB_USERNAME/WSI_DICOMWEB_PASSWORD",
-                status=status) from exc
-        raise SlideStoreError(f"{what}: the DICOMweb server answered HTTP {status}",
-                              status=status) from exc
+        status = exc.response.status_code if exc.response is not None else 502
+        raise store_status_error(
+            what, status, store="the DICOMweb server", credentials_hint="set "
+            "WSI_DICOMWEB_TOKEN or WSI_DICOMWEB_USERNAME/WSI_DICOMWEB_PASSWORD") from exc
     except requests.exceptions.SSLError as exc:
         raise SlideStoreError(
             f"{what}: the DICOMweb server's TLS certificate could not be verified; trust its "

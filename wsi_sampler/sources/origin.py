@@ -13,9 +13,18 @@ from typing import Protocol
 
 from .._tiles import TileSource
 
-__all__ = ["LocalOrigin", "SlideOrigin"]
+__all__ = ["FINGERPRINT_BYTES", "LocalOrigin", "SlideOrigin", "fingerprint_of"]
 
-_FINGERPRINT_BYTES = 1 << 20
+FINGERPRINT_BYTES = 1 << 20
+"""A file is fingerprinted by its size and this many first bytes."""
+
+
+def fingerprint_of(size: int, head: bytes) -> str:
+    """``sha256:<hex>`` over a file's size and its first bytes: cheap, stable, and the same
+    wherever the file is read from (disk, HTTP, S3)."""
+    digest = hashlib.sha256(str(size).encode())
+    digest.update(head)
+    return f"sha256:{digest.hexdigest()}"
 
 
 class SlideOrigin(Protocol):
@@ -52,12 +61,8 @@ class LocalOrigin:
         return TileSource.open(self._path, level_dimensions)
 
     def fingerprint(self) -> str:
-        """``sha256:<hex>`` over the file size and its first MiB: cheap and stable."""
-        digest = hashlib.sha256()
-        digest.update(str(self._path.stat().st_size).encode())
         with self._path.open("rb") as fh:
-            digest.update(fh.read(_FINGERPRINT_BYTES))
-        return f"sha256:{digest.hexdigest()}"
+            return fingerprint_of(self._path.stat().st_size, fh.read(FINGERPRINT_BYTES))
 
     def io_stats(self) -> dict[str, int] | None:
         return None

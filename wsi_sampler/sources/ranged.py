@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import hashlib
 import io
 import os
 import ssl
@@ -27,8 +26,10 @@ from ..errors import (
     SlideStoreUnavailableError,
     WsiSamplerError,
     describe_backend_error,
+    store_status_error,
 )
 from .location import SlideLocation
+from .origin import FINGERPRINT_BYTES, fingerprint_of
 
 __all__ = [
     "BlockCache", "RangeFetch", "RangedBytes", "RangedFile", "coalesce", "open_filesystem",
@@ -40,7 +41,6 @@ _COALESCE_GAP = 8 << 10
 _MAX_REQUEST_BYTES = 16 << 20
 _BLOCK = 64 << 10
 _BLOCK_CACHE_BLOCKS = 256  # 16 MiB of metadata blocks per open slide
-_FINGERPRINT_BYTES = 1 << 20
 _CONNECT_TIMEOUT_S = 10.0
 _READ_TIMEOUT_S = 60.0
 
@@ -122,15 +122,8 @@ def store_errors(what: str) -> Iterator[None]:
                 "(HTTPS) or AWS_CA_BUNDLE (S3)") from exc
         status = getattr(exc, "status", None) or getattr(exc, "code", None) \
             or _s3_status(exc)
-        if isinstance(status, int) and status in (401, 403):
-            raise SlideStoreError(
-                f"{what}: the server refused the credentials (HTTP {status})", status=status
-            ) from exc
-        if isinstance(status, int) and status == 404:
-            raise SlideNotFoundError(f"{what}: not found on the server") from exc
         if isinstance(status, int) and status >= 400:
-            raise SlideStoreError(f"{what}: the server answered HTTP {status}",
-                                  status=status) from exc
+            raise store_status_error(what, status) from exc
         raise SlideStoreUnavailableError(
             f"{what}: the slide store could not be reached or broke off "
             f"({describe_backend_error(exc)})") from exc
@@ -214,9 +207,8 @@ class RangedBytes:
     def fingerprint(self) -> str:
         """``sha256:<hex>`` over the size and first MiB: equal to the local file's."""
         if self._fingerprint is None:
-            digest = hashlib.sha256(str(self.size).encode())
-            digest.update(self.read(0, min(self.size, _FINGERPRINT_BYTES)))
-            self._fingerprint = f"sha256:{digest.hexdigest()}"
+            head = self.read(0, min(self.size, FINGERPRINT_BYTES))
+            self._fingerprint = fingerprint_of(self.size, head)
         return self._fingerprint
 
 
