@@ -38,8 +38,8 @@ from starlette.types import Receive, Scope, Send
 
 from wsi_sampler import Extractor, PatchBatch, PatchPlan, Slide
 from wsi_sampler._tiles import default_threads
+from wsi_sampler.encoding import encode_image
 from wsi_sampler.errors import WsiSamplerError
-from wsi_sampler.export import encode_image
 from wsi_sampler.models import Predictions
 from wsi_sampler.report import report_events
 from wsi_sampler.scoring import Aggregate, iter_predictions, output_columns

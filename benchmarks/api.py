@@ -24,7 +24,7 @@ import httpx
 
 from wsi_sampler import Extractor, make_plan, open_slide
 from wsi_sampler.demo import write_demo_slide
-from wsi_sampler.export import encode_image
+from wsi_sampler.encoding import encode_image
 
 from ._harness import ensure_slide
 from ._servers import cli_server

@@ -24,6 +24,7 @@ import numpy as np
 import numpy.typing as npt
 
 from ._io import atomic_path, atomic_write_bytes, atomic_write_text
+from .encoding import encode_image
 from .errors import InvalidRequestError
 from .plan import PatchPlan
 from .slide import Slide
@@ -154,16 +155,6 @@ def write_wsinfer_h5(path: str | os.PathLike[str], plan: PatchPlan) -> None:
         f.attrs["patch_spacing_um_px"] = plan.target_mpp
         dset.attrs["patch_size"] = plan.patch_size_px
         dset.attrs["patch_spacing_um_px"] = plan.target_mpp
-
-
-def encode_image(img: np.ndarray, ext: str = ".png", *, jpeg_quality: int = 95) -> bytes:
-    """Encode an RGB (or grey) uint8 image as ``.png`` or ``.jpg`` bytes."""
-    arr = img[:, :, ::-1] if img.ndim == 3 else img
-    flags = [cv2.IMWRITE_JPEG_QUALITY, jpeg_quality] if ext in (".jpg", ".jpeg") else []
-    ok, buf = cv2.imencode(ext, np.ascontiguousarray(arr), flags)
-    if not ok:  # pragma: no cover - OpenCV encodes any uint8 image
-        raise InvalidRequestError(f"{ext} encoding failed")
-    return bytes(buf.tobytes())
 
 
 def write_tissue_geojson(

@@ -9,7 +9,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from wsi_sampler import compute_tissue_mask
-from wsi_sampler.export import encode_image
+from wsi_sampler.encoding import encode_image
 from wsi_sampler.tissue import mask_to_polygons
 from wsi_sampler.units import SLIDE_MPP_RANGE, TISSUE_MPP_RANGE
 

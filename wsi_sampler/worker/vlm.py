@@ -22,8 +22,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from ..encoding import encode_image
 from ..errors import InvalidRequestError, WorkerError, WorkerUnavailableError
-from ..export import encode_image
 from ..types import RGBImage
 
 __all__ = ["VlmConfig", "VlmReport", "VlmRequest", "VlmWorker", "encode_data_uri"]
