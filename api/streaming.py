@@ -61,6 +61,10 @@ _FIRST_BATCH = 4  # small first batch: the first patch leaves quickly
 _IMAGE_FORMATS = {"png": ("png", "image/png"), "jpeg": ("jpg", "image/jpeg"),
                   "raw": ("npy", "application/x-npy")}
 _BATCH = 32
+# A batch's chunk (6 MiB of raw patches) goes to the server in slices: HTTP framing and the
+# socket copy then work on cache-sized pieces. 25 % more raw patches/s on 2 cores than
+# whole chunks (python -m benchmarks.api); 64 KiB to 1 MiB measured alike.
+_SEND_SLICE = 256 * 1024
 
 ErrorDescriber = Callable[[BaseException], tuple[int, str]]
 """An exception -> (HTTP status, message safe to show the client)."""
@@ -143,7 +147,10 @@ class ProducerResponse(StreamingResponse):
         await send({"type": "http.response.start", "status": self.status_code,
                     "headers": self.raw_headers})
         while chunk is not None:
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            view = memoryview(chunk)
+            for at in range(0, len(view), _SEND_SLICE):
+                await send({"type": "http.response.body", "body": bytes(view[at:at + _SEND_SLICE]),
+                            "more_body": True})
             chunk = await self._next()
             if isinstance(chunk, BaseException):
                 await self._abort(send, chunk)

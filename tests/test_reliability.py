@@ -22,8 +22,8 @@ import httpx
 import numpy as np
 import numpy.typing as npt
 import pytest
-import tifffile
 from _servers import serve, slide_ids
+from _slides import corrupt_lower_half
 
 from api.app import create_app
 from api.config import Settings
@@ -54,20 +54,6 @@ class FailingWorker:
 
     def close(self) -> None:
         self.inner.close()
-
-
-def corrupt_lower_half(src: Path, dst: Path) -> None:
-    """Copy ``src`` and overwrite the level-0 tiles of its lower half with garbage."""
-    data = bytearray(src.read_bytes())
-    with tifffile.TiffFile(src) as tif:
-        page = tif.pages[0]
-        across = -(-page.imagewidth // page.tilewidth)
-        down = -(-page.imagelength // page.tilelength)
-        for index, (offset, count) in enumerate(
-                zip(page.dataoffsets, page.databytecounts, strict=True)):
-            if index // across >= down // 2:
-                data[offset + 2 : offset + count] = b"\x5a" * (count - 2)
-    dst.write_bytes(bytes(data))
 
 
 @pytest.fixture(scope="module")

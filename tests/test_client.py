@@ -1,0 +1,116 @@
+"""wsi_sampler.client against a real uvicorn: the arrays it yields are the extractor's."""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from _servers import serve
+from _slides import corrupt_lower_half
+
+from api.app import create_app
+from api.config import Settings
+from wsi_sampler import Extractor, PlanParams, make_plan, open_slide
+from wsi_sampler.client import PatchStreamError, stream_patches
+from wsi_sampler.encoding import encode_jpeg
+
+PLAN = {"strategy": "random", "n_patches": 70, "seed": 3, "patch_size_px": 224,
+        "target_mpp": 0.5}
+KEY = "client-test-key"
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory: pytest.TempPathFactory, demo_slide: Path) -> Path:
+    base = tmp_path_factory.mktemp("client")
+    (base / "slides").mkdir()
+    shutil.copy(demo_slide, base / "slides" / "demo.svs")
+    corrupt_lower_half(demo_slide, base / "slides" / "late-corrupt.svs")
+    return base
+
+
+@pytest.fixture(scope="module")
+def url(root: Path) -> Iterator[str]:
+    settings = Settings(slide_roots=[root / "slides"], data_dir=root / "data",  # type: ignore[call-arg]
+                        demo_slide=False, device="cpu", api_keys=[KEY],
+                        max_concurrent_streams=1)
+    with serve(create_app(settings), ready_path="/readyz") as base:
+        yield base
+
+
+def slide_ids(url: str) -> dict[str, str]:
+    items = httpx.get(f"{url}/v1/slides", headers={"Authorization": f"Bearer {KEY}"}).json()
+    return {i["path"]: i["id"] for i in items["items"]}
+
+
+def _in_process(path: Path) -> tuple[list[tuple[int, int]], np.ndarray]:
+    with open_slide(path) as slide:
+        plan = make_plan(slide, PlanParams(**PLAN))  # type: ignore[arg-type]
+        images = np.concatenate([b.images for b in Extractor(slide, plan).iter_batches()])
+        return list(zip(plan.x0.tolist(), plan.y0.tolist(), strict=True)), images
+
+
+def test_raw_and_png_patches_are_the_extractors_arrays(url: str, root: Path) -> None:
+    sid = slide_ids(url)["demo.svs"]
+    coords, expected = _in_process(root / "slides" / "demo.svs")
+    for form in ("raw", "png"):
+        got = list(stream_patches(url, sid, PLAN, image_format=form, api_key=KEY))
+        assert [m["index"] for m, _ in got] == list(range(len(coords)))
+        assert [(m["x0"], m["y0"]) for m, _ in got] == coords
+        images = np.stack([im for _, im in got])
+        assert images.dtype == np.uint8 and images.shape == expected.shape
+        assert np.array_equal(images, expected), form
+
+
+def test_jpeg_patches_decode_to_the_encoded_extractor_arrays(url: str, root: Path) -> None:
+    sid = slide_ids(url)["demo.svs"]
+    _, expected = _in_process(root / "slides" / "demo.svs")
+    got = [im for _, im in stream_patches(url, sid, PLAN, image_format="jpeg", api_key=KEY)]
+    from imagecodecs import jpeg8_decode
+
+    for image, reference in zip(got, expected, strict=True):
+        assert np.array_equal(image, jpeg8_decode(encode_jpeg(reference)))
+
+
+def test_refusals_carry_the_services_message(url: str) -> None:
+    with pytest.raises(PatchStreamError, match="HTTP 404"):
+        list(stream_patches(url, "no-such-slide", PLAN, api_key=KEY))
+    with pytest.raises(PatchStreamError, match="HTTP 401: .*API key"):
+        list(stream_patches(url, slide_ids(url)["demo.svs"], PLAN))
+    with pytest.raises(PatchStreamError, match="HTTP 422"):
+        list(stream_patches(url, slide_ids(url)["demo.svs"], {"strategy": "nope"}, api_key=KEY))
+    with pytest.raises(PatchStreamError, match="not an http"):
+        list(stream_patches("ftp://example.org", "x"))
+
+
+def test_a_stream_failing_mid_way_is_an_error_not_a_short_result(url: str) -> None:
+    sid = slide_ids(url)["late-corrupt.svs"]
+    grid = {"strategy": "grid", "patch_size_px": 256, "min_tissue_fraction": 0.0}
+    received = 0
+    with pytest.raises(PatchStreamError, match=r"broke off after \d+ of \d+ patches") as info:
+        for _ in stream_patches(url, sid, grid, api_key=KEY):
+            received += 1
+    planned = int(str(info.value).split(" of ")[1].split()[0])
+    assert 0 < received < planned
+
+
+def test_stopping_early_closes_the_connection(url: str, root: Path) -> None:
+    coords, _ = _in_process(root / "slides" / "demo.svs")
+    sid = slide_ids(url)["demo.svs"]
+    stream = stream_patches(url, sid, PLAN, api_key=KEY)
+    first = [next(stream) for _ in range(3)]
+    stream.close()
+    assert [m["index"] for m, _ in first] == [0, 1, 2]
+    # The service's only stream slot comes free (it notices the closed connection).
+    deadline = time.monotonic() + 10
+    while True:
+        try:
+            assert len(list(stream_patches(url, sid, PLAN, api_key=KEY))) == len(coords) > 3
+            break
+        except PatchStreamError as exc:
+            assert "HTTP 429" in str(exc) and time.monotonic() < deadline
+            time.sleep(0.1)
