@@ -171,8 +171,11 @@ class ReportRequest(BaseModel):
 
 class PatchRequest(SamplingRequest):
     image_format: Literal["png", "jpeg", "raw"] = Field(
-        "png", description="png (lossless), jpeg (quality 95) or raw: uint8 (H, W, 3) RGB "
-        "arrays as .npy (no encoding; for machines feeding a model)")
+        "png", description="png (lossless), jpeg or raw: uint8 (H, W, 3) RGB arrays as .npy "
+        "(no encoding; for machines feeding a model). jpeg: a patch that is exactly one "
+        "stored JPEG tile (native level, tile-aligned, patch size = tile size) is that tile "
+        "as the scanner stored it (decodes to the raw patch); other patches are encoded at "
+        "quality 95")
 
 
 class PlannedPatch(BaseModel):

@@ -38,7 +38,7 @@ from starlette.types import Receive, Scope, Send
 
 from wsi_sampler import Extractor, PatchBatch, PatchPlan, Slide
 from wsi_sampler._tiles import default_threads
-from wsi_sampler.encoding import encode_image
+from wsi_sampler.encoding import encode_image, encode_jpeg
 from wsi_sampler.errors import WsiSamplerError
 from wsi_sampler.models import Predictions
 from wsi_sampler.report import report_events
@@ -215,30 +215,64 @@ def patch_meta(slide_id: str, plan: PatchPlan, i: int) -> dict[str, Any]:
             "tissue_fraction": round(float(plan.tissue_fraction[i]), 4)}
 
 
+_Payload = tuple[bytes | memoryview, ...]
+
+
+def _stored_jpeg_batches(
+    extractor: Extractor, pool: ThreadPoolExecutor
+) -> Iterator[tuple[list[int], list[_Payload]]]:
+    """JPEG members of a plan of whole stored JPEG tiles: each tile's own stream (no
+    decoding, no second lossy generation); a patch that is not one stored tile (over the
+    level's edge, sparse, damaged) is read and encoded at quality 95."""
+    def read_and_encode(index: int) -> bytes:
+        return encode_jpeg(extractor.read_patch(index))
+
+    for start, end in extractor.batch_bounds():
+        indices = list(range(start, end))
+        stored = extractor.stored_jpegs(indices)
+        missing = [i for i, data in zip(indices, stored, strict=True) if data is None]
+        encoded = dict(zip(missing, pool.map(read_and_encode, missing), strict=True))
+        yield indices, [(data if data is not None else encoded[i],)
+                        for i, data in zip(indices, stored, strict=True)]
+
+
+def _image_batches(
+    extractor: Extractor, image_format: str, pool: ThreadPoolExecutor
+) -> Generator[tuple[list[int], list[_Payload]], None, None]:
+    """(plan indices, each patch's member payload) per batch, in plan order."""
+    if image_format == "jpeg" and extractor.passes_stored_jpeg:
+        yield from _stored_jpeg_batches(extractor, pool)
+        return
+    encode = partial(encode_image, ext=f".{_IMAGE_FORMATS[image_format][0]}")
+    # closing(): a stream closed early stops its extractor now, before the slide closes.
+    with closing(extractor.iter_batches()) as batches:
+        for batch in batches:
+            if image_format == "raw":  # header + the array's own memory: one copy, at join
+                head = npy_header(batch.images.shape[1:])
+                payloads: list[_Payload] = [(head, memoryview(im).cast("B"))
+                                            for im in batch.images]
+            else:
+                payloads = [(data,) for data in pool.map(encode, batch.images)]
+            yield batch.indices.tolist(), payloads
+
+
 def patch_chunks(
     slide: Slide, slide_id: str, plan: PatchPlan, *, as_tar: bool, image_format: str,
     metrics: Metrics,
 ) -> Generator[bytes, None, None]:
     """WebDataset tar members (``000042.png`` + ``000042.json``) or NDJSON lines. Images are
-    encoded in parallel threads; ``raw`` sends ``.npy`` arrays and encodes nothing."""
+    encoded in parallel threads; ``raw`` sends ``.npy`` arrays and encodes nothing; ``jpeg``
+    sends whole stored JPEG tiles as they are stored."""
     ext, media = _IMAGE_FORMATS[image_format]
-    encode = partial(encode_image, ext=f".{ext}")
     members = TarMembers(time.time())
-    # closing(): a stream closed early stops its extractor now, before the slide closes.
     extractor = Extractor(slide, plan, batch_size=_BATCH, first_batch_size=_FIRST_BATCH)
     sent = 0
     with ThreadPoolExecutor(default_threads(), thread_name_prefix="wsi-encode") as pool, \
-            closing(extractor.iter_batches()) as batches:
-        for batch in batches:
-            sent += len(batch)
-            if image_format == "raw":  # header + the array's own memory: one copy, at join
-                head = npy_header(batch.images.shape[1:])
-                payloads: list[tuple[bytes | memoryview, ...]] = [
-                    (head, memoryview(im).cast("B")) for im in batch.images]
-            else:
-                payloads = [(data,) for data in pool.map(encode, batch.images)]
+            closing(_image_batches(extractor, image_format, pool)) as batches:
+        for indices, payloads in batches:
+            sent += len(indices)
             parts: list[bytes | memoryview] = []
-            for i, payload in zip(batch.indices.tolist(), payloads, strict=True):
+            for i, payload in zip(indices, payloads, strict=True):
                 meta = patch_meta(slide_id, plan, i)
                 if as_tar:
                     parts += members.member(f"{i:06d}.{ext}", *payload)

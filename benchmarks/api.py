@@ -1,75 +1,151 @@
-"""Patches over HTTP: streamed tar vs the in-process extractor, and time to first patch.
+"""Patches over HTTP: the streamed tar in each image form vs the in-process extractor.
 
 Run ``python -m benchmarks.api``. The service runs as its own process (``wsi-sampler
-serve``); the client reads the WebDataset tar as it streams. Throughput: every tissue patch
-(256 px, native resolution) of the 40,000 x 30,000 benchmark slide, in each image form of
-the stream (raw ``.npy`` arrays, JPEG, PNG); in-process baselines, timed from the plan like
-the request: the extractor alone, and the extractor plus the same PNG encoding. Time to
-first patch: the ``make run`` demo slide. Goals (issue 14): raw >= 0.8 x the in-process
+serve``); clients read the WebDataset tar as it streams, on the same machine. Two plans on
+the 40,000 x 30,000 benchmark slide (0.25 µm/px, JPEG tiles of 256 px): every tissue patch
+of 256 px at the native level (tile-aligned: JPEG members are the stored tiles) and of
+224 px at 0.5 µm/px (resampled: JPEG members are encoded). Per plan: the in-process
+extractor (timed from the plan, like a request), then each form over HTTP read by
+
+- ``http.client`` into one buffer (the least a client can spend: what the server gives),
+- httpx ``iter_bytes`` (a common client; it allocates every piece),
+- ``wsi_sampler.client.stream_patches`` (raw: ``.npy`` members read into numpy arrays).
+
+Also the image encoders per core (ours vs OpenCV's, same quality) and the time to the
+first patch on the ``make run`` demo slide. Goals (issue 14): raw >= 0.8 x the in-process
 extractor, JPEG >= 0.5 x, PNG >= 0.3 x; first patch < 150 ms.
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
+import json
 import shutil
 import statistics
 import tarfile
 import tempfile
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
+import cv2
 import httpx
+import numpy as np
 
 from wsi_sampler import Extractor, make_plan, open_slide
+from wsi_sampler.client import stream_patches
 from wsi_sampler.demo import write_demo_slide
-from wsi_sampler.encoding import encode_image
+from wsi_sampler.encoding import encode_jpeg, encode_png
 
 from ._harness import ensure_slide
 from ._servers import cli_server
 from .extract import SPECS
 
-BODY = {"strategy": "grid", "patch_size_px": 256}
+PLANS = {"256 px native (tile-aligned)": {"strategy": "grid", "patch_size_px": 256},
+         "224 px at 0.5 µm/px": {"strategy": "grid", "patch_size_px": 224, "target_mpp": 0.5}}
 FIRST = {"strategy": "grid", "patch_size_px": 224, "target_mpp": 0.5}
 FORMS = ("raw", "jpeg", "png")
 
 
-def in_process(path: Path, encode: bool) -> tuple[int, float]:
+def in_process(path: Path, body: dict[str, Any]) -> float:
     from api.schemas import PatchRequest
 
     with open_slide(path) as s:
         t = time.perf_counter()
-        plan = make_plan(s, PatchRequest(**BODY).to_params())  # type: ignore[arg-type]
-        n = 0
-        with ThreadPoolExecutor(2) as pool:
-            for batch in Extractor(s, plan).iter_batches():
-                if encode:
-                    list(pool.map(encode_image, batch.images))
-                n += len(batch)
-        return n, time.perf_counter() - t
+        plan = make_plan(s, PatchRequest(**body).to_params())
+        for _ in Extractor(s, plan).iter_batches():
+            pass
+        return time.perf_counter() - t
 
 
-def over_http(url: str, sid: str, body: dict[str, object]) -> tuple[int, float, float]:
-    """(patches, seconds, seconds to the first complete patch)."""
-    t = time.perf_counter()
-    first = None
+def read_http_client(url: str, sid: str, body: dict[str, Any]) -> int:
+    """Bytes of the stream read with http.client into one reused buffer."""
+    parts = urlsplit(url)
+    conn = http.client.HTTPConnection(parts.hostname or "", parts.port)
+    conn.request("POST", f"/v1/slides/{sid}/patches", body=json.dumps(body),
+                 headers={"content-type": "application/json"})
+    resp = conn.getresponse()
+    assert resp.status == 200, resp.read()
+    view, n = memoryview(bytearray(1 << 20)), 0
+    while got := resp.readinto(view):
+        n += got
+    conn.close()
+    return n
+
+
+def read_httpx(url: str, sid: str, body: dict[str, Any]) -> int:
     n = 0
     with httpx.stream("POST", f"{url}/v1/slides/{sid}/patches", json=body, timeout=600) as r:
         r.raise_for_status()
-        total = int(r.headers["x-patch-count"])
-        head = b""
-        need = None  # bytes up to the end of the first member (its header says its size)
         for chunk in r.iter_bytes():
-            if first is None:
-                head += chunk
-                if need is None and len(head) >= 512:
-                    info = tarfile.TarInfo.frombuf(head[:512], "utf-8", "surrogateescape")
-                    need = 512 + info.size
-                if need is not None and len(head) >= need:
-                    first = time.perf_counter() - t
-        n = total
-    return n, time.perf_counter() - t, first or 0.0
+            n += len(chunk)
+    return n
+
+
+def read_arrays(url: str, sid: str, body: dict[str, Any]) -> int:
+    plan = {k: v for k, v in body.items() if k != "image_format"}
+    return sum(im.nbytes for _, im in stream_patches(url, sid, plan,
+                                                    image_format=body["image_format"]))
+
+
+READERS: list[tuple[str, Callable[[str, str, dict[str, Any]], int]]] = [
+    ("http.client", read_http_client), ("httpx", read_httpx),
+    ("wsi_sampler.client (arrays)", read_arrays)]
+
+
+def median_s(fn: Callable[[], object], repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def first_patch_s(url: str, sid: str, body: dict[str, Any]) -> float:
+    t = time.perf_counter()
+    with httpx.stream("POST", f"{url}/v1/slides/{sid}/patches", json=body, timeout=600) as r:
+        head = b""
+        for chunk in r.iter_bytes():
+            head += chunk
+            if len(head) >= 512:
+                info = tarfile.TarInfo.frombuf(head[:512], "utf-8", "surrogateescape")
+                if len(head) >= 512 + info.size:
+                    return time.perf_counter() - t
+    raise RuntimeError("no complete first patch")
+
+
+def codec_table(path: Path) -> None:
+    with open_slide(path) as s:
+        from api.schemas import PatchRequest
+
+        plan = make_plan(s, PatchRequest(**PLANS["256 px native (tile-aligned)"]).to_params())
+        images = next(Extractor(s, plan, batch_size=300).iter_batches()).images
+
+    def cv2_encode(ext: str, flags: list[int]) -> Callable[[np.ndarray], bytes]:
+        def encode(im: np.ndarray) -> bytes:
+            return bytes(cv2.imencode(ext, np.ascontiguousarray(im[:, :, ::-1]), flags)[1])
+        return encode
+
+    rows = [("JPEG q95", "OpenCV imencode", cv2_encode(".jpg", [cv2.IMWRITE_JPEG_QUALITY, 95])),
+            ("JPEG q95", "ours (imagecodecs libjpeg-turbo)", encode_jpeg),
+            ("PNG", "OpenCV imencode (libpng, zlib 1)", cv2_encode(".png", [])),
+            ("PNG", "ours (Up filter, libdeflate 1)", encode_png)]
+    print("\n| codec | encoder | patches/s per core | size / raw |\n|---|---|---:|---:|")
+    for codec, name, fn in rows:
+        seconds = median_s(partial(encode_all, fn, images), 3)
+        size = sum(len(fn(im)) for im in images[:50]) / images[:50].nbytes
+        print(f"| {codec} | {name} | {len(images) / seconds:,.0f} | {size:.3f} |")
+
+
+def encode_all(fn: Callable[[np.ndarray], bytes], images: np.ndarray) -> None:
+    for im in images:
+        fn(im)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -83,27 +159,28 @@ def main(argv: list[str] | None = None) -> int:
         path = Path(shutil.copy(ensure_slide("A", SPECS["A"]), slides / "big.svs"))
         env = {"WSI_SLIDE_ROOTS": f'["{slides}"]', "WSI_DATA_DIR": str(Path(tmp) / "data"),
                "WSI_DEMO_SLIDE": "false", "WSI_DEVICE": "cpu"}
-        raw = [in_process(path, encode=False) for _ in range(args.repeats + 1)][1:]
-        enc = [in_process(path, encode=True) for _ in range(args.repeats + 1)][1:]
+        codec_table(path)
         with cli_server(["serve"], "/readyz", env=env) as url:
             ids = {i["name"]: i["id"] for i in httpx.get(f"{url}/v1/slides").json()["items"]}
-            http = {form: [over_http(url, ids["big.svs"], BODY | {"image_format": form})
-                           for _ in range(args.repeats + 1)][1:] for form in FORMS}
-            first = {form: [over_http(url, ids["demo.svs"], FIRST | {"image_format": form})[2]
-                            for _ in range(args.repeats + 1)][1:] for form in FORMS}
-    n = raw[0][0]
-    r_raw = n / statistics.median(s for _, s in raw)
-    r_enc = n / statistics.median(s for _, s in enc)
-    print(f"\n{n} patches of 256 px (native) from the 40,000 x 30,000 slide\n")
-    print("| path | patches/s | ÷ in-process extractor | first patch (demo slide) |\n"
-          "|---|---:|---:|---:|")
-    print(f"| in-process extractor | {r_raw:,.0f} | 1.00 | |")
-    print(f"| in-process extractor + PNG encoding | {r_enc:,.0f} | {r_enc / r_raw:.2f} | |")
-    for form in FORMS:
-        rate = n / statistics.median(s for _, s, _ in http[form])
-        ttfp = statistics.median(first[form]) * 1000
-        print(f"| HTTP tar stream ({form}) | {rate:,.0f} | {rate / r_raw:.2f} | "
-              f"{ttfp:.0f} ms |")
+            for title, body in PLANS.items():
+                n = int(httpx.post(f"{url}/v1/slides/{ids['big.svs']}/plan",
+                                   json=body).json()["n_patches"])
+                base = n / median_s(partial(in_process, path, body), args.repeats)
+                print(f"\n{title}: {n} patches\n\n| path | client | patches/s | "
+                      "÷ in-process extractor |\n|---|---|---:|---:|")
+                print(f"| in-process extractor | | {base:,.0f} | 1.00 |")
+                for form in FORMS:
+                    for client, read in (READERS if form == "raw" else READERS[:1]):
+                        request = body | {"image_format": form}
+                        seconds = median_s(partial(read, url, ids["big.svs"], request),
+                                           args.repeats)
+                        print(f"| HTTP tar ({form}) | {client} | {n / seconds:,.0f} | "
+                              f"{n / seconds / base:.2f} |")
+            print("\n| time to first patch (demo slide) | " + " | ".join(FORMS) + " |\n|---|" +
+                  "---:|" * len(FORMS))
+            firsts = [statistics.median(first_patch_s(url, ids["demo.svs"], FIRST | {
+                "image_format": form}) for _ in range(args.repeats)) for form in FORMS]
+            print("| ms | " + " | ".join(f"{s * 1000:.0f}" for s in firsts) + " |")
     return 0
 
 

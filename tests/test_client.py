@@ -76,6 +76,18 @@ def test_jpeg_patches_decode_to_the_encoded_extractor_arrays(url: str, root: Pat
         assert np.array_equal(image, jpeg8_decode(encode_jpeg(reference)))
 
 
+def test_whole_stored_tiles_arrive_as_the_scanners_jpeg(url: str) -> None:
+    """A 256 px grid at the native level of a slide tiled in 256 px: each JPEG member is the
+    stored tile, decoding to exactly the raw patch (a quality-95 re-encode could not)."""
+    sid = slide_ids(url)["demo.svs"]
+    grid = {"strategy": "grid", "patch_size_px": 256}
+    raw = list(stream_patches(url, sid, grid, api_key=KEY))
+    jpeg = list(stream_patches(url, sid, grid, image_format="jpeg", api_key=KEY))
+    assert len(raw) == len(jpeg) > 50
+    for (meta_r, image_r), (meta_j, image_j) in zip(raw, jpeg, strict=True):
+        assert meta_r == meta_j and np.array_equal(image_r, image_j)
+
+
 def test_refusals_carry_the_services_message(url: str) -> None:
     with pytest.raises(PatchStreamError, match="HTTP 404"):
         list(stream_patches(url, "no-such-slide", PLAN, api_key=KEY))
@@ -87,12 +99,14 @@ def test_refusals_carry_the_services_message(url: str) -> None:
         list(stream_patches("ftp://example.org", "x"))
 
 
-def test_a_stream_failing_mid_way_is_an_error_not_a_short_result(url: str) -> None:
+@pytest.mark.parametrize("form", ["raw", "jpeg"])
+def test_a_stream_failing_mid_way_is_an_error_not_a_short_result(url: str, form: str) -> None:
+    """jpeg: damaged stored tiles are not passed on, their decoding fails the stream."""
     sid = slide_ids(url)["late-corrupt.svs"]
     grid = {"strategy": "grid", "patch_size_px": 256, "min_tissue_fraction": 0.0}
     received = 0
     with pytest.raises(PatchStreamError, match=r"broke off after \d+ of \d+ patches") as info:
-        for _ in stream_patches(url, sid, grid, api_key=KEY):
+        for _ in stream_patches(url, sid, grid, image_format=form, api_key=KEY):
             received += 1
     planned = int(str(info.value).split(" of ")[1].split()[0])
     assert 0 < received < planned

@@ -247,3 +247,106 @@ def test_a_smaller_first_batch(demo_slide: Path) -> None:
         with pytest.raises(InvalidRequestError):
             Extractor(s, plan, first_batch_size=0)
     assert sizes == [2, 5, 5]
+
+
+# -- whole stored JPEG tiles handed out as they are ---------------------------------------------
+def _decoders(stream: bytes) -> list[np.ndarray]:
+    """The stream as libjpeg-turbo reads it through imagecodecs, Pillow and OpenCV."""
+    import io
+
+    import imagecodecs
+    from PIL import Image
+
+    return [imagecodecs.jpeg8_decode(stream), np.asarray(Image.open(io.BytesIO(stream))),
+            cv2.imdecode(np.frombuffer(stream, np.uint8), cv2.IMREAD_COLOR_RGB)]
+
+
+def _stored_equal_extracted(slide: Slide, plan: PatchPlan) -> int:
+    """How many patches came as stored JPEGs; asserts each decodes to the extracted pixels."""
+    ex = Extractor(slide, plan)
+    assert ex.passes_stored_jpeg
+    stored = ex.stored_jpegs(range(len(plan)))
+    images = np.concatenate([b.images for b in ex.iter_batches()])
+    for data, image in zip(stored, images, strict=True):
+        if data is not None:
+            for decoded in _decoders(data):
+                assert np.array_equal(decoded, image)
+    return sum(data is not None for data in stored)
+
+
+def test_stored_jpeg_tiles_decode_to_the_extracted_pixels(demo_slide: Path) -> None:
+    with open_slide(demo_slide) as s:  # YCbCr tiles, tables shared in JPEGTables
+        plan = make_plan(s, PlanParams(strategy="grid", patch_size_px=256))
+        assert _stored_equal_extracted(s, plan) == len(plan) > 0
+        resampled = make_plan(s, PlanParams(strategy="grid", patch_size_px=224, target_mpp=0.5))
+        ex = Extractor(s, resampled)
+        assert not ex.passes_stored_jpeg and ex.stored_jpegs([0, 1]) == [None, None]
+
+
+def test_stored_jpeg_tiles_of_a_real_aperio_slide(cmu_svs: Path) -> None:
+    with open_slide(cmu_svs) as s:  # 240 px tiles
+        plan = make_plan(s, PlanParams(strategy="grid", patch_size_px=240,
+                                       min_tissue_fraction=0.0))
+        assert _stored_equal_extracted(s, plan) == len(plan) > 0
+
+
+def _as_aperio_writes_rgb(data: bytearray, start: int, end: int) -> None:
+    """An RGB JPEG made to look like Aperio's: the Adobe marker turned into a comment and
+    the components numbered 1, 2, 3 (libjpeg writes 'R', 'G', 'B', which decoders take
+    as a sign of RGB)."""
+    assert data[start + 2 : start + 11] == b"\xff\xee\x00\x0eAdobe"
+    data[start + 2 : start + 11] = b"\xff\xfe\x00\x0enote."
+    pos = start + 2
+    while pos < end:
+        marker, length = data[pos + 1], int.from_bytes(data[pos + 2 : pos + 4], "big")
+        if marker == 0xC0:  # SOF0: precision, height, width, count, then 3 bytes each
+            for k in range(3):
+                data[pos + 10 + 3 * k] = k + 1
+        if marker == 0xDA:  # SOS: count, then (component, tables) pairs
+            for k in range(3):
+                data[pos + 5 + 2 * k] = k + 1
+            return
+        pos += 2 + length
+    raise AssertionError("no scan found")
+
+
+def test_rgb_jpeg_tiles_without_an_adobe_marker(tmp_path: Path) -> None:
+    """TIFF says RGB (Photometric 2) and the tiles carry no Adobe marker, as Aperio writes
+    them: a lone decoder would read YCbCr, so the stored stream gets the marker."""
+    import tifffile
+
+    rng = np.random.default_rng(5)
+    img = cv2.GaussianBlur(rng.integers(0, 256, (512, 768, 3), dtype=np.uint8), (0, 0), 2)
+    path = tmp_path / "rgb-jpeg.tif"
+    tifffile.imwrite(path, img, tile=(256, 256), photometric="rgb", compression="jpeg",
+                     compressionargs={"level": 90, "colorspace": "RGB", "outcolorspace": "RGB"})
+    data = bytearray(path.read_bytes())
+    with tifffile.TiffFile(path) as tif:
+        assert tif.pages[0].photometric == 2
+        for offset, count in zip(tif.pages[0].dataoffsets, tif.pages[0].databytecounts,
+                                 strict=True):
+            _as_aperio_writes_rgb(data, offset, offset + count)
+    path.write_bytes(bytes(data))
+    with open_slide(path, mpp_override=0.5) as s:
+        xs, ys = np.meshgrid([0, 256, 512], [0, 256])
+        plan = boxes_plan(s, 0, xs.ravel(), ys.ravel(), 256)
+        assert _stored_equal_extracted(s, plan) == len(plan) == 6
+
+
+def test_damaged_or_edge_tiles_are_not_handed_out(tmp_path: Path) -> None:
+    path = write_demo_slide(tmp_path / "bad.svs", DemoSlideSpec(width=2048 + 100, height=1536,
+                                                                pen=False, artefact=False))
+    with open_slide(path) as s:
+        lv = s.tile_source().levels[0]  # type: ignore[union-attr]
+        offset, count = int(lv.offsets[1]), int(lv.bytecounts[1])
+    with path.open("r+b") as fh:  # tile (1, 0): start marker kept, the rest scrambled
+        fh.seek(offset + 2)
+        fh.write(bytes(range(256)) * ((count - 2) // 256))
+    with open_slide(path) as s:
+        xs, ys = np.array([0, 256, 2048]), np.array([0, 0, 0])
+        ex = Extractor(s, boxes_plan(s, 0, xs, ys, 256))
+        stored = ex.stored_jpegs([0, 1, 2])
+        assert stored[0] is not None and stored[1] is None  # damaged: left to the decoder
+        assert stored[2] is None  # the tile runs over the level's right edge
+        with pytest.raises(CorruptSlideError, match="tile 1,0 of level 0"):
+            ex.read_patch(1)

@@ -25,6 +25,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
+from ._jpeg import jpeg_frame
 from .errors import (
     CorruptSlideError,
     InvalidRequestError,
@@ -284,6 +285,30 @@ class TileSource:
                 f"{self.name}: the file looks damaged or truncated: tile {tx},{ty} of level "
                 f"{level} could not be decoded ({describe_backend_error(exc)})"
             ) from exc
+
+    def stored_jpeg(self, level: int, tx: int, ty: int) -> bytes | None:
+        """Tile (tx, ty) of ``level`` as the JPEG it is stored as: its bytes unchanged, the
+        level's shared tables spliced in (a standalone JPEG that libjpeg decodes to the very
+        pixels :meth:`read_tile` gives). None where the level is not JPEG, the tile is
+        sparse, or its stream is not a complete frame of the tile's size (damaged data is
+        left to the decoding path, which reports it)."""
+        lv = self.levels[level]
+        if not lv.is_jpeg:
+            return None
+        try:
+            data = self._tile_bytes(level, lv, ty * lv.tiles_across + tx)
+        except WsiSamplerError:
+            raise  # the store failed (network, credentials)
+        except Exception:  # unreadable here: the decoding path reports it
+            return None
+        if not data:
+            return None
+        stream = jpeg_stream(lv, data)
+        frame = jpeg_frame(stream)
+        if frame is None or (frame.width, frame.height, frame.components, frame.precision) \
+                != (lv.tile_w, lv.tile_h, 3, 8):
+            return None
+        return stream
 
     def _tile_bytes(self, level: int, lv: TileLevel, index: int) -> bytes:
         with self._lock:

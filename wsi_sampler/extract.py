@@ -23,7 +23,7 @@ from __future__ import annotations
 import math
 import threading
 from collections import deque
-from collections.abc import Generator, Iterator
+from collections.abc import Generator, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
@@ -201,6 +201,32 @@ class Extractor:
         """1, or the factor tiles are decoded down by (see ``dct_scaling``)."""
         return self._scale
 
+    @property
+    def passes_stored_jpeg(self) -> bool:
+        """Whether this plan's patches are whole stored JPEG tiles read at their stored size
+        (e.g. a 256 px grid at the native level of a slide tiled in 256 px), so a patch can
+        be handed out as its stored JPEG instead of decoded and encoded again."""
+        t, size = self._tiles, self.plan.patch_size_px
+        return (t is not None and t.scale == 1 and t.lv.is_jpeg
+                and self._region_wh == (t.lv.tile_w, t.lv.tile_h) == (size, size))
+
+    def stored_jpegs(self, indices: Sequence[int]) -> list[bytes | None]:
+        """Each patch as the JPEG its pixels are stored as (:meth:`TileSource.stored_jpeg`):
+        no decoding, no second lossy generation. None for a patch that is not one whole
+        stored tile (over the level's edge; a plan that resamples; a sparse or damaged
+        tile): read those with :meth:`read_patch`."""
+        if not self.passes_stored_jpeg:
+            return [None] * len(indices)
+        assert self._tiles is not None
+        source, level, (rw, rh) = self._tiles.source, self.plan.level, self._region_wh
+        keys: list[TileKey | None] = []
+        for i in indices:
+            lx, ly = int(self._lx[i]), int(self._ly[i])
+            one = source.is_one_tile(level, lx, ly, rw, rh)
+            keys.append((lx // rw, ly // rh) if one else None)
+        source.prefetch(level, [k for k in keys if k is not None])  # remote only
+        return [None if k is None else source.stored_jpeg(level, *k) for k in keys]
+
     # -- one patch --------------------------------------------------------------------------
     def read_patch(self, index: int) -> RGBImage:
         """Read patch ``index`` of the plan."""
@@ -237,7 +263,7 @@ class Extractor:
         return buf
 
     # -- batches ----------------------------------------------------------------------------
-    def _bounds(self) -> Iterator[tuple[int, int]]:
+    def batch_bounds(self) -> Iterator[tuple[int, int]]:
         """(start, end) of each batch: ``first_batch_size``, then ``batch_size``."""
         n, start, size = len(self.plan), 0, self.first_batch_size
         while start < n:
@@ -275,7 +301,7 @@ class Extractor:
 
     def iter_batches(self) -> Generator[PatchBatch, None, None]:
         """Yield batches in plan order; stopping early cancels the reads ahead."""
-        batches = self._bounds()
+        batches = self.batch_bounds()
         pool = ThreadPoolExecutor(self.threads, thread_name_prefix="wsi-extract")
         # Tiles of one large patch decode here; a separate pool, so patch tasks waiting on
         # their tiles can never starve the tile tasks. Only for plans shorter than the pool.
