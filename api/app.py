@@ -87,6 +87,39 @@ async def _connect_worker(services: Services, factory: Callable[[], Worker]) -> 
         await asyncio.sleep(_WORKER_RETRY_S)
 
 
+async def _start_services(app: FastAPI, cfg: Settings) -> Services:
+    """The slide registry (listed once), the job manager and the services around them."""
+    limit_malloc_arenas(cfg.malloc_arena_max)
+    if cfg.demo_slide:
+        await asyncio.to_thread(ensure_demo_slide, cfg)
+    cfg.uploads_dir.mkdir(parents=True, exist_ok=True)
+    registry = SlideRegistry([*cfg.slide_roots, cfg.uploads_dir],
+                             refresh_s=cfg.slide_index_refresh_s,
+                             remote_roots=cfg.remote_slide_roots,
+                             dicomweb_credentials=dicomweb_credentials(cfg))
+    await asyncio.to_thread(registry.start)
+    jobs_ = JobManager(cfg.data_dir, registry, lambda: app.state.services.worker,
+                       workers=cfg.job_workers, batch_size=cfg.batch_size)
+    scrub = MessageScrubber([*registry.roots, cfg.data_dir], registry.remote_roots)
+    jobs_.scrub = scrub
+    services = Services(cfg, registry, jobs_, Metrics(), scrub)
+    jobs_.vlm_for = services.vlm_for
+    app.state.services = services
+    return services
+
+
+def _install_middleware(app: FastAPI, cfg: Settings) -> None:
+    # Outermost first: metrics see every answer; CORS preflights need no key; the guard
+    # checks keys and body sizes before a route reads the body.
+    app.add_middleware(RequestGuard, settings=cfg)
+    if cfg.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=cfg.cors_origins,
+                           allow_methods=["*"], allow_headers=["*"])
+    app.add_middleware(RequestMetrics,
+                       metrics=lambda: getattr(getattr(app.state, "services", None),
+                                               "metrics", None))
+
+
 def create_app(
     settings: Settings | None = None, *, worker_factory: Callable[[], Worker] | None = None
 ) -> FastAPI:
@@ -103,29 +136,14 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        limit_malloc_arenas(cfg.malloc_arena_max)
-        if cfg.demo_slide:
-            await asyncio.to_thread(ensure_demo_slide, cfg)
-        cfg.uploads_dir.mkdir(parents=True, exist_ok=True)
-        registry = SlideRegistry([*cfg.slide_roots, cfg.uploads_dir],
-                                 refresh_s=cfg.slide_index_refresh_s,
-                                 remote_roots=cfg.remote_slide_roots,
-                                 dicomweb_credentials=dicomweb_credentials(cfg))
-        await asyncio.to_thread(registry.start)
-        jobs_ = JobManager(cfg.data_dir, registry, lambda: app.state.services.worker,
-                           workers=cfg.job_workers, batch_size=cfg.batch_size)
-        scrub = MessageScrubber([*registry.roots, cfg.data_dir], registry.remote_roots)
-        jobs_.scrub = scrub
-        services = Services(cfg, registry, jobs_, Metrics(), scrub)
-        jobs_.vlm_for = services.vlm_for
-        app.state.services = services
+        services = await _start_services(app, cfg)
         task = asyncio.create_task(_connect_worker(services, factory))
         try:
             yield
         finally:
             task.cancel()
-            registry.close()
-            jobs_.close()
+            services.registry.close()
+            services.jobs.close()
             if services.worker is not None:
                 services.worker.close()
 
@@ -134,15 +152,7 @@ def create_app(
         description="Whole-slide tissue detection, patch sampling, patch and prediction "
                     "streaming. Coordinates are level-0 pixels; sizes are physical.",
     )
-    # Outermost first: metrics see every answer; CORS preflights need no key; the guard
-    # checks keys and body sizes before a route reads the body.
-    app.add_middleware(RequestGuard, settings=cfg)
-    if cfg.cors_origins:
-        app.add_middleware(CORSMiddleware, allow_origins=cfg.cors_origins,
-                           allow_methods=["*"], allow_headers=["*"])
-    app.add_middleware(RequestMetrics,
-                       metrics=lambda: getattr(getattr(app.state, "services", None),
-                                               "metrics", None))
+    _install_middleware(app, cfg)
     install_error_handlers(app)
     _install_health(app)
     for router in (slides.router, sampling.router, reports.router, jobs.router):

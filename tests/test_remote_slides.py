@@ -275,6 +275,42 @@ def test_s3_prefix_listing_pages_through_every_key(s3: str, monkeypatch: pytest.
     assert found[0].size_bytes and found[0].size_bytes > 1_000_000
 
 
+def test_batch_scores_an_s3_prefix_as_it_scores_a_folder(
+        s3: str, demo_slide: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from wsi_sampler import PlanParams
+    from wsi_sampler.batch import BatchConfig, run_batch
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL_S3", s3)
+    for key, value in S3_ENV.items():
+        monkeypatch.setenv(key, value)
+    (tmp_path / "local" / "a").mkdir(parents=True)
+    shutil.copy(demo_slide, tmp_path / "local" / "a" / "demo.svs")
+    cfg = BatchConfig(params=PlanParams(strategy="random", n_patches=24, seed=1), device="cpu")
+    local = run_batch(tmp_path / "local", tmp_path / "out-local", cfg)
+    remote = run_batch("s3://slides/cohort/", tmp_path / "out-s3", cfg)
+    assert not local.failures and not remote.failures
+    summary = (tmp_path / "out-s3" / "summary.csv").read_text()
+    assert "a/demo.svs,done" in summary and "zz/demo-copy.svs,done" in summary
+    key = local.done[0]["key"]  # the same relative path, the same result folder
+    assert (tmp_path / "out-s3" / "slides" / key / "coords.h5").is_file()
+    assert (tmp_path / "out-s3" / "slides" / key / "predictions.csv").read_text() == \
+        (tmp_path / "out-local" / "slides" / key / "predictions.csv").read_text()
+
+    cli = [sys.executable, "-c", "from wsi_sampler.cli import main; main()", "score"]
+    done = subprocess.run([*cli, "s3://slides/cohort/", "-o", str(tmp_path / "cli"), "-q",
+                           "--n-patches", "8", "--strategy", "random", "--device", "cpu"],
+                          capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stderr
+    assert "zz/demo-copy.svs,done" in (tmp_path / "cli" / "summary.csv").read_text()
+    for root, says in (("s3://no-such-bucket/x/", "not found"),
+                       ("https://example.org/slides/", "cannot be listed")):
+        failed = subprocess.run([*cli, root, "-o", str(tmp_path / "bad"), "-q"],
+                                capture_output=True, text=True, timeout=120, check=False)
+        assert failed.returncode != 0 and says in failed.stderr, failed.stderr
+        assert "Traceback" not in failed.stderr
+        assert len(failed.stderr.strip().splitlines()) == 1
+
+
 # -- DICOMweb (Orthanc) ---------------------------------------------------------------------
 
 DEMO_MPP = 0.25
@@ -364,6 +400,24 @@ def test_dicomweb_server_listing(pacs: tuple[Orthanc, dict[str, str]]) -> None:
     found = {s.location: s for s in list_remote_root(server.dicomweb)}
     assert set(found) == set(urls.values())
     assert found[urls["demo"]].name == "demo" and found[urls["demo"]].format == "dicom"
+
+
+def test_batch_scores_every_series_of_a_dicomweb_server(
+        pacs: tuple[Orthanc, dict[str, str]], tmp_path: Path) -> None:
+    from wsi_sampler import PlanParams
+    from wsi_sampler.batch import BatchConfig, run_batch
+
+    server, urls = pacs
+    cfg = BatchConfig(params=PlanParams(strategy="random", n_patches=16, seed=2), device="cpu")
+    report = run_batch(server.dicomweb, tmp_path / "out", cfg)
+    rows = (tmp_path / "out" / "summary.csv").read_text().splitlines()
+    demo_rel = urls["demo"].split("/dicom-web/", 1)[1]
+    bone_rel = urls["bone"].split("/dicom-web/", 1)[1]
+    assert any(r.startswith(f"{demo_rel},done,") for r in rows), rows
+    # the bone slide's made-up 16.8 µm/px cannot give 0.5 µm/px patches: it fails alone,
+    # saying why
+    assert [f["slide"] for f in report.failures] == [bone_rel]
+    assert "µm/px" in report.failures[0]["message"] or "mpp" in report.failures[0]["message"]
 
 
 def test_tls_is_verified_and_a_private_ca_can_be_trusted(

@@ -310,8 +310,10 @@ def main() -> None:
     # tifffile logs every damaged structure it meets; the translated error says it once.
     for noisy in ("tifffile", "asyncio", "zarr", "fsspec", "pydicom", "wsidicom"):
         logging.getLogger(noisy).setLevel(logging.CRITICAL)
-    # httpx logs every request at INFO (a remote worker: one line per batch).
-    logging.getLogger("httpx").setLevel(logging.WARNING)
+    # httpx logs every request at INFO (a remote worker: one line per batch); botocore says
+    # where it found S3 credentials, at INFO too.
+    for chatty in ("httpx", "botocore", "aiobotocore", "s3fs"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
     sys.unraisablehook = _log_unraisable
     # zarr abandons its read coroutines when a damaged tile fails; Python then warns about
     # each at exit, after our one-line error.

@@ -94,7 +94,9 @@ class ScoreStrategy(str, Enum):
 
 
 def score(
-    slides_dir: Annotated[Path, typer.Argument(help="Folder of slides (searched recursively).")],
+    slides_root: Annotated[str, typer.Argument(
+        metavar="SLIDES", help="Folder of slides (searched recursively), an S3 prefix "
+        "(s3://bucket/prefix/) or a DICOMweb server (dicomweb://host/prefix: every series).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
     model: ModelO = "tissue-qc",
     weights: WeightsO = None,
@@ -136,9 +138,11 @@ def score(
         help="Encoders: also write CLAM's features.pt beside features.h5.")] = False,
     random_weights: RandomWeightsO = False,
 ) -> None:
-    """Score every slide of a folder. Exit 0 if all succeeded, 3 if any failed. Encoders
-    write one features.h5 per slide (CLAM/TRIDENT layout). With --vlm-url, each slide's
-    MedGemma bag is described by that model instead (report.json)."""
+    """Score every slide of a folder, an S3 prefix or a DICOMweb server. Exit 0 if all
+    succeeded, 3 if any failed. Encoders write one features.h5 per slide (CLAM/TRIDENT
+    layout). With --vlm-url, each slide's MedGemma bag is described by that model instead
+    (report.json). Remote slides use the AWS credential chain (AWS_ENDPOINT_URL_S3 for
+    MinIO/Ceph) and WSI_DICOMWEB_TOKEN / _USERNAME / _PASSWORD / _CA_BUNDLE."""
     from .batch import BatchConfig, run_batch
     from .models import preflight
 
@@ -150,18 +154,16 @@ def score(
         if worker_url is None:
             # a missing model or weights file: a one-line error before any work
             preflight(model, weights, allow_random_weights=random_weights)
-        params = PlanParams(strategy=strategy.value, n_patches=n_patches, seed=seed,
-                            min_tissue_fraction=min_tissue)
-        cfg = BatchConfig(model=model, weights=str(weights) if weights else None,
-                          worker_url=worker_url, device=device.value,
-                          features_dtype=features_dtype.value, clam_pt=clam_pt,
-                          allow_random_weights=random_weights,
-                          params=params, mpp_override=mpp_override,
-                          worker_target_mpp=worker_target_mpp,
-                          worker_patch_size=worker_patch_size,
-                          worker_protocol=worker_protocol.value)
+        cfg = BatchConfig(
+            model=model, weights=str(weights) if weights else None, worker_url=worker_url,
+            device=device.value, features_dtype=features_dtype.value, clam_pt=clam_pt,
+            allow_random_weights=random_weights, mpp_override=mpp_override,
+            params=PlanParams(strategy=strategy.value, n_patches=n_patches, seed=seed,
+                              min_tissue_fraction=min_tissue),
+            worker_target_mpp=worker_target_mpp, worker_patch_size=worker_patch_size,
+            worker_protocol=worker_protocol.value)
     with _score_progress(quiet) as report_one:
-        report = run_batch(slides_dir, out, cfg, executor=executor.value, workers=workers,
+        report = run_batch(slides_root, out, cfg, executor=executor.value, workers=workers,
                            address=address, retries=retries, resume=resume,
                            on_result=report_one)
     _log_run(report, out, quiet)

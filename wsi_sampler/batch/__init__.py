@@ -7,7 +7,7 @@ a run killed at any moment and started again scores every slide exactly once ove
 
 from __future__ import annotations
 
-from .discover import Discovery, SlideTask, discover
+from .discover import Discovery, SlideTask, discover, discover_slides
 from .run import EXIT_FAILURES, BatchConfig, RunReport, run_batch
 
 __all__ = [
@@ -17,5 +17,6 @@ __all__ = [
     "RunReport",
     "SlideTask",
     "discover",
+    "discover_slides",
     "run_batch",
 ]

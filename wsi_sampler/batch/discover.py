@@ -1,17 +1,20 @@
 """Find the slides of a folder (recursively): slide files by extension, DICOM-WSI folders
-as one slide each; everything else is listed as skipped, with the reason."""
+as one slide each; everything else is listed as skipped, with the reason. A remote root (an
+S3 prefix, a DICOMweb server) is listed by :mod:`wsi_sampler.sources.listing`."""
 
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import SlideNotFoundError
 
-__all__ = ["SLIDE_FORMATS", "Discovery", "SlideTask", "discover", "not_regular_reason"]
+__all__ = ["SLIDE_FORMATS", "Discovery", "SlideTask", "discover", "discover_slides",
+           "is_remote_root", "not_regular_reason"]
 
 SLIDE_FORMATS = {
     ".svs": "svs", ".tif": "tiff", ".tiff": "tiff", ".ndpi": "ndpi", ".scn": "scn",
@@ -19,18 +22,24 @@ SLIDE_FORMATS = {
     ".qptiff": "qptiff",
 }
 """Slide file suffix -> format name (a DICOM-WSI folder is ``dicom``)."""
+_URL = re.compile(r"[a-z][a-z0-9+.-]*://", re.IGNORECASE)
 _SIDECARS = {".dat", ".ini", ".vmp", ".xml", ".json", ".md", ".txt", ".csv"}
 
 
 @dataclass(frozen=True)
 class SlideTask:
-    path: Path
+    location: str
+    """What :func:`~wsi_sampler.open_slide` opens: a local file or DICOM-WSI folder, or the
+    URL of a remote slide (``s3://…``, ``dicomweb://…``)."""
     rel: str
-    """Path relative to the scanned folder (a DICOM-WSI slide: its folder)."""
+    """Path relative to the scanned root (a DICOM-WSI slide: its folder; a DICOMweb
+    series: ``studies/<uid>/series/<uid>``)."""
+    format: str
 
     @property
-    def format(self) -> str:
-        return "dicom" if self.path.is_dir() else SLIDE_FORMATS[self.path.suffix.lower()]
+    def path(self) -> Path:
+        """The local file or folder (a task found under a local root)."""
+        return Path(self.location)
 
     @property
     def key(self) -> str:
@@ -86,7 +95,7 @@ def discover(root: Path) -> Discovery:
             rel_dir = here.relative_to(root).as_posix()
             problem = _dicom_folder_problem(here, filenames)
             if problem is None:
-                found.slides.append(SlideTask(here, rel_dir))
+                found.slides.append(SlideTask(str(here), rel_dir, "dicom"))
             else:
                 found.skipped.append((rel_dir, problem))
             continue
@@ -99,7 +108,7 @@ def discover(root: Path) -> Discovery:
             if suffix in SLIDE_FORMATS and (reason := not_regular_reason(path)) is not None:
                 found.skipped.append((rel, reason))
             elif suffix in SLIDE_FORMATS:
-                found.slides.append(SlideTask(path, rel))
+                found.slides.append(SlideTask(str(path), rel, SLIDE_FORMATS[suffix]))
             elif suffix == ".dcm":
                 found.skipped.append((rel, "a DICOM file outside a DICOM-WSI folder"))
             elif not _is_mirax_data(path):
@@ -107,4 +116,25 @@ def discover(root: Path) -> Discovery:
                 found.skipped.append((rel, f"{kind} (extension {suffix or 'none'})"))
     found.slides.sort(key=lambda t: t.rel)
     found.skipped.sort()
+    return found
+
+
+def is_remote_root(root: str | Path) -> bool:
+    """Whether ``root`` is a URL (``s3://…``, ``dicomweb://…``; ``https://…`` is refused by
+    the listing: HTTP has no way to list a folder) rather than a local folder."""
+    return isinstance(root, str) and _URL.match(root) is not None
+
+
+def discover_slides(root: str | Path) -> Discovery:
+    """Slides under a local folder, an S3 prefix (``s3://bucket/prefix/``) or a DICOMweb
+    server (``dicomweb://host/prefix``: every series), in path order. Credentials come from
+    the environment (the AWS chain; ``WSI_DICOMWEB_*``)."""
+    if not is_remote_root(root):
+        return discover(Path(root))
+    from ..sources.listing import list_remote_root
+
+    found = Discovery()
+    for slide in list_remote_root(str(root)):
+        found.slides.append(SlideTask(slide.location, slide.relpath, slide.format))
+    found.slides.sort(key=lambda t: t.rel)
     return found

@@ -1,4 +1,5 @@
-"""Score every slide of a folder, locally (threads) or on a Dask cluster, resumably.
+"""Score every slide of a folder, an S3 prefix or a DICOMweb server, locally (threads) or
+on a Dask cluster, resumably.
 
 Layout of ``OUT_DIR``: ``slides/<key>/`` per slide (predictions.csv, predictions.geojson,
 coords.h5, heatmap.png, run_metadata.json, summary.json; for encoders features.h5, and
@@ -36,7 +37,7 @@ from ..scoring import OutputOptions, score_slide
 from ..slide import Slide, open_slide
 from ..worker import Worker, open_worker
 from ..worker.vlm import VlmConfig, VlmWorker
-from .discover import Discovery, SlideTask, discover
+from .discover import Discovery, SlideTask, discover_slides
 
 __all__ = ["EXIT_FAILURES", "BatchConfig", "RunReport", "run_batch", "score_task"]
 
@@ -129,7 +130,7 @@ def _report_slide(slide: Slide, out_dir: Path, cfg: BatchConfig) -> dict[str, An
 
 
 def _score_into(task: SlideTask, staging: Path, cfg: BatchConfig) -> dict[str, Any]:
-    with open_slide(task.path, mpp_override=cfg.mpp_override) as slide:
+    with open_slide(task.location, mpp_override=cfg.mpp_override) as slide:
         if cfg.vlm is not None:
             return _report_slide(slide, staging, cfg)
         result = score_slide(slide, cfg.params, _worker_for(cfg), staging,
@@ -214,13 +215,14 @@ def _is_done(out: Path, task: SlideTask) -> bool:
 
 
 def run_batch(
-    slides_dir: Path, out: Path, cfg: BatchConfig, *, executor: Executor = "local",
+    slides_root: Path | str, out: Path, cfg: BatchConfig, *, executor: Executor = "local",
     workers: int | None = None, address: str | None = None, retries: int = 1,
     resume: bool = True, on_result: Callable[[dict[str, Any], int, int], None] | None = None,
 ) -> RunReport:
-    """Score the slides of ``slides_dir`` into ``out``; see the module docstring."""
+    """Score the slides of ``slides_root`` (a folder, an S3 prefix or a DICOMweb server)
+    into ``out``; see the module docstring."""
     t0 = time.perf_counter()
-    found: Discovery = discover(slides_dir)
+    found: Discovery = discover_slides(slides_root)
     _prepare(out)
     report = RunReport(skipped=found.skipped)
     todo = []

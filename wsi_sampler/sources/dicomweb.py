@@ -49,6 +49,11 @@ from ..errors import (
 from ..types import Backend, RGBImage
 from .location import SlideLocation
 
+# pydicom warns that bulk data (the ICC profile, a bulk-data URI) is not fetched: not needed.
+# A filter for the process, not catch_warnings() around the open: catch_warnings is not
+# thread-safe, and series are opened from several threads at once (service, batch runs).
+warnings.filterwarnings("ignore", "No bulk data URI handler", UserWarning)
+
 __all__ = [
     "DicomWebCredentials", "DicomWebOrigin", "DicomWebReader", "RemoteSeries",
     "forget_open_series", "list_series", "open_dicomweb",
@@ -191,9 +196,7 @@ def _open_series_cached(location: SlideLocation, creds: DicomWebCredentials) -> 
 
     counter = _Counter()
     client = WsiDicomWebClient(_web_client(location.server, creds, counter))
-    with pacs_errors(location.url), warnings.catch_warnings():
-        # pydicom warns that the ICC profile (a bulk-data URI) is not fetched: not needed.
-        warnings.filterwarnings("ignore", "No bulk data URI handler", UserWarning)
+    with pacs_errors(location.url):
         wsi = WsiDicom.open_web(client, location.study, location.series)
     opened = _OpenSeries(wsi, counter, now)
     with _open_lock:
