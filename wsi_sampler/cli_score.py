@@ -93,49 +93,44 @@ class ScoreStrategy(str, Enum):
     stratified = "stratified"
 
 
+SlidesA = Annotated[str, typer.Argument(
+    show_default=False, help="Folder of slides (searched recursively), an S3 prefix "
+    "(s3://bucket/prefix/) or a DICOMweb server (dicomweb://host/prefix: every series).")]
+OutO = Annotated[Path, typer.Option("--out", "-o", help="Output folder.")]
+WorkerUrlO = Annotated[
+    str | None, typer.Option(help="Remote Open Inference Protocol worker instead.")]
+StrategyO = Annotated[ScoreStrategy, typer.Option(help="Sampling strategy.")]
+ExecutorO = Annotated[ExecutorOpt, typer.Option(help="local threads or a Dask cluster.")]
+AddressO = Annotated[
+    str | None, typer.Option(help="Dask scheduler (tcp://host:8786); none = LocalCluster.")]
+WorkersO = Annotated[
+    int | None, typer.Option(help="Slides in flight (local) / Dask workers (LocalCluster).")]
+RetriesO = Annotated[int, typer.Option(help="Dask task retries per slide.")]
+ResumeO = Annotated[bool, typer.Option(help="Skip slides already scored in OUT.")]
+QuietO = Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")]
+WorkerTargetMppO = Annotated[float | None, typer.Option(
+    help="µm/px the remote model expects (servers without our model card: MLServer, "
+         "KServe, Triton).")]
+WorkerPatchSizeO = Annotated[int | None, typer.Option(
+    help="Input side in px, for remote models with a dynamic input shape.")]
+WorkerProtocolO = Annotated[WorkerProtocolOpt, typer.Option(
+    help="auto: binary tensors if the server lists them, else JSON.")]
+ClamPtO = Annotated[bool, typer.Option(
+    help="Encoders: also write CLAM's features.pt beside features.h5.")]
+
+
 def score(
-    slides_root: Annotated[str, typer.Argument(
-        metavar="SLIDES", help="Folder of slides (searched recursively), an S3 prefix "
-        "(s3://bucket/prefix/) or a DICOMweb server (dicomweb://host/prefix: every series).")],
-    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder.")],
-    model: ModelO = "tissue-qc",
-    weights: WeightsO = None,
-    worker_url: Annotated[
-        str | None, typer.Option(help="Remote Open Inference Protocol worker instead.")
-    ] = None,
-    strategy: Annotated[ScoreStrategy, typer.Option(help="Sampling strategy.")] = (
-        ScoreStrategy.grid
-    ),
-    n_patches: NO = None,
-    min_tissue: MinTissueO = 0.5,
-    seed: SeedO = 0,
-    executor: Annotated[ExecutorOpt, typer.Option(help="local threads or a Dask cluster.")] = (
-        ExecutorOpt.local
-    ),
-    address: Annotated[
-        str | None, typer.Option(help="Dask scheduler (tcp://host:8786); none = LocalCluster.")
-    ] = None,
-    workers: Annotated[
-        int | None, typer.Option(help="Slides in flight (local) / Dask workers (LocalCluster).")
-    ] = None,
-    retries: Annotated[int, typer.Option(help="Dask task retries per slide.")] = 1,
-    resume: Annotated[bool, typer.Option(help="Skip slides already scored in OUT.")] = True,
-    mpp_override: MppOverrideO = None,
-    device: DeviceO = DeviceOpt.auto,
-    quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress output.")] = False,
-    worker_target_mpp: Annotated[float | None, typer.Option(
-        help="µm/px the remote model expects (servers without our model card: MLServer, "
-             "KServe, Triton).")] = None,
-    worker_patch_size: Annotated[int | None, typer.Option(
-        help="Input side in px, for remote models with a dynamic input shape.")] = None,
-    worker_protocol: Annotated[WorkerProtocolOpt, typer.Option(
-        help="auto: binary tensors if the server lists them, else JSON.")] = (
-        WorkerProtocolOpt.auto),
+    slides: SlidesA, out: OutO, model: ModelO = "tissue-qc", weights: WeightsO = None,
+    worker_url: WorkerUrlO = None, strategy: StrategyO = ScoreStrategy.grid,
+    n_patches: NO = None, min_tissue: MinTissueO = 0.5, seed: SeedO = 0,
+    executor: ExecutorO = ExecutorOpt.local, address: AddressO = None,
+    workers: WorkersO = None, retries: RetriesO = 1, resume: ResumeO = True,
+    mpp_override: MppOverrideO = None, device: DeviceO = DeviceOpt.auto, quiet: QuietO = False,
+    worker_target_mpp: WorkerTargetMppO = None, worker_patch_size: WorkerPatchSizeO = None,
+    worker_protocol: WorkerProtocolO = WorkerProtocolOpt.auto,
     vlm_url: VlmUrlO = None, vlm_model: VlmModelO = DEFAULT_MODEL, prompt: PromptO = None,
     variant: VariantO = VariantOpt.report,
-    features_dtype: FeaturesDtypeO = FeaturesDtypeOpt.float32,
-    clam_pt: Annotated[bool, typer.Option(
-        help="Encoders: also write CLAM's features.pt beside features.h5.")] = False,
+    features_dtype: FeaturesDtypeO = FeaturesDtypeOpt.float32, clam_pt: ClamPtO = False,
     random_weights: RandomWeightsO = False,
 ) -> None:
     """Score every slide of a folder, an S3 prefix or a DICOMweb server. Exit 0 if all
@@ -163,7 +158,7 @@ def score(
             worker_target_mpp=worker_target_mpp, worker_patch_size=worker_patch_size,
             worker_protocol=worker_protocol.value)
     with _score_progress(quiet) as report_one:
-        report = run_batch(slides_root, out, cfg, executor=executor.value, workers=workers,
+        report = run_batch(slides, out, cfg, executor=executor.value, workers=workers,
                            address=address, retries=retries, resume=resume,
                            on_result=report_one)
     _log_run(report, out, quiet)
