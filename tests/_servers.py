@@ -4,11 +4,13 @@ small helpers for servers started as processes."""
 from __future__ import annotations
 
 import socket
+import ssl
 import subprocess
 import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -40,16 +42,20 @@ def stop_process(proc: subprocess.Popen[bytes]) -> None:
 
 
 @contextmanager
-def serve(app: Any, *, ready_path: str | None = None, timeout_s: float = 60.0) -> Iterator[str]:
-    """Yield the base URL of ``app`` served by uvicorn; stop it on exit."""
+def serve(app: Any, *, ready_path: str | None = None, timeout_s: float = 60.0,
+          tls: tuple[Path, Path] | None = None) -> Iterator[str]:
+    """Yield the base URL of ``app`` served by uvicorn (HTTPS with ``tls`` = (certificate,
+    key)); stop it on exit."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    ssl_files = {"ssl_certfile": str(tls[0]), "ssl_keyfile": str(tls[1])} if tls else {}
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on",
+                                           **ssl_files))  # type: ignore[arg-type]
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
-    url = f"http://127.0.0.1:{port}"
+    url = f"{'https' if tls else 'http'}://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + timeout_s
         while not server.started:
@@ -59,7 +65,8 @@ def serve(app: Any, *, ready_path: str | None = None, timeout_s: float = 60.0) -
         if ready_path is not None:
             import httpx
 
-            while httpx.get(url + ready_path).status_code != 200:
+            verify = ssl.create_default_context(cafile=str(tls[0])) if tls else True
+            while httpx.get(url + ready_path, verify=verify).status_code != 200:
                 if time.monotonic() > deadline:
                     raise RuntimeError(f"{ready_path} never became ready")
                 time.sleep(0.05)

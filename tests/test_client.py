@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import ssl
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -103,6 +104,10 @@ def test_refusals_carry_the_services_message(url: str) -> None:
         list(stream_patches(url, slide_ids(url)["demo.svs"], {"strategy": "nope"}, api_key=KEY))
     with pytest.raises(PatchStreamError, match="not an http"):
         list(stream_patches("ftp://example.org", "x"))
+    from _servers import free_port
+
+    with pytest.raises(PatchStreamError, match="could not be reached"):
+        list(stream_patches(f"http://127.0.0.1:{free_port()}", "x"))
 
 
 @pytest.mark.parametrize("form", ["raw", "jpeg"])
@@ -132,3 +137,19 @@ def test_stopping_early_closes_the_connection(url: str, root: Path) -> None:
         assert time.monotonic() < deadline, "the closed stream still holds its slot"
         time.sleep(0.05)
     assert len(list(stream_patches(url, sid, PLAN, api_key=KEY))) == len(coords) > 3
+
+
+def test_https_is_verified_and_a_private_ca_can_be_trusted(root: Path, tmp_path: Path) -> None:
+    from _remote_servers import self_signed_certificate
+
+    cert, key = self_signed_certificate(tmp_path)
+    settings = Settings(slide_roots=[root / "slides"], data_dir=root / "data-tls",  # type: ignore[call-arg]
+                        demo_slide=False, device="cpu")
+    with serve(create_app(settings), ready_path="/readyz", tls=(cert, key)) as base:
+        ca = ssl.create_default_context(cafile=str(cert))
+        items = httpx.get(f"{base}/v1/slides", verify=ca).json()["items"]
+        sid = next(i["id"] for i in items if i["path"] == "demo.svs")
+        with pytest.raises(PatchStreamError, match="certificate could not be verified"):
+            list(stream_patches(base, sid, PLAN))
+        trusted = list(stream_patches(base, sid, PLAN, ca_bundle=str(cert)))
+    assert len(trusted) > 3

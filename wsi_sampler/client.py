@@ -44,13 +44,15 @@ class PatchStreamError(WsiSamplerError, ConnectionError):
     """The service refused the request, or the stream broke off before its end."""
 
 
-def _connect(base_url: str, timeout: float) -> tuple[http.client.HTTPConnection, str]:
+def _connect(base_url: str, timeout: float, ca_bundle: str | None
+             ) -> tuple[http.client.HTTPConnection, str]:
     parts = urlsplit(base_url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise PatchStreamError(f"not an http(s) service URL: {base_url!r}")
-    if parts.scheme == "https":
+    if parts.scheme == "https":  # always verified: the system's CAs, or ca_bundle
+        context = ssl.create_default_context(cafile=ca_bundle)
         conn: http.client.HTTPConnection = http.client.HTTPSConnection(
-            parts.hostname, parts.port, timeout=timeout, context=ssl.create_default_context())
+            parts.hostname, parts.port, timeout=timeout, context=context)
     else:
         conn = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)
     return conn, parts.path.rstrip("/")
@@ -152,36 +154,57 @@ def _patches(tar: _TarReader) -> Iterator[tuple[dict[str, Any], RGBImage]]:
         tar.skip_padding(size)
 
 
+def _post(
+    conn: http.client.HTTPConnection, path: str, body: str, headers: dict[str, str],
+    base_url: str,
+) -> http.client.HTTPResponse:
+    """The response's status line and headers; refusals and unreachable services raised."""
+    try:
+        conn.request("POST", path, body=body, headers=headers)
+        resp = conn.getresponse()
+    except ssl.SSLCertVerificationError as exc:
+        raise PatchStreamError(
+            f"{base_url}: its TLS certificate could not be verified ({exc.verify_message}); "
+            "pass ca_bundle= with the CA that signed it") from exc
+    except (http.client.HTTPException, OSError) as exc:
+        raise PatchStreamError(f"{base_url} could not be reached ({exc})") from exc
+    if resp.status != 200:
+        raise PatchStreamError(f"HTTP {resp.status}: {_error_message(resp)}")
+    return resp
+
+
 def stream_patches(
     base_url: str, slide_id: str, plan: Mapping[str, Any] | None = None, *,
     image_format: str = "raw", api_key: str | None = None, timeout: float = 600.0,
+    ca_bundle: str | None = None,
 ) -> Iterator[tuple[dict[str, Any], RGBImage]]:
     """``(meta, image)`` for every patch of ``plan`` (a ``/patches`` request body, e.g.
-    ``{"strategy": "grid", "patch_size_px": 224, "target_mpp": 0.5}``), in plan order."""
-    conn, prefix = _connect(base_url, timeout)
+    ``{"strategy": "grid", "patch_size_px": 224, "target_mpp": 0.5}``), in plan order.
+    ``timeout``: seconds any one read may wait; ``ca_bundle``: a PEM file of the CAs that
+    signed an https service's certificate, where the system's do not."""
+    conn, prefix = _connect(base_url, timeout, ca_bundle)
     body = json.dumps({**(plan or {}), "image_format": image_format})
     headers = {"Content-Type": "application/json", "Accept": "application/x-tar"}
     if api_key:
         headers["Authorization"] = f"Bearer {api_key}"
-    received, planned = 0, None
+    path = f"{prefix}/v1/slides/{quote(slide_id, safe='')}/patches"
+    received = 0
     try:
-        conn.request("POST", f"{prefix}/v1/slides/{quote(slide_id, safe='')}/patches",
-                     body=body, headers=headers)
-        resp = conn.getresponse()
-        if resp.status != 200:
-            raise PatchStreamError(f"HTTP {resp.status}: {_error_message(resp)}")
+        resp = _post(conn, path, body, headers, base_url)
         planned = int(resp.headers.get("X-Patch-Count", "-1"))
-        for patch in _patches(_TarReader(resp)):
-            received += 1
-            yield patch
-    except (EOFError, http.client.HTTPException, OSError) as exc:
-        if isinstance(exc, PatchStreamError):
-            raise
-        of = f" of {planned}" if planned is not None and planned >= 0 else ""
-        raise PatchStreamError(f"the patch stream broke off after {received}{of} patches "
-                               f"({type(exc).__name__}): the service failed mid-stream "
-                               "or the connection was lost") from exc
+        try:
+            for patch in _patches(_TarReader(resp)):
+                received += 1
+                yield patch
+        except (EOFError, http.client.HTTPException, OSError) as exc:
+            if isinstance(exc, PatchStreamError):
+                raise
+            of = f" of {planned}" if planned >= 0 else ""
+            raise PatchStreamError(
+                f"the patch stream broke off after {received}{of} patches "
+                f"({type(exc).__name__}): the service failed mid-stream or the connection "
+                "was lost") from exc
     finally:
         conn.close()
-    if planned is not None and planned >= 0 and received != planned:
+    if planned >= 0 and received != planned:
         raise PatchStreamError(f"the stream ended after {received} of {planned} patches")
