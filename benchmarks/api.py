@@ -5,7 +5,9 @@ serve``); clients read the WebDataset tar as it streams, on the same machine. Tw
 the 40,000 x 30,000 benchmark slide (0.25 µm/px, JPEG tiles of 256 px): every tissue patch
 of 256 px at the native level (tile-aligned: JPEG members are the stored tiles) and of
 224 px at 0.5 µm/px (resampled: JPEG members are encoded). Per plan: the in-process
-extractor (timed from the plan, like a request), then each form over HTTP read by
+extractor (timed from the plan, like a request) alone and with each encoding on every
+core (what a stream of that form can deliver at most, HTTP aside), then each form over
+HTTP read by
 
 - ``http.client`` into one buffer (the least a client can spend: what the server gives),
 - httpx ``iter_bytes`` (a common client; it allocates every piece),
@@ -27,6 +29,7 @@ import tarfile
 import tempfile
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -37,6 +40,7 @@ import httpx
 import numpy as np
 
 from wsi_sampler import Extractor, make_plan, open_slide
+from wsi_sampler._tiles import default_threads
 from wsi_sampler.client import stream_patches
 from wsi_sampler.demo import write_demo_slide
 from wsi_sampler.encoding import encode_jpeg, encode_png
@@ -51,14 +55,18 @@ FIRST = {"strategy": "grid", "patch_size_px": 224, "target_mpp": 0.5}
 FORMS = ("raw", "jpeg", "png")
 
 
-def in_process(path: Path, body: dict[str, Any]) -> float:
+def in_process(path: Path, body: dict[str, Any],
+               encode: Callable[[np.ndarray], bytes] | None = None) -> float:
+    """Seconds from the plan to the last patch read (and encoded on every core, with
+    ``encode``: the most a stream of that form can deliver, HTTP aside)."""
     from api.schemas import PatchRequest
 
-    with open_slide(path) as s:
+    with open_slide(path) as s, ThreadPoolExecutor(default_threads()) as pool:
         t = time.perf_counter()
         plan = make_plan(s, PatchRequest(**body).to_params())
-        for _ in Extractor(s, plan).iter_batches():
-            pass
+        for batch in Extractor(s, plan).iter_batches():
+            if encode is not None:
+                list(pool.map(encode, batch.images))
         return time.perf_counter() - t
 
 
@@ -169,6 +177,10 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"\n{title}: {n} patches\n\n| path | client | patches/s | "
                       "÷ in-process extractor |\n|---|---|---:|---:|")
                 print(f"| in-process extractor | | {base:,.0f} | 1.00 |")
+                for name, encode in (("JPEG", encode_jpeg), ("PNG", encode_png)):
+                    rate = n / median_s(partial(in_process, path, body, encode), args.repeats)
+                    print(f"| in-process extractor + {name} encoding | | {rate:,.0f} | "
+                          f"{rate / base:.2f} |")
                 for form in FORMS:
                     for client, read in (READERS if form == "raw" else READERS[:1]):
                         request = body | {"image_format": form}
