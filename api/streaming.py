@@ -27,7 +27,6 @@ import time
 from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
-from functools import partial
 from typing import Any, Literal
 
 import numpy as np
@@ -38,7 +37,7 @@ from starlette.types import Receive, Scope, Send
 
 from wsi_sampler import Extractor, PatchBatch, PatchPlan, Slide
 from wsi_sampler._tiles import default_threads
-from wsi_sampler.encoding import encode_image, encode_jpeg
+from wsi_sampler.encoding import encoded_batches
 from wsi_sampler.errors import WsiSamplerError
 from wsi_sampler.models import Predictions
 from wsi_sampler.report import report_events
@@ -218,42 +217,22 @@ def patch_meta(slide_id: str, plan: PatchPlan, i: int) -> dict[str, Any]:
 _Payload = tuple[bytes | memoryview, ...]
 
 
-def _stored_jpeg_batches(
-    extractor: Extractor, pool: ThreadPoolExecutor
-) -> Iterator[tuple[list[int], list[_Payload]]]:
-    """JPEG members of a plan of whole stored JPEG tiles: each tile's own stream (no
-    decoding, no second lossy generation); a patch that is not one stored tile (over the
-    level's edge, sparse, damaged) is read and encoded at quality 95."""
-    def read_and_encode(index: int) -> bytes:
-        return encode_jpeg(extractor.read_patch(index))
-
-    for start, end in extractor.batch_bounds():
-        indices = list(range(start, end))
-        stored = extractor.stored_jpegs(indices)
-        missing = [i for i, data in zip(indices, stored, strict=True) if data is None]
-        encoded = dict(zip(missing, pool.map(read_and_encode, missing), strict=True))
-        yield indices, [(data if data is not None else encoded[i],)
-                        for i, data in zip(indices, stored, strict=True)]
-
-
 def _image_batches(
     extractor: Extractor, image_format: str, pool: ThreadPoolExecutor
 ) -> Generator[tuple[list[int], list[_Payload]], None, None]:
-    """(plan indices, each patch's member payload) per batch, in plan order."""
-    if image_format == "jpeg" and extractor.passes_stored_jpeg:
-        yield from _stored_jpeg_batches(extractor, pool)
+    """(plan indices, each patch's member payload) per batch, in plan order. A stream closed
+    early stops its extractor now (closing()), before the slide closes."""
+    if image_format != "raw":  # stored JPEG tiles as they are where a plan allows
+        ext = f".{_IMAGE_FORMATS[image_format][0]}"
+        with closing(encoded_batches(extractor, ext, pool)) as encoded:
+            for indices, images in encoded:
+                yield indices, [(data,) for data in images]
         return
-    encode = partial(encode_image, ext=f".{_IMAGE_FORMATS[image_format][0]}")
-    # closing(): a stream closed early stops its extractor now, before the slide closes.
     with closing(extractor.iter_batches()) as batches:
-        for batch in batches:
-            if image_format == "raw":  # header + the array's own memory: one copy, at join
-                head = npy_header(batch.images.shape[1:])
-                payloads: list[_Payload] = [(head, memoryview(im).cast("B"))
-                                            for im in batch.images]
-            else:
-                payloads = [(data,) for data in pool.map(encode, batch.images)]
-            yield batch.indices.tolist(), payloads
+        for batch in batches:  # header + the array's own memory: one copy, at join
+            head = npy_header(batch.images.shape[1:])
+            yield batch.indices.tolist(), [(head, memoryview(im).cast("B"))
+                                           for im in batch.images]
 
 
 def patch_chunks(

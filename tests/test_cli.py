@@ -57,6 +57,28 @@ def test_patches_folder(demo_slide: Path, tmp_path: Path) -> None:
     assert not list(out.glob(".*.tmp"))
 
 
+def test_jpeg_patches_that_are_whole_stored_tiles_are_the_tiles(demo_slide: Path,
+                                                                tmp_path: Path) -> None:
+    """A 256 px grid at the native level of a slide tiled in 256 px: each .jpg is the stored
+    tile, decoding to exactly what openslide reads there (a re-encode could not)."""
+    import imagecodecs
+    import numpy as np
+    import openslide
+
+    out = tmp_path / "tiles"
+    r = run("patches", demo_slide, "--out", out, "--strategy", "grid", "--size", "256",
+            "--format", "jpeg")
+    assert r.returncode == 0, r.stderr
+    rows = list(csv.DictReader((out / "index.csv").read_text().splitlines()))
+    assert len(rows) > 50
+    with openslide.OpenSlide(str(demo_slide)) as osr:
+        for row in rows[:: max(1, len(rows) // 40)]:
+            assert (int(row["width"]), int(row["height"])) == (256, 256)
+            region = osr.read_region((int(row["minx"]), int(row["miny"])), 0, (256, 256))
+            decoded = imagecodecs.jpeg8_decode((out / row["file"]).read_bytes())
+            assert np.array_equal(decoded, np.asarray(region)[:, :, :3]), row["file"]
+
+
 def test_tissue_command(dapi_ndpi: Path, tmp_path: Path) -> None:
     r = run("tissue", dapi_ndpi, "--out", tmp_path / "m.png", "--geojson", tmp_path / "t.geojson")
     assert r.returncode == 0, r.stderr

@@ -11,6 +11,7 @@ import logging
 import sys
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -54,9 +55,9 @@ from .cli_vlm import (
 )
 from .cli_vlm import register as register_vlm_commands
 from .demo import DemoSlideSpec, write_demo_slide
+from .encoding import encoded_batches
 from .errors import InvalidRequestError, WsiSamplerError
 from .export import (
-    encode_image,
     run_metadata,
     write_clam_h5,
     write_csv,
@@ -67,7 +68,7 @@ from .export import (
     write_tissue_geojson,
     write_wsinfer_h5,
 )
-from .extract import Extractor
+from .extract import Extractor, default_threads
 from .plan import PatchPlan, PlanParams, TissueMask, compute_tissue_mask, make_plan
 from .slide import Slide, open_slide
 from .tissue import TissueParams, load_geojson_geometry, load_mask_png, rasterize_geometry
@@ -237,11 +238,13 @@ def _write_patch_files(extractor: Extractor, out: Path, ext: str, quiet: bool) -
     show = not quiet and sys.stderr.isatty()
     columns = ("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                TimeRemainingColumn())
-    with Progress(*columns, disable=not show, transient=True) as progress:
+    with Progress(*columns, disable=not show, transient=True) as progress, \
+            ThreadPoolExecutor(default_threads(), thread_name_prefix="wsi-encode") as pool:
         task = progress.add_task("patches", total=len(extractor.plan))
-        for i, img in extractor.iter_patches():
-            atomic_write_bytes(out / f"{i:06d}{ext}", encode_image(img, ext))
-            progress.advance(task)
+        for indices, images in encoded_batches(extractor, ext, pool):
+            for i, data in zip(indices, images, strict=True):
+                atomic_write_bytes(out / f"{i:06d}{ext}", data)
+            progress.advance(task, len(indices))
 
 
 @app.command("demo-slide")

@@ -23,7 +23,11 @@ from __future__ import annotations
 
 import struct
 import zlib
-from typing import cast
+from collections.abc import Generator
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import closing
+from functools import partial
+from typing import TYPE_CHECKING, cast
 
 import imagecodecs
 import numpy as np
@@ -31,7 +35,10 @@ import numpy.typing as npt
 
 from .errors import InvalidRequestError
 
-__all__ = ["encode_image", "encode_jpeg", "encode_png"]
+if TYPE_CHECKING:
+    from .extract import Extractor
+
+__all__ = ["encode_image", "encode_jpeg", "encode_png", "encoded_batches"]
 
 _PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 _PNG_COLOUR_TYPES = {1: 0, 3: 2, 4: 6}  # channels -> colour type (grey, RGB, RGBA)
@@ -90,3 +97,32 @@ def encode_image(img: np.ndarray, ext: str = ".png", *, jpeg_quality: int = 95) 
     if ext == ".png":
         return encode_png(img)
     raise InvalidRequestError(f"unknown image format {ext!r}: use .png or .jpg")
+
+
+def encoded_batches(
+    extractor: Extractor, ext: str, pool: ThreadPoolExecutor, *, jpeg_quality: int = 95
+) -> Generator[tuple[list[int], list[bytes]], None, None]:
+    """(plan indices, encoded images) per batch of ``extractor``'s plan, in plan order;
+    images encoded in ``pool``. ``.jpg``: where every patch is a whole stored JPEG tile
+    (:attr:`Extractor.passes_stored_jpeg`), each is that tile as stored — no decoding, no
+    second lossy generation; a patch that is not (over the level's edge, sparse, damaged)
+    is read and encoded."""
+    if ext not in (".jpg", ".jpeg", ".png"):
+        raise InvalidRequestError(f"unknown image format {ext!r}: use .png or .jpg")
+    encode = partial(encode_image, ext=ext, jpeg_quality=jpeg_quality)
+    if ext != ".png" and extractor.passes_stored_jpeg:
+        def read_and_encode(index: int) -> bytes:
+            return encode(extractor.read_patch(index))
+
+        for start, end in extractor.batch_bounds():
+            indices = list(range(start, end))
+            stored = extractor.stored_jpegs(indices)
+            missing = [i for i, data in zip(indices, stored, strict=True) if data is None]
+            encoded = dict(zip(missing, pool.map(read_and_encode, missing), strict=True))
+            yield indices, [data if data is not None else encoded[i]
+                            for i, data in zip(indices, stored, strict=True)]
+        return
+    # closing(): stopping early stops the extractor's reads ahead now.
+    with closing(extractor.iter_batches()) as batches:
+        for batch in batches:
+            yield batch.indices.tolist(), list(pool.map(encode, batch.images))
