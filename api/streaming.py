@@ -116,6 +116,16 @@ def ndjson_error_record(status: int, message: str) -> bytes:
     return json.dumps({"type": "error", "status": status, "error": message}).encode() + b"\n"
 
 
+def _slices(chunk: bytes) -> Iterator[bytes]:
+    """``chunk`` in pieces of at most ``_SEND_SLICE`` bytes (a small one as it is)."""
+    if len(chunk) <= _SEND_SLICE:
+        yield chunk
+        return
+    view = memoryview(chunk)
+    for at in range(0, len(view), _SEND_SLICE):
+        yield bytes(view[at : at + _SEND_SLICE])
+
+
 class ProducerResponse(StreamingResponse):
     """A streaming response over a synchronous producer that keeps the failure contract
     above, and closes the producer whatever happens (also when the client goes away
@@ -146,10 +156,8 @@ class ProducerResponse(StreamingResponse):
         await send({"type": "http.response.start", "status": self.status_code,
                     "headers": self.raw_headers})
         while chunk is not None:
-            view = memoryview(chunk)
-            for at in range(0, len(view), _SEND_SLICE):
-                await send({"type": "http.response.body", "body": bytes(view[at:at + _SEND_SLICE]),
-                            "more_body": True})
+            for piece in _slices(chunk):
+                await send({"type": "http.response.body", "body": piece, "more_body": True})
             chunk = await self._next()
             if isinstance(chunk, BaseException):
                 await self._abort(send, chunk)

@@ -16,11 +16,13 @@ from typing import Any
 import uvicorn
 
 
-def slide_ids(url: str) -> dict[str, str]:
+def slide_ids(url: str, api_key: str | None = None) -> dict[str, str]:
     """Path in its root -> id, of every slide the service at ``url`` lists."""
     import httpx
 
-    items = httpx.get(f"{url}/v1/slides", params={"limit": 1000}).json()["items"]
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    items = httpx.get(f"{url}/v1/slides", params={"limit": 1000},
+                      headers=headers).json()["items"]
     return {i["path"]: i["id"] for i in items}
 
 

@@ -11,7 +11,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
-from _servers import serve
+from _servers import serve, slide_ids
 from _slides import corrupt_lower_half
 
 from api.app import create_app
@@ -42,11 +42,6 @@ def url(root: Path) -> Iterator[str]:
         yield base
 
 
-def slide_ids(url: str) -> dict[str, str]:
-    items = httpx.get(f"{url}/v1/slides", headers={"Authorization": f"Bearer {KEY}"}).json()
-    return {i["path"]: i["id"] for i in items["items"]}
-
-
 def _active_streams(url: str) -> float:
     for line in httpx.get(f"{url}/metrics").text.splitlines():
         if line.startswith("wsi_active_streams "):
@@ -62,7 +57,7 @@ def _in_process(path: Path) -> tuple[list[tuple[int, int]], np.ndarray]:
 
 
 def test_raw_and_png_patches_are_the_extractors_arrays(url: str, root: Path) -> None:
-    sid = slide_ids(url)["demo.svs"]
+    sid = slide_ids(url, KEY)["demo.svs"]
     coords, expected = _in_process(root / "slides" / "demo.svs")
     for form in ("raw", "png"):
         got = list(stream_patches(url, sid, PLAN, image_format=form, api_key=KEY))
@@ -74,7 +69,7 @@ def test_raw_and_png_patches_are_the_extractors_arrays(url: str, root: Path) -> 
 
 
 def test_jpeg_patches_decode_to_the_encoded_extractor_arrays(url: str, root: Path) -> None:
-    sid = slide_ids(url)["demo.svs"]
+    sid = slide_ids(url, KEY)["demo.svs"]
     _, expected = _in_process(root / "slides" / "demo.svs")
     got = [im for _, im in stream_patches(url, sid, PLAN, image_format="jpeg", api_key=KEY)]
     from imagecodecs import jpeg8_decode
@@ -86,7 +81,7 @@ def test_jpeg_patches_decode_to_the_encoded_extractor_arrays(url: str, root: Pat
 def test_whole_stored_tiles_arrive_as_the_scanners_jpeg(url: str) -> None:
     """A 256 px grid at the native level of a slide tiled in 256 px: each JPEG member is the
     stored tile, decoding to exactly the raw patch (a quality-95 re-encode could not)."""
-    sid = slide_ids(url)["demo.svs"]
+    sid = slide_ids(url, KEY)["demo.svs"]
     grid = {"strategy": "grid", "patch_size_px": 256}
     raw = list(stream_patches(url, sid, grid, api_key=KEY))
     jpeg = list(stream_patches(url, sid, grid, image_format="jpeg", api_key=KEY))
@@ -99,9 +94,10 @@ def test_refusals_carry_the_services_message(url: str) -> None:
     with pytest.raises(PatchStreamError, match="HTTP 404"):
         list(stream_patches(url, "no-such-slide", PLAN, api_key=KEY))
     with pytest.raises(PatchStreamError, match="HTTP 401: .*API key"):
-        list(stream_patches(url, slide_ids(url)["demo.svs"], PLAN))
+        list(stream_patches(url, slide_ids(url, KEY)["demo.svs"], PLAN))
     with pytest.raises(PatchStreamError, match="HTTP 422"):
-        list(stream_patches(url, slide_ids(url)["demo.svs"], {"strategy": "nope"}, api_key=KEY))
+        list(stream_patches(url, slide_ids(url, KEY)["demo.svs"], {"strategy": "nope"},
+                            api_key=KEY))
     with pytest.raises(PatchStreamError, match="not an http"):
         list(stream_patches("ftp://example.org", "x"))
     from _servers import free_port
@@ -113,7 +109,7 @@ def test_refusals_carry_the_services_message(url: str) -> None:
 @pytest.mark.parametrize("form", ["raw", "jpeg"])
 def test_a_stream_failing_mid_way_is_an_error_not_a_short_result(url: str, form: str) -> None:
     """jpeg: damaged stored tiles are not passed on, their decoding fails the stream."""
-    sid = slide_ids(url)["late-corrupt.svs"]
+    sid = slide_ids(url, KEY)["late-corrupt.svs"]
     grid = {"strategy": "grid", "patch_size_px": 256, "min_tissue_fraction": 0.0}
     received = 0
     with pytest.raises(PatchStreamError, match=r"broke off after \d+ of \d+ patches") as info:
@@ -125,7 +121,7 @@ def test_a_stream_failing_mid_way_is_an_error_not_a_short_result(url: str, form:
 
 def test_stopping_early_closes_the_connection(url: str, root: Path) -> None:
     coords, _ = _in_process(root / "slides" / "demo.svs")
-    sid = slide_ids(url)["demo.svs"]
+    sid = slide_ids(url, KEY)["demo.svs"]
     stream = stream_patches(url, sid, PLAN, api_key=KEY)
     first = [next(stream) for _ in range(3)]
     stream.close()

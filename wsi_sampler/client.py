@@ -73,7 +73,8 @@ class _TarReader:
         self._resp = resp
         self._block = bytearray(_BLOCK)
 
-    def _read_exactly(self, view: memoryview) -> None:
+    def read_into(self, view: memoryview) -> None:
+        """Fill ``view`` from the stream (EOFError if it ends first)."""
         done = 0
         while done < len(view):
             got = self._resp.readinto(view[done : done + _READ])
@@ -83,25 +84,22 @@ class _TarReader:
 
     def next_header(self) -> tuple[str, int] | None:
         """(name, size) of the next member; None at the end-of-archive marker."""
-        self._read_exactly(memoryview(self._block))
+        self.read_into(memoryview(self._block))
         if not any(self._block):
             return None
         name = bytes(self._block[0:100]).split(b"\0", 1)[0].decode()
         size = int(bytes(self._block[124:136]).strip(b"\0 ") or b"0", 8)
         return name, size
 
-    def read_into(self, view: memoryview) -> None:
-        self._read_exactly(view)
-
     def read(self, size: int) -> bytes:
         buf = bytearray(size)
-        self._read_exactly(memoryview(buf))
+        self.read_into(memoryview(buf))
         return bytes(buf)
 
     def skip_padding(self, size: int) -> None:
         pad = -size % _BLOCK
         if pad:
-            self._read_exactly(memoryview(self._block)[:pad])
+            self.read_into(memoryview(self._block)[:pad])
 
 
 @lru_cache(maxsize=64)

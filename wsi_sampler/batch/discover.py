@@ -6,15 +6,15 @@ from __future__ import annotations
 
 import hashlib
 import os
-import re
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import SlideNotFoundError
+from ..sources.location import parse_location
 
 __all__ = ["SLIDE_FORMATS", "Discovery", "SlideTask", "discover", "discover_slides",
-           "is_remote_root", "not_regular_reason"]
+           "not_regular_reason"]
 
 SLIDE_FORMATS = {
     ".svs": "svs", ".tif": "tiff", ".tiff": "tiff", ".ndpi": "ndpi", ".scn": "scn",
@@ -22,7 +22,6 @@ SLIDE_FORMATS = {
     ".qptiff": "qptiff",
 }
 """Slide file suffix -> format name (a DICOM-WSI folder is ``dicom``)."""
-_URL = re.compile(r"[a-z][a-z0-9+.-]*://", re.IGNORECASE)
 _SIDECARS = {".dat", ".ini", ".vmp", ".xml", ".json", ".md", ".txt", ".csv"}
 
 
@@ -119,18 +118,14 @@ def discover(root: Path) -> Discovery:
     return found
 
 
-def is_remote_root(root: str | Path) -> bool:
-    """Whether ``root`` is a URL (``s3://…``, ``dicomweb://…``; ``https://…`` is refused by
-    the listing: HTTP has no way to list a folder) rather than a local folder."""
-    return isinstance(root, str) and _URL.match(root) is not None
-
-
 def discover_slides(root: str | Path) -> Discovery:
     """Slides under a local folder, an S3 prefix (``s3://bucket/prefix/``) or a DICOMweb
     server (``dicomweb://host/prefix``: every series), in path order. Credentials come from
-    the environment (the AWS chain; ``WSI_DICOMWEB_*``)."""
-    if not is_remote_root(root):
-        return discover(Path(root))
+    the environment (the AWS chain; ``WSI_DICOMWEB_*``). An ``https://`` root is refused by
+    the listing: HTTP has no way to list a folder."""
+    location = parse_location(root)
+    if location.kind == "file":
+        return discover(Path(location.url))
     from ..sources.listing import list_remote_root
 
     found = Discovery()
