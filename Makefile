@@ -31,6 +31,25 @@ $(eval $(call TOOL_VENV,kserve,kserve,0.21.0))
 MOTO := moto[server,s3]
 $(eval $(call TOOL_VENV,moto,$(MOTO),5.2.5))
 
+# WSInfer (its reader and inference step run on our WSInfer-layout files). It needs torch:
+# its venv sees ours through a .pth file, rewritten on every run (CI clones elsewhere), so
+# pip installs only what WSInfer adds (pandas, scikit-image, wsinfer-zoo, ...) and the
+# zarr 2 that WSInfer 0.6.1 patches at import (it reads slides with openslide here).
+WSINFER_VERSION := 0.6.1
+WSINFER_VENV := $(TOOLS_DIR)/wsinfer
+$(WSINFER_VENV)/.installed-$(WSINFER_VERSION): | $(STAMP)
+	rm -rf $(WSINFER_VENV)
+	$(PYTHON) -m venv $(WSINFER_VENV)
+	$(MAKE) --no-print-directory wsinfer-link
+	$(WSINFER_VENV)/bin/pip install --quiet --disable-pip-version-check \
+	    'wsinfer==$(WSINFER_VERSION)' 'zarr<3'
+	touch $@
+TOOL_STAMPS += $(WSINFER_VENV)/.installed-$(WSINFER_VERSION)
+wsinfer-link:
+	@$(WSINFER_VENV)/bin/python -c 'import sysconfig; print(sysconfig.get_path("purelib"))' \
+	    | xargs -I{} sh -c '$(PY) -c "import sysconfig; print(sysconfig.get_path(\"purelib\"))" \
+	    > {}/wsi-sampler-venv.pth'
+
 # Servers from Debian packages for the remote-slide tests: Orthanc with its DICOMweb and WSI
 # plugins (a PACS, and OrthancWSIDicomizer to convert slides into DICOM-WSI) and nginx (HTTP
 # Range). Installed when missing and apt-get can run (root); the tests skip, saying so,
@@ -46,7 +65,7 @@ system-deps:
 	        $(SYSTEM_PACKAGES) >/dev/null; \
 	else echo "system-deps: not root or no apt-get; Orthanc/nginx tests will skip"; fi
 
-.PHONY: install test lint format run demo bench fuzz soak clean tools system-deps
+.PHONY: install test lint format run demo bench fuzz soak clean tools system-deps wsinfer-link
 
 $(STAMP): pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
@@ -65,6 +84,7 @@ format: $(STAMP)
 	$(VENV)/bin/ruff format .
 
 tools: $(TOOL_STAMPS)
+	@if [ -x $(WSINFER_VENV)/bin/python ]; then $(MAKE) --no-print-directory wsinfer-link; fi
 
 test: lint tools system-deps
 	WSI_TOOLS_DIR=$(TOOLS_DIR) $(PY) -m pytest

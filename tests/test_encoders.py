@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import shutil
 import subprocess
 import sys
@@ -126,14 +127,16 @@ def test_weights_that_do_not_fit_name_the_first_mismatching_key(tmp_path: Path) 
         return {"state_dict": {f"module.{k}": v for k, v in module.state_dict().items()}}
 
     torch.save(wrapped(0), tmp_path / "wrapped.pth")
-    torch.save(wrapped(5), tmp_path / "classifier.pth")
     with pytest.raises(ModelLoadError, match="start with 'module.': set weights_key_prefix"):
         load_model("vit-s16", weights=tmp_path / "wrapped.pth", device="cpu")
     prefixed = tmp_path / "prefixed.json"
     prefixed.write_text(small.model_copy(update={"weights_key_prefix": "module."}
                                          ).model_dump_json())
-    with pytest.raises(ModelLoadError, match="'head.weight' in the file is not in the model"):
-        load_model(prefixed, weights=tmp_path / "classifier.pth", device="cpu")
+    extra = wrapped(0)
+    extra["state_dict"]["module.neck.weight"] = torch.zeros(3)
+    torch.save(extra, tmp_path / "extra.pth")
+    with pytest.raises(ModelLoadError, match="'neck.weight' in the file is not in the model"):
+        load_model(prefixed, weights=tmp_path / "extra.pth", device="cpu")
     assert load_model(prefixed, weights=tmp_path / "wrapped.pth", device="cpu").name == "vit-s16"
     (tmp_path / "junk.safetensors").write_bytes(b"not safetensors at all")
     with pytest.raises(ModelLoadError, match="not a readable .safetensors weights file"):
@@ -141,6 +144,28 @@ def test_weights_that_do_not_fit_name_the_first_mismatching_key(tmp_path: Path) 
     (tmp_path / "w.npz").write_bytes(b"x")
     with pytest.raises(ModelLoadError, match="expected one of .safetensors"):
         load_model("vit-s16", weights=tmp_path / "w.npz", device="cpu")
+
+
+def test_a_checkpoint_with_a_classifier_head_loads_into_an_embedding_card(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    # timm's ``*_ft_in1k`` files carry the 1000-class head: the card names its keys, drops
+    # them and says so; the backbone is loaded strictly and gives the same embedding.
+    torch.manual_seed(1)
+    classifier = timm.create_model("vit_small_patch16_224", num_classes=1000).eval()
+    _save(classifier.state_dict(), tmp_path / "model.safetensors")
+    with caplog.at_level(logging.INFO, logger="wsi_sampler.models.loaders"):
+        model = load_model("vit-s16", weights=tmp_path / "model.safetensors", device="cpu")
+    assert "dropped the classifier head head.weight, head.bias" in caplog.text
+    with torch.inference_mode():
+        x = torch.from_numpy(PATCHES).permute(0, 3, 1, 2).float() / 255
+        expected = classifier.forward_head(classifier.forward_features((x - 0.5) / 0.5),
+                                           pre_logits=True)
+    np.testing.assert_allclose(model.predict(PATCHES)["embedding"], expected.numpy(),
+                               rtol=1e-4, atol=1e-4)
+    resnet = timm.create_model("resnet50", num_classes=1000)
+    _save(resnet.state_dict(), tmp_path / "resnet.safetensors")
+    assert load_model("resnet50", weights=tmp_path / "resnet.safetensors",
+                      device="cpu").name == "resnet50"
 
 
 def test_card_validation_of_timm_arguments(tmp_path: Path) -> None:
@@ -238,9 +263,11 @@ def test_float16_bags_and_the_patch_size_frames(demo_slide: Path, vits: InProces
                                                 tmp_path: Path) -> None:
     with open_slide(demo_slide) as slide:  # 0.25 µm/px scan, 0.5 µm/px encoder
         result = score_slide(slide, PlanParams(strategy="random", n_patches=3), vits, tmp_path,
-                             options=OutputOptions(features_dtype="float16"))
+                             options=OutputOptions(features_dtype="float16", clam_pt=True))
     bag = read_features_h5(tmp_path / "features.h5")
     assert bag.features.dtype == np.float16
+    pt = torch.load(tmp_path / "features.pt", weights_only=True)  # one dtype for both files
+    assert pt.dtype == torch.float16 and torch.equal(pt, torch.from_numpy(bag.features))
     np.testing.assert_allclose(bag.features, result.features, rtol=2e-3, atol=2e-3)
     a = bag.coords_attrs
     assert (a["patch_size_px"], a["target_mpp"], a["model_magnification"]) == (224, 0.5, 20)

@@ -93,4 +93,6 @@ class FeaturesDtypeOpt(str, Enum):
 
 
 FeaturesDtypeO = Annotated[FeaturesDtypeOpt, typer.Option(
-    help="Precision of the embeddings in features.h5 (encoders).")]
+    help="Precision of the embeddings in features.h5 and features.pt (encoders). float16 "
+    "halves the files, but CLAM's and TRIDENT's MIL code feed them as stored to a float32 "
+    "model: keep float32 for them.")]

@@ -26,6 +26,15 @@ import numpy.typing as npt
 from ._io import atomic_path, atomic_write_bytes, atomic_write_text
 from .encoding import encode_image
 from .errors import InvalidRequestError
+from .geojson import (
+    TISSUE_COLOUR,
+    box_geometry,
+    classification,
+    dumps,
+    feature,
+    feature_collection,
+    polygon_geometry,
+)
 from .plan import PatchPlan
 from .slide import Slide
 from .tissue import mask_to_polygons
@@ -36,6 +45,7 @@ __all__ = [
     "run_metadata",
     "write_clam_h5",
     "write_csv",
+    "tissue_collection",
     "write_geojson",
     "write_mask_png",
     "write_metadata_json",
@@ -90,10 +100,6 @@ def _cell(value: Any) -> str | int | float:
 # QuPath keeps a feature's "id" only if it is a UUID; ours derive from the slide and the
 # tile's box, so the same tile gets the same id in every run (links between runs survive).
 _TILE_NAMESPACE = uuid.UUID("5d0c3f0e-6a0b-4f5e-9d27-7f4a5b1c2e10")
-# Class colours, in order of the classifier's classes; QuPath (0.4 and later) writes and
-# reads a classification as {"name": ..., "color": [r, g, b]}.
-_CLASS_COLOURS = ((200, 0, 0), (0, 150, 0), (0, 0, 200), (200, 150, 0), (150, 0, 150),
-                  (0, 150, 150), (120, 120, 120), (255, 100, 0))
 
 
 def tile_uuid(slide_key: str, x0: int, y0: int, width0: int, height0: int) -> str:
@@ -118,22 +124,14 @@ def write_geojson(
         x, y, w, h = int(plan.x0[i]), int(plan.y0[i]), plan.width0, plan.height0
         meas = {fraction: round(float(plan.tissue_fraction[i]), 4)}
         meas.update({k: float(v[i]) for k, v in cols.items()})
-        properties: dict[str, Any] = {"objectType": "tile", "isLocked": True,
-                                      "measurements": meas}
+        cls = None
         if classes:
             best = int(np.argmax([cols[c][i] for c, _ in classes]))
-            properties["classification"] = {
-                "name": classes[best][1], "color": list(_CLASS_COLOURS[best % len(_CLASS_COLOURS)])}
-        features.append({
-            "type": "Feature",
-            "id": tile_uuid(slide_key, x, y, w, h),
-            "geometry": {
-                "type": "Polygon",
-                "coordinates": [[[x, y], [x + w, y], [x + w, y + h], [x, y + h], [x, y]]],
-            },
-            "properties": properties,
-        })
-    atomic_write_text(path, json.dumps({"type": "FeatureCollection", "features": features}))
+            cls = classification(classes[best][1], best)
+        features.append(feature(box_geometry(x, y, w, h), object_type="tile",
+                                feature_id=tile_uuid(slide_key, x, y, w, h), cls=cls,
+                                measurements=meas, locked=True))
+    atomic_write_text(path, dumps(feature_collection(features)))
 
 
 def write_clam_h5(path: str | os.PathLike[str], plan: PatchPlan, slide: Slide) -> None:
@@ -146,27 +144,32 @@ def write_clam_h5(path: str | os.PathLike[str], plan: PatchPlan, slide: Slide) -
 
 
 def write_wsinfer_h5(path: str | os.PathLike[str], plan: PatchPlan) -> None:
-    """WSInfer patch file: ``/coords`` (N, 4) as minx, miny, width, height (level 0)."""
-    n = len(plan)
-    coords = np.column_stack([plan.x0, plan.y0, np.full(n, plan.width0), np.full(n, plan.height0)])
+    """WSInfer's patch file, as its own writer (``wsinfer.patchlib.save_hdf5``) makes it:
+    ``/coords`` (N, 2) level-0 top-left corners with attributes ``patch_size`` (the patch's
+    side in level-0 pixels), ``patch_level`` 0 and ``patch_spacing_um_px`` (the µm/px the
+    model reads at). WSInfer reads ``patch_size`` level-0 pixels and resizes them itself;
+    its patches are square, sized from the mean of the x and y MPP, as here."""
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
-        dset = f.create_dataset("/coords", data=coords.astype(np.int64))
-        f.attrs["patch_size"] = plan.patch_size_px
-        f.attrs["patch_spacing_um_px"] = plan.target_mpp
-        dset.attrs["patch_size"] = plan.patch_size_px
+        dset = f.create_dataset("/coords", data=plan.coords.astype(np.int64),
+                                compression="gzip")
+        dset.attrs["patch_size"] = round((plan.width0 + plan.height0) / 2)
+        dset.attrs["patch_level"] = 0
         dset.attrs["patch_spacing_um_px"] = plan.target_mpp
+
+
+def tissue_collection(mask: BoolMask, scale: tuple[float, float]) -> dict[str, Any]:
+    """The tissue outline as one QuPath annotation classified ``Tissue`` (MultiPolygon,
+    level-0 px): what the CLI writes and the API answers."""
+    return feature_collection([feature(
+        polygon_geometry(mask_to_polygons(mask, scale)), object_type="annotation",
+        name="tissue", cls=classification("Tissue", colour=TISSUE_COLOUR))])
 
 
 def write_tissue_geojson(
     path: str | os.PathLike[str], mask: BoolMask, scale: tuple[float, float]
 ) -> None:
-    """Tissue outline as one QuPath annotation (MultiPolygon, level-0 px)."""
-    feature = {
-        "type": "Feature",
-        "geometry": mask_to_polygons(mask, scale).__geo_interface__,
-        "properties": {"objectType": "annotation", "classification": {"name": "Tissue"}},
-    }
-    atomic_write_text(path, json.dumps({"type": "FeatureCollection", "features": [feature]}))
+    """Tissue outline as one QuPath annotation (:func:`tissue_collection`)."""
+    atomic_write_text(path, dumps(tissue_collection(mask, scale)))
 
 
 def write_mask_png(path: str | os.PathLike[str], mask: BoolMask) -> None:

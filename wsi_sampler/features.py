@@ -106,14 +106,21 @@ def write_features_h5(
         f.attrs["strategy"] = plan.strategy
 
 
-def write_features_pt(path: str | os.PathLike[str], features: npt.ArrayLike) -> None:
-    """CLAM's ``pt_files/<slide>.pt``: the (N, D) features as one torch tensor."""
+def write_features_pt(
+    path: str | os.PathLike[str], features: npt.ArrayLike, *,
+    dtype: FeaturesDtype = "float32",
+) -> None:
+    """CLAM's ``pt_files/<slide>.pt``: the (N, D) features as one torch tensor, in the same
+    dtype as the slide's ``features.h5`` (CLAM's training and evaluation feed both files to
+    a float32 model as stored, so a float16 bag needs a cast there)."""
     import io
 
     import torch
 
+    if dtype not in ("float32", "float16"):
+        raise InvalidRequestError(f"features dtype must be float32 or float16, got {dtype!r}")
     buf = io.BytesIO()
-    torch.save(torch.from_numpy(np.ascontiguousarray(features)), buf)
+    torch.save(torch.from_numpy(np.ascontiguousarray(features, dtype=dtype)), buf)
     atomic_write_bytes(path, buf.getvalue())
 
 

@@ -243,7 +243,8 @@ def write_results(
         write_features_h5(out_dir / "features.h5", plan, slide, result.features, card,
                           dtype=options.features_dtype)
         if options.clam_pt:
-            write_features_pt(out_dir / "features.pt", result.features)
+            write_features_pt(out_dir / "features.pt", result.features,
+                              dtype=options.features_dtype)
     col = heatmap_column(card)
     values = outputs[col] if col is not None else plan.tissue_fraction
     hi = float(values.max()) if len(values) and col and not col.startswith(

@@ -5,12 +5,13 @@ from __future__ import annotations
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 from wsi_sampler import compute_tissue_mask
 from wsi_sampler.encoding import encode_image
-from wsi_sampler.tissue import mask_to_polygons
+from wsi_sampler.export import tissue_collection
+from wsi_sampler.geojson import dumps
 from wsi_sampler.units import SLIDE_MPP_RANGE, TISSUE_MPP_RANGE
 
 from ..deps import ServicesDep
@@ -116,7 +117,10 @@ async def thumbnail(
 
 @router.get("/{slide_id}/tissue", response_model=None,
             responses={**ERRORS, 200: {
-                "content": binary_content("image/png", "application/geo+json"),
+                "content": binary_content("image/png") | {"application/geo+json": {
+                    "schema": {"type": "object", "required": ["type", "features"],
+                               "properties": {"type": {"const": "FeatureCollection"},
+                                              "features": {"type": "array"}}}}},
                 "description": "The tissue mask (PNG) or its polygons (GeoJSON, level-0 px)"}})
 async def tissue(
     slide_id: str, services: ServicesDep,
@@ -132,11 +136,8 @@ async def tissue(
         if output == "png":
             return Response(encode_image(tm.mask.astype("uint8") * 255),
                             media_type="image/png")
-        geometry = mask_to_polygons(tm.mask, tm.scale).__geo_interface__
-        feature = {"type": "Feature", "geometry": geometry,
-                   "properties": {"objectType": "annotation", "name": "tissue"}}
-        return JSONResponse({"type": "FeatureCollection", "features": [feature]},
-                            media_type="application/geo+json")
+        return Response(dumps(tissue_collection(tm.mask, tm.scale)),
+                        media_type="application/geo+json")
 
     return await services.slide_work(detect)
 

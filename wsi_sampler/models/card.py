@@ -124,6 +124,10 @@ class ModelCard(BaseModel):
     pooling: Pooling = "model"
     weights_key_prefix: str | None = None
     """Prefix stripped from every key of the weights file (e.g. ``module.``, ``model.``)."""
+    head_keys: tuple[str, ...] = ()
+    """Keys of the architecture's classifier head (timm ViTs: ``head.weight``, ``head.bias``;
+    ResNets: ``fc.weight``, ``fc.bias``). An embedding card drops them from a checkpoint that
+    carries them (timm's ``ft_in1k`` files do) and says so; every other key loads strictly."""
     provenance: Provenance | None = None
 
     @model_validator(mode="after")

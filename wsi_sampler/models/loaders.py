@@ -17,6 +17,7 @@ Every model is then run once on a blank patch and must match its card, or loadin
 
 from __future__ import annotations
 
+import logging
 import warnings
 from pathlib import Path
 
@@ -34,6 +35,7 @@ from .weights import load_strict, read_state_dict
 __all__ = ["BUILTIN_MODELS", "load_model", "preflight", "resolve_card"]
 
 BUILTIN_MODELS = ("tissue-qc",)
+log = logging.getLogger(__name__)
 
 
 def resolve_card(
@@ -106,10 +108,20 @@ def _load_timm(
         return module
     weights = _model_file(card, base)
     state = read_state_dict(weights, prefix=card.weights_key_prefix)
+    if out.class_names is None:
+        _drop_head_keys(card, state, weights)
     # Checkpoints hold the timm model's own keys; pooling is ours and has no weights.
     target = module.backbone if isinstance(module, TokenPooling) else module
     load_strict(target, state, source=str(weights), what=f"timm {arch!r} (card {card.name!r})")
     return module
+
+
+def _drop_head_keys(card: ModelCard, state: dict[str, torch.Tensor], source: Path) -> None:
+    """An embedding has no classifier: remove the card's named head keys from ``state``."""
+    dropped = [key for key in card.head_keys if state.pop(key, None) is not None]
+    if dropped:
+        log.info("%s: dropped the classifier head %s (model %r outputs its embedding)",
+                 source.name, ", ".join(dropped), card.name)
 
 
 def _load_module(
