@@ -24,6 +24,7 @@ from wsi_sampler import __version__
 from wsi_sampler.batch import discover
 from wsi_sampler.demo import write_demo_slide
 from wsi_sampler.errors import WsiSamplerError
+from wsi_sampler.redact import remember_secret
 from wsi_sampler.sources.dicomweb import DicomWebCredentials
 from wsi_sampler.worker import Worker, open_worker
 
@@ -90,6 +91,8 @@ async def _connect_worker(services: Services, factory: Callable[[], Worker]) -> 
 async def _start_services(app: FastAPI, cfg: Settings) -> Services:
     """The slide registry (listed once), the job manager and the services around them."""
     limit_malloc_arenas(cfg.malloc_arena_max)
+    for secret in cfg.secrets():
+        remember_secret(secret)
     if cfg.demo_slide:
         await asyncio.to_thread(ensure_demo_slide, cfg)
     cfg.uploads_dir.mkdir(parents=True, exist_ok=True)

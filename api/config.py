@@ -17,6 +17,8 @@ from pydantic_settings import (
     SettingsConfigDict,
 )
 
+from wsi_sampler.redact import url_credentials
+
 __all__ = ["Settings", "load_settings"]
 
 DEFAULT_CONFIG = Path("configs/default.toml")
@@ -89,7 +91,20 @@ class Settings(BaseSettings):
     def _url(cls, v: str) -> str:
         if v and not v.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
+        carried = url_credentials(v)
+        if carried:
+            raise ValueError(f"must not carry credentials ({carried}); the VLM's API key "
+                             "goes in the environment variable named by vlm_api_key_env")
         return v
+
+    def secrets(self) -> list[str]:
+        """Every secret value of the configuration (masked wherever we answer or log)."""
+        values = [k.get_secret_value() for k in self.api_keys]
+        values += [s.get_secret_value() for s in (self.dicomweb_token,
+                                                  self.dicomweb_password) if s is not None]
+        values += [os.environ.get(name, "") for name in (
+            self.vlm_api_key_env, "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")]
+        return [v for v in values if v]
 
     @property
     def uploads_dir(self) -> Path:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -24,6 +25,7 @@ from wsi_sampler.errors import (
     WorkerUnavailableError,
     WsiSamplerError,
 )
+from wsi_sampler.redact import redact
 
 from .jobs import JobNotFoundError
 from .slides import UploadTooLargeError
@@ -82,18 +84,31 @@ def status_for(exc: BaseException) -> int:
 
 
 class MessageScrubber:
-    """Removes the server's own folders from messages: a slide is named by its path
-    relative to its root (as listed), never by where the server keeps it."""
+    """Makes a message safe to answer: the server's own folders removed (a slide is named
+    by its path relative to its root, as listed, never by where the server keeps it) and
+    secrets masked (:func:`wsi_sampler.redact.redact`).
+
+    Only whole paths are scrubbed: a folder followed by ``/`` loses that prefix; a bare
+    folder name becomes ``<slide root>`` only when it is absolute or a URL, so the default
+    ``data`` folder leaves the words "metadata" and "data" alone."""
 
     def __init__(self, folders: list[Path], urls: list[str] | None = None) -> None:
         names = {str(f) for f in folders} | {str(f.resolve()) for f in folders}
         names |= {u.rstrip("/") for u in urls or []}  # remote roots: S3 prefix, PACS URL
-        self._prefixes = sorted(names, key=len, reverse=True)
+        self._patterns = [self._pattern(n) for n in sorted(names, key=len, reverse=True)
+                          if n not in ("", ".")]
+
+    @staticmethod
+    def _pattern(name: str) -> re.Pattern[str]:
+        start = r"(?<![\w.~/-])"  # not inside a longer name or path
+        bare = r"(?![\w.-])" if name.startswith("/") or "://" in name else r"(?=/)"
+        return re.compile(start + re.escape(name) + r"(?:/|" + bare + ")")
 
     def __call__(self, message: str) -> str:
-        for prefix in self._prefixes:
-            message = message.replace(prefix + "/", "").replace(prefix, "<slide root>")
-        return message
+        for pattern in self._patterns:
+            message = pattern.sub(lambda m: "" if m.group(0).endswith("/") else "<slide root>",
+                                  message)
+        return redact(message)
 
 
 def describe_error(exc: BaseException, scrub: MessageScrubber) -> tuple[int, str]:

@@ -39,9 +39,11 @@ CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY, state TEXT NOT NULL, created REAL NOT NULL, updated REAL NOT NULL,
     request TEXT NOT NULL, slides_done INTEGER NOT NULL DEFAULT 0,
     patches_done INTEGER NOT NULL DEFAULT 0, errors TEXT NOT NULL DEFAULT '[]',
-    results TEXT NOT NULL DEFAULT '[]'
+    results TEXT NOT NULL DEFAULT '[]', notes TEXT NOT NULL DEFAULT '[]'
 )
 """
+# Columns added since the first schema: (name, declaration) for ALTER TABLE on old files.
+_ADDED_COLUMNS = (("notes", "TEXT NOT NULL DEFAULT '[]'"),)
 _ACTIVE = ("queued", "running")
 
 
@@ -73,6 +75,10 @@ class JobManager:
                                    isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute(_SCHEMA)
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(jobs)")}
+        for name, declaration in _ADDED_COLUMNS:
+            if name not in have:
+                self._db.execute(f"ALTER TABLE jobs ADD COLUMN {name} {declaration}")
         self._lock = threading.Lock()
         self._cancel: dict[str, threading.Event] = {}
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="wsi-job")
@@ -116,7 +122,7 @@ class JobManager:
         with self._lock:
             row = self._db.execute(
                 "SELECT id, state, created, updated, request, slides_done, patches_done, errors,"
-                " results FROM jobs WHERE id=?", (job_id,),
+                " results, notes FROM jobs WHERE id=?", (job_id,),
             ).fetchone()
         if row is None:
             raise JobNotFoundError(f"unknown job {job_id!r}")
@@ -130,6 +136,7 @@ class JobManager:
                  "url": f"/v1/jobs/{row[0]}/results/{n}"}
                 for n in json.loads(row[8])
             ],
+            "notes": json.loads(row[9]),
         }
 
     def cancel(self, job_id: str) -> dict[str, Any]:
@@ -178,12 +185,15 @@ class JobManager:
         if cancel.is_set():
             return
         self._update(job_id, state="running", only_if_active=True)
-        progress, errors, results = _Progress(), [], []
+        progress, errors, results, notes = _Progress(), [], [], []
         for sid in request.slides:
             if cancel.is_set():
                 return
             try:
-                results += self._score_one(job_id, sid, request, cancel, progress)
+                files, note = self._score_one(job_id, sid, request, cancel, progress)
+                results += files
+                if note:
+                    notes.append({"slide": sid, "message": self.scrub(note)})
             except Cancelled:
                 return
             except Exception as exc:  # any failure fails this slide; the job goes on
@@ -193,7 +203,8 @@ class JobManager:
                                "message": self.scrub(str(exc))})
             progress.slides_done += 1
             self._update(job_id, slides_done=progress.slides_done,
-                         patches_done=progress.patches_done, errors=errors, results=results)
+                         patches_done=progress.patches_done, errors=errors, results=results,
+                         notes=notes)
         state = "succeeded" if not errors else "failed" if not results else "partial"
         self._update(job_id, state=state, only_if_active=True)
 
@@ -203,7 +214,7 @@ class JobManager:
         return self.vlm_for(req)
 
     def _report_one(self, job_id: str, sid: str, req: ReportRequest, progress: _Progress
-                    ) -> list[str]:
+                    ) -> tuple[list[str], str | None]:
         vlm = self._vlm(req)
         try:
             with self.registry.open(sid, mpp_override=req.mpp_override) as slide:
@@ -212,12 +223,13 @@ class JobManager:
             vlm.close()
         atomic_write_text(self.root / job_id / sid / "report.json", json.dumps(report, indent=2))
         progress.patches_done += int(report["bag"]["n_patches"])
-        return [f"{sid}.report.json"]
+        return [f"{sid}.report.json"], None
 
     def _score_one(
         self, job_id: str, sid: str, request: JobRequest, cancel: threading.Event,
         progress: _Progress,
-    ) -> list[str]:
+    ) -> tuple[list[str], str | None]:
+        """The slide's result files, and a note on its plan (why it is empty or short)."""
         if request.report is not None:
             return self._report_one(job_id, sid, request.report, progress)
         worker = self.get_worker()
@@ -231,7 +243,9 @@ class JobManager:
             self._update(job_id, patches_done=progress.patches_done)
 
         with self.registry.open(sid, mpp_override=request.sampling.mpp_override) as slide:
-            score_slide(slide, request.sampling.to_params(), worker, out,
-                        batch_size=self.batch_size, cancel=cancel, progress=report,
-                        config={"job": job_id, "sampling": request.sampling.model_dump()})
-        return [f"{sid}.{name}" for name in result_files(worker.card)]
+            result = score_slide(slide, request.sampling.to_params(), worker, out,
+                                 batch_size=self.batch_size, cancel=cancel, progress=report,
+                                 config={"job": job_id,
+                                         "sampling": request.sampling.model_dump()})
+        return ([f"{sid}.{name}" for name in result_files(worker.card)],
+                result.summary.get("message"))

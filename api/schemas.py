@@ -226,6 +226,12 @@ class JobResult(BaseModel):
     url: str
 
 
+class JobNote(BaseModel):
+    slide: str
+    message: str = Field(description="What a slide's result says that a reader must know, "
+                                     "e.g. why its plan holds no patch")
+
+
 class JobStatus(BaseModel):
     id: str
     state: Literal["queued", "running", "succeeded", "partial", "failed", "cancelled",
@@ -237,3 +243,4 @@ class JobStatus(BaseModel):
     patches_done: int
     errors: list[JobError]
     results: list[JobResult]
+    notes: list[JobNote] = Field(default_factory=list)

@@ -5,7 +5,9 @@ request types (``CompletionCreateParams*``: unknown keys and malformed messages 
 decodes every image part (data URIs only), records what it received, and answers like
 vLLM: JSON or server-sent events (``stream=True``, with a final usage chunk). The ``model``
 name picks a behaviour: ``echo`` (a short text describing the bag), ``context-too-long``
-(vLLM's 400), ``fail-500``, ``slow`` (answers after 30 s), ``empty`` (no text).
+(vLLM's 400), ``fail-500``, ``slow`` (answers after 30 s), ``empty`` (no text),
+``echo-secret`` (a 500 whose message echoes the request's ``Authorization`` header, as
+careless proxies do) and ``garbage`` (a 200 whose events or body are not JSON).
 """
 
 from __future__ import annotations
@@ -145,6 +147,13 @@ def create_openai_stub(stub: OpenAIStub) -> Starlette:
                                f"you requested {256 * len(got.images) + 1000} tokens.")
         if model == "fail-500":
             return _error(500, "CUDA out of memory")
+        if model == "echo-secret":
+            return _error(500, "upstream failed; you sent Authorization="
+                               f"{request.headers.get('authorization')}\nsecond line")
+        if model == "garbage":
+            if got.body.get("stream"):
+                return Response("data: {this is not json\n\n", media_type="text/event-stream")
+            return Response("{this is not json", media_type="application/json")
         if model == "slow":
             await asyncio.sleep(30)
         text = "" if model == "empty" else _answer_text(got)

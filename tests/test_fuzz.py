@@ -197,3 +197,54 @@ def test_api(corpus: dict[str, Path], api: tuple[str, dict[str, str], dict[str, 
             assert status < 500, (route, status)
             assert ending in ("complete", "aborted", "n/a"), (route, ending)
     assert httpx.get(f"{url}/healthz").status_code == 200
+
+
+# -- truncations: never a slide of zeros ----------------------------------------------------------
+
+CUTS = [0.001, 0.05, 0.2, 0.35, 0.5, 0.66, 0.8, 0.9, 0.93, 0.97, 0.99, 0.999]
+
+
+def _seed_files(tmp: Path) -> dict[str, bytes]:
+    seeds = {"generated": write_demo_slide(
+        tmp / "generated.svs",
+        DemoSlideSpec(width=3000, height=2200, mpp=0.5, seed=3, tile_px=256)).read_bytes()}
+    for name in ("CMU-1-Small-Region.svs", "test3-DAPI-2-387.ndpi"):
+        if (SHARED_SLIDES / name).exists():
+            seeds[name] = (SHARED_SLIDES / name).read_bytes()
+    return seeds
+
+
+def test_a_file_cut_anywhere_is_never_a_slide_of_zeros(tmp_path: Path) -> None:
+    # A cut file is refused at open; were one to open, what it shows must be real pixels.
+    import numpy as np
+
+    for name, data in _seed_files(tmp_path).items():
+        suffix = Path(name).suffix or ".svs"
+        for cut in CUTS:
+            path = tmp_path / f"cut-{cut}{suffix}"
+            path.write_bytes(data[: int(len(data) * cut)])
+            try:
+                with open_slide(path) as slide:
+                    thumb = slide.thumbnail(max_size=256)
+            except WsiSamplerError:
+                continue
+            assert np.ptp(thumb) > 0, f"{name} cut at {cut:.1%} opened as a blank slide"
+
+
+def test_cut_files_through_the_api_are_422_everywhere(tmp_path: Path) -> None:
+    root = tmp_path / "slides"
+    root.mkdir()
+    data = _seed_files(tmp_path)["generated"]
+    for cut in (0.0005, 0.5, 0.93, 0.999):
+        (root / f"cut-{cut}.svs").write_bytes(data[: int(len(data) * cut)])
+    settings = Settings(slide_roots=[root], data_dir=tmp_path / "data", demo_slide=False,
+                        device="cpu")
+    with serve(create_app(settings), ready_path="/readyz") as url:
+        items = httpx.get(f"{url}/v1/slides", params={"limit": 1000}).json()["items"]
+        for item in items:
+            for method, route, params, body in ROUTES:
+                status, _ = call_route(url, method, route, item["id"], params, body)
+                assert status == 422, (item["name"], route, status)
+            upload = httpx.post(f"{url}/v1/slides", content=(root / item["name"]).read_bytes(),
+                                headers={"content-type": "application/octet-stream"})
+            assert upload.status_code == 422, (item["name"], upload.text)

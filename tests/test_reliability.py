@@ -320,3 +320,57 @@ def test_a_job_never_stays_running_after_an_unexpected_error(env: dict[str, Path
             time.sleep(0.2)
     assert status["state"] == "failed" and status["slides_done"] == 2
     assert [e["error"] for e in status["errors"]] == ["ValueError", "ValueError"]
+
+
+def test_a_job_on_a_slide_without_tissue_succeeds_and_says_why(
+        blank_slide: Path, tmp_path: Path) -> None:
+    root = tmp_path / "slides"
+    root.mkdir()
+    shutil.copy(blank_slide, root / "blank.svs")
+    settings = Settings(slide_roots=[root], data_dir=tmp_path / "data",  # type: ignore[call-arg]
+                        demo_slide=False, device="cpu")
+    with serve(create_app(settings), ready_path="/readyz") as url:
+        sid = slide_ids(url)["blank.svs"]
+        job = httpx.post(f"{url}/v1/jobs", json={"slides": [sid]}).json()["id"]
+        deadline = time.monotonic() + 60
+        while (status := httpx.get(f"{url}/v1/jobs/{job}").json())["state"] in (
+                "queued", "running"):
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        assert status["state"] == "succeeded", status
+        assert status["errors"] == [] and "no grid cell" in status["notes"][0]["message"]
+        names = {r["name"] for r in status["results"]}
+        assert f"{sid}.heatmap.png" in names
+        summary = httpx.get(f"{url}/v1/jobs/{job}/results/{sid}.summary.json").json()
+        assert summary["patches"] == 0 and "no grid cell" in summary["message"]
+        csv_text = httpx.get(f"{url}/v1/jobs/{job}/results/{sid}.predictions.csv").text
+        assert csv_text.splitlines() == [csv_text.splitlines()[0]]  # the header alone
+
+
+def test_messages_lose_whole_server_paths_only() -> None:
+    from api.errors import MessageScrubber
+
+    scrub = MessageScrubber([Path("data"), Path("/srv/slides")], ["s3://bucket/scans"])
+    assert scrub("x: no microns-per-pixel (MPP) metadata, so data cannot") == \
+        "x: no microns-per-pixel (MPP) metadata, so data cannot"
+    assert scrub("data/uploads/ab.svs: damaged") == "uploads/ab.svs: damaged"
+    assert scrub("/srv/slides/a/b.svs: damaged; /srv/slides is slow") == \
+        "a/b.svs: damaged; <slide root> is slow"
+    assert scrub("/srv/slides2/x.svs") == "/srv/slides2/x.svs"  # another folder
+    assert scrub("s3://bucket/scans/x.svs answered") == "x.svs answered"
+    assert "abcdef123456" not in scrub("sent Authorization: Bearer abcdef123456")
+
+
+def test_a_missing_mpp_message_reads_right_with_the_default_data_folder(
+        kidney_tif: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)  # data_dir "data", relative, as make run has it
+    (tmp_path / "slides").mkdir()
+    shutil.copy(kidney_tif, tmp_path / "slides" / "kidney.tif")
+    settings = Settings(slide_roots=[Path("slides")], data_dir=Path("data"),  # type: ignore[call-arg]
+                        demo_slide=False, device="cpu")
+    with serve(create_app(settings), ready_path="/readyz") as url:
+        sid = slide_ids(url)["kidney.tif"]
+        answer = httpx.post(f"{url}/v1/slides/{sid}/plan", json={})
+    assert answer.status_code == 422
+    assert "(MPP) metadata, so physical sizes" in answer.json()["error"]
+    assert "<slide root>" not in answer.json()["error"]

@@ -126,17 +126,34 @@ def test_non_slide_file(tmp_path: Path) -> None:
         open_slide(txt)
 
 
-def test_truncated_slide_is_an_error_not_a_crash(cmu_svs: Path, tmp_path: Path) -> None:
-    data = cmu_svs.read_bytes()
-    for keep in (200, len(data) // 3, len(data) - 1000):
-        cut = tmp_path / f"cut{keep}.svs"
-        cut.write_bytes(data[:keep])
-        try:
-            with open_slide(cut) as s:
-                w, h = s.dimensions
-                s.read_region((0, 0), 0, (w, h))
-        except (CorruptSlideError, UnsupportedFormatError) as exc:
-            assert str(cut) in str(exc)
+@pytest.mark.parametrize("backend", ["auto", *BACKENDS])
+def test_a_truncated_slide_is_refused_at_open(cmu_svs: Path, demo_slide: Path, tmp_path: Path,
+                                              backend: str) -> None:
+    # Cut anywhere, from the header to the last kilobyte: openslide refuses such files and
+    # tiffslide would read zeros for what is missing, so every cut is an error at open.
+    for source in (cmu_svs, demo_slide):
+        data = source.read_bytes()
+        for keep in (200, 1000, len(data) // 3, len(data) * 2 // 3, len(data) * 93 // 100,
+                     len(data) - 1000):
+            cut = tmp_path / f"cut{keep}.svs"
+            cut.write_bytes(data[:keep])
+            with pytest.raises((CorruptSlideError, UnsupportedFormatError),
+                               match=f"cut{keep}.svs"):
+                open_slide(cut, backend=backend)  # type: ignore[arg-type]
+
+
+def test_a_level_without_tiles_is_refused(demo_slide: Path, tmp_path: Path) -> None:
+    from fuzz_corpus import ifd_entries
+
+    data = bytearray(demo_slide.read_bytes())
+    offsets = next(e for e in ifd_entries(bytes(data)) if e.tag == 324)  # TileOffsets
+    size = 2 if offsets.type == 3 else 4
+    data[offsets.value_pos: offsets.value_pos + offsets.count * size] = bytes(
+        offsets.count * size)  # every tile of the first level at offset 0: none in the file
+    bad = tmp_path / "tileless.svs"
+    bad.write_bytes(bytes(data))
+    with pytest.raises(CorruptSlideError, match="none of the .* tiles of image 0"):
+        open_slide(bad, backend="tiffslide")
 
 
 def test_tail_truncated_slide_reports_corruption_on_read(demo_slide: Path, tmp_path: Path) -> None:

@@ -5,6 +5,7 @@ image; no model runs here). Library, CLI, API and batch."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -171,6 +172,71 @@ def test_describe_prints_the_report_and_fails_in_one_line(
     lines = down.stderr.strip().splitlines()
     assert down.returncode == 2 and lines[-1].startswith("error: ") and "Traceback" not in \
         down.stderr, down.stderr
+
+
+CANARY = "sk-canary-5f2d9c1e7b"
+
+
+def test_credentials_in_the_vlm_url_are_refused_without_being_repeated() -> None:
+    for url in (f"http://user:{CANARY}@127.0.0.1:9/v1", f"http://127.0.0.1:9/v1?api-key={CANARY}"):
+        with pytest.raises(InvalidRequestError, match="must not carry credentials") as exc:
+            VlmConfig(url=url)
+        assert CANARY not in str(exc.value)
+        with pytest.raises(ValueError, match="must not carry credentials") as bad:
+            Settings(vlm_url=url)  # type: ignore[call-arg]
+        assert CANARY not in str(bad.value.errors()[0]["msg"])
+
+
+def test_an_upstream_that_echoes_our_key_never_passes_it_on(
+        stub: tuple[OpenAIStub, str], root: Path, monkeypatch: pytest.MonkeyPatch,
+        demo_slide: Path, caplog: pytest.LogCaptureFixture) -> None:
+    monkeypatch.setenv("WSI_VLM_API_KEY", CANARY)
+    vlm = worker(stub[1], "echo-secret")
+    with caplog.at_level("INFO"), pytest.raises(WorkerError, match="HTTP 500") as exc:
+        run_report(demo_slide, vlm)
+    vlm.close()
+    assert CANARY not in str(exc.value) and stub[1] not in str(exc.value)
+    assert CANARY not in caplog.text
+    with serve(create_app(settings(root, vlm_url=stub[1], vlm_model="echo-secret",
+                                   data_dir=root.parent / "canary")), ready_path="/readyz") as u:
+        sid = {i["name"]: i["id"] for i in httpx.get(f"{u}/v1/slides").json()["items"]}[
+            "demo.svs"]
+        answer = httpx.post(f"{u}/v1/slides/{sid}/reports", json=REPORT, timeout=120)
+        assert answer.status_code == 502 and CANARY not in answer.text
+        assert "127.0.0.1" not in answer.json()["error"]  # nor our upstream's address
+        job = httpx.post(f"{u}/v1/jobs", json={"slides": [sid], "report": REPORT}).json()
+        deadline = time.monotonic() + 120
+        while (status := httpx.get(f"{u}/v1/jobs/{job['id']}").json())["state"] in (
+                "queued", "running"):
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert status["errors"] and CANARY not in json.dumps(status)
+    done = subprocess.run([str(CLI), "describe", str(demo_slide), "--prompt", "Describe.",
+                           "--magnification", "20", "--vlm-model", "echo-secret",
+                           "--vlm-url", stub[1]], capture_output=True, text=True,
+                          check=False, timeout=120, env=os.environ | {"WSI_VLM_API_KEY": CANARY})
+    assert done.returncode != 0 and CANARY not in done.stderr + done.stdout
+
+
+def test_garbage_from_the_vlm_is_a_502_and_one_line(
+        stub: tuple[OpenAIStub, str], root: Path, demo_slide: Path) -> None:
+    vlm = worker(stub[1], "garbage")
+    with pytest.raises(WorkerError, match="not an OpenAI chat completion"):
+        run_report(demo_slide, vlm)
+    vlm.close()
+    with serve(create_app(settings(root, vlm_url=stub[1], vlm_model="garbage")),
+               ready_path="/readyz") as u:
+        sid = {i["name"]: i["id"] for i in httpx.get(f"{u}/v1/slides").json()["items"]}[
+            "demo.svs"]
+        answer = httpx.post(f"{u}/v1/slides/{sid}/reports", json=REPORT, timeout=120)
+        assert answer.status_code == 502 and "not an OpenAI" in answer.json()["error"]
+    done = subprocess.run([str(CLI), "describe", str(demo_slide), "--prompt", "Describe.",
+                           "--magnification", "20", "--vlm-model", "garbage",
+                           "--vlm-url", stub[1]], capture_output=True, text=True,
+                          check=False, timeout=120)
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
+    assert lines[-1].startswith("error: ") and "not an OpenAI" in lines[-1]
 
 
 # -- the API ----------------------------------------------------------------------------------

@@ -288,3 +288,33 @@ def test_remote_worker_uses_json_when_the_server_offers_no_binary(
     with serve(create_worker_app(lambda: model), ready_path="/v2/health/ready") as base, \
             RemoteWorker(base, "tissue-qc") as ours:
         assert ours.binary is True  # our worker lists binary_tensor_data
+
+
+def test_a_worker_that_echoes_our_credentials_never_passes_them_on() -> None:
+    # The real worker app behind a proxy-like layer that fails inference echoing the
+    # request's Authorization header (httpx sends the URL's user info as Basic auth).
+    from starlette.middleware.base import BaseHTTPMiddleware
+    from starlette.responses import JSONResponse
+
+    from wsi_sampler.errors import WorkerError
+
+    canary = "canary-6b1f0e"
+    app = create_worker_app(lambda: load_model("tissue-qc", device="cpu"))
+
+    async def echo(request, call_next):  # type: ignore[no-untyped-def]
+        if request.url.path.endswith("/infer"):
+            return JSONResponse({"error": "bad gateway; you sent Authorization="
+                                          f"{request.headers.get('authorization')} "
+                                          f"token={canary}"}, status_code=400)
+        return await call_next(request)
+
+    app.add_middleware(BaseHTTPMiddleware, dispatch=echo)
+    with serve(app, ready_path="/v2/health/ready") as base:
+        url = base.replace("http://", f"http://lab:{canary}@")
+        patches = np.zeros((2, 224, 224, 3), np.uint8)
+        with RemoteWorker(url, "tissue-qc", retries=0) as worker, \
+                pytest.raises(WorkerError, match="HTTP 400") as exc:
+            worker.infer(patches)
+    message = str(exc.value)
+    assert canary not in message and "lab:" not in message  # nor user info in the URL
+    assert "Authorization=[redacted]" in message and "token=[redacted]" in message

@@ -7,6 +7,7 @@ Coordinates are level-0 pixels; sizes passed to ``read`` are pixels of the read 
 from __future__ import annotations
 
 import contextlib
+import os
 import threading
 import warnings
 from collections.abc import Iterator, Mapping
@@ -15,6 +16,7 @@ from typing import Any, BinaryIO, Protocol
 
 import numpy as np
 
+from ._tiff_integrity import check_tiff_integrity
 from .errors import (
     CorruptSlideError,
     UnsupportedFormatError,
@@ -145,6 +147,11 @@ class _TiffSlideReader(_Attrs):
             warnings.simplefilter("ignore", UserWarning)
             self._ts = tiffslide.TiffSlide(self._fh)
             props = self._ts.properties
+        try:
+            check_tiff_integrity(self._ts.ts_tifffile, self._file_size(), self._path)
+        except BaseException:
+            self._ts.close()
+            raise
         # tiffslide shares one file handle between threads; serialise its reads.
         self._lock = threading.Lock()
         w, h = self._ts.dimensions
@@ -155,6 +162,13 @@ class _TiffSlideReader(_Attrs):
         self.level_downsamples = tuple(float(d) for d in self._ts.level_downsamples)
         self.properties = {k: str(v) for k, v in props.items() if v is not None}
         self.associated_names = tuple(self._ts.associated_images.keys())
+
+    def _file_size(self) -> int:
+        at = self._fh.tell()
+        try:
+            return int(self._fh.seek(0, os.SEEK_END))
+        finally:
+            self._fh.seek(at)
 
     def read(self, x0: int, y0: int, level: int, width: int, height: int) -> RGBImage:
         with _translated(self._path, "reading a region"), self._lock:

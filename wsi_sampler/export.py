@@ -206,6 +206,9 @@ def write_heatmap_png(
     v = np.asarray(values, np.float64)
     if v.shape != (len(plan),):
         raise InvalidRequestError(f"heatmap values have shape {v.shape}, expected ({len(plan)},)")
+    if not len(plan):  # nothing to paint (a slide without tissue): the thumbnail as it is
+        atomic_write_bytes(path, encode_image(img))
+        return
     span = vmax - vmin if vmax > vmin else 1.0
     levels = np.clip((v - vmin) / span * 255, 0, 255).astype(np.uint8)
     colours = cv2.applyColorMap(levels.reshape(-1, 1), cv2.COLORMAP_VIRIDIS)[:, 0, ::-1]

@@ -220,6 +220,8 @@ def score_slide(
         "n_candidates": plan.n_candidates, "seconds": round(total, 3),
         "timings_s": {"plan": round(t_plan, 3), "total": round(total, 3)},
     }
+    if plan.why_empty():
+        summary["message"] = plan.why_empty()
     result = SlideScore(plan, collected.outputs(), summary, collected.features(worker.card))
     if result.features is not None:
         summary["embedding_dim"] = int(result.features.shape[1])

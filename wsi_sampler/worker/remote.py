@@ -19,6 +19,7 @@ import numpy.typing as npt
 
 from ..errors import InvalidRequestError, WorkerError, WorkerUnavailableError
 from ..models import ModelCard, Normalization, OutputSpec, Predictions
+from ..redact import public_url, upstream_reason
 from .oip import HEADER_LENGTH, decode_infer_response, encode_infer_request
 
 __all__ = ["RemoteWorker"]
@@ -46,6 +47,7 @@ class RemoteWorker:
         if not url.startswith(("http://", "https://")):
             raise InvalidRequestError(f"worker URL must start with http:// or https://: {url!r}")
         self.url = url.rstrip("/")
+        self.public_url = public_url(self.url)  # what messages name: no user info or query
         self.model = model
         self.retries = max(0, retries)
         self.backoff_s = backoff_s
@@ -76,7 +78,7 @@ class RemoteWorker:
         inputs = meta.get("inputs") or []
         if len(inputs) != 1 or inputs[0].get("datatype") != "UINT8":
             raise WorkerError(
-                f"{self.url}{self._base}: expected one UINT8 input (N, H, W, 3), the server "
+                f"{self.public_url}{self._base}: expected one UINT8 input (N, H, W, 3), the server "
                 f"lists {[(i.get('name'), i.get('datatype')) for i in inputs]}"
             )
         shape = list(inputs[0].get("shape") or [])
@@ -84,7 +86,7 @@ class RemoteWorker:
             shape[1] = shape[2] = patch_size_px  # a dynamic-size input: the caller says
         if len(shape) != 4 or shape[-1] != 3 or shape[1] != shape[2] or shape[1] < 1:
             raise WorkerError(
-                f"{self.url}{self._base}: input shape {shape} is not (N, H, H, 3); for a "
+                f"{self.public_url}{self._base}: input shape {shape} is not (N, H, H, 3); for a "
                 "dynamic size pass patch_size_px (--worker-patch-size)")
         params = (config or {}).get("parameters") or {}
         card_json = (params.get("model_card") or {}).get("string_value")
@@ -92,7 +94,7 @@ class RemoteWorker:
             return str(inputs[0]["name"]), ModelCard.model_validate(json.loads(card_json))
         if target_mpp is None:
             raise WorkerError(
-                f"{self.url}{self._base} publishes no model card; pass target_mpp "
+                f"{self.public_url}{self._base} publishes no model card; pass target_mpp "
                 "(the µm/px the model expects: --worker-target-mpp, worker_target_mpp)"
             )
         max_batch = int((config or {}).get("max_batch_size") or _DEFAULT_MAX_BATCH)
@@ -115,7 +117,8 @@ class RemoteWorker:
             except (httpx.TransportError, _Retry) as exc:
                 if attempt == self.retries:
                     raise WorkerUnavailableError(
-                        f"{self.url}: {what} failed after {attempt + 1} attempts ({exc})"
+                        f"{self.public_url}: {what} failed after {attempt + 1} attempts "
+                        f"({upstream_reason(str(exc)) or type(exc).__name__})"
                     ) from exc
                 time.sleep(delay)
                 delay *= 2
@@ -130,7 +133,8 @@ class RemoteWorker:
             except (ValueError, AttributeError):
                 message = resp.text
             raise WorkerError(
-                f"worker {self.url} refused the request (HTTP {resp.status_code}): {message}",
+                f"worker {self.public_url} refused the request (HTTP {resp.status_code}): "
+                f"{upstream_reason(str(message))}",
                 status=resp.status_code,
             )
         return resp
@@ -181,11 +185,11 @@ class RemoteWorker:
         length = resp.headers.get(HEADER_LENGTH)
         header, outs = decode_infer_response(resp.content, int(length) if length else None)
         if header.get("id") not in (None, request_id):
-            raise WorkerError(f"worker {self.url} answered request {header.get('id')!r}, "
+            raise WorkerError(f"worker {self.public_url} answered request {header.get('id')!r}, "
                               f"not {request_id!r}")
         missing = [n for n in names if n not in outs]
         if missing:
-            raise WorkerError(f"worker {self.url} returned no output {missing}")
+            raise WorkerError(f"worker {self.public_url} returned no output {missing}")
         return {n: np.asarray(outs[n], np.float32) for n in names}
 
     def close(self) -> None:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import json
+import logging
 import math
 import os
 import time
@@ -24,11 +26,13 @@ from typing import Any, Literal
 
 from ..encoding import encode_image
 from ..errors import InvalidRequestError, WorkerError, WorkerUnavailableError
+from ..redact import public_url, remember_secret, upstream_reason, url_credentials
 from ..types import RGBImage
 
 __all__ = ["VlmConfig", "VlmReport", "VlmRequest", "VlmWorker", "encode_data_uri"]
 
 ImageEncoding = Literal["jpeg", "png"]
+log = logging.getLogger(__name__)
 # MedGemma 1.5 4B serves a 128K-token context (its model card; e.g. the Ollama listing of
 # google/medgemma-1.5-4b-it: "128K context window"). Gemma 3's vision encoder turns each
 # 896 x 896 image into 256 soft tokens (DESIGN.md, MedGemma recipe).
@@ -65,7 +69,13 @@ class VlmConfig:
 
     def __post_init__(self) -> None:
         if not self.url.startswith(("http://", "https://")):
-            raise InvalidRequestError(f"vlm_url must start with http:// or https://: {self.url}")
+            raise InvalidRequestError(
+                f"vlm_url must start with http:// or https://: {public_url(self.url)}")
+        carried = url_credentials(self.url)
+        if carried:
+            raise InvalidRequestError(
+                f"vlm_url must not carry credentials ({carried}): give the API key in the "
+                f"environment variable {self.api_key_env}")
         if self.image_format not in ("jpeg", "png"):
             raise InvalidRequestError(f"image format must be jpeg or png: {self.image_format}")
         for name in ("max_images", "context_tokens", "tokens_per_image", "max_tokens"):
@@ -75,7 +85,9 @@ class VlmConfig:
             raise InvalidRequestError("temperature must be 0..2 and jpeg_quality 1..100")
 
     def api_key(self) -> str:
-        return os.environ.get(self.api_key_env) or "EMPTY"
+        key = os.environ.get(self.api_key_env)
+        remember_secret(key)
+        return key or "EMPTY"
 
 
 @dataclass
@@ -165,21 +177,15 @@ class VlmWorker(VlmRequest):
         """Yield text deltas as the endpoint streams them, then the full :class:`VlmReport`."""
         t0 = time.perf_counter()
         parts: list[str] = []
-        finish, model, usage = None, self.config.model, {}
+        state: dict[str, Any] = {"finish": None, "model": self.config.model, "usage": {}}
         with _translated(self.config):
             chunks = self.client.chat.completions.create(
                 **self.request_body(messages), stream=True,
                 stream_options={"include_usage": True})
-            for chunk in chunks:
-                model = chunk.model or model
-                if chunk.usage is not None:
-                    usage = chunk.usage.model_dump(exclude_none=True)
-                for choice in chunk.choices:
-                    finish = choice.finish_reason or finish
-                    if choice.delta.content:
-                        parts.append(choice.delta.content)
-                        yield choice.delta.content
-        yield _report("".join(parts), model, finish, usage, time.perf_counter() - t0)
+            with chunks:  # closed whatever happens: a broken stream or a client gone
+                yield from _deltas(chunks, parts, state)
+        yield _report("".join(parts), state["model"], state["finish"], state["usage"],
+                      time.perf_counter() - t0)
 
     def complete(self, messages: list[dict[str, Any]]) -> VlmReport:
         """The whole answer at once (no streaming)."""
@@ -197,6 +203,19 @@ class VlmWorker(VlmRequest):
         self.client.close()
 
 
+def _deltas(chunks: Any, parts: list[str], state: dict[str, Any]) -> Iterator[str]:
+    """The text deltas of a chat stream; ``parts`` and ``state`` collect the rest."""
+    for chunk in chunks:
+        state["model"] = chunk.model or state["model"]
+        if chunk.usage is not None:
+            state["usage"] = chunk.usage.model_dump(exclude_none=True)
+        for choice in chunk.choices:
+            state["finish"] = choice.finish_reason or state["finish"]
+            if choice.delta.content:
+                parts.append(choice.delta.content)
+                yield choice.delta.content
+
+
 def _report(text: str, model: str, finish: str | None, usage: dict[str, Any],
             seconds: float) -> VlmReport:
     if not text.strip():
@@ -207,13 +226,17 @@ def _report(text: str, model: str, finish: str | None, usage: dict[str, Any],
 
 @contextlib.contextmanager
 def _translated(config: VlmConfig) -> Iterator[None]:
-    """Turn the openai client's errors into domain errors that say what to do."""
+    """Turn the openai client's errors into domain errors that say what to do. Answers
+    quote no upstream URL and only a short redacted reason; the whole upstream text goes
+    to the DEBUG log."""
     try:
         yield
     except Exception as exc:
         translated = translate_openai_error(exc, config)
         if translated is None:
             raise
+        log.warning("vision-language model at %s: %s", public_url(config.url), translated)
+        log.debug("vision-language model at %s failed: %r", public_url(config.url), exc)
         raise translated from exc
 
 
@@ -221,11 +244,14 @@ def translate_openai_error(exc: BaseException, config: VlmConfig) -> Exception |
     """The domain error for an ``openai`` exception (None: not one of the client's)."""
     import openai
 
-    where = f"the vision-language model at {config.url}"
+    where = "the vision-language model"
     if isinstance(exc, openai.APITimeoutError):
         return WorkerUnavailableError(f"{where} did not answer within {config.timeout_s:g} s")
     if isinstance(exc, openai.APIConnectionError):
-        return WorkerUnavailableError(f"{where} cannot be reached ({exc})")
+        return WorkerUnavailableError(f"{where} cannot be reached ({type(exc).__name__})")
+    if isinstance(exc, (json.JSONDecodeError, openai.APIResponseValidationError)):
+        return WorkerError(f"{where} answered something that is not an OpenAI chat "
+                           "completion (not JSON, or not the expected fields)", status=502)
     if not isinstance(exc, openai.APIStatusError):
         return None
     detail = _error_message(exc)
@@ -235,20 +261,21 @@ def translate_openai_error(exc: BaseException, config: VlmConfig) -> Exception |
                                        f"{detail}; use fewer patches (n_patches)")
         return InvalidRequestError(f"{where} refused the request: {detail}")
     if exc.status_code in (401, 403):
-        return WorkerError(f"{where} refused the API key (set {config.api_key_env}): "
-                           f"{detail}", status=exc.status_code)
+        return WorkerError(f"{where} refused the API key (set {config.api_key_env}), "
+                           f"HTTP {exc.status_code}", status=exc.status_code)
     if exc.status_code == 404:
-        return WorkerError(f"{where} does not serve model {config.model!r}: {detail}",
+        return WorkerError(f"{where} does not serve model {config.model!r} (HTTP 404)",
                            status=404)
     return WorkerError(f"{where} answered HTTP {exc.status_code}: {detail}",
                        status=exc.status_code)
 
 
 def _error_message(exc: Any) -> str:
-    """The server's own message: vLLM answers {"error": {"message": ...}} or {"message": ...}."""
+    """The server's own message, short and redacted: vLLM answers {"error": {"message": ...}}
+    or {"message": ...}."""
     body = getattr(exc, "body", None)
     message = None
     if isinstance(body, dict):
         inner = body.get("error")
         message = inner.get("message") if isinstance(inner, dict) else body.get("message")
-    return str(message or exc.message)[:500]
+    return upstream_reason(str(message or getattr(exc, "message", "") or type(exc).__name__))
