@@ -31,7 +31,7 @@ from wsi_sampler.worker import Worker, open_worker
 from .config import Settings, load_settings
 from .deps import Services
 from .errors import MessageScrubber, install_error_handlers
-from .jobs import JobManager
+from .jobs import JobLimits, JobManager
 from .memory import limit_malloc_arenas
 from .metrics import Metrics
 from .middleware import RequestGuard, RequestMetrics
@@ -101,8 +101,10 @@ async def _start_services(app: FastAPI, cfg: Settings) -> Services:
                              remote_roots=cfg.remote_slide_roots,
                              dicomweb_credentials=dicomweb_credentials(cfg))
     await asyncio.to_thread(registry.start)
+    limits = JobLimits(max_queued=cfg.max_queued_jobs, per_owner=cfg.max_jobs_per_key,
+                       retention_s=cfg.job_retention_hours * 3600)
     jobs_ = JobManager(cfg.data_dir, registry, lambda: app.state.services.worker,
-                       workers=cfg.job_workers, batch_size=cfg.batch_size)
+                       workers=cfg.job_workers, batch_size=cfg.batch_size, limits=limits)
     scrub = MessageScrubber([*registry.roots, cfg.data_dir], registry.remote_roots)
     jobs_.scrub = scrub
     services = Services(cfg, registry, jobs_, Metrics(), scrub)

@@ -63,6 +63,11 @@ class Settings(BaseSettings):
         2, ge=1, le=256, description="Tissue masks, thumbnails and plans computed at once")
     batch_size: int = Field(32, ge=1, le=4096)
     job_workers: int = Field(1, ge=1, le=64)
+    max_queued_jobs: int = Field(100, ge=1, description="Jobs queued at once (all keys)")
+    max_jobs_per_key: int = Field(20, ge=1, description="Jobs one API key may have queued "
+                                  "or running")
+    job_retention_hours: float = Field(168.0, gt=0, description="Finished jobs and their "
+                                       "files are removed this long after they finished")
     slide_index_refresh_s: float = Field(30.0, ge=0.5, le=86_400)
     vlm_url: str = ""
     vlm_model: str = "google/medgemma-1.5-4b-it"

@@ -106,3 +106,12 @@ def get_services(request: Request) -> Services:
 
 
 ServicesDep = Annotated[Services, Depends(get_services)]
+
+
+def get_owner(request: Request) -> str:
+    """Who is asking, for job ownership: the API key's digest (set by the request guard),
+    '' when the service has no keys."""
+    return str(getattr(request.state, "owner", ""))
+
+
+OwnerDep = Annotated[str, Depends(get_owner)]

@@ -27,7 +27,7 @@ from wsi_sampler.errors import (
 )
 from wsi_sampler.redact import redact
 
-from .jobs import JobNotFoundError
+from .jobs import JobNotFoundError, JobQuotaError
 from .slides import UploadTooLargeError
 from .uploads import MalformedBodyError
 
@@ -67,6 +67,7 @@ STATUS: list[tuple[type[BaseException], int]] = [
     (CorruptSlideError, 422),
     (InvalidRequestError, 422),
     (TooBusyError, 429),
+    (JobQuotaError, 429),
     (WorkerUnavailableError, 503),
     (SlideStoreUnavailableError, 503),
     (SlideStoreError, 502),
@@ -128,7 +129,8 @@ def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(WsiSamplerError)
     async def domain(request: Request, exc: WsiSamplerError) -> JSONResponse:
         status, message = describe_error(exc, _scrubber(request))
-        headers = {"Retry-After": "2"} if status in (429, 503) else {}
+        wait = "30" if isinstance(exc, JobQuotaError) else "2"  # a job slot frees slowly
+        headers = {"Retry-After": wait} if status in (429, 503) else {}
         if status == 401:
             headers["WWW-Authenticate"] = "Bearer"
         if status >= 500:

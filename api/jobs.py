@@ -3,12 +3,20 @@
 A job scores one or more slides with the service's worker; each slide's files land in
 ``<data_dir>/jobs/<job id>/<slide id>/``. On startup, jobs that were queued or running
 when the process stopped are marked ``interrupted`` (their finished slides stay).
+
+Jobs belong to the API key that made them (its :func:`owner_of` digest, never the key):
+another key sees, reads and cancels none of them (404). The queue is bounded
+(``max_queued_jobs``) and so is each key's share of it (``max_jobs_per_key`` queued or
+running): past either, a new job is a 429 with ``Retry-After``. Finished jobs and their
+files are removed ``job_retention_hours`` after they finished, or by ``DELETE``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import shutil
 import sqlite3
 import threading
 import time
@@ -29,7 +37,7 @@ from wsi_sampler.worker.vlm import VlmWorker
 from .schemas import JobRequest, ReportRequest
 from .slides import SlideRegistry
 
-__all__ = ["JobManager", "JobNotFoundError"]
+__all__ = ["JobLimits", "JobManager", "JobNotFoundError", "JobQuotaError", "owner_of"]
 
 logger = logging.getLogger("wsi_sampler.api.jobs")
 _MEDIA = {".csv": "text/csv", ".geojson": "application/geo+json", ".h5": "application/x-hdf5",
@@ -43,12 +51,33 @@ CREATE TABLE IF NOT EXISTS jobs (
 )
 """
 # Columns added since the first schema: (name, declaration) for ALTER TABLE on old files.
-_ADDED_COLUMNS = (("notes", "TEXT NOT NULL DEFAULT '[]'"),)
+_ADDED_COLUMNS = (("notes", "TEXT NOT NULL DEFAULT '[]'"), ("owner", "TEXT NOT NULL DEFAULT ''"))
 _ACTIVE = ("queued", "running")
 
 
 class JobNotFoundError(WsiSamplerError, LookupError):
     """No job (or no such result of a job) with that id (HTTP 404)."""
+
+
+class JobQuotaError(WsiSamplerError):
+    """The job queue, or the caller's share of it, is full (HTTP 429, Retry-After)."""
+
+
+def owner_of(api_key: str | None) -> str:
+    """Who owns a job: a digest of the API key that made it ('' without keys)."""
+    if not api_key:
+        return ""
+    return hashlib.sha256(b"wsi-sampler job owner:" + api_key.encode()).hexdigest()[:24]
+
+
+@dataclass(frozen=True)
+class JobLimits:
+    max_queued: int = 100
+    """Jobs queued at once, all callers together."""
+    per_owner: int = 20
+    """Jobs one API key may have queued or running."""
+    retention_s: float = 7 * 86_400
+    """Finished jobs (and their files) are removed this long after they finished."""
 
 
 @dataclass
@@ -62,13 +91,14 @@ class JobManager:
 
     def __init__(
         self, data_dir: Path, registry: SlideRegistry, get_worker: Callable[[], Worker | None],
-        *, workers: int = 1, batch_size: int = 32,
+        *, workers: int = 1, batch_size: int = 32, limits: JobLimits = JobLimits(),
     ) -> None:
         self.root = data_dir / "jobs"
         self.root.mkdir(parents=True, exist_ok=True)
         self.registry = registry
         self.get_worker = get_worker
         self.batch_size = batch_size
+        self.limits = limits
         self.scrub: Callable[[str], str] = lambda message: message
         self.vlm_for: Callable[[ReportRequest], VlmWorker] | None = None
         self._db = sqlite3.connect(data_dir / "jobs.sqlite3", check_same_thread=False,
@@ -83,6 +113,7 @@ class JobManager:
         self._cancel: dict[str, threading.Event] = {}
         self._pool = ThreadPoolExecutor(workers, thread_name_prefix="wsi-job")
         self._mark_interrupted()
+        self.remove_expired()
 
     def _mark_interrupted(self) -> None:
         with self._lock:
@@ -99,7 +130,23 @@ class JobManager:
         return int(row[0])
 
     # -- API ------------------------------------------------------------------------------------
-    def submit(self, request: JobRequest) -> dict[str, Any]:
+    def _check_quota(self, owner: str) -> None:
+        with self._lock:
+            queued = self._db.execute("SELECT COUNT(*) FROM jobs WHERE state='queued'"
+                                      ).fetchone()[0]
+            mine = self._db.execute("SELECT COUNT(*) FROM jobs WHERE owner=? AND state IN "
+                                    "('queued','running')", (owner,)).fetchone()[0]
+        if queued >= self.limits.max_queued:
+            raise JobQuotaError(f"the job queue is full ({queued} jobs queued); try again "
+                                "when some have finished")
+        if mine >= self.limits.per_owner:
+            raise JobQuotaError(f"this API key has {mine} jobs queued or running, the most "
+                                f"it may (max_jobs_per_key={self.limits.per_owner}); wait for "
+                                "them to finish or cancel some")
+
+    def submit(self, request: JobRequest, owner: str = "") -> dict[str, Any]:
+        self.remove_expired()
+        self._check_quota(owner)
         for sid in request.slides:  # unknown ids are a 404 now, not a failed job later
             self.registry.get(sid)
         if request.report is not None:  # no model configured is a 503 now
@@ -111,21 +158,39 @@ class JobManager:
         now = time.time()
         with self._lock:
             self._db.execute(
-                "INSERT INTO jobs (id, state, created, updated, request) VALUES (?,?,?,?,?)",
-                (job_id, "queued", now, now, request.model_dump_json()),
+                "INSERT INTO jobs (id, state, created, updated, request, owner) "
+                "VALUES (?,?,?,?,?,?)",
+                (job_id, "queued", now, now, request.model_dump_json(), owner),
             )
             self._cancel[job_id] = threading.Event()
         self._pool.submit(self._run, job_id, request)
-        return self.status(job_id)
+        return self.status(job_id, owner)
 
-    def status(self, job_id: str) -> dict[str, Any]:
+    _COLUMNS = ("id, state, created, updated, request, slides_done, patches_done, errors, "
+                "results, notes")
+
+    def status(self, job_id: str, owner: str = "") -> dict[str, Any]:
+        """A job of ``owner``'s; another owner's job is not found."""
         with self._lock:
-            row = self._db.execute(
-                "SELECT id, state, created, updated, request, slides_done, patches_done, errors,"
-                " results, notes FROM jobs WHERE id=?", (job_id,),
-            ).fetchone()
+            row = self._db.execute(f"SELECT {self._COLUMNS} FROM jobs WHERE id=? AND owner=?",
+                                   (job_id, owner)).fetchone()
         if row is None:
             raise JobNotFoundError(f"unknown job {job_id!r}")
+        return self._status_of(row)
+
+    def list_jobs(self, owner: str = "", *, limit: int = 100, offset: int = 0
+             ) -> tuple[list[dict[str, Any]], int]:
+        """``owner``'s jobs, newest first, and how many there are."""
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {self._COLUMNS} FROM jobs WHERE owner=? ORDER BY created DESC "
+                "LIMIT ? OFFSET ?", (owner, limit, offset)).fetchall()
+            total = self._db.execute("SELECT COUNT(*) FROM jobs WHERE owner=?", (owner,)
+                                     ).fetchone()[0]
+        return [self._status_of(r) for r in rows], int(total)
+
+    @staticmethod
+    def _status_of(row: tuple[Any, ...]) -> dict[str, Any]:
         request = json.loads(row[4])
         return {
             "id": row[0], "state": row[1], "created": row[2], "updated": row[3],
@@ -137,20 +202,42 @@ class JobManager:
                 for n in json.loads(row[8])
             ],
             "notes": json.loads(row[9]),
+            "slides_complete": sorted({n.partition(".")[0] for n in json.loads(row[8])}),
         }
 
-    def cancel(self, job_id: str) -> dict[str, Any]:
-        current = self.status(job_id)
-        if current["state"] in _ACTIVE:
-            event = self._cancel.get(job_id)
-            if event is not None:
-                event.set()
-            self._update(job_id, state="cancelled", only_if_active=True)
-        return self.status(job_id)
+    def cancel_or_delete(self, job_id: str, owner: str = "") -> dict[str, Any]:
+        """Cancel a queued or running job; remove a finished one and its files (its last
+        status is returned)."""
+        current = self.status(job_id, owner)
+        if current["state"] not in _ACTIVE:
+            if job_id not in self._cancel:  # its thread has returned: nothing writes there
+                self._remove(job_id)
+            return current
+        event = self._cancel.get(job_id)
+        if event is not None:
+            event.set()
+        self._update(job_id, state="cancelled", only_if_active=True)
+        return self.status(job_id, owner)
 
-    def result_file(self, job_id: str, name: str) -> tuple[Path, str]:
+    def remove_expired(self) -> int:
+        """Remove finished jobs older than the retention, with their files; how many."""
+        cutoff = time.time() - self.limits.retention_s
+        with self._lock:
+            rows = self._db.execute("SELECT id FROM jobs WHERE updated < ? AND state NOT IN "
+                                    "('queued','running')", (cutoff,)).fetchall()
+        gone = [job_id for (job_id,) in rows if job_id not in self._cancel]
+        for job_id in gone:
+            self._remove(job_id)
+        return len(gone)
+
+    def _remove(self, job_id: str) -> None:
+        with self._lock:
+            self._db.execute("DELETE FROM jobs WHERE id=?", (job_id,))
+        shutil.rmtree(self.root / job_id, ignore_errors=True)
+
+    def result_file(self, job_id: str, name: str, owner: str = "") -> tuple[Path, str]:
         """(path, media type) of a result listed by the job; anything else is not found."""
-        listed = {r["name"]: r["media_type"] for r in self.status(job_id)["results"]}
+        listed = {r["name"]: r["media_type"] for r in self.status(job_id, owner)["results"]}
         if name not in listed:
             raise JobNotFoundError(f"job {job_id} has no result {name!r}")
         slide_id, _, file = name.partition(".")
@@ -185,7 +272,10 @@ class JobManager:
         if cancel.is_set():
             return
         self._update(job_id, state="running", only_if_active=True)
-        progress, errors, results, notes = _Progress(), [], [], []
+        progress = _Progress()
+        errors: list[dict[str, str]] = []
+        results: list[str] = []
+        notes: list[dict[str, str]] = []
         for sid in request.slides:
             if cancel.is_set():
                 return

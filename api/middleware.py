@@ -20,6 +20,7 @@ from starlette.datastructures import Headers
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .config import Settings
+from .jobs import owner_of
 from .metrics import Metrics
 
 __all__ = ["RequestGuard", "RequestMetrics", "UPLOAD_PATH"]
@@ -75,6 +76,8 @@ class RequestGuard:
             if problem is not None:
                 await send_json_error(send, 401, problem, {"WWW-Authenticate": "Bearer"})
                 return
+            token = headers.get("authorization", "").partition(" ")[2]
+            scope.setdefault("state", {})["owner"] = owner_of(token)  # whose jobs these are
         limit, what = self._limit(scope)
         declared = headers.get("content-length", "")
         if declared.isdigit() and int(declared) > limit:

@@ -15,6 +15,7 @@ __all__ = [
     "ErrorBody",
     "binary_content",
     "JobRequest",
+    "JobList",
     "JobStatus",
     "PlanResponse",
     "ReportRequest",
@@ -244,3 +245,11 @@ class JobStatus(BaseModel):
     errors: list[JobError]
     results: list[JobResult]
     notes: list[JobNote] = Field(default_factory=list)
+    slides_complete: list[str] = Field(
+        default_factory=list, description="Slides whose results are all written (a cancelled "
+        "or interrupted job keeps these; the others have none)")
+
+
+class JobList(BaseModel):
+    items: list[JobStatus]
+    total: int

@@ -374,3 +374,73 @@ def test_a_missing_mpp_message_reads_right_with_the_default_data_folder(
     assert answer.status_code == 422
     assert "(MPP) metadata, so physical sizes" in answer.json()["error"]
     assert "<slide root>" not in answer.json()["error"]
+
+
+def _wait_until_finished(url: str, job: str, headers: dict[str, str]) -> dict[str, object]:
+    deadline = time.monotonic() + 120
+    while (status := httpx.get(f"{url}/v1/jobs/{job}", headers=headers).json())["state"] in (
+            "queued", "running"):
+        assert time.monotonic() < deadline
+        time.sleep(0.1)
+    return dict(status)
+
+
+def test_jobs_belong_to_their_key_and_are_bounded(demo_slide: Path, tmp_path: Path) -> None:
+    root = tmp_path / "slides"
+    root.mkdir()
+    shutil.copy(demo_slide, root / "demo.svs")
+    settings = Settings(slide_roots=[root], data_dir=tmp_path / "data",  # type: ignore[call-arg]
+                        demo_slide=False, device="cpu", api_keys=["key-a", "key-b", "key-c"],
+                        max_jobs_per_key=2, max_queued_jobs=3)
+    a, b, c = ({"Authorization": f"Bearer key-{k}"} for k in "abc")
+    with serve(create_app(settings), ready_path="/readyz") as url:
+        sid = slide_ids(url, "key-a")["demo.svs"]
+        long_job = {"slides": [sid] * 40, "sampling": {"strategy": "random", "n_patches": 64}}
+        made = [httpx.post(f"{url}/v1/jobs", json=long_job, headers=a) for _ in range(4)]
+        assert [r.status_code for r in made] == [202, 202, 429, 429]
+        assert made[2].headers["retry-after"] and "max_jobs_per_key" in made[2].json()["error"]
+        mine = [r.json()["id"] for r in made[:2]]
+        # key b sees none of a's jobs and can touch none of them
+        assert httpx.get(f"{url}/v1/jobs", headers=b).json() == {"items": [], "total": 0}
+        for job in mine:
+            assert httpx.get(f"{url}/v1/jobs/{job}", headers=b).status_code == 404
+            assert httpx.delete(f"{url}/v1/jobs/{job}", headers=b).status_code == 404
+            assert httpx.get(f"{url}/v1/jobs/{job}/results/{sid}.summary.json",
+                             headers=b).status_code == 404
+        listed = httpx.get(f"{url}/v1/jobs", headers=a).json()
+        assert listed["total"] == 2 and {j["id"] for j in listed["items"]} == set(mine)
+        # b has a quota of its own; then the queue (a's second job, b's two) is full for c
+        for _ in range(2):
+            assert httpx.post(f"{url}/v1/jobs", json=long_job, headers=b).status_code == 202
+        full = httpx.post(f"{url}/v1/jobs", json=long_job, headers=c)
+        assert full.status_code == 429 and "queue is full" in full.json()["error"]
+        for job in mine:  # cancel, then once finished, DELETE removes the job and its files
+            assert httpx.delete(f"{url}/v1/jobs/{job}", headers=a).json()["state"] == "cancelled"
+        for job in mine:
+            _wait_until_finished(url, job, a)
+            deadline = time.monotonic() + 60
+            while httpx.delete(f"{url}/v1/jobs/{job}", headers=a).status_code == 200 and \
+                    httpx.get(f"{url}/v1/jobs/{job}", headers=a).status_code == 200:
+                assert time.monotonic() < deadline  # its thread is still winding down
+                time.sleep(0.1)
+            assert httpx.get(f"{url}/v1/jobs/{job}", headers=a).status_code == 404
+            assert not (tmp_path / "data" / "jobs" / job).exists()
+
+
+def test_finished_jobs_are_removed_after_the_retention(demo_slide: Path, tmp_path: Path
+                                                        ) -> None:
+    root = tmp_path / "slides"
+    root.mkdir()
+    shutil.copy(demo_slide, root / "demo.svs")
+    settings = Settings(slide_roots=[root], data_dir=tmp_path / "data",  # type: ignore[call-arg]
+                        demo_slide=False, device="cpu", job_retention_hours=1 / 3600)
+    small = {"sampling": {"strategy": "random", "n_patches": 4}}
+    with serve(create_app(settings), ready_path="/readyz") as url:
+        sid = slide_ids(url)["demo.svs"]
+        first = httpx.post(f"{url}/v1/jobs", json={"slides": [sid]} | small).json()["id"]
+        assert _wait_until_finished(url, first, {})["slides_complete"] == [sid]
+        assert (tmp_path / "data" / "jobs" / first).is_dir()
+        time.sleep(1.5)  # past the retention of one second
+        httpx.post(f"{url}/v1/jobs", json={"slides": [sid]} | small)  # cleanup runs here
+        assert httpx.get(f"{url}/v1/jobs/{first}").status_code == 404
+        assert not (tmp_path / "data" / "jobs" / first).exists()
