@@ -29,9 +29,9 @@ from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from typing import Any, Literal
 
+import anyio
 import numpy as np
 import numpy.typing as npt
-from starlette.concurrency import run_in_threadpool
 from starlette.responses import StreamingResponse
 from starlette.types import Receive, Scope, Send
 
@@ -40,10 +40,8 @@ from wsi_sampler._tiles import default_threads
 from wsi_sampler.encoding import encoded_batches
 from wsi_sampler.errors import WsiSamplerError
 from wsi_sampler.models import Predictions
-from wsi_sampler.report import report_events
 from wsi_sampler.scoring import Aggregate, iter_predictions, output_columns
 from wsi_sampler.worker import Worker
-from wsi_sampler.worker.vlm import VlmWorker
 
 from .deps import Services
 from .memory import release_free_memory
@@ -53,7 +51,7 @@ from .tarball import END as TAR_END
 from .tarball import TarMembers, npy_header
 
 __all__ = ["ErrorDescriber", "ProducerResponse", "ndjson_error_record", "patch_chunks",
-           "prediction_chunks", "report_chunks", "slide_stream"]
+           "prediction_chunks", "slide_stream"]
 
 logger = logging.getLogger("wsi_sampler.api.stream")
 _FIRST_BATCH = 4  # small first batch: the first patch leaves quickly
@@ -77,12 +75,16 @@ class _Producer:
     """Serialises next() and close() of a generator across threads."""
 
     def __init__(
-        self, gen: Generator[bytes, None, None], on_close: Callable[[], None]
+        self, gen: Generator[bytes, None, None], on_close: Callable[[], None],
+        interrupt: Callable[[], None] | None = None,
     ) -> None:
         self._gen = gen
         self._lock = threading.Lock()
         self._closed = False
         self._on_close = on_close
+        self.interrupt = interrupt
+        """Called at once (without waiting for the batch in flight) when the stream ends
+        early: it makes a blocked producer give up (e.g. cuts a call to a hanging model)."""
 
     def next(self) -> bytes | None:
         with self._lock:
@@ -91,7 +93,12 @@ class _Producer:
             try:
                 return next(self._gen)
             except StopIteration:
+                self.interrupt = None  # a clean end: nothing left to cut
                 return None
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
 
     def close(self) -> None:
         with self._lock:
@@ -109,6 +116,8 @@ class _Producer:
 
 def _close_soon(producer: _Producer) -> None:
     # Not awaited: a cancelled request must not wait for the batch in flight.
+    if producer.interrupt is not None and not producer.closed:
+        producer.interrupt()
     threading.Thread(target=producer.close, name="wsi-stream-close", daemon=True).start()
 
 
@@ -135,15 +144,18 @@ class ProducerResponse(StreamingResponse):
         self, gen: Generator[bytes, None, None], on_close: Callable[[], None], *,
         media_type: str, headers: dict[str, str], describe: ErrorDescriber,
         error_trailer: Callable[[int, str], bytes] | None = None,
+        interrupt: Callable[[], None] | None = None,
     ) -> None:
-        self._producer = _Producer(gen, on_close)
+        self._producer = _Producer(gen, on_close, interrupt)
         self._describe = describe
         self._error_trailer = error_trailer
         super().__init__(iter(()), media_type=media_type, headers=headers)
 
     async def _next(self) -> bytes | BaseException | None:
         try:
-            return await run_in_threadpool(self._producer.next)
+            # abandoned on cancel: a client that leaves does not wait for the batch in
+            # flight (the producer is interrupted and closed behind it, see _close_soon)
+            return await anyio.to_thread.run_sync(self._producer.next, abandon_on_cancel=True)
         except Exception as exc:  # reported to the client by the contract, never swallowed
             return exc
 
@@ -174,8 +186,22 @@ class ProducerResponse(StreamingResponse):
         # without a chunked terminator, so the client sees a failed transfer.
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        # Our own watch for the client leaving: under ASGI 2.4 Starlette notices it only
+        # when a send fails, and a stream waiting on its producer (a model that thinks)
+        # sends nothing for a long time.
         try:
-            await super().__call__(scope, receive, send)
+            async with anyio.create_task_group() as group:
+                async def watch() -> None:
+                    while (await receive())["type"] != "http.disconnect":
+                        pass
+                    group.cancel_scope.cancel()
+
+                group.start_soon(watch)
+                try:
+                    await self.stream_response(send)
+                except OSError:  # the client went away while we sent
+                    pass
+                group.cancel_scope.cancel()
         finally:
             _close_soon(self._producer)
 
@@ -186,6 +212,7 @@ NDJSON = "application/x-ndjson"
 def slide_stream(
     services: Services, slide: Slide, n_patches: int, chunks: Generator[bytes, None, None],
     media_type: str, also_close: Callable[[], None] | None = None,
+    interrupt: Callable[[], None] | None = None,
 ) -> ProducerResponse:
     """The response of a stream over an open slide holding a stream slot: whatever
     happens, the slide is closed (and ``also_close`` called) and the slot released."""
@@ -200,19 +227,8 @@ def slide_stream(
     headers = {"X-Patch-Count": str(n_patches), "Cache-Control": "no-store"}
     trailer = ndjson_error_record if media_type == NDJSON else None
     return ProducerResponse(chunks, on_close, media_type=media_type, headers=headers,
-                            describe=services.describe, error_trailer=trailer)
-
-
-def report_chunks(slide: Slide, plan: PatchPlan, vlm: VlmWorker, prompt: str
-                  ) -> Generator[bytes, None, None]:
-    """NDJSON report events. The bag record waits for the model's first words, so an
-    endpoint that is down, refuses the bag or fails at once is an ordinary error status."""
-    events = report_events(slide, plan, vlm, prompt)
-    with closing(events):
-        first = [next(events), next(events)]  # the bag, then the model's first event
-        yield b"".join(json.dumps(e).encode() + b"\n" for e in first)
-        for event in events:
-            yield json.dumps(event).encode() + b"\n"
+                            describe=services.describe, error_trailer=trailer,
+                            interrupt=interrupt)
 
 
 def patch_meta(slide_id: str, plan: PatchPlan, i: int) -> dict[str, Any]:

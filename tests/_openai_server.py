@@ -6,7 +6,8 @@ decodes every image part (data URIs only), records what it received, and answers
 vLLM: JSON or server-sent events (``stream=True``, with a final usage chunk). The ``model``
 name picks a behaviour: ``echo`` (a short text describing the bag), ``context-too-long``
 (vLLM's 400), ``fail-500``, ``slow`` (answers after 30 s), ``empty`` (no text),
-``echo-secret`` (a 500 whose message echoes the request's ``Authorization`` header, as
+``hang`` (answers nothing until the client goes, at most 2 minutes), ``echo-secret``
+(a 500 whose message echoes the request's ``Authorization`` header, as
 careless proxies do) and ``garbage`` (a 200 whose events or body are not JSON).
 """
 
@@ -52,6 +53,8 @@ class Received:
 @dataclass
 class OpenAIStub:
     received: list[Received] = field(default_factory=list)
+    hanging: int = 0
+    """Requests of the ``hang`` model still waiting (their client has not gone)."""
 
 
 def _materialise(value: Any) -> Any:
@@ -156,6 +159,13 @@ def create_openai_stub(stub: OpenAIStub) -> Starlette:
             return Response("{this is not json", media_type="application/json")
         if model == "slow":
             await asyncio.sleep(30)
+        if model == "hang":
+            stub.hanging += 1
+            deadline = time.monotonic() + 120
+            while not await request.is_disconnected() and time.monotonic() < deadline:
+                await asyncio.sleep(0.05)
+            stub.hanging -= 1
+            return _error(504, "gave up")
         text = "" if model == "empty" else _answer_text(got)
         if got.body.get("stream"):
             return StreamingResponse(_events(model, text, len(got.images)),

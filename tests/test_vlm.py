@@ -239,6 +239,20 @@ def test_garbage_from_the_vlm_is_a_502_and_one_line(
     assert lines[-1].startswith("error: ") and "not an OpenAI" in lines[-1]
 
 
+def test_the_timeout_bounds_the_whole_call_retries_included(
+        stub: tuple[OpenAIStub, str], demo_slide: Path) -> None:
+    vlm = VlmWorker(VlmConfig(url=stub[1], model="hang", retries=2, timeout_s=2))
+    t0 = time.monotonic()
+    with pytest.raises(WorkerUnavailableError, match="did not answer within 2 s"):
+        run_report(demo_slide, vlm)
+    assert time.monotonic() - t0 < 5  # not 3 x 2 s
+    vlm.close()
+    deadline = time.monotonic() + 10
+    while stub[0].hanging:  # the upstream request was cut, not left hanging
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
 # -- the API ----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -284,6 +298,51 @@ def test_report_failures_before_the_first_byte_are_statuses(
         sid = httpx.get(f"{u}/v1/slides").json()["items"][1]["id"]
         resp = httpx.post(f"{u}/v1/slides/{sid}/reports", json=REPORT, timeout=120)
         assert resp.status_code == status and "error" in resp.json()
+
+
+def test_clients_that_leave_a_hanging_model_free_their_stream_slots(
+        stub: tuple[OpenAIStub, str], root: Path) -> None:
+    with serve(create_app(settings(root, vlm_url=stub[1], vlm_model="hang",
+                                   max_concurrent_streams=2)), ready_path="/readyz") as u:
+        sid = {i["name"]: i["id"] for i in httpx.get(f"{u}/v1/slides").json()["items"]}[
+            "demo.svs"]
+        for _ in range(4):  # each client gives up after a second
+            with pytest.raises(httpx.ReadTimeout):
+                httpx.post(f"{u}/v1/slides/{sid}/reports", json=REPORT, timeout=1.0)
+        deadline = time.monotonic() + 10
+        while True:  # the slots come back within moments, not after vlm_timeout_s (600 s)
+            patches = httpx.post(f"{u}/v1/slides/{sid}/patches",
+                                 json={"strategy": "random", "n_patches": 2}, timeout=30)
+            if patches.status_code == 200 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert patches.status_code == 200
+        while stub[0].hanging:  # and the upstream calls were cut
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+
+
+def test_a_waiting_client_hears_from_a_slow_model_until_the_deadline(
+        stub: tuple[OpenAIStub, str], root: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import api.report_stream
+
+    monkeypatch.setattr(api.report_stream, "FIRST_WORDS_GRACE_S", 0.5)
+    monkeypatch.setattr(api.report_stream, "KEEPALIVE_S", 0.5)
+    with serve(create_app(settings(root, vlm_url=stub[1], vlm_model="hang",
+                                   vlm_timeout_s=3.0)), ready_path="/readyz") as u:
+        sid = {i["name"]: i["id"] for i in httpx.get(f"{u}/v1/slides").json()["items"]}[
+            "demo.svs"]
+        lines: list[dict[str, object]] = []
+        t0 = time.monotonic()
+        with httpx.stream("POST", f"{u}/v1/slides/{sid}/reports", json=REPORT,
+                          timeout=30) as resp, pytest.raises(httpx.RemoteProtocolError):
+            assert resp.status_code == 200
+            for line in resp.iter_lines():
+                lines.append(json.loads(line))
+    elapsed = time.monotonic() - t0
+    kinds = [e["type"] for e in lines]
+    assert kinds[0] == "bag" and "waiting" in kinds and kinds[-1] == "error", kinds
+    assert "did not answer within 3 s" in str(lines[-1]["error"]) and elapsed < 6
 
 
 def test_reports_without_a_configured_model_are_503(root: Path) -> None:

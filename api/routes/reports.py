@@ -11,8 +11,9 @@ from wsi_sampler.report import prepare_bag
 from wsi_sampler.worker.vlm import VlmWorker
 
 from ..deps import Services, ServicesDep
+from ..report_stream import report_chunks
 from ..schemas import ErrorBody, ReportRequest, binary_content
-from ..streaming import NDJSON, report_chunks, slide_stream
+from ..streaming import NDJSON, slide_stream
 
 router = APIRouter(prefix="/v1/slides", tags=["reports"])
 
@@ -50,4 +51,5 @@ async def reports(slide_id: str, req: ReportRequest, services: ServicesDep
         vlm.close()
         raise
     chunks = report_chunks(slide, plan, vlm, req.prompt)
-    return slide_stream(services, slide, len(plan), chunks, NDJSON, also_close=vlm.close)
+    return slide_stream(services, slide, len(plan), chunks, NDJSON, also_close=vlm.close,
+                        interrupt=vlm.cancel)

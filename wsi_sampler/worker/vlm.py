@@ -28,6 +28,7 @@ from ..encoding import encode_image
 from ..errors import InvalidRequestError, WorkerError, WorkerUnavailableError
 from ..redact import public_url, remember_secret, upstream_reason, url_credentials
 from ..types import RGBImage
+from ._interrupt import CuttableHttp, Deadline
 
 __all__ = ["VlmConfig", "VlmReport", "VlmRequest", "VlmWorker", "encode_data_uri"]
 
@@ -164,43 +165,91 @@ class VlmRequest:
 
 
 class VlmWorker(VlmRequest):
-    """Sends bags of patches to an OpenAI-compatible chat endpoint."""
+    """Sends bags of patches to an OpenAI-compatible chat endpoint.
+
+    ``timeout_s`` bounds a whole call, retries included (a hanging endpoint is cut at the
+    deadline, not per attempt); :meth:`cancel` cuts a call in flight from another thread
+    (the API calls it when its client goes away)."""
 
     def __init__(self, config: VlmConfig) -> None:
         import openai
 
         super().__init__(config)
-        self.client = openai.OpenAI(base_url=config.url, api_key=config.api_key(),
-                                    timeout=config.timeout_s, max_retries=config.retries)
+        self._http = CuttableHttp()
+        self.client = openai.OpenAI(
+            base_url=config.url, api_key=config.api_key(), timeout=config.timeout_s,
+            max_retries=0,  # ours below, inside one deadline
+            http_client=openai.DefaultHttpxClient(event_hooks=self._http.event_hooks))
+
+    def cancel(self) -> None:
+        """Cut the call in flight: it fails at once with WorkerUnavailableError."""
+        self._http.cut()
+
+    def _attempts(self, deadline: Deadline) -> Iterator[int]:
+        """Attempt numbers; the caller retries (a failure before any text) only while time
+        and attempts are left and no one cancelled."""
+        for attempt in range(self.config.retries + 1):
+            yield attempt
+            time.sleep(min(0.5 * 2**attempt, deadline.remaining()))
 
     def stream(self, messages: list[dict[str, Any]]) -> Iterator[str | VlmReport]:
         """Yield text deltas as the endpoint streams them, then the full :class:`VlmReport`."""
         t0 = time.perf_counter()
         parts: list[str] = []
         state: dict[str, Any] = {"finish": None, "model": self.config.model, "usage": {}}
-        with _translated(self.config):
-            chunks = self.client.chat.completions.create(
-                **self.request_body(messages), stream=True,
-                stream_options={"include_usage": True})
-            with chunks:  # closed whatever happens: a broken stream or a client gone
-                yield from _deltas(chunks, parts, state)
+        with Deadline(self.config.timeout_s, self._http) as deadline, \
+                _translated(self.config, deadline, self._http):
+            for attempt in self._attempts(deadline):
+                try:
+                    chunks = self.client.with_options(timeout=deadline.remaining()
+                                                      ).chat.completions.create(
+                        **self.request_body(messages), stream=True,
+                        stream_options={"include_usage": True})
+                    with chunks:  # closed whatever happens: a broken stream or a client gone
+                        yield from _deltas(chunks, parts, state)
+                    break
+                except Exception as exc:
+                    if parts or not self._retryable(exc, attempt, deadline):
+                        raise
         yield _report("".join(parts), state["model"], state["finish"], state["usage"],
                       time.perf_counter() - t0)
 
     def complete(self, messages: list[dict[str, Any]]) -> VlmReport:
         """The whole answer at once (no streaming)."""
         t0 = time.perf_counter()
-        with _translated(self.config):
-            answer = self.client.chat.completions.create(
-                **self.request_body(messages))
+        with Deadline(self.config.timeout_s, self._http) as deadline, \
+                _translated(self.config, deadline, self._http):
+            for attempt in self._attempts(deadline):
+                try:
+                    answer = self.client.with_options(timeout=deadline.remaining()
+                                                      ).chat.completions.create(
+                        **self.request_body(messages))
+                    break
+                except Exception as exc:
+                    if not self._retryable(exc, attempt, deadline):
+                        raise
         choice = answer.choices[0] if answer.choices else None
         usage = answer.usage.model_dump(exclude_none=True) if answer.usage else {}
         return _report(choice.message.content or "" if choice else "", answer.model,
                        choice.finish_reason if choice else None, usage,
                        time.perf_counter() - t0)
 
+    def _retryable(self, exc: Exception, attempt: int, deadline: Deadline) -> bool:
+        import openai
+
+        if attempt >= self.config.retries or deadline.expired or \
+                self._http.cut_requested.is_set():
+            return False
+        transient = (openai.APIConnectionError, openai.InternalServerError,
+                     openai.RateLimitError)
+        return isinstance(exc, transient)
+
     def close(self) -> None:
         self.client.close()
+
+    def __del__(self) -> None:  # as openai's own client does: no socket outlives the worker
+        with contextlib.suppress(Exception):
+            self.client.close()
 
 
 def _deltas(chunks: Any, parts: list[str], state: dict[str, Any]) -> Iterator[str]:
@@ -225,13 +274,20 @@ def _report(text: str, model: str, finish: str | None, usage: dict[str, Any],
 
 
 @contextlib.contextmanager
-def _translated(config: VlmConfig) -> Iterator[None]:
+def _translated(config: VlmConfig, deadline: Deadline, http: CuttableHttp) -> Iterator[None]:
     """Turn the openai client's errors into domain errors that say what to do. Answers
     quote no upstream URL and only a short redacted reason; the whole upstream text goes
     to the DEBUG log."""
     try:
         yield
     except Exception as exc:
+        if deadline.expired:
+            raise WorkerUnavailableError(
+                f"the vision-language model did not answer within {config.timeout_s:g} s "
+                "(the whole request, retries included; vlm_timeout_s)") from exc
+        if http.cut_requested.is_set():
+            raise WorkerUnavailableError("the call to the vision-language model was "
+                                         "cancelled (its client went away)") from exc
         translated = translate_openai_error(exc, config)
         if translated is None:
             raise
