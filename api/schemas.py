@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from wsi_sampler import PlanParams, medgemma_params
 from wsi_sampler.errors import InvalidRequestError
@@ -91,7 +91,28 @@ _MEDGEMMA_FIXED: dict[str, object] = {"patch_size_px": MEDGEMMA_PATCH_PX, "overl
                                       "target_mpp": None}
 
 
-class SamplingRequest(BaseModel):
+_NUMBERS = (int, float)
+
+
+def _is_number_field(annotation: object) -> bool:
+    return annotation in _NUMBERS or any(a in _NUMBERS for a in get_args(annotation))
+
+
+class JsonRequest(BaseModel):
+    """A request body whose numbers are JSON numbers: pydantic alone reads ``{"seed":
+    false}`` as 0 and ``"5"`` as 5; here a boolean or a string for a number is a 422."""
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _json_numbers(cls, value: object, info: ValidationInfo) -> object:
+        field = cls.model_fields.get(info.field_name or "")
+        if field is not None and isinstance(value, (bool, str)) and \
+                _is_number_field(field.annotation):
+            raise ValueError(f"expected a JSON number, got {type(value).__name__}")
+        return value
+
+
+class SamplingRequest(JsonRequest):
     """What to sample. Sizes are physical (µm/px, magnification) or px at that resolution.
     ``target_mpp`` and ``magnification`` name the same thing: give one of them at most."""
 
@@ -146,7 +167,7 @@ class SamplingRequest(BaseModel):
         )
 
 
-class ReportRequest(BaseModel):
+class ReportRequest(JsonRequest):
     """A slide's MedGemma bag, described by the configured vision-language model."""
 
     model_config = ConfigDict(extra="forbid")
@@ -205,7 +226,7 @@ class PlanResponse(BaseModel):
     patches: list[PlannedPatch]
 
 
-class JobRequest(BaseModel):
+class JobRequest(JsonRequest):
     model_config = ConfigDict(extra="forbid")
     slides: list[str] = Field(min_length=1, max_length=10_000, description="Slide ids.")
     sampling: SamplingRequest = SamplingRequest()

@@ -263,7 +263,8 @@ def patch_chunks(
     slide: Slide, slide_id: str, plan: PatchPlan, *, as_tar: bool, image_format: str,
     metrics: Metrics,
 ) -> Generator[bytes, None, None]:
-    """WebDataset tar members (``000042.png`` + ``000042.json``) or NDJSON lines. Images are
+    """WebDataset tar members (``000042.png`` + ``000042.json``) or NDJSON lines (one
+    ``{"type": "patch", ...}`` per patch, then ``{"type": "summary", "n_patches"}``). Images are
     encoded in parallel threads; ``raw`` sends ``.npy`` arrays and encodes nothing; ``jpeg``
     sends whole stored JPEG tiles as they are stored."""
     ext, media = _IMAGE_FORMATS[image_format]
@@ -282,7 +283,8 @@ def patch_chunks(
                     parts += members.member(f"{i:06d}.json", json.dumps(meta).encode())
                 else:
                     data = b"".join(payload)
-                    line = meta | {"media_type": media, "image": base64.b64encode(data).decode()}
+                    line = {"type": "patch"} | meta | {
+                        "media_type": media, "image": base64.b64encode(data).decode()}
                     parts.append(json.dumps(line).encode() + b"\n")
             metrics.patches.labels("patches").inc(len(payloads))
             yield b"".join(parts)
@@ -290,6 +292,9 @@ def patch_chunks(
         raise IncompleteStreamError(f"{sent} of {len(plan)} planned patches read")
     if as_tar:
         yield TAR_END
+    else:  # the terminal record: the stream ended as planned
+        yield json.dumps({"type": "summary", "slide_id": slide_id, "n_patches": sent}
+                         ).encode() + b"\n"
 
 
 EmbeddingFormat = Literal["base64-float16", "base64-float32", "json", "none"]

@@ -5,10 +5,11 @@ request types (``CompletionCreateParams*``: unknown keys and malformed messages 
 decodes every image part (data URIs only), records what it received, and answers like
 vLLM: JSON or server-sent events (``stream=True``, with a final usage chunk). The ``model``
 name picks a behaviour: ``echo`` (a short text describing the bag), ``context-too-long``
-(vLLM's 400), ``fail-500``, ``slow`` (answers after 30 s), ``empty`` (no text),
-``hang`` (answers nothing until the client goes, at most 2 minutes), ``echo-secret``
-(a 500 whose message echoes the request's ``Authorization`` header, as
-careless proxies do) and ``garbage`` (a 200 whose events or body are not JSON).
+(vLLM's 400), ``fail-500``, ``slow`` (answers after 30 s), ``empty`` (no text), ``flood``
+(a 1.2 MB answer whatever max_tokens says), ``hang`` (answers nothing until the client
+goes, at most 2 minutes), ``echo-secret`` (a 500 whose message echoes the request's
+``Authorization`` header, as careless proxies do) and ``garbage`` (a 200 whose events or
+body are not JSON).
 """
 
 from __future__ import annotations
@@ -167,6 +168,8 @@ def create_openai_stub(stub: OpenAIStub) -> Starlette:
             stub.hanging -= 1
             return _error(504, "gave up")
         text = "" if model == "empty" else _answer_text(got)
+        if model == "flood":  # far more than any max_tokens allows
+            text = " ".join(["flood"] * 200_000)
         if got.body.get("stream"):
             return StreamingResponse(_events(model, text, len(got.images)),
                                      media_type="text/event-stream")

@@ -249,13 +249,14 @@ def test_patches_stream_as_ndjson(url: str, demo_slide: Path) -> None:
     with httpx.stream("POST", f"{url}/v1/slides/{sid}/patches", params={"format": "ndjson"},
                       json=SAMPLE | {"image_format": "jpeg"}) as resp:
         assert resp.headers["content-type"] == "application/x-ndjson"
-        for line in resp.iter_lines():
-            rec = json.loads(line)
-            img = cv2.imdecode(np.frombuffer(base64.b64decode(rec["image"]), np.uint8), 1)
-            assert rec["media_type"] == "image/jpeg"
-            assert np.abs(img[:, :, ::-1].astype(int) - want[rec["index"]]).mean() < 4
-            seen += 1
+        records = [json.loads(line) for line in resp.iter_lines()]
+    for rec in records[:-1]:
+        img = cv2.imdecode(np.frombuffer(base64.b64decode(rec["image"]), np.uint8), 1)
+        assert rec["type"] == "patch" and rec["media_type"] == "image/jpeg"
+        assert np.abs(img[:, :, ::-1].astype(int) - want[rec["index"]]).mean() < 4
+        seen += 1
     assert seen == 10
+    assert records[-1] == {"type": "summary", "slide_id": sid, "n_patches": 10}
 
 
 def test_predictions_stream_equals_in_process(url: str, demo_slide: Path) -> None:
@@ -396,3 +397,11 @@ def test_delete_cancels_a_running_job(url: str) -> None:
     status = httpx.get(f"{url}/v1/jobs/{job}").json()
     assert status["state"] == "cancelled" and status["slides_done"] < 30
     assert httpx.post(f"{url}/v1/jobs", json={"slides": ["0" * 24]}).status_code == 404
+
+
+@pytest.mark.parametrize("body", [{"seed": False}, {"n_patches": "5", "strategy": "random"},
+                                  {"seed": "3"}, {"min_tissue_fraction": True}])
+def test_request_fields_take_their_declared_json_types(url: str, body: dict[str, object]
+                                                       ) -> None:
+    resp = httpx.post(f"{url}/v1/slides/{ids(url)['demo.svs']}/plan", json=body)
+    assert resp.status_code == 422 and "invalid request" in resp.json()["error"]

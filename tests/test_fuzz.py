@@ -9,6 +9,7 @@ time bound, and memory bounded. ``make test`` runs a sample; ``make fuzz`` runs
 
 from __future__ import annotations
 
+import json
 import os
 import resource
 import shutil
@@ -178,7 +179,7 @@ def call_route(url: str, method: str, route: str, sid: str, params: dict[str, ob
         complete = data.endswith(b"\0" * 1024) and data.count(b"ustar") == 2 * planned
     else:
         lines = data.decode().splitlines()
-        complete = len(lines) == planned + (route.endswith("predictions"))
+        complete = len(lines) == planned + 1 and json.loads(lines[-1])["type"] == "summary"
     return 200, "complete" if complete else "clean end without every patch"
 
 

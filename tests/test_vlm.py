@@ -253,6 +253,17 @@ def test_the_timeout_bounds_the_whole_call_retries_included(
         time.sleep(0.05)
 
 
+def test_an_answer_past_max_tokens_is_cut(stub: tuple[OpenAIStub, str], demo_slide: Path
+                                          ) -> None:
+    vlm = worker(stub[1], "flood", max_tokens=16)
+    events = run_report(demo_slide, vlm)
+    vlm.close()
+    report = events[-1]
+    assert report["type"] == "report" and report["finish_reason"] == "length"
+    assert len(str(report["text"])) == 16 * 32
+    assert sum(len(str(e["text"])) for e in events if e["type"] == "delta") == 16 * 32
+
+
 # -- the API ----------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

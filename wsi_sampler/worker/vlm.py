@@ -196,7 +196,8 @@ class VlmWorker(VlmRequest):
         """Yield text deltas as the endpoint streams them, then the full :class:`VlmReport`."""
         t0 = time.perf_counter()
         parts: list[str] = []
-        state: dict[str, Any] = {"finish": None, "model": self.config.model, "usage": {}}
+        state: dict[str, Any] = {"finish": None, "model": self.config.model, "usage": {},
+                                 "max_chars": self.config.max_tokens * MAX_CHARS_PER_TOKEN}
         with Deadline(self.config.timeout_s, self._http) as deadline, \
                 _translated(self.config, deadline, self._http):
             for attempt in self._attempts(deadline):
@@ -230,9 +231,12 @@ class VlmWorker(VlmRequest):
                         raise
         choice = answer.choices[0] if answer.choices else None
         usage = answer.usage.model_dump(exclude_none=True) if answer.usage else {}
-        return _report(choice.message.content or "" if choice else "", answer.model,
-                       choice.finish_reason if choice else None, usage,
-                       time.perf_counter() - t0)
+        text = choice.message.content or "" if choice else ""
+        finish = choice.finish_reason if choice else None
+        limit = self.config.max_tokens * MAX_CHARS_PER_TOKEN
+        if len(text) > limit:
+            text, finish = text[:limit], "length"
+        return _report(text, answer.model, finish, usage, time.perf_counter() - t0)
 
     def _retryable(self, exc: Exception, attempt: int, deadline: Deadline) -> bool:
         import openai
@@ -252,17 +256,33 @@ class VlmWorker(VlmRequest):
             self.client.close()
 
 
+# The most text relayed per token asked for: a token is a few characters; an endpoint
+# that sends far more than max_tokens allows is cut there (finish reason "length").
+MAX_CHARS_PER_TOKEN = 32
+
+
 def _deltas(chunks: Any, parts: list[str], state: dict[str, Any]) -> Iterator[str]:
-    """The text deltas of a chat stream; ``parts`` and ``state`` collect the rest."""
+    """The text deltas of a chat stream, at most ``state["max_chars"]`` characters in all;
+    ``parts`` and ``state`` collect the rest."""
+    room = int(state["max_chars"])
     for chunk in chunks:
         state["model"] = chunk.model or state["model"]
         if chunk.usage is not None:
             state["usage"] = chunk.usage.model_dump(exclude_none=True)
         for choice in chunk.choices:
             state["finish"] = choice.finish_reason or state["finish"]
-            if choice.delta.content:
-                parts.append(choice.delta.content)
-                yield choice.delta.content
+            text = choice.delta.content or ""
+            if len(text) > room:
+                log.warning("the vision-language model sent more text than max_tokens "
+                            "allows; cut at %d characters", state["max_chars"])
+                state["finish"] = "length"
+                text = text[:room]
+            if text:
+                room -= len(text)
+                parts.append(text)
+                yield text
+            if room <= 0 and state["finish"] == "length":
+                return
 
 
 def _report(text: str, model: str, finish: str | None, usage: dict[str, Any],
