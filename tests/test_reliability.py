@@ -444,3 +444,36 @@ def test_finished_jobs_are_removed_after_the_retention(demo_slide: Path, tmp_pat
         httpx.post(f"{url}/v1/jobs", json={"slides": [sid]} | small)  # cleanup runs here
         assert httpx.get(f"{url}/v1/jobs/{first}").status_code == 404
         assert not (tmp_path / "data" / "jobs" / first).exists()
+
+
+def test_a_dicomweb_root_that_redirects_or_is_no_pacs_is_unavailable(tmp_path: Path) -> None:
+    # A "PACS" that sends its series search elsewhere, and a JSON server that is no PACS:
+    # neither is followed or listed; both roots are reported unavailable.
+    from starlette.applications import Starlette
+    from starlette.responses import JSONResponse, RedirectResponse
+    from starlette.routing import Route
+
+    from wsi_sampler.errors import SlideStoreError
+    from wsi_sampler.sources.dicomweb import list_series
+
+    async def elsewhere(request):  # type: ignore[no-untyped-def]
+        return RedirectResponse("http://127.0.0.1:9/series?token=canary-3e1f", status_code=302)
+
+    async def not_qido(request):  # type: ignore[no-untyped-def]
+        return JSONResponse([{"status": "ok"}])
+
+    fake = Starlette(routes=[Route("/moved/series", elsewhere), Route("/json/series", not_qido)])
+    with serve(fake) as base:
+        roots = [f"dicomweb+{base}/moved", f"dicomweb+{base}/json"]
+        for root, needle in zip(roots, ("redirect", "not a QIDO-RS answer"), strict=True):
+            with pytest.raises(SlideStoreError, match=needle) as exc:
+                list_series(root)
+            assert "canary" not in str(exc.value)
+        (tmp_path / "slides").mkdir()
+        settings = Settings(slide_roots=[tmp_path / "slides"], remote_slide_roots=roots,
+                            data_dir=tmp_path / "data", demo_slide=False,
+                            device="cpu")  # type: ignore[call-arg]
+        with serve(create_app(settings), ready_path="/readyz") as url:
+            listing = httpx.get(f"{url}/v1/slides").json()
+    assert listing["items"] == [] and len(listing["unavailable_roots"]) == 2
+    assert "canary" not in json.dumps(listing)

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
+import re
 import threading
 import time
 import warnings
@@ -46,6 +47,7 @@ from ..errors import (
     describe_backend_error,
     store_status_error,
 )
+from ..redact import public_url
 from ..types import Backend, RGBImage
 from .location import SlideLocation
 
@@ -116,6 +118,8 @@ def _session(creds: DicomWebCredentials, counter: _Counter) -> Any:
     class _TimeoutSession(requests.Session):
         def request(self, *args: Any, **kwargs: Any) -> Any:
             kwargs.setdefault("timeout", (_CONNECT_TIMEOUT_S, _READ_TIMEOUT_S))
+            # never off the configured server (with its credentials) to wherever it points
+            kwargs["allow_redirects"] = False
             if creds.ca_bundle:  # per request: REQUESTS_CA_BUNDLE would beat session.verify
                 kwargs.setdefault("verify", creds.ca_bundle)
             return super().request(*args, **kwargs)
@@ -126,7 +130,16 @@ def _session(creds: DicomWebCredentials, counter: _Counter) -> Any:
     elif creds.username:
         session.auth = (creds.username, creds.password)
     session.hooks["response"].append(counter.hook)
+    session.hooks["response"].append(_refuse_redirects)
     return session
+
+
+def _refuse_redirects(response: Any, *args: Any, **kwargs: Any) -> None:
+    if 300 <= int(response.status_code) < 400:
+        raise SlideStoreError(
+            f"the DICOMweb server answered HTTP {response.status_code} (a redirect); "
+            "redirects are not followed: configure the URL of the PACS itself",
+            status=int(response.status_code))
 
 
 def _web_client(server: str, creds: DicomWebCredentials, counter: _Counter) -> Any:
@@ -406,18 +419,33 @@ def list_series(
             page = client.search_for_series(
                 search_filters={"Modality": "SM"}, limit=_QIDO_PAGE, offset=offset,
                 fields=["SeriesDescription"])
+        if not isinstance(page, list):
+            raise _not_qido(server_url, "not a list of series")
         found.extend(_series_entry(server_url, row) for row in page)
         if len(page) < _QIDO_PAGE:
             return found
         offset += len(page)
 
 
-def _series_entry(server_url: str, row: Mapping[str, Any]) -> RemoteSeries:
+_UID = re.compile(r"^[0-9]+(\.[0-9]+)*$")
+
+
+def _not_qido(server_url: str, what: str) -> SlideStoreError:
+    return SlideStoreError(f"{public_url(server_url)}: the server's series search answer is "
+                           f"not a QIDO-RS answer ({what}); is it a DICOMweb server?")
+
+
+def _series_entry(server_url: str, row: Any) -> RemoteSeries:
     def value(tag: str) -> str:
-        values = row.get(tag, {}).get("Value") or [""]
+        entry = row.get(tag) if isinstance(row, Mapping) else None
+        values = (entry.get("Value") if isinstance(entry, Mapping) else None) or [""]
         return str(values[0])
 
     study, series = value("0020000D"), value("0020000E")
+    for uid in (study, series):
+        if not (_UID.match(uid) and len(uid) <= 64):
+            raise _not_qido(server_url, "a series without valid Study and Series Instance "
+                                        "UIDs")
     rel = f"studies/{study}/series/{series}"
     return RemoteSeries(f"{server_url.rstrip('/')}/{rel}", rel,
                         value("0008103E") or series)
