@@ -102,7 +102,8 @@ async def _start_services(app: FastAPI, cfg: Settings) -> Services:
                              dicomweb_credentials=dicomweb_credentials(cfg))
     await asyncio.to_thread(registry.start)
     limits = JobLimits(max_queued=cfg.max_queued_jobs, per_owner=cfg.max_jobs_per_key,
-                       retention_s=cfg.job_retention_hours * 3600)
+                       retention_s=cfg.job_retention_hours * 3600,
+                       min_free_bytes=int(cfg.min_free_disk_mb * 2**20))
     jobs_ = JobManager(cfg.data_dir, registry, lambda: app.state.services.worker,
                        workers=cfg.job_workers, batch_size=cfg.batch_size, limits=limits)
     scrub = MessageScrubber([*registry.roots, cfg.data_dir], registry.remote_roots)

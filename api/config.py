@@ -68,6 +68,8 @@ class Settings(BaseSettings):
                                   "or running")
     job_retention_hours: float = Field(168.0, gt=0, description="Finished jobs and their "
                                        "files are removed this long after they finished")
+    min_free_disk_mb: float = Field(256.0, ge=0, description="Jobs (and each of their "
+                                    "slides) start only with this much free disk for results")
     slide_index_refresh_s: float = Field(30.0, ge=0.5, le=86_400)
     vlm_url: str = ""
     vlm_model: str = "google/medgemma-1.5-4b-it"

@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import sqlite3
 import threading
@@ -27,7 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from wsi_sampler._io import atomic_write_text
+from wsi_sampler._io import atomic_write_text, disk_full_is_an_error, require_free_space
 from wsi_sampler.errors import WsiSamplerError
 from wsi_sampler.report import describe_slide
 from wsi_sampler.scoring import Cancelled, result_files, score_slide
@@ -78,6 +79,8 @@ class JobLimits:
     """Jobs one API key may have queued or running."""
     retention_s: float = 7 * 86_400
     """Finished jobs (and their files) are removed this long after they finished."""
+    min_free_bytes: int = 256 << 20
+    """A slide is not started with less free disk than this where results go."""
 
 
 @dataclass
@@ -147,6 +150,7 @@ class JobManager:
     def submit(self, request: JobRequest, owner: str = "") -> dict[str, Any]:
         self.remove_expired()
         self._check_quota(owner)
+        require_free_space(self.root, self.limits.min_free_bytes, "a new job's results")
         for sid in request.slides:  # unknown ids are a 404 now, not a failed job later
             self.registry.get(sid)
         if request.report is not None:  # no model configured is a 503 now
@@ -332,10 +336,20 @@ class JobManager:
             progress.patches_done = base + done
             self._update(job_id, patches_done=progress.patches_done)
 
-        with self.registry.open(sid, mpp_override=request.sampling.mpp_override) as slide:
-            result = score_slide(slide, request.sampling.to_params(), worker, out,
-                                 batch_size=self.batch_size, cancel=cancel, progress=report,
-                                 config={"job": job_id,
-                                         "sampling": request.sampling.model_dump()})
+        # Results are written into a staging folder and moved into place when complete:
+        # a slide that fails (a full disk, a cancel) leaves no partial files behind.
+        stage = out.with_name(f".{sid}.partial")
+        require_free_space(out.parent, self.limits.min_free_bytes, f"the results of {sid}")
+        try:
+            with disk_full_is_an_error(f"the results of {sid}"), \
+                    self.registry.open(sid, mpp_override=request.sampling.mpp_override) as slide:
+                result = score_slide(slide, request.sampling.to_params(), worker, stage,
+                                     batch_size=self.batch_size, cancel=cancel,
+                                     progress=report, config={
+                                         "job": job_id, "sampling": request.sampling.model_dump()})
+            shutil.rmtree(out, ignore_errors=True)
+            os.replace(stage, out)
+        finally:
+            shutil.rmtree(stage, ignore_errors=True)
         return ([f"{sid}.{name}" for name in result_files(worker.card)],
                 result.summary.get("message"))

@@ -477,3 +477,60 @@ def test_a_dicomweb_root_that_redirects_or_is_no_pacs_is_unavailable(tmp_path: P
             listing = httpx.get(f"{url}/v1/slides").json()
     assert listing["items"] == [] and len(listing["unavailable_roots"]) == 2
     assert "canary" not in json.dumps(listing)
+
+
+@pytest.fixture()
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 2 MiB tmpfs as the service's data folder (root only: skipped, saying so, else)."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=2m", "tmpfs", str(disk)],
+                          capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here (needs root): {done.stderr.strip()}")
+    try:
+        yield disk
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_full_disk_is_a_507_and_leaves_nothing_behind(
+        demo_slide: Path, tmp_path: Path, small_disk: Path) -> None:
+    root = tmp_path / "slides"
+    root.mkdir()
+    shutil.copy(demo_slide, root / "demo.svs")
+    data = demo_slide.read_bytes()
+    assert len(data) > 2 << 20  # the slide does not fit on the small disk
+    settings = Settings(slide_roots=[root], data_dir=small_disk,  # type: ignore[call-arg]
+                        demo_slide=False, device="cpu", min_free_disk_mb=0)
+    with serve(create_app(settings), ready_path="/readyz") as url:
+        declared = httpx.post(f"{url}/v1/slides", content=data,
+                              headers={"content-type": "application/octet-stream"})
+        assert declared.status_code == 507 and "not enough free disk" in declared.text
+
+        def chunks() -> Iterator[bytes]:  # no Content-Length: found out while writing
+            for at in range(0, len(data), 1 << 20):
+                yield data[at: at + (1 << 20)]
+
+        streamed = httpx.post(f"{url}/v1/slides", content=chunks(), timeout=60,
+                              headers={"content-type": "application/octet-stream"})
+        assert streamed.status_code == 507 and "disk filled up" in streamed.text
+        assert list((small_disk / "uploads" / ".incoming").glob("*")) == []
+        # a job whose results do not fit: the slide fails saying so, no partial files stay
+        ballast = small_disk / "ballast"
+        free = shutil.disk_usage(small_disk).free
+        ballast.write_bytes(bytes(max(0, free - 48 * 1024)))
+        sid = slide_ids(url)["demo.svs"]
+        job = httpx.post(f"{url}/v1/jobs", json={"slides": [sid], "sampling": {
+            "strategy": "grid", "patch_size_px": 224}}).json()["id"]
+        status = _wait_until_finished(url, job, {})
+        assert status["state"] == "failed", status
+        error = status["errors"][0]  # type: ignore[index]
+        assert error["error"] == "StorageFullError" and "disk filled up" in error["message"]
+        assert list((small_disk / "jobs" / job).iterdir()) == []
+        ballast.unlink()
+        with_limit = Settings(slide_roots=[root], data_dir=small_disk,  # type: ignore[call-arg]
+                              demo_slide=False, device="cpu", min_free_disk_mb=64)
+    with serve(create_app(with_limit), ready_path="/readyz") as url:
+        refused = httpx.post(f"{url}/v1/jobs", json={"slides": [sid]})
+        assert refused.status_code == 507 and "MiB needed" in refused.json()["error"]

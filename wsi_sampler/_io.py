@@ -7,13 +7,47 @@ any file the process would create, so shared folders and non-root containers can
 from __future__ import annotations
 
 import contextlib
+import errno
 import functools
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "process_umask"]
+from .errors import StorageFullError
+
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "disk_full_is_an_error",
+           "process_umask", "require_free_space"]
+
+_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+def require_free_space(folder: str | os.PathLike[str], needed_bytes: int, what: str) -> None:
+    """Refuse work that would not fit: StorageFullError unless ``folder``'s file system has
+    ``needed_bytes`` free."""
+    path = Path(folder)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    free = shutil.disk_usage(path).free
+    if free < needed_bytes:
+        raise StorageFullError(
+            f"not enough free disk space for {what}: {needed_bytes / 2**20:,.0f} MiB needed, "
+            f"{free / 2**20:,.0f} MiB free; free some space or give the service a larger "
+            "volume")
+
+
+@contextlib.contextmanager
+def disk_full_is_an_error(what: str) -> Iterator[None]:
+    """Turn "no space left on device" (or over quota) while writing ``what`` into a
+    StorageFullError that says so."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno not in _FULL or isinstance(exc, StorageFullError):
+            raise
+        raise StorageFullError(f"the disk filled up while writing {what}; free some space "
+                               "or give the service a larger volume") from exc
 
 
 @functools.cache

@@ -73,6 +73,10 @@ class CorruptSlideError(WsiSamplerError, OSError):
     """The file looks like a slide but is damaged: zero bytes, truncated, bad tiles."""
 
 
+class StorageFullError(WsiSamplerError, OSError):
+    """No space left where results or uploads are written (HTTP 507)."""
+
+
 class MissingMppError(WsiSamplerError, ValueError):
     """A physical size was asked of a slide whose microns-per-pixel are unknown."""
 

@@ -22,7 +22,9 @@ NOT_FOUND: dict[int | str, dict[str, object]] = {
              responses={**NOT_FOUND, 422: {"model": ErrorBody, "description": "Bad parameters"},
                         429: {"model": ErrorBody, "description": "The job queue, or this API "
                               "key's share of it, is full (Retry-After)"},
-                        503: {"model": ErrorBody, "description": "Worker not ready"}})
+                        503: {"model": ErrorBody, "description": "Worker not ready"},
+                        507: {"model": ErrorBody, "description": "Not enough free disk space "
+                              "for the job's results (min_free_disk_mb)"}})
 async def create_job(req: JobRequest, services: ServicesDep, owner: OwnerDep) -> JobStatus:
     """Queue scoring of ``slides`` (or, with ``report``, a MedGemma report of each); returns
     at once with the job id (202)."""

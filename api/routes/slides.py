@@ -9,6 +9,7 @@ from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 from wsi_sampler import compute_tissue_mask
+from wsi_sampler._io import disk_full_is_an_error, require_free_space
 from wsi_sampler.encoding import encode_image
 from wsi_sampler.export import tissue_collection
 from wsi_sampler.geojson import dumps
@@ -68,19 +69,29 @@ async def list_slides(
 @router.post("", status_code=201, response_model=SlideSummary, openapi_extra={
                  "requestBody": _UPLOAD_BODY},
              responses={413: {"model": ErrorBody, "description": "Upload too large"},
-                        422: ERRORS[422]})
+                        422: ERRORS[422],
+                        507: {"model": ErrorBody, "description": "Not enough free disk space "
+                              "on the server for the upload"}})
 async def upload_slide(request: Request, services: ServicesDep) -> SlideSummary:
     """Upload a slide: multipart field ``file``, or the raw bytes as
     ``application/octet-stream``. Its format is sniffed from its content, and the same
     bytes uploaded twice are stored once (same id)."""
     uploads = services.settings.uploads_dir
-    tmp = await run_in_threadpool(temp_upload_path, uploads)
-    try:
-        received = await receive_upload(request, tmp)
-        entry = await services.slide_work(store_upload, services.registry, uploads, received)
-    finally:
-        tmp.unlink(missing_ok=True)
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit():  # what will not fit is refused before a byte is read
+        require_free_space(uploads, int(declared) + _UPLOAD_HEADROOM, "this upload")
+    with disk_full_is_an_error("the upload"):
+        tmp = await run_in_threadpool(temp_upload_path, uploads)
+        try:
+            received = await receive_upload(request, tmp)
+            entry = await services.slide_work(store_upload, services.registry, uploads,
+                                              received)
+        finally:
+            tmp.unlink(missing_ok=True)  # what arrived of an upload that failed is dropped
     return _summary(entry)
+
+
+_UPLOAD_HEADROOM = 16 << 20  # the disk is not filled to the last byte by one upload
 
 
 @router.get("/{slide_id}", response_model=SlideInfo, responses=ERRORS)
