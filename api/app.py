@@ -22,6 +22,7 @@ from pydantic import SecretStr
 
 from wsi_sampler import __version__
 from wsi_sampler.batch import discover
+from wsi_sampler.deidentify import load_pseudonyms
 from wsi_sampler.demo import write_demo_slide
 from wsi_sampler.errors import WsiSamplerError
 from wsi_sampler.redact import remember_secret
@@ -96,17 +97,20 @@ async def _start_services(app: FastAPI, cfg: Settings) -> Services:
     if cfg.demo_slide:
         await asyncio.to_thread(ensure_demo_slide, cfg)
     cfg.uploads_dir.mkdir(parents=True, exist_ok=True)
+    pseudonyms = load_pseudonyms(cfg.pseudonym_map) if cfg.pseudonym_map else None
     registry = SlideRegistry([*cfg.slide_roots, cfg.uploads_dir],
                              refresh_s=cfg.slide_index_refresh_s,
                              remote_roots=cfg.remote_slide_roots,
-                             dicomweb_credentials=dicomweb_credentials(cfg))
+                             dicomweb_credentials=dicomweb_credentials(cfg),
+                             deidentify=cfg.deidentify, pseudonyms=pseudonyms)
     await asyncio.to_thread(registry.start)
     limits = JobLimits(max_queued=cfg.max_queued_jobs, per_owner=cfg.max_jobs_per_key,
                        retention_s=cfg.job_retention_hours * 3600,
                        min_free_bytes=int(cfg.min_free_disk_mb * 2**20))
     jobs_ = JobManager(cfg.data_dir, registry, lambda: app.state.services.worker,
                        workers=cfg.job_workers, batch_size=cfg.batch_size, limits=limits)
-    scrub = MessageScrubber([*registry.roots, cfg.data_dir], registry.remote_roots)
+    scrub = MessageScrubber([*registry.roots, cfg.data_dir], registry.remote_roots,
+                            whole_paths=cfg.deidentify)
     jobs_.scrub = scrub
     services = Services(cfg, registry, jobs_, Metrics(), scrub)
     jobs_.vlm_for = services.vlm_for

@@ -42,6 +42,12 @@ class Settings(BaseSettings):
     dicomweb_password: SecretStr | None = None
     dicomweb_ca_bundle: str | None = Field(None, description="CA bundle to verify the "
                                            "DICOMweb servers' TLS certificates with")
+    deidentify: bool = Field(False, description="Name slides by pseudonym (pseudonym_map, "
+                             "else one derived from the id) in every answer and result "
+                             "file; never show their paths or DICOM descriptions; store "
+                             "uploads without label, macro and identifying text")
+    pseudonym_map: Path | None = Field(None, description="CSV path,pseudonym for "
+                                       "de-identified mode")
     data_dir: Path = Path("data")
     demo_slide: bool = True
     model: str = "tissue-qc"

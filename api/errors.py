@@ -95,22 +95,33 @@ class MessageScrubber:
     folder name becomes ``<slide root>`` only when it is absolute or a URL, so the default
     ``data`` folder leaves the words "metadata" and "data" alone."""
 
-    def __init__(self, folders: list[Path], urls: list[str] | None = None) -> None:
+    def __init__(self, folders: list[Path], urls: list[str] | None = None, *,
+                 whole_paths: bool = False) -> None:
         names = {str(f) for f in folders} | {str(f.resolve()) for f in folders}
         names |= {u.rstrip("/") for u in urls or []}  # remote roots: S3 prefix, PACS URL
+        self._whole = whole_paths
+        """De-identified mode: a path below a root becomes ``<slide>`` (its file name may
+        name a patient), not its path in the root."""
         self._patterns = [self._pattern(n) for n in sorted(names, key=len, reverse=True)
                           if n not in ("", ".")]
 
-    @staticmethod
-    def _pattern(name: str) -> re.Pattern[str]:
+    def _pattern(self, name: str) -> re.Pattern[str]:
         start = r"(?<![\w.~/-])"  # not inside a longer name or path
         bare = r"(?![\w.-])" if name.startswith("/") or "://" in name else r"(?=/)"
-        return re.compile(start + re.escape(name) + r"(?:/|" + bare + ")")
+        below = r"[^\s'\"():;,]*" if self._whole else ""
+        return re.compile(start + re.escape(name) + r"(?:/(?P<below>" + below + ")|" + bare
+                          + ")")
+
+    @staticmethod
+    def _replacement(match: re.Match[str]) -> str:
+        below = match.group("below")
+        if below is None:
+            return "<slide root>"  # the folder itself
+        return "<slide>" if below else ""  # a path below it: whole, or the root prefix only
 
     def __call__(self, message: str) -> str:
         for pattern in self._patterns:
-            message = pattern.sub(lambda m: "" if m.group(0).endswith("/") else "<slide root>",
-                                  message)
+            message = pattern.sub(self._replacement, message)
         return redact(message)
 
 

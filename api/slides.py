@@ -22,12 +22,13 @@ import logging
 import re
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
 from wsi_sampler import Slide, open_slide
 from wsi_sampler.batch.discover import SLIDE_FORMATS, discover, not_regular_reason
+from wsi_sampler.deidentify import pseudonym_for
 from wsi_sampler.errors import (
     InvalidRequestError,
     SlideNotFoundError,
@@ -106,8 +107,13 @@ class SlideRegistry:
 
     def __init__(
         self, roots: list[Path], *, refresh_s: float = 30.0, remote_roots: list[str] | None = None,
-        dicomweb_credentials: DicomWebCredentials | None = None,
+        dicomweb_credentials: DicomWebCredentials | None = None, deidentify: bool = False,
+        pseudonyms: dict[str, str] | None = None,
     ) -> None:
+        self.deidentify = deidentify
+        """Slides are named by pseudonym (``pseudonyms``, else derived from the id) in
+        every answer and file; their paths and DICOM descriptions are never shown."""
+        self._pseudonyms = pseudonyms or {}
         self.remote_roots = list(dict.fromkeys(remote_roots or []))
         self._credentials = dicomweb_credentials
         self._remote: dict[str, dict[str, SlideEntry]] = {r: {} for r in self.remote_roots}
@@ -163,8 +169,15 @@ class SlideRegistry:
             return
         rel = path.relative_to(root).as_posix()
         sid = _slide_id(root, rel)
-        found[sid] = SlideEntry(sid, str(path), str(root), rel, path.name, fmt, size, "local",
-                                path, root)
+        found[sid] = self._public(SlideEntry(sid, str(path), str(root), rel, path.name, fmt,
+                                             size, "local", path, root))
+
+    def _public(self, entry: SlideEntry) -> SlideEntry:
+        """The entry as answers show it: in de-identified mode named by its pseudonym."""
+        if not self.deidentify:
+            return entry
+        name = pseudonym_for(entry.relpath, self._pseudonyms, key=entry.id)
+        return replace(entry, name=name, relpath=name)
 
     def scan_remote(self) -> None:
         """List every remote root again; one that fails keeps its last listing."""
@@ -180,8 +193,9 @@ class SlideRegistry:
             entries = {}
             for slide in listed:
                 sid = _slide_id(root, slide.relpath)
-                entries[sid] = SlideEntry(sid, slide.location, root, slide.relpath, slide.name,
-                                          slide.format, slide.size_bytes, root_source(root))
+                entries[sid] = self._public(SlideEntry(
+                    sid, slide.location, root, slide.relpath, slide.name, slide.format,
+                    slide.size_bytes, root_source(root)))
             with self._lock:
                 self._remote[root] = entries
                 self._remote_errors.pop(root, None)
@@ -224,11 +238,16 @@ class SlideRegistry:
         return entry
 
     def open(self, slide_id: str, *, mpp_override: float | None = None) -> Slide:
+        """Open a slide, named as listed (its path in its root, or its pseudonym): what
+        it says of itself in messages and files never tells where the server keeps it."""
         entry = self.get(slide_id)
         if entry.path is None:
-            return open_slide(entry.location, mpp_override=mpp_override,
-                              dicomweb_credentials=self._credentials)
-        return open_slide(entry.path.resolve(), mpp_override=mpp_override)
+            slide = open_slide(entry.location, mpp_override=mpp_override,
+                               dicomweb_credentials=self._credentials)
+        else:
+            slide = open_slide(entry.path.resolve(), mpp_override=mpp_override)
+        slide.pseudonymise(entry.name, entry.relpath)
+        return slide
 
     def add_upload(self, root: Path, path: Path) -> SlideEntry:
         """Index a file just stored in ``root`` (an upload) and return its entry."""

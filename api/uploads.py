@@ -26,6 +26,7 @@ from starlette.requests import Request
 
 from wsi_sampler import open_slide
 from wsi_sampler._io import process_umask
+from wsi_sampler.deidentify import deidentify_file
 from wsi_sampler.errors import (
     CorruptSlideError,
     InvalidRequestError,
@@ -197,6 +198,13 @@ def store_upload(registry: SlideRegistry, uploads: Path, upload: ReceivedUpload)
         raise
     target = uploads.resolve() / f"{upload.digest[:24]}{suffix}"
     if target.exists():
+        upload.path.unlink(missing_ok=True)
+    elif registry.deidentify:  # stored without label, macro and identifying text
+        try:
+            deidentify_file(upload.path, target)
+        except WsiSamplerError as exc:
+            exc.args = (str(exc).replace(upload.path.name, "the upload"),)
+            raise
         upload.path.unlink(missing_ok=True)
     else:
         os.chmod(upload.path, 0o666 & ~process_umask())

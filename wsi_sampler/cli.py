@@ -20,6 +20,7 @@ import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
 from ._io import atomic_write_bytes
+from .cli_deidentify import register as register_deidentify_commands
 from .cli_models import register as register_model_commands
 from .cli_options import (
     NO,
@@ -299,6 +300,7 @@ def serve(
 register_vlm_commands(app)
 register_score_commands(app)
 register_model_commands(app)
+register_deidentify_commands(app)
 
 
 def _log_unraisable(unraisable: sys.UnraisableHookArgs) -> None:

@@ -9,6 +9,7 @@ import logging
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -117,6 +118,10 @@ WorkerProtocolO = Annotated[WorkerProtocolOpt, typer.Option(
     help="auto: binary tensors if the server lists them, else JSON.")]
 ClamPtO = Annotated[bool, typer.Option(
     help="Encoders: also write CLAM's features.pt beside features.h5.")]
+DeidentifyO = Annotated[bool, typer.Option(
+    help="Name slides by pseudonym in every output (no paths, host or command line).")]
+PseudonymsO = Annotated[Path | None, typer.Option(
+    help="With --deidentify: a CSV path,pseudonym (else slide-<hash> names).")]
 
 
 def score(
@@ -131,7 +136,8 @@ def score(
     vlm_url: VlmUrlO = None, vlm_model: VlmModelO = DEFAULT_MODEL, prompt: PromptO = None,
     variant: VariantO = VariantOpt.report,
     features_dtype: FeaturesDtypeO = FeaturesDtypeOpt.float32, clam_pt: ClamPtO = False,
-    random_weights: RandomWeightsO = False,
+    random_weights: RandomWeightsO = False, deidentify: DeidentifyO = False,
+    pseudonyms: PseudonymsO = None,
 ) -> None:
     """Score every slide of a folder, an S3 prefix or a DICOMweb server. Exit 0 if all
     succeeded, 3 if any failed. Encoders write one features.h5 per slide (CLAM/TRIDENT
@@ -139,6 +145,7 @@ def score(
     (report.json). Remote slides use the AWS credential chain (AWS_ENDPOINT_URL_S3 for
     MinIO/Ceph) and WSI_DICOMWEB_TOKEN / _USERNAME / _PASSWORD / _CA_BUNDLE."""
     from .batch import BatchConfig, run_batch
+    from .deidentify import load_pseudonyms
     from .models import preflight
 
     if vlm_url:
@@ -157,6 +164,9 @@ def score(
                               min_tissue_fraction=min_tissue),
             worker_target_mpp=worker_target_mpp, worker_patch_size=worker_patch_size,
             worker_protocol=worker_protocol.value)
+    if deidentify or pseudonyms:
+        cfg = replace(cfg, deidentify=True,
+                      pseudonyms=load_pseudonyms(pseudonyms) if pseudonyms else None)
     with _score_progress(quiet) as report_one:
         report = run_batch(slides, out, cfg, executor=executor.value, workers=workers,
                            address=address, retries=retries, resume=resume,

@@ -241,7 +241,8 @@ def run_metadata(
     meta: dict[str, Any] = {
         "created_unix": time.time(),
         "python": sys.version.split()[0],
-        "platform": platform.platform(),
+        # the system and the processor, not the host's kernel build
+        "platform": f"{platform.system()}-{platform.machine()}",
         "versions": _versions(),
         "config": dict(config or {}),
         "timings_s": dict(timings_s or {}),

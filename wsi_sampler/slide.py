@@ -361,6 +361,14 @@ class Slide:
             "fingerprint": self.fingerprint,
         }
 
+    def pseudonymise(self, name: str, location: str | None = None) -> None:
+        """Name the slide ``name`` (and its location ``location``, default the name)
+        wherever it names itself: messages, :meth:`info`, every output file. For a service
+        that never shows its own paths, and de-identified mode, where a file name may
+        carry a patient's name."""
+        self.name = name
+        self.location = location or name
+
     # -- lifetime ---------------------------------------------------------------------------
     def close(self) -> None:
         """Release the file handles; closing twice is harmless."""

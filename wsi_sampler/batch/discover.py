@@ -40,9 +40,19 @@ class SlideTask:
         """The local file or folder (a task found under a local root)."""
         return Path(self.location)
 
+    alias: str = ""
+    """Its pseudonym in a de-identified run: then the only name it goes by."""
+
+    @property
+    def public(self) -> str:
+        """What records and files call the slide: its pseudonym, else its path."""
+        return self.alias or self.rel
+
     @property
     def key(self) -> str:
         """A file-system-safe, unique name for this slide's result folder."""
+        if self.alias:
+            return Path(self.alias).stem if Path(self.alias).suffix else self.alias
         stem = self.rel.replace("/", "__")
         digest = hashlib.sha256(self.rel.encode()).hexdigest()[:8]
         return f"{stem}-{digest}"

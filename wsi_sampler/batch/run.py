@@ -23,11 +23,12 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
 from .._io import atomic_write_text
+from ..deidentify import pseudonym_for
 from ..errors import WsiSamplerError
 from ..export import run_metadata
 from ..features import FeaturesDtype
@@ -72,6 +73,10 @@ class BatchConfig:
     vlm: VlmConfig | None = None
     """A vision-language model: each slide's MedGemma bag is described (report.json)."""
     prompt: str | None = None
+    deidentify: bool = False
+    """Slides go by pseudonym (``pseudonyms``, else ``slide-<hash>``) in every record and
+    file; no path, host or command line is written."""
+    pseudonyms: dict[str, str] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -131,11 +136,13 @@ def _report_slide(slide: Slide, out_dir: Path, cfg: BatchConfig) -> dict[str, An
 
 def _score_into(task: SlideTask, staging: Path, cfg: BatchConfig) -> dict[str, Any]:
     with open_slide(task.location, mpp_override=cfg.mpp_override) as slide:
+        if task.alias:
+            slide.pseudonymise(task.alias)
         if cfg.vlm is not None:
             return _report_slide(slide, staging, cfg)
         result = score_slide(slide, cfg.params, _worker_for(cfg), staging,
                              batch_size=cfg.batch_size,
-                             config={"batch": cfg.to_dict(), "slide_rel": task.rel},
+                             config={"batch": cfg.to_dict(), "slide_rel": task.public},
                              options=OutputOptions(cfg.features_dtype, cfg.clam_pt))
         return result.summary
 
@@ -154,13 +161,16 @@ def score_task(task: SlideTask, out: Path, cfg: BatchConfig) -> dict[str, Any]:
             shutil.rmtree(staging)
         else:
             os.replace(staging, final)
-        return {"status": "done", "slide": task.rel, "key": task.key} | summary
+        return {"status": "done", "slide": task.public, "key": task.key} | summary
     except Exception as exc:
         if not isinstance(exc, WsiSamplerError | OSError | ValueError):
-            logger.exception("%s failed unexpectedly", task.rel)
+            logger.exception("%s failed unexpectedly", task.public)
         shutil.rmtree(staging, ignore_errors=True)
-        return {"status": "failed", "slide": task.rel, "error": type(exc).__name__,
-                "message": str(exc), "seconds": round(time.perf_counter() - t0, 3)}
+        message = str(exc)
+        if task.alias:  # the reader names the file; the record names the pseudonym
+            message = message.replace(task.location, task.alias).replace(task.rel, task.alias)
+        return {"status": "failed", "slide": task.public, "error": type(exc).__name__,
+                "message": message, "seconds": round(time.perf_counter() - t0, 3)}
 
 
 # -- executors -------------------------------------------------------------------------------------
@@ -223,6 +233,8 @@ def run_batch(
     into ``out``; see the module docstring."""
     t0 = time.perf_counter()
     found: Discovery = discover_slides(slides_root)
+    if cfg.deidentify:
+        found = _pseudonymised(found, cfg.pseudonyms)
     _prepare(out)
     report = RunReport(skipped=found.skipped)
     todo = []
@@ -245,6 +257,12 @@ def run_batch(
     return report
 
 
+def _pseudonymised(found: Discovery, pseudonyms: dict[str, str] | None) -> Discovery:
+    slides = [replace(t, alias=pseudonym_for(t.rel, pseudonyms)) for t in found.slides]
+    skipped = [(pseudonym_for(rel, pseudonyms), reason) for rel, reason in found.skipped]
+    return replace(found, slides=slides, skipped=skipped)
+
+
 def _summary_rows(out: Path, found: Discovery, failures: list[dict[str, Any]]
                   ) -> list[dict[str, Any]]:
     failed = {f["slide"]: f for f in failures}
@@ -253,12 +271,12 @@ def _summary_rows(out: Path, found: Discovery, failures: list[dict[str, Any]]
         summary_path = out / "slides" / task.key / "summary.json"
         if summary_path.is_file():
             s = json.loads(summary_path.read_text())
-            row = {"slide": task.rel, "status": "done", "result_dir": f"slides/{task.key}",
+            row = {"slide": task.public, "status": "done", "result_dir": f"slides/{task.key}",
                    "patches": s["patches"], "seconds": s["seconds"], "error": ""}
             row |= {f"mean_{k}": v for k, v in s.get("mean", {}).items()}
         else:
-            f = failed.get(task.rel, {})
-            row = {"slide": task.rel, "status": "failed" if f else "pending", "result_dir": "",
+            f = failed.get(task.public, {})
+            row = {"slide": task.public, "status": "failed" if f else "pending", "result_dir": "",
                    "patches": "", "seconds": f.get("seconds", ""), "error": f.get("error", "")}
         rows.append(row)
     rows += [{"slide": rel, "status": "skipped", "error": reason} for rel, reason in found.skipped]
@@ -278,10 +296,14 @@ def _write_run_files(out: Path, found: Discovery, report: RunReport, cfg: BatchC
     atomic_write_text(out / "summary.csv", buf.getvalue())
     atomic_write_text(out / "failures.jsonl",
                       "".join(json.dumps(f) + "\n" for f in report.failures))
-    meta = run_metadata(config={"batch": cfg.to_dict(), "executor": executor,
-                                "slide_workers": workers, "argv": sys.argv},
-                        timings_s={"total": round(report.seconds, 3)})
-    meta |= {"host": socket.gethostname(), "seed": cfg.params.seed,
+    config = {"batch": cfg.to_dict() | {"pseudonyms": None}, "executor": executor,
+              "slide_workers": workers}
+    if not cfg.deidentify:  # a command line and a host name can name a patient's folder
+        config["argv"] = sys.argv
+    meta = run_metadata(config=config, timings_s={"total": round(report.seconds, 3)})
+    if not cfg.deidentify:
+        meta["host"] = socket.gethostname()
+    meta |= {"seed": cfg.params.seed,
              "slides": len(found.slides), "scored": len(report.done),
              "resumed": report.resumed, "failed": len(report.failures),
              "skipped": len(found.skipped)}
