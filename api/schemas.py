@@ -222,7 +222,8 @@ class PlanResponse(BaseModel):
     selection: dict[str, Any] = Field(
         description="How the patches were chosen: 'rule' (min_tissue_fraction, "
         "filled_by_tissue_rank, edge_cells or no_tissue), n_above_threshold, n_filled")
-    message: str | None = Field(None, description="Set when the plan is empty, saying why")
+    message: str | None = Field(None, description="Set when the plan is empty, or holds "
+                                "fewer patches than n_patches asked, saying why")
     patches: list[PlannedPatch]
 
 

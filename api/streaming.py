@@ -329,7 +329,7 @@ def prediction_chunks(
         raise IncompleteStreamError(f"{agg.n} of {len(plan)} planned patches scored")
     summary = {"type": "summary", "slide_id": slide_id, "model": worker.card.name,
                "model_version": worker.card.version, "strategy": plan.strategy,
-               "n_candidates": plan.n_candidates} | agg.summary()
+               "n_candidates": plan.n_candidates, "message": plan.note()} | agg.summary()
     summary["seconds"] = round(time.perf_counter() - t0, 3)
     yield json.dumps(summary).encode() + b"\n"
 

@@ -405,3 +405,13 @@ def test_request_fields_take_their_declared_json_types(url: str, body: dict[str,
                                                        ) -> None:
     resp = httpx.post(f"{url}/v1/slides/{ids(url)['demo.svs']}/plan", json=body)
     assert resp.status_code == 422 and "invalid request" in resp.json()["error"]
+
+
+def test_a_plan_short_of_n_patches_says_so(url: str) -> None:
+    sid = ids(url)["demo.svs"]
+    plan = httpx.post(f"{url}/v1/slides/{sid}/plan",
+                      json={"strategy": "random", "n_patches": 100000}).json()
+    assert plan["n_patches"] < 100000 and "fewer than the 100000 asked" in plan["message"]
+    full = httpx.post(f"{url}/v1/slides/{sid}/plan", json={"strategy": "random",
+                                                           "n_patches": 5}).json()
+    assert full["message"] is None

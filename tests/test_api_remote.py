@@ -240,3 +240,26 @@ def test_a_job_scores_slides_from_all_three_roots_alike(url: str) -> None:
     assert len(rows["local"]) == 12
     for source in ("s3", "dicomweb"):
         assert [r[:4] for r in rows[source]] == [r[:4] for r in rows["local"]]  # same patches
+
+
+def test_canary_credentials_of_s3_and_a_pacs_never_reach_an_answer_or_log(
+        tmp_path: Path, demo_slide: Path, monkeypatch: pytest.MonkeyPatch,
+        caplog: pytest.LogCaptureFixture) -> None:
+    key_id, secret, token = "AKIACANARY0000000042", "canary-s3-secret-77", "canary-pacs-99"
+    with moto_s3() as endpoint, own_pacs(tmp_path, demo_slide) as (_, settings):
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", key_id)
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", secret)
+        monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", endpoint)
+        # a bucket that is not there, and a PACS that refuses our (bearer) token
+        refused = settings.model_copy(update={
+            "remote_slide_roots": ["s3://no-such-bucket/cohort/", *settings.remote_slide_roots],
+            "dicomweb_password": None, "dicomweb_username": None,
+            "dicomweb_token": SecretStr(token)})
+        with caplog.at_level("INFO"), serve(create_app(refused), ready_path="/readyz") as u:
+            listed = httpx.get(f"{u}/v1/slides")
+            job = httpx.post(f"{u}/v1/slides/0123456789abcdef01234567/plan", json={})
+    text = listed.text + job.text + "\n".join(r.getMessage() for r in caplog.records)
+    assert len(listed.json()["unavailable_roots"]) == 2, listed.text
+    for canary in (key_id, secret, token):
+        assert canary not in text

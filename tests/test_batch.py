@@ -190,3 +190,36 @@ def test_real_dask_scheduler_and_workers_survive_a_killed_worker(
                 a = (local_out / row["result_dir"] / name).read_bytes()
                 b = (tmp_path / dask_rows[rel]["result_dir"] / name).read_bytes()
                 assert a == b, (rel, name)
+
+
+def test_a_run_with_other_parameters_never_mixes_its_results_in(
+        demo_slide: Path, cmu_svs: Path, tmp_path: Path) -> None:
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    shutil.copy(demo_slide, slides / "a.svs")
+    shutil.copy(cmu_svs, slides / "b.svs")
+    out = tmp_path / "out"
+    base = [*CLI, "score", str(slides), "--out", str(out), "-q"]
+    first = subprocess.run([*base, "--strategy", "random", "-n", "8"], capture_output=True,
+                           text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    meta_before = (out / "run_metadata.json").read_text()
+    other = subprocess.run([*base, "--strategy", "random", "-n", "5"], capture_output=True,
+                           text=True, timeout=120)
+    assert other.returncode == 2 and "made with other parameters" in other.stderr
+    assert "n_patches: 8 -> 5" in other.stderr and "--overwrite" in other.stderr
+    assert (out / "run_metadata.json").read_text() == meta_before  # nothing rewritten
+    same = subprocess.run([*base, "--strategy", "random", "-n", "8"], capture_output=True,
+                          text=True, timeout=120)
+    assert same.returncode == 0 and json.loads(
+        (out / "run_metadata.json").read_text())["resumed"] == 2
+    shutil.copy(demo_slide, slides / "b.svs")  # the file changed: b is scored again
+    redone = subprocess.run([*base, "--strategy", "random", "-n", "8"], capture_output=True,
+                            text=True, timeout=300)
+    meta = json.loads((out / "run_metadata.json").read_text())
+    assert redone.returncode == 0 and (meta["resumed"], meta["scored"]) == (1, 1)
+    overwritten = subprocess.run([*base, "--strategy", "random", "-n", "5", "--overwrite"],
+                                 capture_output=True, text=True, timeout=300)
+    assert overwritten.returncode == 0, overwritten.stderr
+    for summary in out.glob("slides/*/summary.json"):
+        assert json.loads(summary.read_text())["patches"] == 5

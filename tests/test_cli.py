@@ -136,3 +136,28 @@ def test_worker_with_a_missing_model_is_a_one_line_error(tmp_path: Path) -> None
     assert r.returncode == 2
     assert r.stderr.startswith("error: ") and "Traceback" not in r.stderr
     assert "none.json" in r.stderr
+
+
+def test_fewer_patches_than_asked_is_said(demo_slide: Path, tmp_path: Path) -> None:
+    r = run("plan", demo_slide, "--out", tmp_path / "p.json", "--strategy", "random",
+            "-n", "100000")
+    assert r.returncode == 0, r.stderr
+    assert "fewer than the 100000 asked" in r.stderr
+
+
+def test_patches_refuse_a_folder_holding_another_run(demo_slide: Path, cmu_svs: Path,
+                                                     tmp_path: Path) -> None:
+    out = tmp_path / "p"
+    first = run("patches", cmu_svs, "--out", out, "--strategy", "random", "-n", "6")
+    assert first.returncode == 0, first.stderr
+    again = run("patches", demo_slide, "--out", out, "--strategy", "random", "-n", "3")
+    assert again.returncode == 2 and "is not empty" in again.stderr
+    assert len(list(out.glob("*.png"))) == 6 + 2  # untouched: 6 patches, overlay, mask
+    (out / "notes.txt").write_text("mine")
+    replaced = run("patches", demo_slide, "--out", out, "--strategy", "random", "-n", "3",
+                   "--overwrite")
+    assert replaced.returncode == 0, replaced.stderr
+    assert sorted(p.name for p in out.glob("0*.png")) == [f"{i:06d}.png" for i in range(3)]
+    assert (out / "notes.txt").read_text() == "mine"  # only an earlier run's files go
+    meta = json.loads((out / "run_metadata.json").read_text())
+    assert meta["slide"]["width"] == 8192  # the demo slide's, not CMU's

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import sys
 import time
 import warnings
@@ -202,6 +203,8 @@ def plan(
             write_overlay_png(overlay, s.thumbnail(max_size=2048), p, tm.mask)
     log.info("plan: %d patches of %d candidates (%s, %.3f µm/px, %d px) -> %s",
              len(p), p.n_candidates, p.strategy, p.target_mpp, p.patch_size_px, out)
+    if p.note():
+        log.warning("warning: %s", p.note())
 
 
 @app.command()
@@ -215,13 +218,19 @@ def patches(
     method: MethodO = MethodOpt.auto, roi: RoiO = None, mask: MaskO = None,
     backend: BackendO = BackendOpt.auto, mpp_override: MppOverrideO = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
+    overwrite: Annotated[bool, typer.Option(
+        help="Replace the patches of an earlier run in OUT (default: OUT must be empty).")
+    ] = False,
 ) -> None:
     """Extract planned patches as image files plus index.csv, overlay and run metadata."""
     params = _plan_params(strategy, mpp, magnification, size, overlap, min_tissue, n_patches,
                           seed, tissue_mpp, method)
+    _claim_patch_folder(out, overwrite)
     started = time.perf_counter()
     with _open(slide, backend, mpp_override) as s:
         p, tm = _build_plan(s, params, roi, mask)
+        if p.note():
+            log.warning("warning: %s", p.note())
         planned = time.perf_counter()
         out.mkdir(parents=True, exist_ok=True)
         ext = ".png" if image_format is ImageFormat.png else ".jpg"
@@ -233,6 +242,27 @@ def patches(
             "plan": planned - started, "extract": time.perf_counter() - planned})
         write_metadata_json(out / "run_metadata.json", meta)
     log.info("patches: %d written to %s", len(p), out)
+
+
+_PATCH_RUN_FILES = re.compile(r"^(\d{6}\.(png|jpg)|index\.csv|overlay\.png|tissue_mask\.png"
+                              r"|run_metadata\.json)$")
+
+
+def _claim_patch_folder(out: Path, overwrite: bool) -> None:
+    """``out`` must be empty (it could hold another slide's patches, which this run would
+    partly overwrite); with ``overwrite`` the files of an earlier run are removed first."""
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise InvalidRequestError(f"--out {out} is a file, not a folder")
+    present = list(out.iterdir())
+    if present and not overwrite:
+        raise InvalidRequestError(f"--out {out} is not empty ({len(present)} entries, maybe "
+                                  "another slide's patches): use an empty folder or "
+                                  "--overwrite")
+    for entry in present:
+        if entry.is_file() and _PATCH_RUN_FILES.match(entry.name):
+            entry.unlink()
 
 
 def _write_patch_files(extractor: Extractor, out: Path, ext: str, quiet: bool) -> None:

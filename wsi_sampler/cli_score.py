@@ -118,6 +118,9 @@ WorkerProtocolO = Annotated[WorkerProtocolOpt, typer.Option(
     help="auto: binary tensors if the server lists them, else JSON.")]
 ClamPtO = Annotated[bool, typer.Option(
     help="Encoders: also write CLAM's features.pt beside features.h5.")]
+OverwriteO = Annotated[bool, typer.Option(
+    help="Redo the slides OUT holds results of made with other parameters (default: "
+         "refuse to mix them).")]
 DeidentifyO = Annotated[bool, typer.Option(
     help="Name slides by pseudonym in every output (no paths, host or command line).")]
 PseudonymsO = Annotated[Path | None, typer.Option(
@@ -137,7 +140,7 @@ def score(
     variant: VariantO = VariantOpt.report,
     features_dtype: FeaturesDtypeO = FeaturesDtypeOpt.float32, clam_pt: ClamPtO = False,
     random_weights: RandomWeightsO = False, deidentify: DeidentifyO = False,
-    pseudonyms: PseudonymsO = None,
+    pseudonyms: PseudonymsO = None, overwrite: OverwriteO = False,
 ) -> None:
     """Score every slide of a folder, an S3 prefix or a DICOMweb server. Exit 0 if all
     succeeded, 3 if any failed. Encoders write one features.h5 per slide (CLAM/TRIDENT
@@ -170,6 +173,7 @@ def score(
     with _score_progress(quiet) as report_one:
         report = run_batch(slides, out, cfg, executor=executor.value, workers=workers,
                            address=address, retries=retries, resume=resume,
+                           overwrite=overwrite,
                            on_result=report_one)
     _log_run(report, out, quiet)
     raise typer.Exit(report.exit_code)

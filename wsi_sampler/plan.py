@@ -216,6 +216,19 @@ class PatchPlan:
         return (f"no grid cell reaches min_tissue_fraction="
                 f"{self.params.get('min_tissue_fraction')}; lower it or check the tissue mask")
 
+    def note(self) -> str | None:
+        """What a reader must know about the plan, in words: why it is empty, or that it
+        holds fewer patches than ``n_patches`` asked (random / stratified); else None."""
+        empty = self.why_empty()
+        if empty is not None:
+            return empty
+        asked = self.params.get("n_patches")
+        if self.strategy in ("random", "stratified") and asked and len(self) < int(asked):
+            return (f"{len(self)} patches, fewer than the {int(asked)} asked: only "
+                    f"{len(self)} grid cells reach min_tissue_fraction="
+                    f"{self.params.get('min_tissue_fraction')} on this slide")
+        return None
+
     def subset(self, indices: npt.NDArray[np.int64]) -> PatchPlan:
         """A plan holding only ``indices`` (in the given order)."""
         return replace(

@@ -220,8 +220,8 @@ def score_slide(
         "n_candidates": plan.n_candidates, "seconds": round(total, 3),
         "timings_s": {"plan": round(t_plan, 3), "total": round(total, 3)},
     }
-    if plan.why_empty():
-        summary["message"] = plan.why_empty()
+    if plan.note():
+        summary["message"] = plan.note()
     result = SlideScore(plan, collected.outputs(), summary, collected.features(worker.card))
     if result.features is not None:
         summary["embedding_dim"] = int(result.features.shape[1])
@@ -255,6 +255,14 @@ def write_results(
                       vmax=hi if hi > 0 else 1.0)
     meta = run_metadata(slide=slide, plan=plan, config=config | {"model": card.model_dump()},
                         timings_s=summary["timings_s"])
+    # What was read, whatever the request said: the model's card fixes the patch size and
+    # resolution (config holds the request as given).
+    meta["read"] = {"patch_size_px": plan.patch_size_px, "target_mpp": plan.target_mpp,
+                    "magnification": plan.magnification, "strategy": plan.strategy,
+                    "n_patches": len(plan), "model": card.name,
+                    "model_patch_size_px": card.patch_size_px,
+                    "model_target_mpp": card.target_mpp}
     write_metadata_json(out_dir / "run_metadata.json", meta)
+    extra = {"run_signature": config["run_signature"]} if "run_signature" in config else {}
     write_metadata_json(out_dir / "summary.json",
-                        summary | {"heatmap_column": col or "tissue_fraction"})
+                        summary | {"heatmap_column": col or "tissue_fraction"} | extra)

@@ -63,7 +63,7 @@ async def plan(slide_id: str, req: SamplingRequest, services: ServicesDep) -> Pl
                     "sample fewer (random/stratified with n_patches) or use larger patches")
         d = plan_.to_dict()
         d.pop("params")
-        return PlanResponse(slide_id=slide_id, message=plan_.why_empty(), **d)
+        return PlanResponse(slide_id=slide_id, message=plan_.note(), **d)
 
     return await services.slide_work(run)
 

@@ -39,6 +39,7 @@ from ..slide import Slide, open_slide
 from ..worker import Worker, open_worker
 from ..worker.vlm import VlmConfig, VlmWorker
 from .discover import Discovery, SlideTask, discover_slides
+from .resume import refuse_other_params, run_signature, sort_out
 
 __all__ = ["EXIT_FAILURES", "BatchConfig", "RunReport", "run_batch", "score_task"]
 
@@ -77,6 +78,9 @@ class BatchConfig:
     """Slides go by pseudonym (``pseudonyms``, else ``slide-<hash>``) in every record and
     file; no path, host or command line is written."""
     pseudonyms: dict[str, str] | None = None
+    signature: str = ""
+    """The run's signature (:func:`.resume.run_signature`), written into each slide's
+    summary.json: a later run resumes only results of the same signature."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -127,6 +131,7 @@ def _report_slide(slide: Slide, out_dir: Path, cfg: BatchConfig) -> dict[str, An
     out_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out_dir / "report.json", json.dumps(report, indent=2))
     summary = {"slide": slide.name, "fingerprint": slide.fingerprint,
+               "run_signature": cfg.signature,
                "model": report["model"], "patches": report["bag"]["n_patches"],
                "magnification": report["bag"]["magnification"],
                "seconds": report["timings_s"]["bag"] + report["timings_s"]["model"]}
@@ -142,7 +147,8 @@ def _score_into(task: SlideTask, staging: Path, cfg: BatchConfig) -> dict[str, A
             return _report_slide(slide, staging, cfg)
         result = score_slide(slide, cfg.params, _worker_for(cfg), staging,
                              batch_size=cfg.batch_size,
-                             config={"batch": cfg.to_dict(), "slide_rel": task.public},
+                             config={"batch": cfg.to_dict(), "slide_rel": task.public,
+                                     "run_signature": cfg.signature},
                              options=OutputOptions(cfg.features_dtype, cfg.clam_pt))
         return result.summary
 
@@ -220,31 +226,35 @@ def _prepare(out: Path) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def _is_done(out: Path, task: SlideTask) -> bool:
-    return (out / "slides" / task.key / "summary.json").is_file()
-
-
 def run_batch(
     slides_root: Path | str, out: Path, cfg: BatchConfig, *, executor: Executor = "local",
     workers: int | None = None, address: str | None = None, retries: int = 1,
     resume: bool = True, on_result: Callable[[dict[str, Any], int, int], None] | None = None,
+    overwrite: bool = False,
 ) -> RunReport:
     """Score the slides of ``slides_root`` (a folder, an S3 prefix or a DICOMweb server)
-    into ``out``; see the module docstring."""
+    into ``out``; see the module docstring. Slides already scored there with the same
+    parameters are kept (``resume``); results made with other parameters are refused
+    (InvalidRequestError) unless ``overwrite``, which redoes them."""
     t0 = time.perf_counter()
     found: Discovery = discover_slides(slides_root)
     if cfg.deidentify:
         found = _pseudonymised(found, cfg.pseudonyms)
     _prepare(out)
     report = RunReport(skipped=found.skipped)
+    signature = run_signature(cfg.to_dict())
+    state = sort_out(out, found.slides, signature)
+    if state.other_params and resume and not overwrite:  # --no-resume redoes them all
+        refuse_other_params(out, state, cfg.to_dict())
+    kept = {t.key for t in state.done} if resume else set()
     todo = []
     for task in found.slides:
-        if resume and _is_done(out, task):
+        if task.key in kept:
             report.resumed += 1
         else:
-            if not resume:
-                shutil.rmtree(out / "slides" / task.key, ignore_errors=True)
+            shutil.rmtree(out / "slides" / task.key, ignore_errors=True)
             todo.append(task)
+    cfg = replace(cfg, signature=signature)
     n_workers = workers or default_slide_workers()
     results = (_local(todo, out, cfg, n_workers) if executor == "local"
                else _dask(todo, out, cfg, n_workers, address, retries))
