@@ -161,3 +161,22 @@ def test_patches_refuse_a_folder_holding_another_run(demo_slide: Path, cmu_svs: 
     assert (out / "notes.txt").read_text() == "mine"  # only an earlier run's files go
     meta = json.loads((out / "run_metadata.json").read_text())
     assert meta["slide"]["width"] == 8192  # the demo slide's, not CMU's
+
+
+@pytest.mark.parametrize("args", [["--help"], ["models", "list"], ["info", "{slide}"],
+                                  ["plan", "{slide}", "--out", "{tmp}/p.json"],
+                                  ["tissue", "{slide}", "--out", "{tmp}/m.png"],
+                                  ["score", "--help"]])
+def test_commands_that_run_no_model_import_no_torch(args: list[str], cmu_svs: Path,
+                                                    tmp_path: Path) -> None:
+    argv = [a.format(slide=cmu_svs, tmp=tmp_path) for a in args]
+    code = "\n".join([
+        "import sys", f"sys.argv = ['wsi-sampler', *{argv!r}]",
+        "from wsi_sampler.cli import main", "try:", "    main()",
+        "except SystemExit as exc:", "    assert not exc.code, exc.code",
+        "heavy = [m for m in ('torch', 'timm', 'distributed', 'botocore', 'fastapi')"
+        " if m in sys.modules]", "print('HEAVY', heavy, file=sys.stderr)"])
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == "HEAVY []", done.stderr

@@ -1,13 +1,21 @@
 """Models: cards, the built-in ``tissue-qc``, the encoder catalogue, loaders for local files,
-the torch runtime."""
+the torch runtime. Cards, the catalogue and card resolution need no torch; the names that
+do (the runtime, loaders, ``TissueQC``) are imported on first use."""
 
 from __future__ import annotations
 
+from importlib import import_module
+from typing import TYPE_CHECKING
+
 from .card import ModelCard, Normalization, OutputSpec, Pooling, Provenance, load_card
 from .catalogue import catalogue_card, catalogue_names
-from .loaders import BUILTIN_MODELS, load_model, preflight, resolve_card
-from .runtime import Model, Predictions, select_device
-from .tissue_qc import QC_THRESHOLDS, TissueQC, tissue_qc_card
+from .resolve import BUILTIN_MODELS, preflight, resolve_card
+from .tissue_qc_card import QC_THRESHOLDS, tissue_qc_card
+
+if TYPE_CHECKING:
+    from .loaders import load_model
+    from .runtime import Model, Predictions, select_device
+    from .tissue_qc import TissueQC
 
 __all__ = [
     "BUILTIN_MODELS",
@@ -29,3 +37,12 @@ __all__ = [
     "select_device",
     "tissue_qc_card",
 ]
+
+_TORCH_HOMES = {"load_model": ".loaders", "Model": ".runtime", "Predictions": ".runtime",
+                "select_device": ".runtime", "TissueQC": ".tissue_qc"}
+
+
+def __getattr__(name: str) -> object:
+    if name in _TORCH_HOMES:
+        return getattr(import_module(_TORCH_HOMES[name], __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -22,77 +22,18 @@ import warnings
 from pathlib import Path
 
 import torch
-from pydantic import ValidationError
 
-from ..errors import ModelLoadError, ModelNotFoundError
-from .card import ModelCard, load_card
-from .catalogue import catalogue_card, catalogue_names
+from ..errors import ModelLoadError
+from .card import ModelCard
 from .encoder import TokenPooling, build_timm
+from .resolve import BUILTIN_MODELS, missing_weights, model_file, preflight, resolve_card
 from .runtime import Model
-from .tissue_qc import TissueQC, tissue_qc_card
+from .tissue_qc import TissueQC
 from .weights import load_strict, read_state_dict
 
 __all__ = ["BUILTIN_MODELS", "load_model", "preflight", "resolve_card"]
 
-BUILTIN_MODELS = ("tissue-qc",)
 log = logging.getLogger(__name__)
-
-
-def resolve_card(
-    spec: str | Path, weights: str | Path | None = None
-) -> tuple[ModelCard, Path | None]:
-    """Return the card for ``spec`` and the folder its ``file`` is relative to;
-    ``weights`` (a path) replaces the card's ``file``."""
-    card, base = _find_card(spec)
-    if weights is not None:
-        if card.architecture == "builtin:tissue-qc":
-            raise ModelLoadError("the built-in tissue-qc model takes no weights file")
-        try:
-            card = ModelCard.model_validate(card.model_dump() | {"file": str(weights)})
-        except ValidationError as exc:
-            raise ModelLoadError(f"--weights {weights}: {exc.errors()[0]['msg']}") from None
-        base = None
-    return card, base
-
-
-def _find_card(spec: str | Path) -> tuple[ModelCard, Path | None]:
-    text = str(spec)
-    if text in BUILTIN_MODELS or text == "builtin:tissue-qc":
-        return tissue_qc_card(), None
-    if text in catalogue_names():
-        return catalogue_card(text), None
-    path = Path(spec)
-    if path.suffix.lower() != ".json":
-        beside = path.with_suffix(".json")
-        if not path.exists():
-            raise ModelNotFoundError(
-                f"{path}: no such model (built in: {', '.join(BUILTIN_MODELS)}; encoders: "
-                f"{', '.join(catalogue_names())}; or a model card .json)"
-            )
-        if not beside.is_file():
-            raise ModelNotFoundError(f"{path}: model card {beside.name} not found beside it")
-        path = beside
-    return load_card(path), path.parent
-
-
-def _model_file(card: ModelCard, base: Path | None) -> Path:
-    if card.file is None:
-        raise ModelLoadError(f"model card {card.name!r} names no file for {card.architecture}")
-    path = Path(card.file)
-    if not path.is_absolute() and base is not None:
-        path = base / path
-    if not path.is_file():
-        raise ModelNotFoundError(f"{path}: model file of {card.name!r} not found")
-    return path
-
-
-def _missing_weights(card: ModelCard) -> ModelLoadError:
-    prov = card.provenance
-    where = (f": download {prov.weights_file} from {prov.weights_url} (licence: {prov.licence})"
-             f" and pass --weights PATH" if prov is not None else "")
-    return ModelLoadError(
-        f"model {card.name!r} needs its weights file{where}; random weights only with "
-        "allow_random_weights (CLI: --random-weights), for tests and benchmarks")
 
 
 def _load_timm(
@@ -104,9 +45,9 @@ def _load_timm(
     module = build_timm(card, arch, num_classes=0 if out.class_names is None else out.width)
     if card.file is None:
         if not allow_random_weights:
-            raise _missing_weights(card)
+            raise missing_weights(card)
         return module
-    weights = _model_file(card, base)
+    weights = model_file(card, base)
     state = read_state_dict(weights, prefix=card.weights_key_prefix)
     if out.class_names is None:
         _drop_head_keys(card, state, weights)
@@ -129,7 +70,7 @@ def _load_module(
 ) -> torch.nn.Module:
     arch = card.architecture
     if arch == "torchscript":
-        path = _model_file(card, base)
+        path = model_file(card, base)
         try:
             with warnings.catch_warnings():
                 # torch >= 2.14 deprecates TorchScript; labs still have .pt files to serve.
@@ -141,7 +82,7 @@ def _load_module(
             raise ModelLoadError(f"{path}: not a TorchScript archive ({exc})") from exc
         return module
     if arch == "torch-export":
-        path = _model_file(card, base)
+        path = model_file(card, base)
         try:
             exported = torch.export.load(str(path))
         except (RuntimeError, ValueError, KeyError, OSError) as exc:
@@ -154,24 +95,6 @@ def _load_module(
         f"model card {card.name!r}: unknown architecture {arch!r} "
         "(builtin:tissue-qc, torchscript, torch-export, timm:<arch>)"
     )
-
-
-def preflight(
-    spec: str | Path, weights: str | Path | None = None, *, allow_random_weights: bool = False
-) -> ModelCard:
-    """The card of a model, once its files are known to exist: the checks a long run makes
-    before any work (loading itself happens later, e.g. on each Dask worker)."""
-    card, base = resolve_card(spec, weights)
-    if card.architecture == "builtin:tissue-qc":
-        return card
-    if card.file is None:
-        if card.architecture.startswith("timm:") and not allow_random_weights:
-            raise _missing_weights(card)
-        if not card.architecture.startswith("timm:"):
-            _model_file(card, base)  # raises: TorchScript / export cards need their file
-        return card
-    _model_file(card, base)
-    return card
 
 
 def load_model(

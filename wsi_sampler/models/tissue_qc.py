@@ -22,44 +22,16 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .card import ModelCard, Normalization, OutputSpec
+from .tissue_qc_card import QC_THRESHOLDS, tissue_qc_card
 
 __all__ = ["QC_THRESHOLDS", "TissueQC", "tissue_qc_card"]
 
-MEASUREMENTS = (
-    "tissue_fraction", "blur_laplacian_var", "pen_fraction", "dark_fraction",
-    "haematoxylin_od", "eosin_od",
-)
-QC_CLASSES = ("qc_ok", "qc_background", "qc_blurry", "qc_pen", "qc_artefact")
-QC_THRESHOLDS = {
-    "min_tissue_fraction": 0.25,
-    "max_dark_fraction": 0.10,
-    "max_pen_fraction": 0.05,
-    "min_blur_laplacian_var": 40.0,
-}
 _MIN_SATURATION = 20.0
 _INK_MIN_SATURATION = 60.0
 _DARK_VALUE = 50.0
 _GREEN_HUE_DEG = (70.0, 180.0)
 _BLUE_HUE_DEG = (190.0, 250.0)
 _RGB_FROM_HED = ((0.65, 0.70, 0.29), (0.07, 0.99, 0.11), (0.27, 0.57, 0.78))
-
-
-def tissue_qc_card() -> ModelCard:
-    return ModelCard(
-        name="tissue-qc",
-        version="1",
-        architecture="builtin:tissue-qc",
-        patch_size_px=224,
-        target_mpp=0.5,
-        normalization=Normalization(mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0)),
-        outputs=(
-            OutputSpec(name="measurements", class_names=MEASUREMENTS),
-            OutputSpec(name="qc", class_names=QC_CLASSES),
-        ),
-        max_batch=64,
-        description="Built-in tissue quality control: measured values, not a trained model.",
-    )
 
 
 def _hue_degrees(x: torch.Tensor, mx: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
