@@ -223,3 +223,57 @@ def test_a_run_with_other_parameters_never_mixes_its_results_in(
     assert overwritten.returncode == 0, overwritten.stderr
     for summary in out.glob("slides/*/summary.json"):
         assert json.loads(summary.read_text())["patches"] == 5
+
+
+def _slides_of(demo_slide: Path, folder: Path, n: int) -> Path:
+    folder.mkdir()
+    for i in range(n):
+        shutil.copy(demo_slide, folder / f"s{i}.svs")
+    return folder
+
+
+def test_ctrl_c_finishes_the_slides_in_flight_and_writes_the_summary(
+        demo_slide: Path, tmp_path: Path) -> None:
+    slides = _slides_of(demo_slide, tmp_path / "slides", 4)
+    out = tmp_path / "out"
+    args = [*CLI, "score", str(slides), "--out", str(out), "--workers", "1"]
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not list(out.glob("slides/*/summary.json")):  # the first slide is done
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    _, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 130, stderr
+    assert "stopping after the slides in flight (Ctrl-C again to stop now)" in stderr
+    assert "Traceback" not in stderr
+    rows = list(csv.DictReader((out / "summary.csv").read_text().splitlines()))
+    statuses = [r["status"] for r in rows]
+    assert statuses.count("done") in (1, 2) and "pending" in statuses  # in flight, then stop
+    assert json.loads((out / "run_metadata.json").read_text())["stopped"] is True
+    assert (out / "failures.jsonl").exists()
+    again = subprocess.run([*args[:-2], "-q"], capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr  # the rerun resumes and finishes
+    assert json.loads((out / "run_metadata.json").read_text())["resumed"] == \
+        statuses.count("done")
+
+
+def test_a_second_ctrl_c_stops_at_once_without_a_traceback(medgemma_slide: Path,
+                                                            tmp_path: Path) -> None:
+    slides = _slides_of(medgemma_slide, tmp_path / "slides", 3)  # seconds per slide
+    out = tmp_path / "out"
+    proc = subprocess.Popen([*CLI, "score", str(slides), "--out", str(out), "--workers", "1"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "slides").is_dir() or not list((out / "slides").glob(".staging-*")):
+        assert time.monotonic() < deadline and proc.poll() is None
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    t0 = time.monotonic()
+    _, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and time.monotonic() - t0 < 10
+    assert "Traceback" not in stderr and "stopped now" in stderr
+    for folder in (out / "slides").iterdir():  # whatever is in place is whole
+        assert folder.name.startswith(".staging-") or (folder / "summary.json").exists()

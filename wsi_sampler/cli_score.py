@@ -6,7 +6,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -170,13 +173,33 @@ def score(
     if deidentify or pseudonyms:
         cfg = replace(cfg, deidentify=True,
                       pseudonyms=load_pseudonyms(pseudonyms) if pseudonyms else None)
-    with _score_progress(quiet) as report_one:
+    with _score_progress(quiet) as report_one, _stop_on_ctrl_c() as stop:
         report = run_batch(slides, out, cfg, executor=executor.value, workers=workers,
                            address=address, retries=retries, resume=resume,
-                           overwrite=overwrite,
-                           on_result=report_one)
+                           overwrite=overwrite, on_result=report_one, stop=stop)
     _log_run(report, out, quiet)
-    raise typer.Exit(report.exit_code)
+    raise typer.Exit(130 if report.stopped else report.exit_code)
+
+
+@contextlib.contextmanager
+def _stop_on_ctrl_c() -> Iterator[threading.Event]:
+    """First Ctrl-C: finish the slides in flight, start no other, write the run's files.
+    Second: stop now (a slide in flight leaves only its staging folder, which the next run
+    removes; results in place are always whole)."""
+    stop = threading.Event()
+
+    def on_sigint(signum: int, frame: object) -> None:
+        if stop.is_set():
+            sys.stderr.write("stopped now; the next run resumes what finished\n")
+            sys.stderr.flush()
+            os._exit(130)
+        stop.set()
+        log.warning("stopping after the slides in flight (Ctrl-C again to stop now)")
+
+    # Kept until the process ends: a second Ctrl-C while the run files are written stops
+    # as cleanly as one during the run.
+    signal.signal(signal.SIGINT, on_sigint)
+    yield stop
 
 
 def _log_run(report: RunReport, out: Path, quiet: bool) -> None:

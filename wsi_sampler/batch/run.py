@@ -22,7 +22,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -94,6 +94,8 @@ class RunReport:
     failures: list[dict[str, Any]] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
     seconds: float = 0.0
+    stopped: bool = False
+    """The run was stopped (Ctrl-C) before every slide was scored."""
 
     @property
     def exit_code(self) -> int:
@@ -180,18 +182,30 @@ def score_task(task: SlideTask, out: Path, cfg: BatchConfig) -> dict[str, Any]:
 
 
 # -- executors -------------------------------------------------------------------------------------
-def _local(tasks: list[SlideTask], out: Path, cfg: BatchConfig, workers: int
-           ) -> Iterator[dict[str, Any]]:
+def _local(tasks: list[SlideTask], out: Path, cfg: BatchConfig, workers: int,
+           stop: threading.Event) -> Iterator[dict[str, Any]]:
     # Slides in flight share one model: reading/tissue detection of one overlaps inference
-    # of another (the model itself runs one batch at a time).
+    # of another (the model itself runs one batch at a time). Tasks are handed out as slots
+    # free up, so a stop lets the slides in flight finish and starts no other.
+    queue = iter(tasks)
     with ThreadPoolExecutor(max(1, workers), thread_name_prefix="wsi-slide") as pool:
-        futures = [pool.submit(score_task, t, out, cfg) for t in tasks]
-        for fut in as_completed(futures):
-            yield fut.result()
+        running: set[Future[dict[str, Any]]] = set()
+        while True:
+            while len(running) < max(1, workers) and not stop.is_set():
+                task = next(queue, None)
+                if task is None:
+                    break
+                running.add(pool.submit(score_task, task, out, cfg))
+            if not running:
+                return
+            finished, running = wait(running, return_when=FIRST_COMPLETED)
+            for fut in finished:
+                yield fut.result()
 
 
 def _dask(tasks: list[SlideTask], out: Path, cfg: BatchConfig, workers: int,
-          address: str | None, retries: int) -> Iterator[dict[str, Any]]:
+          address: str | None, retries: int, stop: threading.Event
+          ) -> Iterator[dict[str, Any]]:
     from dask.distributed import Client, LocalCluster
     from dask.distributed import as_completed as dask_completed
 
@@ -207,6 +221,10 @@ def _dask(tasks: list[SlideTask], out: Path, cfg: BatchConfig, workers: int,
                                      retries=retries, pure=False, resources=resources)
                        for t in tasks]
             for fut in dask_completed(futures):
+                if stop.is_set():  # a stop: the tasks not yet done are cancelled
+                    client.cancel([f for f in futures if not f.done()])
+                    if fut.cancelled():
+                        continue
                 yield fut.result()
     finally:
         if cluster is not None:
@@ -230,12 +248,13 @@ def run_batch(
     slides_root: Path | str, out: Path, cfg: BatchConfig, *, executor: Executor = "local",
     workers: int | None = None, address: str | None = None, retries: int = 1,
     resume: bool = True, on_result: Callable[[dict[str, Any], int, int], None] | None = None,
-    overwrite: bool = False,
+    overwrite: bool = False, stop: threading.Event | None = None,
 ) -> RunReport:
     """Score the slides of ``slides_root`` (a folder, an S3 prefix or a DICOMweb server)
     into ``out``; see the module docstring. Slides already scored there with the same
     parameters are kept (``resume``); results made with other parameters are refused
-    (InvalidRequestError) unless ``overwrite``, which redoes them."""
+    (InvalidRequestError) unless ``overwrite``, which redoes them. Setting ``stop`` lets
+    the slides in flight finish, starts no other, and writes the run's files."""
     t0 = time.perf_counter()
     found: Discovery = discover_slides(slides_root)
     if cfg.deidentify:
@@ -256,13 +275,15 @@ def run_batch(
             todo.append(task)
     cfg = replace(cfg, signature=signature)
     n_workers = workers or default_slide_workers()
-    results = (_local(todo, out, cfg, n_workers) if executor == "local"
-               else _dask(todo, out, cfg, n_workers, address, retries))
+    stop = stop or threading.Event()
+    results = (_local(todo, out, cfg, n_workers, stop) if executor == "local"
+               else _dask(todo, out, cfg, n_workers, address, retries, stop))
     for i, rec in enumerate(results, 1):
         (report.done if rec["status"] == "done" else report.failures).append(rec)
         if on_result is not None:
             on_result(rec, i, len(todo))
     report.seconds = time.perf_counter() - t0
+    report.stopped = stop.is_set()
     _write_run_files(out, found, report, cfg, executor, n_workers)
     return report
 
@@ -313,7 +334,7 @@ def _write_run_files(out: Path, found: Discovery, report: RunReport, cfg: BatchC
     meta = run_metadata(config=config, timings_s={"total": round(report.seconds, 3)})
     if not cfg.deidentify:
         meta["host"] = socket.gethostname()
-    meta |= {"seed": cfg.params.seed,
+    meta |= {"seed": cfg.params.seed, "stopped": report.stopped,
              "slides": len(found.slides), "scored": len(report.done),
              "resumed": report.resumed, "failed": len(report.failures),
              "skipped": len(found.skipped)}
