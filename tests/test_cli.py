@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -180,3 +181,32 @@ def test_commands_that_run_no_model_import_no_torch(args: list[str], cmu_svs: Pa
                           timeout=60)
     assert done.returncode == 0, done.stderr
     assert done.stderr.strip().splitlines()[-1] == "HEAVY []", done.stderr
+
+
+def _commands() -> list[tuple[str, object]]:
+    import typer.main
+
+    from wsi_sampler.cli import app
+
+    root = typer.main.get_command(app)
+    found = []
+    for name, cmd in root.commands.items():  # type: ignore[attr-defined]
+        subs = getattr(cmd, "commands", None)
+        found += [(f"{name} {sub}", c) for sub, c in subs.items()] if subs else [(name, cmd)]
+    return found
+
+
+def test_every_option_says_what_it_does_and_80_columns_cut_no_name() -> None:
+    import click
+
+    for name, cmd in _commands():
+        options = [p for p in cmd.params if isinstance(p, click.Option)]  # type: ignore[attr-defined]
+        undocumented = [o.opts[0] for o in options if not (o.help or "").strip()]
+        assert not undocumented, f"{name}: {undocumented}"
+        done = subprocess.run([*CLI, *name.split(), "--help"], capture_output=True, text=True,
+                              timeout=60, env={**os.environ, "COLUMNS": "80"})
+        assert done.returncode == 0, done.stderr
+        for option in options:
+            for opt in option.opts:
+                assert opt in done.stdout, f"{name}: {opt} cut or missing at 80 columns"
+        assert max(len(line) for line in done.stdout.splitlines()) <= 80, name

@@ -82,6 +82,9 @@ log = logging.getLogger("wsi_sampler")
 app = typer.Typer(
     name="wsi-sampler", no_args_is_help=True, pretty_exceptions_enable=False,
     help="Whole-slide patch sampling: slide info, tissue masks, patch plans, patch export.",
+    # click's plain help: it wraps descriptions and never cuts an option's name at 80
+    # columns (rich's tables did: "--worker-targe…")
+    rich_markup_mode=None,
 )
 EXIT_USER_ERROR = 2
 
@@ -211,7 +214,9 @@ def plan(
 def patches(
     slide: SlideArg,
     out: Annotated[Path, typer.Option(help="Folder for the patch images and index.csv.")],
-    image_format: Annotated[ImageFormat, typer.Option("--format")] = ImageFormat.png,
+    image_format: Annotated[ImageFormat, typer.Option(
+        "--format", help="png (lossless) or jpeg (stored JPEG tiles as they are where a "
+        "patch is one).")] = ImageFormat.png,
     strategy: StrategyO = StrategyOpt.grid, mpp: MppO = None, magnification: MagO = None,
     size: SizeO = None, overlap: OverlapO = 0.0, min_tissue: MinTissueO = 0.5,
     n_patches: NO = None, seed: SeedO = 0, tissue_mpp: TissueMppO = None,
@@ -284,7 +289,8 @@ def demo_slide(
     width: Annotated[int, typer.Option(help="Level-0 width in px.")] = 16_000,
     height: Annotated[int, typer.Option(help="Level-0 height in px.")] = 12_000,
     mpp: Annotated[float, typer.Option(help="Level-0 µm/px.")] = 0.5,
-    seed: SeedO = 0,
+    seed: Annotated[int, typer.Option(help="Seed of the generated tissue, pen marks and "
+                                      "artefact: same seed, same slide.")] = 0,
     pen: Annotated[bool, typer.Option(help="Draw blue and green pen strokes.")] = True,
     artefact: Annotated[bool, typer.Option(help="Draw a black artefact.")] = True,
 ) -> None:

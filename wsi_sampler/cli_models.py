@@ -15,7 +15,7 @@ from .cli_options import DeviceO, DeviceOpt, RandomWeightsO, WeightsO
 __all__ = ["register"]
 
 log = logging.getLogger("wsi_sampler")
-models_app = typer.Typer(name="models", no_args_is_help=True,
+models_app = typer.Typer(name="models", no_args_is_help=True, rich_markup_mode=None,
                          help="Built-in models and encoders; check downloaded weights.")
 NameArg = Annotated[str, typer.Argument(help="A built-in name (models list) or a card .json.")]
 

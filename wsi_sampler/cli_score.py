@@ -21,7 +21,6 @@ import typer
 from rich.progress import MofNCompleteColumn, Progress, TimeRemainingColumn
 
 from .cli_options import (
-    NO,
     DeviceO,
     DeviceOpt,
     FeaturesDtypeO,
@@ -121,6 +120,9 @@ WorkerProtocolO = Annotated[WorkerProtocolOpt, typer.Option(
     help="auto: binary tensors if the server lists them, else JSON.")]
 ClamPtO = Annotated[bool, typer.Option(
     help="Encoders: also write CLAM's features.pt beside features.h5.")]
+ScoreNO = Annotated[int | None, typer.Option(
+    "-n", "--n-patches", help="Patches per slide (random, stratified; with --vlm-url the "
+    "cap of each MedGemma bag, default 126).")]
 OverwriteO = Annotated[bool, typer.Option(
     help="Redo the slides OUT holds results of made with other parameters (default: "
          "refuse to mix them).")]
@@ -133,7 +135,7 @@ PseudonymsO = Annotated[Path | None, typer.Option(
 def score(
     slides: SlidesA, out: OutO, model: ModelO = "tissue-qc", weights: WeightsO = None,
     worker_url: WorkerUrlO = None, strategy: StrategyO = ScoreStrategy.grid,
-    n_patches: NO = None, min_tissue: MinTissueO = 0.5, seed: SeedO = 0,
+    n_patches: ScoreNO = None, min_tissue: MinTissueO = 0.5, seed: SeedO = 0,
     executor: ExecutorO = ExecutorOpt.local, address: AddressO = None,
     workers: WorkersO = None, retries: RetriesO = 1, resume: ResumeO = True,
     mpp_override: MppOverrideO = None, device: DeviceO = DeviceOpt.auto, quiet: QuietO = False,
