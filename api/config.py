@@ -5,6 +5,7 @@ Invalid values fail at startup with the offending key named."""
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,6 +16,7 @@ from pydantic_settings import (
     InitSettingsSource,
     PydanticBaseSettingsSource,
     SettingsConfigDict,
+    SettingsError,
 )
 
 from wsi_sampler.redact import url_credentials
@@ -146,6 +148,29 @@ def _toml_service_table() -> dict[str, Any]:
     return table
 
 
+_SETTING_FIELD = re.compile(r'error parsing value for field "(\w+)"')
+
+
 def load_settings(**overrides: Any) -> Settings:
-    """Settings from defaults, the TOML file, the environment, then ``overrides``."""
-    return Settings(**overrides)
+    """Settings from defaults, the TOML file, the environment, then ``overrides``. A list or
+    table given in the environment that is not JSON is a ValueError naming the variable,
+    the shape expected and an example."""
+    try:
+        return Settings(**overrides)
+    except SettingsError as exc:
+        found = _SETTING_FIELD.search(str(exc))
+        if found is None:
+            raise ValueError(str(exc)) from None
+        name = found.group(1)
+        example = _EXAMPLES.get(name, '["…"]')
+        raise ValueError(f"WSI_{name.upper()} must be JSON ({_shape(name)}), e.g. "
+                         f"WSI_{name.upper()}='{example}'") from None
+
+
+_EXAMPLES = {"slide_roots": '["/data/slides"]', "remote_slide_roots": '["s3://bucket/prefix/"]',
+             "api_keys": '["a-long-random-key"]', "cors_origins": '["https://lis.example.org"]'}
+
+
+def _shape(name: str) -> str:
+    annotation = str(Settings.model_fields[name].annotation)
+    return "a list" if annotation.startswith("list") else "an object"

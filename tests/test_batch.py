@@ -277,3 +277,19 @@ def test_a_second_ctrl_c_stops_at_once_without_a_traceback(medgemma_slide: Path,
     assert "Traceback" not in stderr and "stopped now" in stderr
     for folder in (out / "slides").iterdir():  # whatever is in place is whole
         assert folder.name.startswith(".staging-") or (folder / "summary.json").exists()
+
+
+def test_score_reads_a_coarse_scan_at_the_resolution_asked(dicom_dir: Path, tmp_path: Path
+                                                           ) -> None:
+    slides = tmp_path / "slides"
+    shutil.copytree(dicom_dir, slides / "bone")  # 16.8 µm/px: tissue-qc's 0.5 is too fine
+    args = [*CLI, "score", str(slides), "--out", str(tmp_path / "out"), "-q"]
+    refused = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    assert refused.returncode == EXIT_FAILURES
+    failure = json.loads((tmp_path / "out" / "failures.jsonl").read_text().splitlines()[0])
+    assert "--mpp or --magnification" in failure["message"]
+    done = subprocess.run([*args, "--mpp", "16.8"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0, done.stderr
+    (meta,) = (tmp_path / "out" / "slides").glob("*/run_metadata.json")
+    assert json.loads(meta.read_text())["read"]["target_mpp"] == 16.8

@@ -210,3 +210,22 @@ def test_every_option_says_what_it_does_and_80_columns_cut_no_name() -> None:
             for opt in option.opts:
                 assert opt in done.stdout, f"{name}: {opt} cut or missing at 80 columns"
         assert max(len(line) for line in done.stdout.splitlines()) <= 80, name
+
+
+def test_a_list_setting_that_is_not_json_says_what_is_expected(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    from api.config import Settings, load_settings
+
+    lists = [n for n, f in Settings.model_fields.items()
+             if str(f.annotation).startswith(("list", "dict"))]
+    assert {"slide_roots", "api_keys", "remote_slide_roots", "cors_origins"} <= set(lists)
+    for name in lists:
+        with monkeypatch.context() as mp:
+            mp.setenv(f"WSI_{name.upper()}", "/not/json-secret-value")
+            with pytest.raises(ValueError, match=f"WSI_{name.upper()} must be JSON") as exc:
+                load_settings()
+            assert "e.g." in str(exc.value) and "secret-value" not in str(exc.value)
+    done = subprocess.run([*CLI, "serve"], capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "WSI_SLIDE_ROOTS": "/data/slides"})
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    assert "WSI_SLIDE_ROOTS must be JSON (a list), e.g." in done.stderr

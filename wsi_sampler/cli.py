@@ -352,8 +352,8 @@ def main() -> None:
     for noisy in ("tifffile", "asyncio", "zarr", "fsspec", "pydicom", "wsidicom"):
         logging.getLogger(noisy).setLevel(logging.CRITICAL)
     # httpx logs every request at INFO (a remote worker: one line per batch); botocore says
-    # where it found S3 credentials, at INFO too.
-    for chatty in ("httpx", "botocore", "aiobotocore", "s3fs"):
+    # where it found S3 credentials, at INFO too; openai says "Retrying request in …".
+    for chatty in ("httpx", "httpcore", "openai", "botocore", "aiobotocore", "s3fs", "urllib3"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
     sys.unraisablehook = _log_unraisable
     # zarr abandons its read coroutines when a damaged tile fails; Python then warns about

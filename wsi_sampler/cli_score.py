@@ -44,6 +44,7 @@ from .cli_vlm import (
     bag_params,
     vlm_config,
 )
+from .errors import InvalidRequestError
 from .plan import PlanParams
 
 if TYPE_CHECKING:
@@ -120,6 +121,12 @@ WorkerProtocolO = Annotated[WorkerProtocolOpt, typer.Option(
     help="auto: binary tensors if the server lists them, else JSON.")]
 ClamPtO = Annotated[bool, typer.Option(
     help="Encoders: also write CLAM's features.pt beside features.h5.")]
+ReadMppO = Annotated[float | None, typer.Option(
+    "--mpp", help="Read patches at this µm/px instead of the model's (a coarse scan).",
+    min=0.05, max=100.0)]
+ReadMagO = Annotated[float | None, typer.Option(
+    "--magnification", help="The same as a magnification (10x = 1.0 µm/px).", min=0.1,
+    max=200.0)]
 ScoreNO = Annotated[int | None, typer.Option(
     "-n", "--n-patches", help="Patches per slide (random, stratified; with --vlm-url the "
     "cap of each MedGemma bag, default 126).")]
@@ -146,6 +153,7 @@ def score(
     features_dtype: FeaturesDtypeO = FeaturesDtypeOpt.float32, clam_pt: ClamPtO = False,
     random_weights: RandomWeightsO = False, deidentify: DeidentifyO = False,
     pseudonyms: PseudonymsO = None, overwrite: OverwriteO = False,
+    mpp: ReadMppO = None, magnification: ReadMagO = None,
 ) -> None:
     """Score every slide of a folder, an S3 prefix or a DICOMweb server. Exit 0 if all
     succeeded, 3 if any failed. Encoders write one features.h5 per slide (CLAM/TRIDENT
@@ -172,6 +180,10 @@ def score(
                               min_tissue_fraction=min_tissue),
             worker_target_mpp=worker_target_mpp, worker_patch_size=worker_patch_size,
             worker_protocol=worker_protocol.value)
+    if mpp is not None and magnification is not None:
+        raise InvalidRequestError("give --mpp or --magnification, not both")
+    if mpp is not None or magnification is not None:
+        cfg = replace(cfg, read_mpp=mpp if mpp is not None else 10.0 / float(magnification or 1))
     if deidentify or pseudonyms:
         cfg = replace(cfg, deidentify=True,
                       pseudonyms=load_pseudonyms(pseudonyms) if pseudonyms else None)

@@ -310,7 +310,8 @@ def _grid_for(slide: Slide, params: PlanParams, target_mpp: float) -> _Grid:
     if target_mpp * MAX_UPSAMPLING < min(mx, my):
         raise InvalidRequestError(
             f"target resolution {target_mpp:g} µm/px is more than {MAX_UPSAMPLING:g}x finer "
-            f"than the slide's scan ({min(mx, my):g} µm/px)"
+            f"than the slide's scan ({min(mx, my):g} µm/px): read coarser (CLI: --mpp or "
+            "--magnification; API: target_mpp)"
         )
     w0 = max(1, round(params.patch_size_px * target_mpp / mx))
     h0 = max(1, round(params.patch_size_px * target_mpp / my))

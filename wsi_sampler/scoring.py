@@ -65,15 +65,17 @@ class Cancelled(WsiSamplerError):
     """The caller cancelled the work (a job was deleted, a client went away)."""
 
 
-def model_plan_params(card: ModelCard, params: PlanParams) -> PlanParams:
-    """``params`` with the model's patch size and resolution (what the model was built for)."""
+def model_plan_params(card: ModelCard, params: PlanParams, read_mpp: float | None = None
+                      ) -> PlanParams:
+    """``params`` with the model's patch size and resolution (what the model was built for),
+    or read at ``read_mpp`` µm/px instead where the caller says so (a coarse scan)."""
     if params.strategy == "medgemma":
         raise InvalidRequestError(
             "the medgemma preset fixes its own patch size and magnification; use it to plan or "
             "extract patches, or pick grid, random or stratified for predictions"
         )
-    return replace(params, patch_size_px=card.patch_size_px, target_mpp=card.target_mpp,
-                   magnification=None)
+    return replace(params, patch_size_px=card.patch_size_px,
+                   target_mpp=read_mpp or card.target_mpp, magnification=None)
 
 
 def output_columns(card: ModelCard) -> list[tuple[str, int, str]]:
@@ -194,14 +196,15 @@ def score_slide(
     slide: Slide, params: PlanParams, worker: Worker, out_dir: Path | None = None, *,
     batch_size: int = 32, cancel: threading.Event | None = None,
     progress: Callable[[int, int], None] | None = None, config: dict[str, Any] | None = None,
-    options: OutputOptions = OutputOptions(),
+    options: OutputOptions = OutputOptions(), read_mpp: float | None = None,
 ) -> SlideScore:
     """Plan, extract, predict, aggregate; with ``out_dir``, write the result files.
+    ``read_mpp``: read patches at this µm/px instead of the model's (a coarse scan).
 
     ``summary.json`` is written last and atomically: a slide is done iff it exists.
     """
     t0 = time.perf_counter()
-    plan = make_plan(slide, model_plan_params(worker.card, params))
+    plan = make_plan(slide, model_plan_params(worker.card, params, read_mpp))
     t_plan = time.perf_counter() - t0
     agg = Aggregate(worker.card)
     collected = _Collected({c: [] for _, _, c in output_columns(worker.card)})

@@ -78,6 +78,8 @@ class BatchConfig:
     """Slides go by pseudonym (``pseudonyms``, else ``slide-<hash>``) in every record and
     file; no path, host or command line is written."""
     pseudonyms: dict[str, str] | None = None
+    read_mpp: float | None = None
+    """Read patches at this µm/px instead of the model's (a coarse scan)."""
     signature: str = ""
     """The run's signature (:func:`.resume.run_signature`), written into each slide's
     summary.json: a later run resumes only results of the same signature."""
@@ -151,7 +153,8 @@ def _score_into(task: SlideTask, staging: Path, cfg: BatchConfig) -> dict[str, A
                              batch_size=cfg.batch_size,
                              config={"batch": cfg.to_dict(), "slide_rel": task.public,
                                      "run_signature": cfg.signature},
-                             options=OutputOptions(cfg.features_dtype, cfg.clam_pt))
+                             options=OutputOptions(cfg.features_dtype, cfg.clam_pt),
+                             read_mpp=cfg.read_mpp)
         return result.summary
 
 
