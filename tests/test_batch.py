@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 import signal
 import subprocess
@@ -293,3 +294,41 @@ def test_score_reads_a_coarse_scan_at_the_resolution_asked(dicom_dir: Path, tmp_
     assert done.returncode == 0, done.stderr
     (meta,) = (tmp_path / "out" / "slides").glob("*/run_metadata.json")
     assert json.loads(meta.read_text())["read"]["target_mpp"] == 16.8
+
+
+def test_bright_field_qc_on_a_fluorescence_slide_is_flagged(dapi_ndpi: Path, cmu_svs: Path,
+                                                            tmp_path: Path) -> None:
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    shutil.copy(dapi_ndpi, slides / "dapi.ndpi")
+    shutil.copy(cmu_svs, slides / "he.svs")
+    done = subprocess.run([*CLI, "score", str(slides), "--out", str(tmp_path / "out"),
+                           "--strategy", "random", "-n", "5"], capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "warning: dapi.ndpi: a fluorescence slide: the built-in tissue-qc" in done.stderr
+    assert "he.svs: a fluorescence" not in done.stderr
+    summaries = {json.loads(p.read_text())["slide"]: json.loads(p.read_text())
+                 for p in (tmp_path / "out").glob("slides/*/summary.json")}
+    assert "fluorescence" in summaries["dapi.ndpi"]["warnings"][0]
+    assert "warnings" not in summaries["he.svs"]
+
+
+def test_the_progress_bar_shows_done_of_total_and_one_eta(demo_slide: Path,
+                                                          tmp_path: Path) -> None:
+    import re
+
+    script = shutil.which("script")
+    if script is None:
+        pytest.skip("util-linux's script (a terminal for the bar) is not installed")
+    slides = _slides_of(demo_slide, tmp_path / "slides", 2)
+    command = " ".join([*CLI[:2], '"from wsi_sampler.cli import main; main()"', "score",
+                        str(slides), "--out", str(tmp_path / "out"), "--strategy", "random",
+                        "-n", "5"])
+    done = subprocess.run([script, "-qc", command, "/dev/null"], capture_output=True,
+                          text=True, timeout=300, env={**os.environ, "COLUMNS": "120"})
+    screen = re.sub(r"\x1b\[[0-9;?]*[a-zA-Z]", "", done.stdout).replace("\r", "\n")
+    bars = [line for line in screen.splitlines() if "scoring slides" in line]
+    assert bars and "0/2" in bars[0] and not any("?" in b for b in bars), screen[-2000:]
+    assert all(len(re.findall(r"\d:\d\d:\d\d|-:--:--", b)) == 1 for b in bars)
+    assert "2/2" in bars[-1] and "last: s" in bars[-1]

@@ -11,14 +11,21 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import replace
 from enum import Enum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.progress import MofNCompleteColumn, Progress, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+)
 
 from .cli_options import (
     DeviceO,
@@ -187,10 +194,11 @@ def score(
     if deidentify or pseudonyms:
         cfg = replace(cfg, deidentify=True,
                       pseudonyms=load_pseudonyms(pseudonyms) if pseudonyms else None)
-    with _score_progress(quiet) as report_one, _stop_on_ctrl_c() as stop:
+    with _score_progress(quiet) as progress, _stop_on_ctrl_c() as stop:
         report = run_batch(slides, out, cfg, executor=executor.value, workers=workers,
                            address=address, retries=retries, resume=resume,
-                           overwrite=overwrite, on_result=report_one, stop=stop)
+                           overwrite=overwrite, on_result=progress.result, stop=stop,
+                           on_start=progress.start)
     _log_run(report, out, quiet)
     raise typer.Exit(130 if report.stopped else report.exit_code)
 
@@ -226,35 +234,55 @@ def _log_run(report: RunReport, out: Path, quiet: bool) -> None:
         log.info("failed: %s: %s", f["slide"], f["message"])
 
 
+class _Progress:
+    """Progress of a run: a rich bar on a terminal (done/total, patches/s, ETA, the last
+    slide), a log line per slide otherwise, nothing if quiet."""
+
+    def __init__(self, quiet: bool) -> None:
+        self.quiet, self.started, self.patches = quiet, time.monotonic(), 0
+        self.bar: Progress | None = None
+        self.task: TaskID | None = None
+
+    def start(self, total: int) -> None:
+        if self.quiet or not sys.stderr.isatty():
+            return
+        self.bar = Progress(TextColumn("{task.description}"), BarColumn(),
+                            MofNCompleteColumn(), TimeRemainingColumn(), transient=False)
+        self.bar.start()
+        self.task = self.bar.add_task("scoring slides", total=total)
+
+    def result(self, rec: dict[str, object], i: int, n: int) -> None:
+        if self.quiet:
+            return
+        self.patches += int(rec.get("patches", 0) or 0)  # type: ignore[call-overload]
+        rate = self.patches / max(time.monotonic() - self.started, 1e-6)
+        if self.bar is not None and self.task is not None:
+            self.bar.update(self.task, completed=i, total=n, description=(
+                f"scoring slides, {rate:.0f} patches/s, last: {rec['slide']}"))
+        else:
+            log.info("[%d/%d] %s %s (%.0f patches/s)", i, n, rec["status"], rec["slide"],
+                     rate)
+        _warn(rec)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+
 @contextlib.contextmanager
-def _score_progress(quiet: bool) -> Iterator[Callable[[dict[str, object], int, int], None]]:
-    """A rich progress bar on a terminal, periodic log lines otherwise, nothing if quiet."""
-    if quiet:
-        yield lambda rec, i, n: None
-        return
-    started = time.monotonic()
-    patches = [0]
+def _score_progress(quiet: bool) -> Iterator[_Progress]:
+    progress = _Progress(quiet)
+    try:
+        yield progress
+    finally:
+        progress.close()
 
-    def rate(rec: dict[str, object]) -> float:
-        """Patches/s over the run so far, counting ``rec``."""
-        patches[0] += int(rec.get("patches", 0) or 0)  # type: ignore[call-overload]
-        return patches[0] / max(time.monotonic() - started, 1e-6)
 
-    def line(rec: dict[str, object], i: int, n: int) -> None:
-        log.info("[%d/%d] %s %s (%.0f patches/s)", i, n, rec["status"], rec["slide"], rate(rec))
-
-    if not sys.stderr.isatty():
-        yield line
-        return
-    columns = (*Progress.get_default_columns(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, transient=False) as progress:
-        task = progress.add_task("scoring slides", total=None)
-
-        def bar(rec: dict[str, object], i: int, n: int) -> None:
-            progress.update(task, completed=i, total=n,
-                            description=f"scoring slides ({rate(rec):.0f} patches/s)")
-
-        yield bar
+def _warn(rec: dict[str, object]) -> None:
+    """A slide's warnings and notes, one line each."""
+    for text in [*list(rec.get("warnings") or []), rec.get("message")]:  # type: ignore[call-overload]
+        if text and rec.get("status") == "done":
+            log.warning("warning: %s: %s", rec["slide"], text)
 
 
 def register(app: typer.Typer) -> None:

@@ -36,6 +36,7 @@ from .features import FeaturesDtype, write_features_h5, write_features_pt
 from .models import ModelCard, Predictions
 from .plan import PatchPlan, PlanParams, make_plan
 from .slide import Slide
+from .tissue import is_fluorescence
 from .worker import Worker
 
 __all__ = [
@@ -76,6 +77,15 @@ def model_plan_params(card: ModelCard, params: PlanParams, read_mpp: float | Non
         )
     return replace(params, patch_size_px=card.patch_size_px,
                    target_mpp=read_mpp or card.target_mpp, magnification=None)
+
+
+def _model_warnings(slide: Slide, card: ModelCard) -> list[str]:
+    """What makes this model's answer doubtful on this slide."""
+    if card.architecture == "builtin:tissue-qc" and is_fluorescence(
+            slide.thumbnail(max_size=256)):
+        return ["a fluorescence slide: the built-in tissue-qc model measures bright-field "
+                "(H&E) patches only, so its values say nothing here"]
+    return []
 
 
 def output_columns(card: ModelCard) -> list[tuple[str, int, str]]:
@@ -225,6 +235,9 @@ def score_slide(
     }
     if plan.note():
         summary["message"] = plan.note()
+    warnings = _model_warnings(slide, worker.card)
+    if warnings:
+        summary["warnings"] = warnings
     result = SlideScore(plan, collected.outputs(), summary, collected.features(worker.card))
     if result.features is not None:
         summary["embedding_dim"] = int(result.features.shape[1])

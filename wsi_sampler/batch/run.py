@@ -252,6 +252,7 @@ def run_batch(
     workers: int | None = None, address: str | None = None, retries: int = 1,
     resume: bool = True, on_result: Callable[[dict[str, Any], int, int], None] | None = None,
     overwrite: bool = False, stop: threading.Event | None = None,
+    on_start: Callable[[int], None] | None = None,
 ) -> RunReport:
     """Score the slides of ``slides_root`` (a folder, an S3 prefix or a DICOMweb server)
     into ``out``; see the module docstring. Slides already scored there with the same
@@ -279,6 +280,8 @@ def run_batch(
     cfg = replace(cfg, signature=signature)
     n_workers = workers or default_slide_workers()
     stop = stop or threading.Event()
+    if on_start is not None:
+        on_start(len(todo))
     results = (_local(todo, out, cfg, n_workers, stop) if executor == "local"
                else _dask(todo, out, cfg, n_workers, address, retries, stop))
     for i, rec in enumerate(results, 1):

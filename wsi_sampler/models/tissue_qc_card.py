@@ -32,5 +32,7 @@ def tissue_qc_card() -> ModelCard:
             OutputSpec(name="qc", class_names=QC_CLASSES),
         ),
         max_batch=64,
-        description="Built-in tissue quality control: measured values, not a trained model.",
+        description="Built-in tissue quality control of bright-field (H&E) slides: measured "
+                    "values, not a trained model (on fluorescence slides its values mean "
+                    "nothing, and results say so).",
     )
