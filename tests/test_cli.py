@@ -229,3 +229,13 @@ def test_a_list_setting_that_is_not_json_says_what_is_expected(
                           env={**os.environ, "WSI_SLIDE_ROOTS": "/data/slides"})
     assert done.returncode == 2 and "Traceback" not in done.stderr
     assert "WSI_SLIDE_ROOTS must be JSON (a list), e.g." in done.stderr
+
+
+def test_demo_slide_reports_progress_tile_by_tile(tmp_path: Path) -> None:
+    from wsi_sampler.demo import DemoSlideSpec, tile_count, write_demo_slide
+
+    spec = DemoSlideSpec(width=4096, height=3072, mpp=0.25)
+    calls: list[tuple[int, int]] = []
+    write_demo_slide(tmp_path / "d.svs", spec, progress=lambda d, t: calls.append((d, t)))
+    assert calls[-1] == (tile_count(spec), tile_count(spec)) == (204, 204)
+    assert [d for d, _ in calls] == list(range(1, 205))

@@ -56,7 +56,7 @@ from .cli_vlm import (
     write_messages,
 )
 from .cli_vlm import register as register_vlm_commands
-from .demo import DemoSlideSpec, write_demo_slide
+from .demo import DemoSlideSpec, tile_count, write_demo_slide
 from .encoding import encoded_batches
 from .errors import InvalidRequestError, WsiSamplerError
 from .export import (
@@ -297,7 +297,14 @@ def demo_slide(
     """Write a generated pyramidal JPEG Aperio SVS with tissue, for demos and tests."""
     spec = DemoSlideSpec(width=width, height=height, mpp=mpp, seed=seed, pen=pen,
                          artefact=artefact)
-    write_demo_slide(out, spec)
+    if sys.stderr.isatty():
+        with Progress("[progress.description]{task.description}", BarColumn(),
+                      MofNCompleteColumn(), TimeRemainingColumn(), transient=True) as bar:
+            task = bar.add_task("writing tiles", total=tile_count(spec))
+            write_demo_slide(out, spec, progress=lambda done, _: bar.update(task,
+                                                                             completed=done))
+    else:
+        write_demo_slide(out, spec)
     log.info("demo slide %dx%d at %.3f µm/px -> %s", width, height, mpp, out)
 
 

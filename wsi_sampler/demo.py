@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -175,18 +175,39 @@ def _level_tiles(spec: DemoSlideSpec, ds: int, texture: RGBImage) -> Iterator[RG
 
 
 
-def write_demo_slide(path: str | os.PathLike[str], spec: DemoSlideSpec | None = None) -> Path:
-    """Write ``spec`` (default: 16,000 x 12,000 px at 0.5 µm/px, 8 x 6 mm) to ``path``."""
+def _counted(tiles: Iterator[RGBImage], done: list[int], total: int,
+             progress: Callable[[int, int], None] | None) -> Iterator[RGBImage]:
+    for tile in tiles:  # counted as handed out: the writer takes no tile past the last
+        done[0] += 1
+        if progress is not None:
+            progress(done[0], total)
+        yield tile
+
+
+def tile_count(spec: DemoSlideSpec) -> int:
+    """How many tiles ``spec``'s pyramid has (all levels)."""
+    t = spec.tile_px
+    return sum(math.ceil(math.ceil(spec.width / ds) / t) * math.ceil(math.ceil(spec.height / ds)
+                                                                     / t)
+               for ds in spec.levels)
+
+
+def write_demo_slide(path: str | os.PathLike[str], spec: DemoSlideSpec | None = None, *,
+                     progress: Callable[[int, int], None] | None = None) -> Path:
+    """Write ``spec`` (default: 16,000 x 12,000 px at 0.5 µm/px, 8 x 6 mm) to ``path``;
+    ``progress(tiles_done, tiles_total)`` is called as tiles are written."""
     spec = spec or DemoSlideSpec()
     out = Path(path)
     texture = _texture(spec.seed)
+    done, total = [0], tile_count(spec)
     q = {"level": spec.jpeg_quality}
     big = spec.width * spec.height * 3 > 2**31
     with atomic_path(out) as tmp, tifffile.TiffWriter(tmp, bigtiff=big) as tw:
         for i, ds in enumerate(spec.levels):
             shape = (math.ceil(spec.height / ds), math.ceil(spec.width / ds), 3)
             desc = spec.description() if i == 0 else f"Aperio Image Library v12.0.15 \r\n{ds}"
-            tw.write(_level_tiles(spec, ds, texture), shape=shape, dtype=np.uint8,
+            tw.write(_counted(_level_tiles(spec, ds, texture), done, total, progress),
+                     shape=shape, dtype=np.uint8,
                      tile=(spec.tile_px, spec.tile_px), description=desc, photometric="rgb",
                      compression="jpeg", compressionargs=q, metadata=None)
             if i == 0:
