@@ -182,3 +182,20 @@ def create_openai_stub(stub: OpenAIStub) -> Starlette:
         return JSONResponse(answer.model_dump(exclude_none=True))
 
     return Starlette(routes=[Route("/v1/chat/completions", completions, methods=["POST"])])
+
+
+def main() -> None:
+    """A dry run of reports without a model: ``python tests/_openai_server.py --port 8010``,
+    then ``WSI_VLM_URL=http://127.0.0.1:8010/v1 WSI_VLM_MODEL=echo make run``."""
+    import argparse
+
+    import uvicorn
+
+    parser = argparse.ArgumentParser(description=main.__doc__)
+    parser.add_argument("--port", type=int, default=8010)
+    args = parser.parse_args()
+    uvicorn.run(create_openai_stub(OpenAIStub()), host="127.0.0.1", port=args.port)
+
+
+if __name__ == "__main__":
+    main()

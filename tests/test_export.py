@@ -156,3 +156,22 @@ def test_atomic_write_leaves_target_untouched_on_failure(tmp_path: Path) -> None
         raise RuntimeError("crash mid-write")
     assert target.read_text() == "old"
     assert list(tmp_path.iterdir()) == [target]
+
+
+def test_the_heatmap_has_a_legend_naming_its_colours(planned, tmp_path: Path  # type: ignore[no-untyped-def]
+                                                     ) -> None:
+    from wsi_sampler.export import LEGEND_PX, write_heatmap_png
+
+    s, plan, _ = planned
+    thumb = s.thumbnail(max_size=512)
+    out = tmp_path / "h.png"
+    write_heatmap_png(out, thumb, plan, np.linspace(0, 1, len(plan)), label="prob_tumour")
+    img = cv2.imread(str(out))[:, :, ::-1]
+    assert img.shape[0] == thumb.shape[0] + LEGEND_PX and img.shape[1] == thumb.shape[1]
+    bar = img[thumb.shape[0] + 32]  # a row through the colour bar
+    viridis = cv2.applyColorMap(np.array([[0], [255]], np.uint8), cv2.COLORMAP_VIRIDIS)
+    low, high = viridis[0, 0, ::-1], viridis[1, 0, ::-1]
+    assert np.abs(bar[12].astype(int) - low).max() < 12  # dark purple at the left
+    assert np.abs(bar[-12].astype(int) - high).max() < 12  # yellow at the right
+    text = img[thumb.shape[0]: thumb.shape[0] + 22]
+    assert (text < 100).any()  # the label is written

@@ -28,3 +28,18 @@ def test_default_config_mirrors_library_defaults() -> None:
     for key, value in cfg["tissue"].items():
         assert getattr(tissue, key) == value, key
 
+
+
+def test_the_readme_python_section_runs_as_written(demo_slide: Path, tmp_path: Path) -> None:
+    import re
+    import subprocess
+    import sys
+
+    readme = (ROOT / "README.md").read_text()
+    section = readme[readme.index("## Python"):]
+    (block,) = re.findall(r"```python\n(.*?)```", section[: section.index("\n## ", 5)],
+                          flags=re.S)
+    code = block.replace('"slide.svs"', repr(str(demo_slide)))
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-2000:]

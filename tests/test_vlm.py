@@ -166,7 +166,9 @@ def test_describe_prints_the_report_and_fails_in_one_line(
                           capture_output=True, text=True, check=False, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(f"Received {n_bag} images (896x896)")
-    assert json.loads((tmp_path / "r.json").read_text())["type"] == "report"
+    written = json.loads((tmp_path / "r.json").read_text())
+    assert written["type"] == "report" and written["slide"] == demo_slide.name
+    assert written["fingerprint"].startswith("sha256:") and written["bag"]["n_patches"] == n_bag
     down = subprocess.run([*args, "--vlm-url", closed_port_url()], capture_output=True,
                           text=True, check=False, timeout=120)
     lines = down.stderr.strip().splitlines()

@@ -25,6 +25,8 @@ __version__ = "0.1.0"
 
 # The worker API loads torch; it is imported on first use, so `import wsi_sampler` stays light.
 _WORKER_NAMES = ("InProcessWorker", "RemoteWorker", "Worker", "open_worker")
+_MODEL_NAMES = ("load_model",)
+_SCORING_NAMES = ("score_slide", "OutputOptions")
 
 
 def __getattr__(name: str) -> object:
@@ -32,6 +34,14 @@ def __getattr__(name: str) -> object:
         from . import worker
 
         return getattr(worker, name)
+    if name in _MODEL_NAMES:
+        from . import models
+
+        return getattr(models, name)
+    if name in _SCORING_NAMES:
+        from . import scoring
+
+        return getattr(scoring, name)
     raise AttributeError(f"module 'wsi_sampler' has no attribute {name!r}")
 
 
@@ -41,6 +51,7 @@ __all__ = [
     "Extractor",
     "InProcessWorker",
     "InvalidRequestError",
+    "OutputOptions",
     "MissingMppError",
     "PatchBatch",
     "PatchPlan",
@@ -58,8 +69,10 @@ __all__ = [
     "__version__",
     "compute_tissue_mask",
     "detect_tissue",
+    "load_model",
     "make_plan",
     "medgemma_params",
     "open_slide",
+    "score_slide",
     "open_worker",
 ]

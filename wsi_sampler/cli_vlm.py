@@ -92,8 +92,13 @@ def describe(
     try:
         with open_slide(slide, mpp_override=mpp_override) as s:
             plan = prepare_bag(s, params, vlm, prompt)
+            identity = {"slide": s.name, "fingerprint": s.fingerprint}
+            bag: dict[str, object] = {}
             for event in report_events(s, plan, vlm, prompt):
-                _show(event, out)
+                if event["type"] == "bag":
+                    bag = {k: v for k, v in event.items() if k != "type"}
+                _show(event | identity | ({"bag": bag} if event["type"] == "report" else {}),
+                      out)
     finally:
         vlm.close()
 

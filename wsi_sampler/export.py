@@ -198,29 +198,52 @@ def write_overlay_png(
 
 def write_heatmap_png(
     path: str | os.PathLike[str], thumbnail: RGBImage, plan: PatchPlan,
-    values: npt.ArrayLike, *, vmin: float = 0.0, vmax: float = 1.0,
+    values: npt.ArrayLike, *, vmin: float = 0.0, vmax: float = 1.0, label: str = "",
 ) -> None:
-    """Thumbnail with each patch filled by ``values`` (clipped to vmin..vmax, viridis)."""
+    """Thumbnail with each patch filled by ``values`` (clipped to vmin..vmax, viridis),
+    and a legend below it: ``label`` (what the colours are), the colour bar and its range."""
     img = np.ascontiguousarray(thumbnail.copy())
     th, tw = img.shape[:2]
     v = np.asarray(values, np.float64)
     if v.shape != (len(plan),):
         raise InvalidRequestError(f"heatmap values have shape {v.shape}, expected ({len(plan)},)")
-    if not len(plan):  # nothing to paint (a slide without tissue): the thumbnail as it is
-        atomic_write_bytes(path, encode_image(img))
-        return
-    span = vmax - vmin if vmax > vmin else 1.0
-    levels = np.clip((v - vmin) / span * 255, 0, 255).astype(np.uint8)
-    colours = cv2.applyColorMap(levels.reshape(-1, 1), cv2.COLORMAP_VIRIDIS)[:, 0, ::-1]
-    layer = img.copy()
-    sx, sy = plan.slide_dimensions[0] / tw, plan.slide_dimensions[1] / th
-    for (x, y), colour in zip(plan.coords, colours, strict=True):
-        p0 = (int(x / sx), int(y / sy))
-        p1 = (max(p0[0], int((x + plan.width0) / sx) - 1),
-              max(p0[1], int((y + plan.height0) / sy) - 1))
-        cv2.rectangle(layer, p0, p1, tuple(int(c) for c in colour), -1)
-    blended = cv2.addWeighted(layer, 0.65, img, 0.35, 0)
-    atomic_write_bytes(path, encode_image(blended))
+    blended = img
+    if len(plan):  # nothing to paint (a slide without tissue): the thumbnail as it is
+        span = vmax - vmin if vmax > vmin else 1.0
+        levels = np.clip((v - vmin) / span * 255, 0, 255).astype(np.uint8)
+        layer = img.copy()
+        sx, sy = plan.slide_dimensions[0] / tw, plan.slide_dimensions[1] / th
+        for (x, y), colour in zip(plan.coords, _viridis(levels), strict=True):
+            p0 = (int(x / sx), int(y / sy))
+            p1 = (max(p0[0], int((x + plan.width0) / sx) - 1),
+                  max(p0[1], int((y + plan.height0) / sy) - 1))
+            cv2.rectangle(layer, p0, p1, tuple(int(c) for c in colour), -1)
+        blended = cv2.addWeighted(layer, 0.65, img, 0.35, 0)
+    legend = heatmap_legend(tw, label or "value", vmin, vmax)
+    atomic_write_bytes(path, encode_image(np.vstack([blended, legend])))
+
+
+def _viridis(levels: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
+    """RGB viridis colours of 0..255 levels."""
+    rgb: npt.NDArray[np.uint8] = cv2.applyColorMap(levels.reshape(-1, 1),
+                                                   cv2.COLORMAP_VIRIDIS)[:, 0, ::-1]
+    return rgb
+
+
+LEGEND_PX = 44
+
+
+def heatmap_legend(width: int, label: str, vmin: float, vmax: float) -> RGBImage:
+    """A white strip ``LEGEND_PX`` high: ``label`` and its range above a viridis colour bar."""
+    strip: RGBImage = np.full((LEGEND_PX, width, 3), 255, np.uint8)
+    margin = min(10, width // 8)
+    bar_w = max(1, width - 2 * margin)
+    strip[26:38, margin:margin + bar_w] = _viridis(
+        np.linspace(0, 255, bar_w).astype(np.uint8))[None, :, :]
+    text = f"{label} (viridis): {vmin:.3g} .. {vmax:.3g}"
+    cv2.putText(strip, text, (margin, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (20, 20, 20), 1,
+                cv2.LINE_AA)
+    return strip
 
 
 def _versions() -> dict[str, str | None]:

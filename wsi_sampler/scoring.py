@@ -268,7 +268,7 @@ def write_results(
     hi = float(values.max()) if len(values) and col and not col.startswith(
         ("prob_", "qc_")) else 1.0
     write_heatmap_png(out_dir / "heatmap.png", slide.thumbnail(max_size=1024), plan, values,
-                      vmax=hi if hi > 0 else 1.0)
+                      vmax=hi if hi > 0 else 1.0, label=col or "tissue_fraction")
     meta = run_metadata(slide=slide, plan=plan, config=config | {"model": card.model_dump()},
                         timings_s=summary["timings_s"])
     # What was read, whatever the request said: the model's card fixes the patch size and
