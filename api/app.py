@@ -102,7 +102,8 @@ async def _start_services(app: FastAPI, cfg: Settings) -> Services:
                              refresh_s=cfg.slide_index_refresh_s,
                              remote_roots=cfg.remote_slide_roots,
                              dicomweb_credentials=dicomweb_credentials(cfg),
-                             deidentify=cfg.deidentify, pseudonyms=pseudonyms)
+                             deidentify=cfg.deidentify, pseudonyms=pseudonyms,
+                             uploads=cfg.uploads_dir)
     await asyncio.to_thread(registry.start)
     limits = JobLimits(max_queued=cfg.max_queued_jobs, per_owner=cfg.max_jobs_per_key,
                        retention_s=cfg.job_retention_hours * 3600,

@@ -29,7 +29,7 @@ from wsi_sampler.errors import (
 from wsi_sampler.redact import redact
 
 from .jobs import JobNotFoundError, JobQuotaError
-from .slides import UploadTooLargeError
+from .slides import NotDeletableError, UploadTooLargeError
 from .uploads import MalformedBodyError
 
 __all__ = [
@@ -62,6 +62,7 @@ STATUS: list[tuple[type[BaseException], int]] = [
     (UnauthorizedError, 401),
     (SlideNotFoundError, 404),
     (JobNotFoundError, 404),
+    (NotDeletableError, 405),
     (UploadTooLargeError, 413),
     (MissingMppError, 422),
     (UnsupportedFormatError, 422),

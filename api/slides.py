@@ -102,14 +102,20 @@ def servable(path: Path, root: Path) -> bool:
     )
 
 
+class NotDeletableError(WsiSamplerError):
+    """A slide in a configured root or on a server: not deletable over the API (405)."""
+
+
 class SlideRegistry:
     """Index of the slides under ``roots`` (resolved once), refreshed off the event loop."""
 
     def __init__(
         self, roots: list[Path], *, refresh_s: float = 30.0, remote_roots: list[str] | None = None,
         dicomweb_credentials: DicomWebCredentials | None = None, deidentify: bool = False,
-        pseudonyms: dict[str, str] | None = None,
+        pseudonyms: dict[str, str] | None = None, uploads: Path | None = None,
     ) -> None:
+        self.uploads = uploads.resolve() if uploads is not None else None
+        """The root that holds uploads (their names kept beside them; they can be deleted)."""
         self.deidentify = deidentify
         """Slides are named by pseudonym (``pseudonyms``, else derived from the id) in
         every answer and file; their paths and DICOM descriptions are never shown."""
@@ -169,8 +175,32 @@ class SlideRegistry:
             return
         rel = path.relative_to(root).as_posix()
         sid = _slide_id(root, rel)
-        found[sid] = self._public(SlideEntry(sid, str(path), str(root), rel, path.name, fmt,
-                                             size, "local", path, root))
+        found[sid] = self._public(SlideEntry(sid, str(path), str(root), rel,
+                                             self._local_name(root, path), fmt, size, "local",
+                                             path, root))
+
+    def _local_name(self, root: Path, path: Path) -> str:
+        """A file's name; an upload's, the name it was uploaded under (when it had one)."""
+        sidecar = path.with_name(f".{path.name}.name")
+        if root == self.uploads and sidecar.is_file():
+            try:
+                return sidecar.read_text(encoding="utf-8").strip() or path.name
+            except (OSError, UnicodeDecodeError):
+                pass
+        return path.name
+
+    def delete_upload(self, slide_id: str) -> SlideEntry:
+        """Remove an uploaded slide (file and name); other slides are not ours to delete."""
+        entry = self.get(slide_id)
+        if entry.path is None or entry.local_root is None or entry.local_root != self.uploads:
+            where = "on a slide server" if entry.path is None else "in a configured slide root"
+            raise NotDeletableError(f"{entry.relpath} is {where}: only uploads can be "
+                                    "deleted here (manage the others where they are kept)")
+        entry.path.unlink(missing_ok=True)
+        entry.path.with_name(f".{entry.path.name}.name").unlink(missing_ok=True)
+        with self._lock:
+            self._index.pop(slide_id, None)
+        return entry
 
     def _public(self, entry: SlideEntry) -> SlideEntry:
         """The entry as answers show it: in de-identified mode named by its pseudonym."""

@@ -25,7 +25,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
 from wsi_sampler import open_slide
-from wsi_sampler._io import process_umask
+from wsi_sampler._io import atomic_write_text, process_umask
 from wsi_sampler.deidentify import deidentify_file
 from wsi_sampler.errors import (
     CorruptSlideError,
@@ -36,7 +36,7 @@ from wsi_sampler.errors import (
 
 from .slides import SlideEntry, SlideRegistry
 
-__all__ = ["MalformedBodyError", "ReceivedUpload", "receive_upload", "sniff_format",
+__all__ = ["MalformedBodyError", "ReceivedUpload", "name_file", "receive_upload", "sniff_format",
            "store_upload"]
 
 _FLUSH_BYTES = 1 << 20
@@ -65,6 +65,8 @@ class ReceivedUpload:
     head: bytes = b""
     digest: str = ""
     pending_bytes: int = 0
+    filename: str = ""
+    """The name the client gave the file (multipart ``filename``, or ``?name=``)."""
     _hash: Any = field(default_factory=hashlib.sha256, repr=False)
     _pending: list[bytes] = field(default_factory=list, repr=False)
 
@@ -91,6 +93,7 @@ class _FilePart:
     def __init__(self, sink: Callable[[bytes], None]) -> None:
         self.sink = sink
         self.found = False
+        self.filename = ""
         self._in_file = False
         self._field = bytearray()
         self._value = bytearray()
@@ -122,6 +125,8 @@ class _FilePart:
     def _headers_done(self) -> None:
         _, params = parse_options_header(self._disposition)
         self._in_file = params.get(b"name") == b"file" and not self.found
+        if self._in_file:
+            self.filename = params.get(b"filename", b"").decode("utf-8", "replace")
         self.found = self.found or self._in_file
 
     def _data(self, data: bytes, start: int, end: int) -> None:
@@ -161,6 +166,8 @@ async def receive_upload(request: Request, tmp: Path) -> ReceivedUpload:
         await asyncio.to_thread(upload.flush_to, fh)
     if part is not None and not part.found:
         raise InvalidRequestError("the multipart body has no field named 'file'")
+    upload.filename = part.filename if part is not None else request.query_params.get(
+        "name", "")
     if upload.size == 0:
         raise CorruptSlideError("the upload is empty (zero bytes)")
     return upload
@@ -197,7 +204,7 @@ def store_upload(registry: SlideRegistry, uploads: Path, upload: ReceivedUpload)
         exc.args = (str(exc).replace(str(upload.path), "the upload"),)
         raise
     target = uploads.resolve() / f"{upload.digest[:24]}{suffix}"
-    if target.exists():
+    if target.exists():  # the same bytes again: stored once, under its first name
         upload.path.unlink(missing_ok=True)
     elif registry.deidentify:  # stored without label, macro and identifying text
         try:
@@ -209,5 +216,20 @@ def store_upload(registry: SlideRegistry, uploads: Path, upload: ReceivedUpload)
     else:
         os.chmod(upload.path, 0o666 & ~process_umask())
         shutil.move(str(upload.path), str(target))
+    name = upload_name(upload.filename)
+    if name and not registry.deidentify and not name_file(target).exists():
+        atomic_write_text(name_file(target), name)
     return registry.add_upload(uploads, target)
+
+
+def name_file(stored: Path) -> Path:
+    """Where an upload's original file name is kept: ``.<stored name>.name`` beside it."""
+    return stored.with_name(f".{stored.name}.name")
+
+
+def upload_name(filename: str) -> str:
+    """A client's file name as an upload's ``name``: its last path part, printable, short."""
+    base = filename.replace("\\", "/").rsplit("/", 1)[-1]
+    clean = "".join(c for c in base if c.isprintable()).strip()
+    return clean[:200] if clean not in ("", ".", "..") else ""
 

@@ -415,3 +415,29 @@ def test_a_plan_short_of_n_patches_says_so(url: str) -> None:
     full = httpx.post(f"{url}/v1/slides/{sid}/plan", json={"strategy": "random",
                                                            "n_patches": 5}).json()
     assert full["message"] is None
+
+
+def test_uploads_keep_their_name_and_only_uploads_can_be_deleted(
+        env: dict[str, Path], demo_slide: Path, cmu_svs: Path, tmp_path: Path) -> None:
+    with serve(create_app(settings_for(env, data_dir=tmp_path / "data")),
+               ready_path="/readyz") as url:
+        with cmu_svs.open("rb") as fh:
+            first = httpx.post(f"{url}/v1/slides", files={"file": ("case 12/CMU-1.svs", fh)})
+        assert first.status_code == 201 and first.json()["name"] == "CMU-1.svs"
+        raw = httpx.post(f"{url}/v1/slides", params={"name": "demo-upload.svs"},
+                         content=demo_slide.read_bytes(),
+                         headers={"content-type": "application/octet-stream"})
+        assert raw.status_code == 201 and raw.json()["name"] == "demo-upload.svs"
+        listed = {i["id"]: i["name"] for i in httpx.get(f"{url}/v1/slides",
+                                                        params={"limit": 1000}).json()["items"]}
+        assert listed[first.json()["id"]] == "CMU-1.svs"
+        root_slide = ids(url)["demo.svs"]
+        refused = httpx.delete(f"{url}/v1/slides/{root_slide}")
+        assert refused.status_code == 405 and "only uploads" in refused.json()["error"]
+        gone = httpx.delete(f"{url}/v1/slides/{first.json()['id']}")
+        assert gone.status_code == 204
+        assert httpx.get(f"{url}/v1/slides/{first.json()['id']}").status_code == 404
+        stored = [p for p in (tmp_path / "data" / "uploads").iterdir() if p.is_file()]
+        assert len([p for p in stored if not p.name.startswith(".")]) == 1  # the demo's
+        assert [p.read_text() for p in stored if p.name.endswith(".name")] == [
+            "demo-upload.svs"]

@@ -94,6 +94,16 @@ async def upload_slide(request: Request, services: ServicesDep) -> SlideSummary:
 _UPLOAD_HEADROOM = 16 << 20  # the disk is not filled to the last byte by one upload
 
 
+@router.delete("/{slide_id}", status_code=204, response_class=Response, responses={
+    404: ERRORS[404], 405: {"model": ErrorBody, "description": "Not an upload: slides in "
+                            "configured roots and on servers are managed where they are"}})
+async def delete_slide(slide_id: str, services: ServicesDep) -> Response:
+    """Delete an uploaded slide (its file and name). Slides of the configured roots and
+    servers are never deleted over the API (405, saying why)."""
+    await run_in_threadpool(services.registry.delete_upload, slide_id)
+    return Response(status_code=204)
+
+
 @router.get("/{slide_id}", response_model=SlideInfo, responses=ERRORS)
 async def slide_info(slide_id: str, services: ServicesDep) -> SlideInfo:
     """Size, levels, MPP, objective, vendor and fingerprint of a slide."""
