@@ -193,8 +193,13 @@ class JobManager:
                                      ).fetchone()[0]
         return [self._status_of(r) for r in rows], int(total)
 
-    @staticmethod
-    def _status_of(row: tuple[Any, ...]) -> dict[str, Any]:
+    def _slide_name(self, sid: str) -> str:
+        try:
+            return self.registry.get(sid).name
+        except WsiSamplerError:  # removed since: its id is all we know
+            return sid
+
+    def _status_of(self, row: tuple[Any, ...]) -> dict[str, Any]:
         request = json.loads(row[4])
         return {
             "id": row[0], "state": row[1], "created": row[2], "updated": row[3],
@@ -202,7 +207,8 @@ class JobManager:
             "patches_done": row[6], "errors": json.loads(row[7]),
             "results": [
                 {"name": n, "media_type": _MEDIA.get(Path(n).suffix, "application/octet-stream"),
-                 "url": f"/v1/jobs/{row[0]}/results/{n}"}
+                 "url": f"/v1/jobs/{row[0]}/results/{n}", "slide_id": n.partition(".")[0],
+                 "slide_name": self._slide_name(n.partition(".")[0])}
                 for n in json.loads(row[8])
             ],
             "notes": json.loads(row[9]),

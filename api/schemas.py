@@ -247,6 +247,9 @@ class JobResult(BaseModel):
     name: str
     media_type: str
     url: str
+    slide_id: str = ""
+    slide_name: str = Field("", description="The slide's name as listed (its pseudonym in "
+                                            "de-identified mode)")
 
 
 class JobNote(BaseModel):

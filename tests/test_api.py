@@ -297,6 +297,7 @@ def test_jobs_run_persist_and_survive_a_restart(env: dict[str, Path], url: str) 
     assert status["errors"][0]["slide"] == bad and status["errors"][0]["error"]
     names = {r["name"] for r in status["results"]}
     assert f"{sid}.predictions.csv" in names and f"{sid}.summary.json" in names
+    assert {(r["slide_id"], r["slide_name"]) for r in status["results"]} == {(sid, "demo.svs")}
     csv_text = httpx.get(f"{url}/v1/jobs/{job}/results/{sid}.predictions.csv").text
     assert csv_text.splitlines()[0].startswith("minx,miny,width,height")
     assert len(csv_text.splitlines()) == 13
