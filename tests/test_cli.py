@@ -239,3 +239,28 @@ def test_demo_slide_reports_progress_tile_by_tile(tmp_path: Path) -> None:
     write_demo_slide(tmp_path / "d.svs", spec, progress=lambda d, t: calls.append((d, t)))
     assert calls[-1] == (tile_count(spec), tile_count(spec)) == (204, 204)
     assert [d for d, _ in calls] == list(range(1, 205))
+
+
+def test_plan_messages_use_the_plan_written_and_bad_outputs_write_nothing(
+        demo_slide: Path, tmp_path: Path) -> None:
+    roi = tmp_path / "roi.geojson"
+    roi.write_text(json.dumps({"type": "Polygon", "coordinates": [
+        [[0, 0], [4000, 0], [4000, 3000], [0, 3000], [0, 0]]]}))
+    args = ["plan", demo_slide, "--strategy", "medgemma", "--magnification", "20",
+            "--roi", roi, "--messages", tmp_path / "m.json"]
+    done = run(*args, "--out", tmp_path / "bag.json")
+    assert done.returncode == 0, done.stderr
+    bag = json.loads((tmp_path / "bag.json").read_text())
+    body = json.loads((tmp_path / "m.json").read_text())
+    assert len(body["messages"][-1]["content"]) - 1 == len(bag["patches"])  # the ROI's bag
+    (tmp_path / "m.json").unlink()
+    bad = run(*args, "--out", tmp_path / "bag.txt")
+    assert bad.returncode == 2 and "unknown output type" in bad.stderr
+    assert not (tmp_path / "m.json").exists()
+
+
+def test_score_refuses_patch_model_options_with_a_vlm(tmp_path: Path) -> None:
+    done = run("score", tmp_path, "--out", tmp_path / "o", "--vlm-url",
+               "http://127.0.0.1:9/v1", "--model", "vit-s16", "--strategy", "random")
+    assert done.returncode == 2 and len(done.stderr.strip().splitlines()) == 1
+    assert "--model, --strategy belong to scoring with a patch model" in done.stderr

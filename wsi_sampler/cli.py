@@ -12,6 +12,7 @@ import re
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
@@ -182,32 +183,42 @@ def plan(
     """Plan patches (coordinates only) and write them."""
     params = _plan_params(strategy, mpp, magnification, size, overlap, min_tissue, n_patches,
                           seed, tissue_mpp, method, variant)
-    if messages is not None:
-        if strategy is not StrategyOpt.medgemma:
-            raise InvalidRequestError("--messages exports the MedGemma bag: --strategy medgemma")
-        write_messages(messages, slide, params, model=vlm_model,
-                       prompt=prompt or DEFAULT_PROMPT, mpp_override=mpp_override)
+    write = _plan_writer(out, h5_format)  # every output checked before any work
+    if messages is not None and strategy is not StrategyOpt.medgemma:
+        raise InvalidRequestError("--messages exports the MedGemma bag: --strategy medgemma")
     with _open(slide, backend, mpp_override) as s:
-        p, tm = _build_plan(s, params, roi, mask)
-        suffix = out.suffix.lower()
-        if suffix in (".h5", ".hdf5"):
-            if h5_format not in ("clam", "wsinfer"):
-                raise InvalidRequestError(f"--h5-format must be clam or wsinfer, not {h5_format}")
-            write_clam_h5(out, p, s) if h5_format == "clam" else write_wsinfer_h5(out, p)
-        elif suffix == ".csv":
-            write_csv(out, p)
-        elif suffix == ".geojson":
-            write_geojson(out, p, slide_key=s.fingerprint)
-        elif suffix == ".json":
-            atomic_write_bytes(out, json.dumps(p.to_dict()).encode())
-        else:
-            raise InvalidRequestError(f"{out}: unknown output type (.h5, .csv, .geojson, .json)")
+        p, tm = _build_plan(s, params, roi, mask)  # planned once, for every output
+        write(out, p, s)
         if overlay is not None:
             write_overlay_png(overlay, s.thumbnail(max_size=2048), p, tm.mask)
+        if messages is not None:
+            write_messages(messages, s, p, model=vlm_model, prompt=prompt or DEFAULT_PROMPT)
     log.info("plan: %d patches of %d candidates (%s, %.3f µm/px, %d px) -> %s",
              len(p), p.n_candidates, p.strategy, p.target_mpp, p.patch_size_px, out)
     if p.note():
         log.warning("warning: %s", p.note())
+
+
+PlanWriter = Callable[[Path, PatchPlan, Slide], None]
+_PLAN_WRITERS: dict[str, PlanWriter] = {
+    ".csv": lambda out, p, s: write_csv(out, p),
+    ".geojson": lambda out, p, s: write_geojson(out, p, slide_key=s.fingerprint),
+    ".json": lambda out, p, s: atomic_write_bytes(out, json.dumps(p.to_dict()).encode()),
+}
+_H5_WRITERS: dict[str, PlanWriter] = {
+    "clam": write_clam_h5, "wsinfer": lambda out, p, s: write_wsinfer_h5(out, p)}
+
+
+def _plan_writer(out: Path, h5_format: str) -> PlanWriter:
+    """The writer for ``out``'s suffix; a wrong suffix or h5 flavour is refused now."""
+    suffix = out.suffix.lower()
+    if suffix in (".h5", ".hdf5"):
+        if h5_format not in _H5_WRITERS:
+            raise InvalidRequestError(f"--h5-format must be clam or wsinfer, not {h5_format}")
+        return _H5_WRITERS[h5_format]
+    if suffix not in _PLAN_WRITERS:
+        raise InvalidRequestError(f"{out}: unknown output type (.h5, .csv, .geojson, .json)")
+    return _PLAN_WRITERS[suffix]
 
 
 @app.command()

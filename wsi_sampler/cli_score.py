@@ -172,6 +172,10 @@ def score(
     from .models import preflight
 
     if vlm_url:
+        _refuse_with_vlm(model=model != "tissue-qc", weights=weights is not None,
+                         worker_url=worker_url is not None,
+                         strategy=strategy is not ScoreStrategy.grid, clam_pt=clam_pt,
+                         features_dtype=features_dtype is not FeaturesDtypeOpt.float32)
         cfg = BatchConfig(params=bag_params(seed, None, n_patches, min_tissue, variant),
                           mpp_override=mpp_override, vlm=vlm_config(vlm_url, vlm_model),
                           prompt=prompt or DEFAULT_PROMPT)
@@ -201,6 +205,15 @@ def score(
                            on_start=progress.start)
     _log_run(report, out, quiet)
     raise typer.Exit(130 if report.stopped else report.exit_code)
+
+
+def _refuse_with_vlm(**given: bool) -> None:
+    """--vlm-url describes each slide's MedGemma bag: options of patch models contradict it."""
+    clash = [f"--{name.replace('_', '-')}" for name, set_ in given.items() if set_]
+    if clash:
+        raise InvalidRequestError(
+            f"--vlm-url describes each slide's MedGemma bag with that model; {', '.join(clash)} "
+            "belong to scoring with a patch model: give one or the other")
 
 
 @contextlib.contextmanager

@@ -15,10 +15,10 @@ import typer
 
 from ._io import atomic_write_text
 from .cli_options import SlideArg
-from .errors import InvalidRequestError
-from .plan import PlanParams, medgemma_params
+from .errors import EmptyPlanError, InvalidRequestError
+from .plan import PatchPlan, PlanParams, medgemma_params
 from .report import prepare_bag, report_events
-from .slide import open_slide
+from .slide import Slide, open_slide
 from .worker.vlm import VlmConfig, VlmRequest, VlmWorker
 
 __all__ = ["VariantOpt", "register", "vlm_config"]
@@ -117,14 +117,16 @@ def _show(event: dict[str, object], out: Path | None) -> None:
             log.info("report -> %s", out)
 
 
-def write_messages(path: Path, slide: str, params: PlanParams, *, model: str, prompt: str,
-                   image_format: str = "jpeg", mpp_override: float | None = None) -> None:
-    """Write a ready-to-send ``/v1/chat/completions`` body for the slide's bag."""
-    from .report import bag_request_body
+def write_messages(path: Path, slide: Slide, plan: PatchPlan, *, model: str, prompt: str,
+                   image_format: str = "jpeg") -> None:
+    """Write a ready-to-send ``/v1/chat/completions`` body for the bag ``plan``."""
+    from .report import encode_bag
 
+    if not len(plan):
+        raise EmptyPlanError(f"{slide.name}: {plan.why_empty()}")
     builder = VlmRequest(vlm_config(_UNSENT, model, image_format=image_format))
-    with open_slide(slide, mpp_override=mpp_override) as s:
-        body = bag_request_body(s, params, builder, prompt)
+    builder.check_bag(len(plan), prompt)
+    body = builder.request_body(builder.messages(encode_bag(slide, plan, builder), prompt))
     atomic_write_text(path, json.dumps(body))
     log.info("messages: %d images -> %s", len(body["messages"][-1]["content"]) - 1, path)
 
