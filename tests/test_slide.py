@@ -60,15 +60,22 @@ def test_dicom_folder_and_file_open(dicom_dir: Path) -> None:
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_read_region_same_pixels_on_both_backends(demo_slide: Path, backend: str) -> None:
-    ref = open_slide(demo_slide, backend="openslide")
-    s = open_slide(demo_slide, backend=backend)  # type: ignore[arg-type]
-    with ref, s:
-        for level in range(s.level_count):
-            a = ref.read_region((1000, 1500), level, (300, 200))
-            b = s.read_region((1000, 1500), level, (300, 200))
-            assert a.shape == b.shape == (200, 300, 3)
-            assert int(np.abs(a.astype(int) - b).max()) <= 2
+def test_read_region_matches_an_independent_decode(demo_slide: Path, backend: str) -> None:
+    # The reference is neither backend: tifffile decoding each level's JPEG tiles itself.
+    import tifffile
+
+    with tifffile.TiffFile(demo_slide) as tif:
+        levels = [lv.asarray() for lv in tif.series[0].levels]
+    with open_slide(demo_slide, backend=backend) as s:  # type: ignore[arg-type]
+        assert s.level_count == len(levels)
+        for level, ref in enumerate(levels):
+            ds = s.level_downsamples[level]
+            x, y = round(1000 / ds), round(1500 / ds)
+            got = s.read_region((1000, 1500), level, (300, 200))
+            want = ref[y: y + 200, x: x + 300]
+            h, w = want.shape[:2]
+            assert got.shape == (200, 300, 3)
+            assert int(np.abs(got[:h, :w].astype(int) - want).max()) <= 2  # decoder rounding
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
