@@ -26,6 +26,19 @@ def slide_ids(url: str, api_key: str | None = None) -> dict[str, str]:
     return {i["path"]: i["id"] for i in items}
 
 
+def wait_for_job(url: str, job_id: str, headers: dict[str, str] | None = None,
+                 timeout_s: float = 120.0) -> dict[str, Any]:
+    """Poll a job of the service at ``url`` until it is neither queued nor running."""
+    import httpx
+
+    deadline = time.monotonic() + timeout_s
+    while (status := httpx.get(f"{url}/v1/jobs/{job_id}", headers=headers or {}).json())[
+            "state"] in ("queued", "running"):
+        assert time.monotonic() < deadline, f"job {job_id} still {status['state']}"
+        time.sleep(0.1)
+    return dict(status)
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 nobody listens on now (for servers we start as processes)."""
     with socket.socket() as s:

@@ -9,14 +9,13 @@ import logging
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
 import numpy as np
 import pytest
 import tifffile
-from _servers import serve
+from _servers import serve, wait_for_job
 
 from api.app import create_app
 from api.config import Settings
@@ -142,11 +141,7 @@ def test_a_deidentified_service_says_no_name(canary_slide: tuple[Path, bytes],
         good = next(i for i in json.loads(listing)["items"] if i["size_bytes"] > 50_000)["id"]
         job = httpx.post(f"{url}/v1/jobs", json={"slides": ids, "sampling": {
             "strategy": "random", "n_patches": 6}}).json()["id"]
-        deadline = time.monotonic() + 120
-        while (status := httpx.get(f"{url}/v1/jobs/{job}").json())["state"] in (
-                "queued", "running"):
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
+        status = wait_for_job(url, job)
         seen.append(json.dumps(status))
         assert status["state"] == "partial" and good in status["slides_complete"]
         upload = httpx.post(f"{url}/v1/slides", content=src.read_bytes(),

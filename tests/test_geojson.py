@@ -11,13 +11,12 @@ import re
 import shutil
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from _servers import serve, slide_ids
+from _servers import serve, slide_ids, wait_for_job
 from shapely.geometry import Polygon
 
 from api.app import create_app
@@ -143,10 +142,7 @@ def test_api_tissue_and_job_predictions_import_into_qupath(demo_slide: Path,
         assert qupath_problems(answer.text) == []
         job = httpx.post(f"{url}/v1/jobs", json={
             "slides": [sid], "sampling": {"strategy": "random", "n_patches": 8}}).json()["id"]
-        deadline = time.monotonic() + 120
-        while httpx.get(f"{url}/v1/jobs/{job}").json()["state"] in ("queued", "running"):
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
+        wait_for_job(url, job)
         text = httpx.get(f"{url}/v1/jobs/{job}/results/{sid}.predictions.geojson").text
     assert qupath_problems(text) == []
     tiles = json.loads(text)["features"]

@@ -22,7 +22,7 @@ import httpx
 import numpy as np
 import numpy.typing as npt
 import pytest
-from _servers import serve, slide_ids
+from _servers import serve, slide_ids, wait_for_job
 from _slides import corrupt_lower_half
 
 from api.app import create_app
@@ -332,11 +332,7 @@ def test_a_job_on_a_slide_without_tissue_succeeds_and_says_why(
     with serve(create_app(settings), ready_path="/readyz") as url:
         sid = slide_ids(url)["blank.svs"]
         job = httpx.post(f"{url}/v1/jobs", json={"slides": [sid]}).json()["id"]
-        deadline = time.monotonic() + 60
-        while (status := httpx.get(f"{url}/v1/jobs/{job}").json())["state"] in (
-                "queued", "running"):
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
+        status = wait_for_job(url, job)
         assert status["state"] == "succeeded", status
         assert status["errors"] == [] and "no grid cell" in status["notes"][0]["message"]
         names = {r["name"] for r in status["results"]}
@@ -376,15 +372,6 @@ def test_a_missing_mpp_message_reads_right_with_the_default_data_folder(
     assert "<slide root>" not in answer.json()["error"]
 
 
-def _wait_until_finished(url: str, job: str, headers: dict[str, str]) -> dict[str, object]:
-    deadline = time.monotonic() + 120
-    while (status := httpx.get(f"{url}/v1/jobs/{job}", headers=headers).json())["state"] in (
-            "queued", "running"):
-        assert time.monotonic() < deadline
-        time.sleep(0.1)
-    return dict(status)
-
-
 def test_jobs_belong_to_their_key_and_are_bounded(demo_slide: Path, tmp_path: Path) -> None:
     root = tmp_path / "slides"
     root.mkdir()
@@ -417,7 +404,7 @@ def test_jobs_belong_to_their_key_and_are_bounded(demo_slide: Path, tmp_path: Pa
         for job in mine:  # cancel, then once finished, DELETE removes the job and its files
             assert httpx.delete(f"{url}/v1/jobs/{job}", headers=a).json()["state"] == "cancelled"
         for job in mine:
-            _wait_until_finished(url, job, a)
+            wait_for_job(url, job, a)
             deadline = time.monotonic() + 60
             while httpx.delete(f"{url}/v1/jobs/{job}", headers=a).status_code == 200 and \
                     httpx.get(f"{url}/v1/jobs/{job}", headers=a).status_code == 200:
@@ -438,7 +425,7 @@ def test_finished_jobs_are_removed_after_the_retention(demo_slide: Path, tmp_pat
     with serve(create_app(settings), ready_path="/readyz") as url:
         sid = slide_ids(url)["demo.svs"]
         first = httpx.post(f"{url}/v1/jobs", json={"slides": [sid]} | small).json()["id"]
-        assert _wait_until_finished(url, first, {})["slides_complete"] == [sid]
+        assert wait_for_job(url, first, {})["slides_complete"] == [sid]
         assert (tmp_path / "data" / "jobs" / first).is_dir()
         time.sleep(1.5)  # past the retention of one second
         httpx.post(f"{url}/v1/jobs", json={"slides": [sid]} | small)  # cleanup runs here
@@ -523,7 +510,7 @@ def test_a_full_disk_is_a_507_and_leaves_nothing_behind(
         sid = slide_ids(url)["demo.svs"]
         job = httpx.post(f"{url}/v1/jobs", json={"slides": [sid], "sampling": {
             "strategy": "grid", "patch_size_px": 224}}).json()["id"]
-        status = _wait_until_finished(url, job, {})
+        status = wait_for_job(url, job, {})
         assert status["state"] == "failed", status
         error = status["errors"][0]  # type: ignore[index]
         assert error["error"] == "StorageFullError" and "disk filled up" in error["message"]

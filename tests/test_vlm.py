@@ -18,7 +18,7 @@ import httpx
 import numpy as np
 import pytest
 from _openai_server import OpenAIStub, create_openai_stub, validate_plain_request
-from _servers import serve
+from _servers import serve, wait_for_job
 
 from api.app import create_app
 from api.config import Settings
@@ -207,11 +207,7 @@ def test_an_upstream_that_echoes_our_key_never_passes_it_on(
         assert answer.status_code == 502 and CANARY not in answer.text
         assert "127.0.0.1" not in answer.json()["error"]  # nor our upstream's address
         job = httpx.post(f"{u}/v1/jobs", json={"slides": [sid], "report": REPORT}).json()
-        deadline = time.monotonic() + 120
-        while (status := httpx.get(f"{u}/v1/jobs/{job['id']}").json())["state"] in (
-                "queued", "running"):
-            assert time.monotonic() < deadline
-            time.sleep(0.2)
+        status = wait_for_job(u, job["id"])
         assert status["errors"] and CANARY not in json.dumps(status)
     done = subprocess.run([str(CLI), "describe", str(demo_slide), "--prompt", "Describe.",
                            "--magnification", "20", "--vlm-model", "echo-secret",
