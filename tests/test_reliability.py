@@ -300,9 +300,12 @@ def test_same_bytes_under_three_names_are_stored_once(env: dict[str, Path], cmu_
         raw = httpx.post(f"{u}/v1/slides", content=data,
                          headers={"content-type": "application/octet-stream"}).json()
     assert len({g["id"] for g in got} | {raw["id"]}) == 1
-    assert got[0]["format"] == "svs" and got[0]["name"].endswith(".svs")  # from the content
+    assert got[0]["format"] == "svs"  # from the content, whatever the name says
+    assert {g["name"] for g in got} | {raw["name"]} == {"a.svs"}  # the first name kept
     stored = [p for p in settings.uploads_dir.iterdir() if p.is_file()]
-    assert len(stored) == 1 and oct(stored[0].stat().st_mode & 0o777) != oct(0o600)
+    slides = [p for p in stored if not p.name.startswith(".")]  # beside it: its .name
+    assert len(slides) == 1 and oct(slides[0].stat().st_mode & 0o777) != oct(0o600)
+    assert slides[0].suffix == ".svs" and len(stored) == 2
 
 
 # -- jobs ----------------------------------------------------------------------------------------
