@@ -106,3 +106,16 @@ def test_explicit_preset_values_and_plain_defaults_are_accepted() -> None:
         SamplingRequest(strategy="medgemma", patch_size_px=512).to_params()
     with pytest.raises(InvalidRequestError, match="target_mpp"):
         SamplingRequest(strategy="medgemma", target_mpp=0.5).to_params()
+
+
+def test_the_cli_names_the_bag_counts_for_what_they_are(biopsy: Path, tmp_path: Path) -> None:
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", "from wsi_sampler.cli import main; main()",
+                           "plan", str(biopsy), "--strategy", "medgemma", "--magnification",
+                           "5", "-n", "3", "--out", str(tmp_path / "bag.json")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert ("plan: 3 patches, 0 grid cells reach min_tissue_fraction, 3 more filled by "
+            "tissue rank") in done.stderr

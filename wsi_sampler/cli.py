@@ -193,10 +193,17 @@ def plan(
             write_overlay_png(overlay, s.thumbnail(max_size=2048), p, tm.mask)
         if messages is not None:
             write_messages(messages, s, p, model=vlm_model, prompt=prompt or DEFAULT_PROMPT)
-    log.info("plan: %d patches of %d candidates (%s, %.3f µm/px, %d px) -> %s",
-             len(p), p.n_candidates, p.strategy, p.target_mpp, p.patch_size_px, out)
+    log.info("plan: %d patches, %s (%s, %.3f µm/px, %d px) -> %s", len(p), _counts(p),
+             p.strategy, p.target_mpp, p.patch_size_px, out)
     if p.note():
         log.warning("warning: %s", p.note())
+
+
+def _counts(p: PatchPlan) -> str:
+    """The plan's counts named for what they are (a MedGemma bag also holds fill cells)."""
+    above = f"{p.n_candidates} grid cells reach min_tissue_fraction"
+    filled = int(p.selection.get("n_filled", 0) or 0)
+    return f"{above}, {filled} more filled by tissue rank" if filled else above
 
 
 PlanWriter = Callable[[Path, PatchPlan, Slide], None]
