@@ -15,6 +15,7 @@ import subprocess
 import tarfile
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlsplit
 
@@ -35,9 +36,36 @@ from wsi_sampler.worker import InProcessWorker
 GRID = {"patch_size_px": 256, "min_tissue_fraction": 0.0, "strategy": "grid"}
 
 
+@contextmanager
+def failing_worker(fail_at: int, status: int = 500, times: int = 10**9
+                   ) -> Iterator[tuple[str, dict[str, int]]]:
+    """The real OIP worker app (tissue-qc) on uvicorn, behind a layer that answers
+    ``status`` to inference calls ``fail_at`` .. ``fail_at + times - 1`` (1-based), as a
+    server out of memory or restarting does; yields its URL and the call counter."""
+    from starlette.middleware.base import BaseHTTPMiddleware
+    from starlette.responses import JSONResponse
+
+    from api.worker_app import create_worker_app
+
+    app = create_worker_app(lambda: load_model("tissue-qc", device="cpu"))
+    calls = {"infer": 0}
+
+    async def fail(request, call_next):  # type: ignore[no-untyped-def]
+        if request.url.path.endswith("/infer"):
+            calls["infer"] += 1
+            if fail_at <= calls["infer"] < fail_at + times:
+                return JSONResponse({"error": f"CUDA out of memory (call {calls['infer']})"},
+                                    status_code=status)
+        return await call_next(request)
+
+    app.add_middleware(BaseHTTPMiddleware, dispatch=fail)
+    with serve(app, ready_path="/v2/health/ready") as url:
+        yield url, calls
+
+
 class FailingWorker:
-    """tissue-qc that fails from its ``fail_at``-th batch on, as a remote worker answering
-    500 does (``error`` chooses how)."""
+    """tissue-qc that raises ``error`` from its ``fail_at``-th batch on: a bug of our own
+    (an unexpected exception), not a remote answer (those use :func:`failing_worker`)."""
 
     def __init__(self, fail_at: int, error: type[Exception] = WorkerError) -> None:
         self.inner = InProcessWorker(load_model("tissue-qc", device="cpu"))
@@ -96,9 +124,9 @@ ids = slide_ids
 
 def test_worker_failing_mid_stream_ends_ndjson_with_an_error_and_aborts(
         env: dict[str, Path]) -> None:
-    worker = FailingWorker(fail_at=3)
-    with serve(create_app(settings_for(env, batch_size=4), worker_factory=lambda: worker),
-               ready_path="/readyz") as u:
+    with failing_worker(fail_at=3) as (worker_url, calls), serve(
+            create_app(settings_for(env, batch_size=4, worker_url=worker_url)),
+            ready_path="/readyz") as u:
         sid = ids(u)["demo.svs"]
         body = {"strategy": "grid", "min_tissue_fraction": 0.0}  # 52 patches, 13 batches
         lines: list[dict[str, object]] = []
@@ -109,10 +137,11 @@ def test_worker_failing_mid_stream_ends_ndjson_with_an_error_and_aborts(
                 lines.append(json.loads(line))
         assert lines and all(r["type"] == "patch" for r in lines[:-1])
         assert lines[-1]["type"] == "error" and lines[-1]["status"] == 502
-        assert "HTTP 500" in str(lines[-1]["error"])
+        assert "(HTTP 500): CUDA out of memory" in str(lines[-1]["error"])
+        assert "127.0.0.1" not in str(lines[-1]["error"])  # our upstream is not named
         assert not any(r["type"] == "summary" for r in lines)
         # curl sees a failed transfer too (18: partial file / 56: receive failure)
-        worker.calls = 0
+        calls["infer"] = 0
         done = subprocess.run(
             ["curl", "-sS", "-N", "-X", "POST", "-H", "content-type: application/json",
              "-d", json.dumps(body), f"{u}/v1/slides/{sid}/predictions"],
@@ -122,11 +151,28 @@ def test_worker_failing_mid_stream_ends_ndjson_with_an_error_and_aborts(
 
 
 def test_worker_failing_on_the_first_batch_is_an_ordinary_502(env: dict[str, Path]) -> None:
-    with serve(create_app(settings_for(env), worker_factory=lambda: FailingWorker(1)),
-               ready_path="/readyz") as u:
+    with failing_worker(fail_at=1) as (worker_url, _), serve(
+            create_app(settings_for(env, worker_url=worker_url)), ready_path="/readyz") as u:
         resp = httpx.post(f"{u}/v1/slides/{ids(u)['demo.svs']}/predictions",
                           json={"strategy": "random", "n_patches": 8})
         assert resp.status_code == 502 and "HTTP 500" in resp.json()["error"]
+
+
+@pytest.mark.parametrize("status", [502, 503, 504])
+def test_a_worker_that_is_restarting_is_retried(env: dict[str, Path], status: int) -> None:
+    # Two overloaded answers, then the worker is back: the client's retries carry the
+    # stream through; past the retries it is a 503 saying the worker is unavailable.
+    with failing_worker(fail_at=1, status=status, times=2) as (worker_url, calls), serve(
+            create_app(settings_for(env, worker_url=worker_url)), ready_path="/readyz") as u:
+        sid = ids(u)["demo.svs"]
+        ok = httpx.post(f"{u}/v1/slides/{sid}/predictions", timeout=60,
+                        json={"strategy": "random", "n_patches": 8})
+        assert ok.status_code == 200 and calls["infer"] == 3, ok.text[:300]
+    with failing_worker(fail_at=1, status=status) as (worker_url, _), serve(
+            create_app(settings_for(env, worker_url=worker_url)), ready_path="/readyz") as u:
+        down = httpx.post(f"{u}/v1/slides/{ids(u)['demo.svs']}/predictions", timeout=60,
+                          json={"strategy": "random", "n_patches": 8})
+        assert down.status_code == 503 and "failed after" in down.json()["error"]
 
 
 def test_corrupt_tiles_after_the_first_batch_abort_the_tar(url: str) -> None:
@@ -227,7 +273,8 @@ def test_absurd_plan_parameters_are_refused(url: str) -> None:
     sid = ids(url)["demo.svs"]
     bodies = [({"target_mpp": 0.05, "patch_size_px": 8}, {422}),  # 5x finer than the scan
               ({"min_tissue_fraction": 0, "patch_size_px": 8}, {200}),  # 96k: big, allowed
-              ({"mpp_override": 0.05, "tissue_mpp": 0.25, "patch_size_px": 8}, {200, 422})]
+              # a valid request on an absurdly fine claimed scan: an answer, empty, saying why
+              ({"mpp_override": 0.05, "tissue_mpp": 0.25, "patch_size_px": 8}, {200})]
     for body, allowed in bodies:
         t0 = time.monotonic()
         resp = httpx.post(f"{url}/v1/slides/{sid}/plan", json=body)

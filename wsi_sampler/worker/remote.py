@@ -8,6 +8,7 @@ pure function of its input, so failed calls are retried with exponential backoff
 from __future__ import annotations
 
 import json
+import logging
 import time
 import uuid
 from collections.abc import Callable
@@ -29,6 +30,9 @@ _RETRY_STATUS = {429, 502, 503, 504}
 _DEFAULT_MAX_BATCH = 32
 
 
+log = logging.getLogger(__name__)
+
+
 class RemoteWorker:
     """Run a model on a remote Open Inference Protocol server.
 
@@ -47,7 +51,8 @@ class RemoteWorker:
         if not url.startswith(("http://", "https://")):
             raise InvalidRequestError(f"worker URL must start with http:// or https://: {url!r}")
         self.url = url.rstrip("/")
-        self.public_url = public_url(self.url)  # what messages name: no user info or query
+        # Answers never name our upstream; the log does (without user info or query).
+        self.public_url = public_url(self.url)
         self.model = model
         self.retries = max(0, retries)
         self.backoff_s = backoff_s
@@ -78,15 +83,15 @@ class RemoteWorker:
         inputs = meta.get("inputs") or []
         if len(inputs) != 1 or inputs[0].get("datatype") != "UINT8":
             raise WorkerError(
-                f"{self.public_url}{self._base}: expected one UINT8 input (N, H, W, 3), the server "
-                f"lists {[(i.get('name'), i.get('datatype')) for i in inputs]}"
+                f"the model worker's {self._base}: expected one UINT8 input (N, H, W, 3), "
+                f"the server lists {[(i.get('name'), i.get('datatype')) for i in inputs]}"
             )
         shape = list(inputs[0].get("shape") or [])
         if len(shape) == 4 and shape[1] == shape[2] == -1 and patch_size_px:
             shape[1] = shape[2] = patch_size_px  # a dynamic-size input: the caller says
         if len(shape) != 4 or shape[-1] != 3 or shape[1] != shape[2] or shape[1] < 1:
             raise WorkerError(
-                f"{self.public_url}{self._base}: input shape {shape} is not (N, H, H, 3); for a "
+                f"the model worker's {self._base}: input shape {shape} is not (N, H, H, 3); for a "
                 "dynamic size pass patch_size_px (--worker-patch-size)")
         params = (config or {}).get("parameters") or {}
         card_json = (params.get("model_card") or {}).get("string_value")
@@ -94,7 +99,7 @@ class RemoteWorker:
             return str(inputs[0]["name"]), ModelCard.model_validate(json.loads(card_json))
         if target_mpp is None:
             raise WorkerError(
-                f"{self.public_url}{self._base} publishes no model card; pass target_mpp "
+                f"the model worker's {self._base} publishes no model card; pass target_mpp "
                 "(the µm/px the model expects: --worker-target-mpp, worker_target_mpp)"
             )
         max_batch = int((config or {}).get("max_batch_size") or _DEFAULT_MAX_BATCH)
@@ -116,8 +121,10 @@ class RemoteWorker:
                 return call()
             except (httpx.TransportError, _Retry) as exc:
                 if attempt == self.retries:
+                    log.warning("model worker %s: %s failed after %d attempts (%s)",
+                                self.public_url, what, attempt + 1, type(exc).__name__)
                     raise WorkerUnavailableError(
-                        f"{self.public_url}: {what} failed after {attempt + 1} attempts "
+                        f"the model worker: {what} failed after {attempt + 1} attempts "
                         f"({upstream_reason(str(exc)) or type(exc).__name__})"
                     ) from exc
                 time.sleep(delay)
@@ -132,9 +139,11 @@ class RemoteWorker:
                 message = resp.json().get("error") or resp.text
             except (ValueError, AttributeError):
                 message = resp.text
+            reason = upstream_reason(str(message))
+            log.warning("model worker %s answered HTTP %d: %s", self.public_url,
+                        resp.status_code, reason)
             raise WorkerError(
-                f"worker {self.public_url} refused the request (HTTP {resp.status_code}): "
-                f"{upstream_reason(str(message))}",
+                f"the model worker refused the request (HTTP {resp.status_code}): {reason}",
                 status=resp.status_code,
             )
         return resp
@@ -185,11 +194,11 @@ class RemoteWorker:
         length = resp.headers.get(HEADER_LENGTH)
         header, outs = decode_infer_response(resp.content, int(length) if length else None)
         if header.get("id") not in (None, request_id):
-            raise WorkerError(f"worker {self.public_url} answered request {header.get('id')!r}, "
+            raise WorkerError(f"the model worker answered request {header.get('id')!r}, "
                               f"not {request_id!r}")
         missing = [n for n in names if n not in outs]
         if missing:
-            raise WorkerError(f"worker {self.public_url} returned no output {missing}")
+            raise WorkerError(f"the model worker returned no output {missing}")
         return {n: np.asarray(outs[n], np.float32) for n in names}
 
     def close(self) -> None:
