@@ -23,6 +23,7 @@ from api.app import create_app
 from api.config import Settings
 from api.worker_app import create_worker_app
 from wsi_sampler import Extractor, PlanParams, make_plan, open_slide
+from wsi_sampler.errors import WorkerError
 from wsi_sampler.models import load_model
 from wsi_sampler.worker import RemoteWorker
 
@@ -99,6 +100,20 @@ def test_remote_worker_negotiates_json_and_matches(server: str) -> None:
         got = worker.infer(patches)["mean_rgb"]
     np.testing.assert_allclose(got, patches.astype(np.float32).mean(axis=(1, 2)) / 255,
                                atol=1e-6)
+
+
+def test_binary_tensors_forced_on_a_server_that_lists_none(server: str) -> None:
+    # Neither lists binary_tensor_data; KServe reads them all the same, MLServer 1.7.1
+    # answers 500 (its log: UnicodeDecodeError), which must be a clear error, not garbage.
+    patches = np.random.default_rng(2).integers(0, 256, (2, SIZE, SIZE, 3), dtype=np.uint8)
+    name = str(httpx.get(f"{server}/v2").json().get("name", ""))
+    with RemoteWorker(server, "mean-colour", target_mpp=MPP, binary=True, retries=0) as forced:
+        if "mlserver" in name.lower():
+            with pytest.raises(WorkerError, match=r"HTTP 500"):
+                forced.infer(patches)
+        else:
+            np.testing.assert_allclose(forced.infer(patches)["mean_rgb"], patches.astype(
+                np.float32).mean(axis=(1, 2)) / 255, atol=1e-6)
 
 
 def test_score_cli_uses_the_server(server: str, demo_slide: Path, tmp_path: Path) -> None:

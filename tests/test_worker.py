@@ -6,7 +6,6 @@ import socket
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import httpx
 import numpy as np
@@ -258,36 +257,13 @@ def test_micro_batcher_groups_waiting_requests_up_to_max_batch() -> None:
         assert r["v"].ravel().tolist() == [i] * len(r["v"])
 
 
-def _without_binary_extension(app: Any) -> Any:
-    """Our worker, answering as MLServer 1.7.1 does (issue 13): ``/v2`` lists no extensions
-    and a binary-tensor request fails with 500 (MLServer logs a UnicodeDecodeError)."""
-    async def wrapped(scope: Any, receive: Any, send: Any) -> None:
-        binary = any(k.lower() == HEADER_LENGTH.lower().encode()
-                     for k, _ in scope.get("headers", []))
-        if scope["type"] == "http" and (scope["path"] == "/v2" or binary):
-            body = json.dumps({"name": "mlserver", "version": "1.7.1", "extensions": []}
-                              if not binary else {"error": "UnicodeDecodeError"}).encode()
-            await send({"type": "http.response.start", "status": 500 if binary else 200,
-                        "headers": [(b"content-type", b"application/json")]})
-            await send({"type": "http.response.body", "body": body})
-            return
-        await app(scope, receive, send)
-    return wrapped
-
-
-def test_remote_worker_uses_json_when_the_server_offers_no_binary(
-        model: Model, reference: dict[str, np.ndarray]) -> None:
-    app = _without_binary_extension(create_worker_app(lambda: model))
-    with serve(app, ready_path="/v2/health/ready") as base:
-        with RemoteWorker(base, "tissue-qc") as auto:
-            assert auto.binary is False
-            np.testing.assert_array_equal(auto.infer(PATCHES[:4])["qc"], reference["qc"][:4])
-        with RemoteWorker(base, "tissue-qc", binary=True, retries=0) as forced, \
-                pytest.raises(WorkerError, match="500"):
-            forced.infer(PATCHES[:4])
+def test_our_worker_lists_the_binary_extension_and_is_spoken_to_in_binary(
+        model: Model) -> None:
+    # Servers that list no binary_tensor_data (MLServer, KServe) are spoken to in JSON:
+    # tests/test_interop_servers.py runs the real ones.
     with serve(create_worker_app(lambda: model), ready_path="/v2/health/ready") as base, \
             RemoteWorker(base, "tissue-qc") as ours:
-        assert ours.binary is True  # our worker lists binary_tensor_data
+        assert ours.binary is True
 
 
 def test_a_worker_that_echoes_our_credentials_never_passes_them_on() -> None:
