@@ -18,7 +18,6 @@ from api.app import create_app
 from api.config import Settings
 from wsi_sampler import Extractor, PlanParams, make_plan, open_slide
 from wsi_sampler.client import PatchStreamError, stream_patches
-from wsi_sampler.encoding import encode_jpeg
 
 PLAN = {"strategy": "random", "n_patches": 70, "seed": 3, "patch_size_px": 224,
         "target_mpp": 0.5}
@@ -68,14 +67,22 @@ def test_raw_and_png_patches_are_the_extractors_arrays(url: str, root: Path) -> 
         assert np.array_equal(images, expected), form
 
 
-def test_jpeg_patches_decode_to_the_encoded_extractor_arrays(url: str, root: Path) -> None:
+def test_jpeg_patches_are_the_extractor_pixels_within_jpeg_tolerance(url: str, root: Path
+                                                                      ) -> None:
+    # Compared with the extractor's own pixels, not with our encoder's output: the error
+    # must be that of a quality-95 JPEG, measured here with OpenCV's independent encoder.
+    import cv2
+
     sid = slide_ids(url, KEY)["demo.svs"]
     _, expected = _in_process(root / "slides" / "demo.svs")
     got = [im for _, im in stream_patches(url, sid, PLAN, image_format="jpeg", api_key=KEY)]
-    from imagecodecs import jpeg8_decode
-
+    assert len(got) == len(expected)
     for image, reference in zip(got, expected, strict=True):
-        assert np.array_equal(image, jpeg8_decode(encode_jpeg(reference)))
+        ok, data = cv2.imencode(".jpg", reference[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 95])
+        opencv = cv2.imdecode(data, cv2.IMREAD_COLOR)[:, :, ::-1]
+        ours = np.abs(image.astype(int) - reference).mean()
+        theirs = np.abs(opencv.astype(int) - reference).mean()
+        assert ok and ours <= theirs * 1.25 + 0.05, (ours, theirs)
 
 
 def test_whole_stored_tiles_arrive_as_the_scanners_jpeg(url: str) -> None:
