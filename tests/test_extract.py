@@ -180,7 +180,34 @@ def test_dct_scaled_decoding_stays_within_its_documented_tolerance(
         assert Extractor(s, unaligned, mode="tiles").dct_scale == 1
     assert len(plan) > 20
     diff = np.abs(fast.astype(np.int16) - ref.astype(np.int16))
-    assert float(diff.mean()) <= 0.75 and np.percentile(diff, 99.9) <= 12 and diff.max() <= 48
+    # The requirement, measured here rather than copied from a past run: patches are no
+    # further from the exact path than libjpeg's scaled decode itself is from a full decode
+    # + area average, on this slide's tiles (a margin for rounding when patches are cut
+    # from the decoded tiles): a worse assembly or resampling fails.
+    lib = _scaled_decode_error(demo_slide, scale)
+    assert float(diff.mean()) <= 1.1 * float(lib.mean()) + 0.1, (diff.mean(), lib.mean())
+    assert np.percentile(diff, 99.9) <= 1.1 * np.percentile(lib, 99.9) + 2
+    assert diff.max() <= 1.1 * lib.max() + 4
+
+
+def _scaled_decode_error(slide_path: Path, scale: int) -> np.ndarray:
+    """|libjpeg's 1/scale decode - full decode area-averaged| over level 0's tissue tiles
+    (where the plan's patches are: background tiles have no error to speak of)."""
+    with open_slide(slide_path) as s:
+        tiles = s.tile_source()
+        assert tiles is not None
+        lv = tiles.levels[0]
+        errors = []
+        for ty in range(lv.tiles_down):
+            for tx in range(lv.tiles_across):
+                whole = tiles.read_tile(0, tx, ty)
+                if whole.std() < 20:
+                    continue
+                area = cv2.resize(whole, (lv.tile_w // scale, lv.tile_h // scale),
+                                  interpolation=cv2.INTER_AREA)
+                errors.append(np.abs(tiles.read_tile(0, tx, ty, scale=scale).astype(np.int16)
+                                     - area.astype(np.int16)))
+    return np.stack(errors)
 
 
 def test_neighbouring_patches_share_decoded_tiles(demo_slide: Path) -> None:
