@@ -30,7 +30,8 @@ class CuttableHttp:
     def __init__(self) -> None:
         self._streams: deque[Any] = deque(maxlen=_KEEP)
         self._lock = threading.Lock()
-        self.cut_requested = threading.Event()
+        self.cancelled = threading.Event()
+        """Set by :meth:`cancel` (the caller went away), not by a deadline's cut."""
 
     @property
     def event_hooks(self) -> dict[str, list[Any]]:
@@ -44,9 +45,13 @@ class CuttableHttp:
             with self._lock:
                 self._streams.append(info["return_value"])
 
+    def cancel(self) -> None:
+        """The caller went away: cut every request in flight and retry none."""
+        self.cancelled.set()
+        self.cut()
+
     def cut(self) -> None:
-        """Fail every request in flight now (and refuse none later: call it again)."""
-        self.cut_requested.set()
+        """Fail every request in flight now (later requests go through as usual)."""
         with self._lock:
             streams = list(self._streams)
         for stream in streams:

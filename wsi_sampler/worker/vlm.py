@@ -183,14 +183,25 @@ class VlmWorker(VlmRequest):
 
     def cancel(self) -> None:
         """Cut the call in flight: it fails at once with WorkerUnavailableError."""
-        self._http.cut()
+        self._http.cancel()
 
-    def _attempts(self, deadline: Deadline) -> Iterator[int]:
-        """Attempt numbers; the caller retries (a failure before any text) only while time
-        and attempts are left and no one cancelled."""
+    def _create(self, deadline: Deadline, **body: Any) -> Any:
+        """``chat.completions.create`` within ``deadline``: a transient failure (connection,
+        5xx, 429) is retried while attempts and time are left and no one cancelled."""
+        import openai
+
+        transient = (openai.APIConnectionError, openai.InternalServerError,
+                     openai.RateLimitError)
         for attempt in range(self.config.retries + 1):
-            yield attempt
+            try:
+                return self.client.with_options(timeout=deadline.remaining()
+                                                ).chat.completions.create(**body)
+            except transient:
+                if attempt >= self.config.retries or deadline.expired or \
+                        self._http.cancelled.is_set():
+                    raise
             time.sleep(min(0.5 * 2**attempt, deadline.remaining()))
+        raise AssertionError("unreachable")
 
     def stream(self, messages: list[dict[str, Any]]) -> Iterator[str | VlmReport]:
         """Yield text deltas as the endpoint streams them, then the full :class:`VlmReport`."""
@@ -200,18 +211,10 @@ class VlmWorker(VlmRequest):
                                  "max_chars": self.config.max_tokens * MAX_CHARS_PER_TOKEN}
         with Deadline(self.config.timeout_s, self._http) as deadline, \
                 _translated(self.config, deadline, self._http):
-            for attempt in self._attempts(deadline):
-                try:
-                    chunks = self.client.with_options(timeout=deadline.remaining()
-                                                      ).chat.completions.create(
-                        **self.request_body(messages), stream=True,
-                        stream_options={"include_usage": True})
-                    with chunks:  # closed whatever happens: a broken stream or a client gone
-                        yield from _deltas(chunks, parts, state)
-                    break
-                except Exception as exc:
-                    if parts or not self._retryable(exc, attempt, deadline):
-                        raise
+            chunks = self._create(deadline, **self.request_body(messages), stream=True,
+                                  stream_options={"include_usage": True})
+            with chunks:  # closed whatever happens: a broken stream or a client gone
+                yield from _deltas(chunks, parts, state)
         yield _report("".join(parts), state["model"], state["finish"], state["usage"],
                       time.perf_counter() - t0)
 
@@ -220,15 +223,7 @@ class VlmWorker(VlmRequest):
         t0 = time.perf_counter()
         with Deadline(self.config.timeout_s, self._http) as deadline, \
                 _translated(self.config, deadline, self._http):
-            for attempt in self._attempts(deadline):
-                try:
-                    answer = self.client.with_options(timeout=deadline.remaining()
-                                                      ).chat.completions.create(
-                        **self.request_body(messages))
-                    break
-                except Exception as exc:
-                    if not self._retryable(exc, attempt, deadline):
-                        raise
+            answer = self._create(deadline, **self.request_body(messages))
         choice = answer.choices[0] if answer.choices else None
         usage = answer.usage.model_dump(exclude_none=True) if answer.usage else {}
         text = choice.message.content or "" if choice else ""
@@ -237,16 +232,6 @@ class VlmWorker(VlmRequest):
         if len(text) > limit:
             text, finish = text[:limit], "length"
         return _report(text, answer.model, finish, usage, time.perf_counter() - t0)
-
-    def _retryable(self, exc: Exception, attempt: int, deadline: Deadline) -> bool:
-        import openai
-
-        if attempt >= self.config.retries or deadline.expired or \
-                self._http.cut_requested.is_set():
-            return False
-        transient = (openai.APIConnectionError, openai.InternalServerError,
-                     openai.RateLimitError)
-        return isinstance(exc, transient)
 
     def close(self) -> None:
         self.client.close()
@@ -305,7 +290,7 @@ def _translated(config: VlmConfig, deadline: Deadline, http: CuttableHttp) -> It
             raise WorkerUnavailableError(
                 f"the vision-language model did not answer within {config.timeout_s:g} s "
                 "(the whole request, retries included; vlm_timeout_s)") from exc
-        if http.cut_requested.is_set():
+        if http.cancelled.is_set():
             raise WorkerUnavailableError("the call to the vision-language model was "
                                          "cancelled (its client went away)") from exc
         translated = translate_openai_error(exc, config)
