@@ -5,6 +5,7 @@ Coordinates are level-0 pixels in every public function, file and response.
 
 from __future__ import annotations
 
+from ._lazy import lazy_attributes
 from .errors import (
     CorruptSlideError,
     EmptyPlanError,
@@ -23,26 +24,10 @@ from .tissue import TissueParams, detect_tissue
 
 __version__ = "0.1.0"
 
-# The worker API loads torch; it is imported on first use, so `import wsi_sampler` stays light.
-_WORKER_NAMES = ("InProcessWorker", "RemoteWorker", "Worker", "open_worker")
-_MODEL_NAMES = ("load_model",)
-_SCORING_NAMES = ("score_slide", "OutputOptions")
-
-
-def __getattr__(name: str) -> object:
-    if name in _WORKER_NAMES:
-        from . import worker
-
-        return getattr(worker, name)
-    if name in _MODEL_NAMES:
-        from . import models
-
-        return getattr(models, name)
-    if name in _SCORING_NAMES:
-        from . import scoring
-
-        return getattr(scoring, name)
-    raise AttributeError(f"module 'wsi_sampler' has no attribute {name!r}")
+# Names that load torch are imported on first use, so `import wsi_sampler` stays light.
+_LAZY = dict.fromkeys(("InProcessWorker", "RemoteWorker", "Worker", "open_worker"), ".worker")
+_LAZY |= {"load_model": ".models", "score_slide": ".scoring", "OutputOptions": ".scoring"}
+__getattr__ = lazy_attributes(__name__, _LAZY)
 
 
 __all__ = [

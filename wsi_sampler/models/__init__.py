@@ -4,9 +4,9 @@ do (the runtime, loaders, ``TissueQC``) are imported on first use."""
 
 from __future__ import annotations
 
-from importlib import import_module
 from typing import TYPE_CHECKING
 
+from .._lazy import lazy_attributes
 from .card import ModelCard, Normalization, OutputSpec, Pooling, Provenance, load_card
 from .catalogue import catalogue_card, catalogue_names
 from .resolve import BUILTIN_MODELS, preflight, resolve_card
@@ -41,8 +41,4 @@ __all__ = [
 _TORCH_HOMES = {"load_model": ".loaders", "Model": ".runtime", "Predictions": ".runtime",
                 "select_device": ".runtime", "TissueQC": ".tissue_qc"}
 
-
-def __getattr__(name: str) -> object:
-    if name in _TORCH_HOMES:
-        return getattr(import_module(_TORCH_HOMES[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _TORCH_HOMES)

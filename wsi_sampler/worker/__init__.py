@@ -7,8 +7,9 @@ are imported on first use: ``wsi_sampler.worker.vlm`` (a VLM over HTTP) needs no
 
 from __future__ import annotations
 
-from importlib import import_module
 from typing import TYPE_CHECKING
+
+from .._lazy import lazy_attributes
 
 if TYPE_CHECKING:
     from .base import InProcessWorker, Worker, open_worker
@@ -20,8 +21,4 @@ __all__ = ["InProcessWorker", "MicroBatcher", "RemoteWorker", "Worker", "open_wo
 _HOMES = {"InProcessWorker": ".base", "Worker": ".base", "open_worker": ".base",
           "MicroBatcher": ".batching", "RemoteWorker": ".remote"}
 
-
-def __getattr__(name: str) -> object:
-    if name in _HOMES:
-        return getattr(import_module(_HOMES[name], __name__), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_attributes(__name__, _HOMES)
