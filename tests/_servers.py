@@ -39,6 +39,22 @@ def wait_for_job(url: str, job_id: str, headers: dict[str, str] | None = None,
     return dict(status)
 
 
+def folder_settings(tmp_path: Path, slides: dict[str, Path], **settings: Any) -> Any:
+    """Service settings over ``tmp_path/slides`` holding a copy of each ``slides`` file (name
+    -> source), data in ``tmp_path/data``, no demo slide, on the CPU; ``settings`` added."""
+    import shutil
+
+    from api.config import Settings
+
+    root = tmp_path / "slides"
+    root.mkdir(exist_ok=True)
+    for name, source in slides.items():
+        shutil.copy(source, root / name)
+    values: dict[str, Any] = {"slide_roots": [root], "data_dir": tmp_path / "data",
+                              "demo_slide": False, "device": "cpu"}
+    return Settings(**(values | settings))
+
+
 def free_port() -> int:
     """A TCP port on 127.0.0.1 nobody listens on now (for servers we start as processes)."""
     with socket.socket() as s:

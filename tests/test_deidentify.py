@@ -15,10 +15,9 @@ import httpx
 import numpy as np
 import pytest
 import tifffile
-from _servers import serve, wait_for_job
+from _servers import folder_settings, serve, wait_for_job
 
 from api.app import create_app
-from api.config import Settings
 from wsi_sampler import open_slide
 from wsi_sampler.deidentify import deidentify_file, load_pseudonyms, sanitise_aperio
 from wsi_sampler.demo import DemoSlideSpec, write_demo_slide
@@ -115,12 +114,8 @@ def test_a_deidentified_service_says_no_name(canary_slide: tuple[Path, bytes],
                                             tmp_path: Path,
                                             caplog: pytest.LogCaptureFixture) -> None:
     src, label_bytes = canary_slide
-    root = tmp_path / "slides"
-    root.mkdir()
-    shutil.copy(src, root / src.name)
-    (root / "DOE_JANE_CANARY4242_cut.svs").write_bytes(src.read_bytes()[:50_000])
-    settings = Settings(slide_roots=[root], data_dir=tmp_path / "data",  # type: ignore[call-arg]
-                        demo_slide=False, device="cpu", deidentify=True)
+    settings = folder_settings(tmp_path, {src.name: src}, deidentify=True)
+    (tmp_path / "slides" / "DOE_JANE_CANARY4242_cut.svs").write_bytes(src.read_bytes()[:50_000])
     seen: list[str] = []
     with caplog.at_level(logging.INFO), serve(create_app(settings),
                                               ready_path="/readyz") as url:

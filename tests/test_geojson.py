@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -16,11 +15,10 @@ from typing import Any
 
 import httpx
 import pytest
-from _servers import serve, slide_ids, wait_for_job
+from _servers import folder_settings, serve, slide_ids, wait_for_job
 from shapely.geometry import Polygon
 
 from api.app import create_app
-from api.config import Settings
 from wsi_sampler.geojson import feature, feature_collection, polygon_geometry
 
 CLI = [sys.executable, "-c", "from wsi_sampler.cli import main; main()"]
@@ -130,11 +128,7 @@ def test_cli_tissue_and_plan_files_import_into_qupath(demo_slide: Path, tmp_path
 
 def test_api_tissue_and_job_predictions_import_into_qupath(demo_slide: Path,
                                                            tmp_path: Path) -> None:
-    root = tmp_path / "slides"
-    root.mkdir()
-    shutil.copy(demo_slide, root / "demo.svs")
-    settings = Settings(slide_roots=[root], data_dir=tmp_path / "data",  # type: ignore[call-arg]
-                        demo_slide=False, device="cpu")
+    settings = folder_settings(tmp_path, {"demo.svs": demo_slide})
     with serve(create_app(settings), ready_path="/readyz") as url:
         sid = slide_ids(url)["demo.svs"]
         answer = httpx.get(f"{url}/v1/slides/{sid}/tissue", params={"format": "geojson"})

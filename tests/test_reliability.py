@@ -23,7 +23,7 @@ import httpx
 import numpy as np
 import numpy.typing as npt
 import pytest
-from _servers import serve, slide_ids, wait_for_job
+from _servers import folder_settings, serve, slide_ids, wait_for_job
 from _slides import corrupt_lower_half
 
 from api.app import create_app
@@ -374,11 +374,7 @@ def test_a_job_never_stays_running_after_an_unexpected_error(env: dict[str, Path
 
 def test_a_job_on_a_slide_without_tissue_succeeds_and_says_why(
         blank_slide: Path, tmp_path: Path) -> None:
-    root = tmp_path / "slides"
-    root.mkdir()
-    shutil.copy(blank_slide, root / "blank.svs")
-    settings = Settings(slide_roots=[root], data_dir=tmp_path / "data",  # type: ignore[call-arg]
-                        demo_slide=False, device="cpu")
+    settings = folder_settings(tmp_path, {"blank.svs": blank_slide})
     with serve(create_app(settings), ready_path="/readyz") as url:
         sid = slide_ids(url)["blank.svs"]
         job = httpx.post(f"{url}/v1/jobs", json={"slides": [sid]}).json()["id"]
@@ -423,12 +419,9 @@ def test_a_missing_mpp_message_reads_right_with_the_default_data_folder(
 
 
 def test_jobs_belong_to_their_key_and_are_bounded(demo_slide: Path, tmp_path: Path) -> None:
-    root = tmp_path / "slides"
-    root.mkdir()
-    shutil.copy(demo_slide, root / "demo.svs")
-    settings = Settings(slide_roots=[root], data_dir=tmp_path / "data",  # type: ignore[call-arg]
-                        demo_slide=False, device="cpu", api_keys=["key-a", "key-b", "key-c"],
-                        max_jobs_per_key=2, max_queued_jobs=3)
+    settings = folder_settings(tmp_path, {"demo.svs": demo_slide},
+                               api_keys=["key-a", "key-b", "key-c"], max_jobs_per_key=2,
+                               max_queued_jobs=3)
     a, b, c = ({"Authorization": f"Bearer key-{k}"} for k in "abc")
     with serve(create_app(settings), ready_path="/readyz") as url:
         sid = slide_ids(url, "key-a")["demo.svs"]
@@ -466,11 +459,7 @@ def test_jobs_belong_to_their_key_and_are_bounded(demo_slide: Path, tmp_path: Pa
 
 def test_finished_jobs_are_removed_after_the_retention(demo_slide: Path, tmp_path: Path
                                                         ) -> None:
-    root = tmp_path / "slides"
-    root.mkdir()
-    shutil.copy(demo_slide, root / "demo.svs")
-    settings = Settings(slide_roots=[root], data_dir=tmp_path / "data",  # type: ignore[call-arg]
-                        demo_slide=False, device="cpu", job_retention_hours=1 / 3600)
+    settings = folder_settings(tmp_path, {"demo.svs": demo_slide}, job_retention_hours=1 / 3600)
     small = {"sampling": {"strategy": "random", "n_patches": 4}}
     with serve(create_app(settings), ready_path="/readyz") as url:
         sid = slide_ids(url)["demo.svs"]
