@@ -201,6 +201,8 @@ class JobManager:
 
     def _status_of(self, row: tuple[Any, ...]) -> dict[str, Any]:
         request = json.loads(row[4])
+        files = json.loads(row[8])
+        names = {sid: self._slide_name(sid) for sid in {n.partition(".")[0] for n in files}}
         return {
             "id": row[0], "state": row[1], "created": row[2], "updated": row[3],
             "slides_total": len(request["slides"]), "slides_done": row[5],
@@ -208,11 +210,11 @@ class JobManager:
             "results": [
                 {"name": n, "media_type": _MEDIA.get(Path(n).suffix, "application/octet-stream"),
                  "url": f"/v1/jobs/{row[0]}/results/{n}", "slide_id": n.partition(".")[0],
-                 "slide_name": self._slide_name(n.partition(".")[0])}
-                for n in json.loads(row[8])
+                 "slide_name": names[n.partition(".")[0]]}
+                for n in files
             ],
             "notes": json.loads(row[9]),
-            "slides_complete": sorted({n.partition(".")[0] for n in json.loads(row[8])}),
+            "slides_complete": sorted(names),
         }
 
     def cancel_or_delete(self, job_id: str, owner: str = "") -> dict[str, Any]:

@@ -102,6 +102,11 @@ def servable(path: Path, root: Path) -> bool:
     )
 
 
+def name_file(stored: Path) -> Path:
+    """Where an upload's original file name is kept: ``.<stored name>.name`` beside it."""
+    return stored.with_name(f".{stored.name}.name")
+
+
 class NotDeletableError(WsiSamplerError):
     """A slide in a configured root or on a server: not deletable over the API (405)."""
 
@@ -181,7 +186,7 @@ class SlideRegistry:
 
     def _local_name(self, root: Path, path: Path) -> str:
         """A file's name; an upload's, the name it was uploaded under (when it had one)."""
-        sidecar = path.with_name(f".{path.name}.name")
+        sidecar = name_file(path)
         if root == self.uploads and sidecar.is_file():
             try:
                 return sidecar.read_text(encoding="utf-8").strip() or path.name
@@ -197,7 +202,7 @@ class SlideRegistry:
             raise NotDeletableError(f"{entry.relpath} is {where}: only uploads can be "
                                     "deleted here (manage the others where they are kept)")
         entry.path.unlink(missing_ok=True)
-        entry.path.with_name(f".{entry.path.name}.name").unlink(missing_ok=True)
+        name_file(entry.path).unlink(missing_ok=True)
         with self._lock:
             self._index.pop(slide_id, None)
         return entry

@@ -34,9 +34,9 @@ from wsi_sampler.errors import (
     WsiSamplerError,
 )
 
-from .slides import SlideEntry, SlideRegistry
+from .slides import SlideEntry, SlideRegistry, name_file
 
-__all__ = ["MalformedBodyError", "ReceivedUpload", "name_file", "receive_upload", "sniff_format",
+__all__ = ["MalformedBodyError", "ReceivedUpload", "receive_upload", "sniff_format",
            "store_upload"]
 
 _FLUSH_BYTES = 1 << 20
@@ -220,11 +220,6 @@ def store_upload(registry: SlideRegistry, uploads: Path, upload: ReceivedUpload)
     if name and not registry.deidentify and not name_file(target).exists():
         atomic_write_text(name_file(target), name)
     return registry.add_upload(uploads, target)
-
-
-def name_file(stored: Path) -> Path:
-    """Where an upload's original file name is kept: ``.<stored name>.name`` beside it."""
-    return stored.with_name(f".{stored.name}.name")
 
 
 def upload_name(filename: str) -> str:

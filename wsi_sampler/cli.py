@@ -195,8 +195,8 @@ def plan(
             write_messages(messages, s, p, model=vlm_model, prompt=prompt or DEFAULT_PROMPT)
     log.info("plan: %d patches, %s (%s, %.3f µm/px, %d px) -> %s", len(p), _counts(p),
              p.strategy, p.target_mpp, p.patch_size_px, out)
-    if p.note():
-        log.warning("warning: %s", p.note())
+    if note := p.note():
+        log.warning("warning: %s", note)
 
 
 def _counts(p: PatchPlan) -> str:
@@ -252,8 +252,8 @@ def patches(
     started = time.perf_counter()
     with _open(slide, backend, mpp_override) as s:
         p, tm = _build_plan(s, params, roi, mask)
-        if p.note():
-            log.warning("warning: %s", p.note())
+        if note := p.note():
+            log.warning("warning: %s", note)
         planned = time.perf_counter()
         out.mkdir(parents=True, exist_ok=True)
         ext = ".png" if image_format is ImageFormat.png else ".jpg"

@@ -77,7 +77,7 @@ class _Tiff:
 
     def __init__(self, fh: BinaryIO, name: str) -> None:
         self.fh, self.name = fh, name
-        head = self._read(0, 16)
+        head = self.read(0, 16)
         if head[:2] not in (b"II", b"MM"):
             raise UnsupportedFormatError(f"{name}: not a TIFF-based slide")
         self.order = "<" if head[:2] == b"II" else ">"
@@ -88,7 +88,7 @@ class _Tiff:
         self.offset_format = "Q" if self.big else "I"
         self.first_pos = 8 if self.big else 4
 
-    def _read(self, at: int, n: int) -> bytes:
+    def read(self, at: int, n: int) -> bytes:
         self.fh.seek(at)
         data = self.fh.read(n)
         if len(data) != n:
@@ -101,7 +101,7 @@ class _Tiff:
 
     def read_offset(self, at: int) -> int:
         size = struct.calcsize(self.offset_format)
-        return int(struct.unpack(self.order + self.offset_format, self._read(at, size))[0])
+        return int(struct.unpack(self.order + self.offset_format, self.read(at, size))[0])
 
     def write_offset(self, at: int, value: int) -> None:
         self.write(at, struct.pack(self.order + self.offset_format, value))
@@ -117,8 +117,8 @@ class _Tiff:
     def _ifd(self, offset: int) -> _Ifd:
         count_format, entry_size, inline = ("Q", 20, 8) if self.big else ("H", 12, 4)
         count_size = struct.calcsize(count_format)
-        (n,) = struct.unpack(self.order + count_format, self._read(offset, count_size))
-        raw = self._read(offset + count_size, n * entry_size)
+        (n,) = struct.unpack(self.order + count_format, self.read(offset, count_size))
+        raw = self.read(offset + count_size, n * entry_size)
         entries = {}
         for i in range(n):
             tag, typ = struct.unpack_from(self.order + "HH", raw, i * entry_size)
@@ -134,7 +134,7 @@ class _Tiff:
     def text(self, entry: _Entry | None) -> str:
         if entry is None or entry.type != 2:
             return ""
-        return self._read(entry.value_pos, entry.count).split(b"\0", 1)[0].decode(
+        return self.read(entry.value_pos, entry.count).split(b"\0", 1)[0].decode(
             "latin-1")
 
     def values(self, entry: _Entry) -> list[int]:
@@ -143,7 +143,7 @@ class _Tiff:
                16: "Q", 17: "q", 18: "Q"}.get(entry.type)
         if fmt is None:
             return []
-        data = self._read(entry.value_pos, size * entry.count)
+        data = self.read(entry.value_pos, size * entry.count)
         return list(struct.unpack(f"{self.order}{entry.count}{fmt}", data))
 
     def blank(self, entry: _Entry, text: str = "") -> None:
@@ -180,7 +180,7 @@ def _is_associated(tiff: _Tiff, kind: str, index: int, ifd: _Ifd) -> bool:
         lens = ifd.entries.get(_NDPI_SOURCE_LENS)
         if lens is None:
             return False
-        raw = tiff._read(lens.value_pos, 4)
+        raw = tiff.read(lens.value_pos, 4)
         return bool(struct.unpack(tiff.order + "f", raw)[0] < 0)  # -1 macro, -2 its map
     tiled = 322 in ifd.entries
     return not tiled and bool(_ASSOCIATED_WORDS.search(

@@ -233,8 +233,9 @@ def score_slide(
         "n_candidates": plan.n_candidates, "seconds": round(total, 3),
         "timings_s": {"plan": round(t_plan, 3), "total": round(total, 3)},
     }
-    if plan.note():
-        summary["message"] = plan.note()
+    note = plan.note()
+    if note:
+        summary["message"] = note
     warnings = _model_warnings(slide, worker.card)
     if warnings:
         summary["warnings"] = warnings
