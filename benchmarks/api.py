@@ -70,6 +70,27 @@ def in_process(path: Path, body: dict[str, Any],
         return time.perf_counter() - t
 
 
+def in_process_stored(path: Path, body: dict[str, Any]) -> float:
+    """Seconds from the plan to every patch's stored JPEG bytes (no decoding): what a JPEG
+    stream of a tile-aligned plan sends, HTTP aside."""
+    from api.schemas import PatchRequest
+
+    with open_slide(path) as s:
+        t = time.perf_counter()
+        extractor = Extractor(s, make_plan(s, PatchRequest(**body).to_params()))
+        for start, end in extractor.batch_bounds():
+            stored = extractor.stored_jpegs(range(start, end))
+            assert all(data is not None for data in stored)
+        return time.perf_counter() - t
+
+
+def passes_stored_jpeg(path: Path, body: dict[str, Any]) -> bool:
+    from api.schemas import PatchRequest
+
+    with open_slide(path) as s:
+        return Extractor(s, make_plan(s, PatchRequest(**body).to_params())).passes_stored_jpeg
+
+
 def read_http_client(url: str, sid: str, body: dict[str, Any]) -> int:
     """Bytes of the stream read with http.client into one reused buffer."""
     parts = urlsplit(url)
@@ -156,6 +177,46 @@ def encode_all(fn: Callable[[np.ndarray], bytes], images: np.ndarray) -> None:
         fn(im)
 
 
+def plan_table(path: Path, url: str, sid: str, title: str, body: dict[str, Any], n: int,
+               repeats: int) -> None:
+    """One plan: each HTTP form and client against the in-process run that makes the same
+    output (arrays against arrays, stored JPEG bytes against stored JPEG bytes)."""
+    arrays = n / median_s(partial(in_process, path, body), repeats)
+    stored = passes_stored_jpeg(path, body)
+    bytes_base = (n / median_s(partial(in_process_stored, path, body), repeats)
+                  if stored else None)
+    print(f"\n{title}: {n} patches\n\n| path | client | client gets | patches/s | "
+          "compared with | ratio |\n|---|---|---|---:|---|---:|")
+    print(f"| in-process extractor | | arrays | {arrays:,.0f} | | |")
+    if bytes_base is not None:
+        print(f"| in-process stored JPEG tiles (no decode) | | JPEG bytes | {bytes_base:,.0f} "
+              "| | |")
+    encoded: dict[str, float] = {}
+    for name, encode in (("jpeg", encode_jpeg), ("png", encode_png)):
+        encoded[name] = rate = n / median_s(partial(in_process, path, body, encode), repeats)
+        print(f"| in-process extractor + {name.upper()} encoding on every core | | "
+              f"{name.upper()} bytes | {rate:,.0f} | | |")
+    for form in FORMS:
+        for client, read in (READERS if form == "raw" else [READERS[0], READERS[2]]):
+            decoded = read is read_arrays
+            seconds = median_s(partial(read, url, sid, body | {"image_format": form}), repeats)
+            rate = n / seconds
+            if form == "raw":
+                gets = "arrays" if decoded else "raw .npy bytes (arrays as sent)"
+                base, base_name = arrays, "in-process arrays"
+            elif decoded:
+                gets, base, base_name = "arrays", arrays, "in-process arrays"
+            elif form == "jpeg" and bytes_base is not None:
+                gets, base, base_name = "stored JPEG bytes", bytes_base, "in-process stored JPEG"
+            else:
+                gets, base = f"{form.upper()} bytes", encoded[form]
+                base_name = f"in-process + {form.upper()} encoding"
+            if form != "raw" and decoded:
+                gets = "arrays (decoded in the client, 1 thread)"
+            print(f"| HTTP tar ({form}) | {client} | {gets} | {rate:,.0f} | {base_name} | "
+                  f"{rate / base:.2f} |")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
@@ -173,21 +234,7 @@ def main(argv: list[str] | None = None) -> int:
             for title, body in PLANS.items():
                 n = int(httpx.post(f"{url}/v1/slides/{ids['big.svs']}/plan",
                                    json=body).json()["n_patches"])
-                base = n / median_s(partial(in_process, path, body), args.repeats)
-                print(f"\n{title}: {n} patches\n\n| path | client | patches/s | "
-                      "÷ in-process extractor |\n|---|---|---:|---:|")
-                print(f"| in-process extractor | | {base:,.0f} | 1.00 |")
-                for name, encode in (("JPEG", encode_jpeg), ("PNG", encode_png)):
-                    rate = n / median_s(partial(in_process, path, body, encode), args.repeats)
-                    print(f"| in-process extractor + {name} encoding | | {rate:,.0f} | "
-                          f"{rate / base:.2f} |")
-                for form in FORMS:
-                    for client, read in (READERS if form == "raw" else READERS[:1]):
-                        request = body | {"image_format": form}
-                        seconds = median_s(partial(read, url, ids["big.svs"], request),
-                                           args.repeats)
-                        print(f"| HTTP tar ({form}) | {client} | {n / seconds:,.0f} | "
-                              f"{n / seconds / base:.2f} |")
+                plan_table(path, url, ids["big.svs"], title, body, n, args.repeats)
             print("\n| time to first patch (demo slide) | " + " | ".join(FORMS) + " |\n|---|" +
                   "---:|" * len(FORMS))
             firsts = [statistics.median(first_patch_s(url, ids["demo.svs"], FIRST | {

@@ -9,8 +9,13 @@ to a features h5:
   model, features.h5);
 - **CLAM-style**: what CLAM's ``extract_features_fp.py`` / TRIDENT's patch-feature step do:
   a coords h5, a Dataset that calls openslide ``read_region`` at the patch level, PIL, then
-  torchvision ``Resize + ToTensor + Normalize``, a ``DataLoader`` with 2 workers, the model
-  under ``torch.inference_mode``, features saved to h5;
+  torchvision ``Resize + ToTensor + Normalize``, a ``DataLoader`` with ``--workers``
+  workers (default: every core, the budget ours gets as threads), the model under
+  ``torch.inference_mode``, features saved to h5; it starts from wsi-sampler's planned
+  coordinates (as CLAM starts from its own patching step's), ours from the slide file;
+- **CLAM-style, channels-last input**: the same with the batch made channels-last before
+  the model, as ours feeds it: isolates how much of the difference is memory layout (the
+  convolutions of a CNN run faster on NHWC on CPU; a ViT is indifferent);
 - **model only**: the model on patches already in memory (the ceiling of both).
 
 Each contestant runs in its own process (peak RSS is its own). Goal: ours >= 1.3x the
@@ -21,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -34,6 +40,12 @@ from .extract import SPECS
 MODELS = ("vit-s16", "resnet50")
 
 
+def torch_version() -> str:
+    import torch
+
+    return str(torch.__version__)
+
+
 def _plan(path: Path, n: int) -> Any:
     from wsi_sampler import PlanParams, make_plan, open_slide
 
@@ -42,7 +54,7 @@ def _plan(path: Path, n: int) -> Any:
                                            patch_size_px=224, target_mpp=0.5))
 
 
-def c_ours(path: str, model: str, n: int) -> dict[str, Any]:
+def c_ours(path: str, model: str, n: int, workers: int) -> dict[str, Any]:
     import torch
 
     from wsi_sampler import PlanParams, open_slide
@@ -87,7 +99,8 @@ class _ClamBag:
         return self.transform(img), self.coords[i]
 
 
-def c_clam(path: str, model: str, n: int) -> dict[str, Any]:
+def c_clam(path: str, model: str, n: int, workers: int, channels_last: bool = False
+           ) -> dict[str, Any]:
     import h5py
     import torch
     from torchvision import transforms
@@ -108,10 +121,12 @@ def c_clam(path: str, model: str, n: int) -> dict[str, Any]:
         with open_slide(path) as slide:  # the patching step: same tissue patches as ours
             write_clam_h5(coords_path, _plan(Path(path), n), slide)
         loader = torch.utils.data.DataLoader(_ClamBag(path, coords_path, transform),
-                                             batch_size=64, num_workers=2)
+                                             batch_size=64, num_workers=workers)
         feats, coords = [], []
         with torch.inference_mode():
             for x, xy in loader:
+                if channels_last:
+                    x = x.contiguous(memory_format=torch.channels_last)
                 feats.append(module(x).numpy())
                 coords.append(xy.numpy())
         with h5py.File(Path(out) / "features.h5", "w") as f:
@@ -121,7 +136,7 @@ def c_clam(path: str, model: str, n: int) -> dict[str, Any]:
     return {"patches": sum(len(x) for x in feats), "seconds": seconds}
 
 
-def c_model_only(path: str, model: str, n: int) -> dict[str, Any]:
+def c_model_only(path: str, model: str, n: int, workers: int) -> dict[str, Any]:
     import torch
 
     from wsi_sampler import Extractor, open_slide
@@ -137,7 +152,12 @@ def c_model_only(path: str, model: str, n: int) -> dict[str, Any]:
     return {"patches": len(images), "seconds": time.perf_counter() - t}
 
 
-CONTESTANTS = {"wsi-sampler": c_ours, "CLAM-style (DataLoader, 2 workers)": c_clam,
+def c_clam_channels_last(path: str, model: str, n: int, workers: int) -> dict[str, Any]:
+    return c_clam(path, model, n, workers, channels_last=True)
+
+
+CONTESTANTS = {"wsi-sampler": c_ours, "CLAM-style (DataLoader)": c_clam,
+               "CLAM-style, channels-last input": c_clam_channels_last,
                "model only (patches in memory)": c_model_only}
 
 
@@ -146,14 +166,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--patches", type=int, default=512)
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
+                        help="DataLoader workers of the CLAM-style rows (ours: as many "
+                        "threads); default every core")
     args = parser.parse_args(argv)
     path = ensure_slide("A", SPECS["A"])
     warm_page_cache(path)
-    print(f"# {machine()}\n\n| model | contestant | patches | s | patches/s | ours ÷ this | "
-          "peak RSS MiB |\n|---|---|---:|---:|---:|---:|---:|", flush=True)
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    print(f"# {stamp}; {machine()}; `python -m benchmarks.encode --patches {args.patches} "
+          f"--workers {args.workers}`; torch {torch_version()}, {args.workers} workers / "
+          "threads per contestant\n\n| model | contestant | patches | s | patches/s | "
+          "ours ÷ this | peak RSS MiB |\n|---|---|---:|---:|---:|---:|---:|", flush=True)
     rows = []
     for model in args.models.split(","):
-        results = {name: run_isolated(fn, str(path), model, args.patches)
+        results = {name: run_isolated(fn, str(path), model, args.patches, args.workers)
                    for name, fn in CONTESTANTS.items()}
         ours = results["wsi-sampler"]
         for name, res in results.items():

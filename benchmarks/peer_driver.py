@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import sys
 import time
 from collections.abc import Callable, Iterator
@@ -24,6 +25,9 @@ import numpy as np
 
 WORKLOADS = {"B": (224, 0.5), "A": (256, 0.25)}  # (patch px, µm/px)
 SLIDE_MPP = 0.25
+# Every contestant gets the same budget: threads for ours, DataLoader workers for the
+# datasets (the parent passes its --workers; default all cores).
+WORKERS = int(os.environ.get("WSI_BENCH_WORKERS", "2"))
 
 
 def _consume(patches: Iterator[Any]) -> int:
@@ -42,7 +46,7 @@ def ours(slide: str, workload: str, coords: str | None) -> int:
     size, mpp = WORKLOADS[workload]
     with open_slide(slide) as s:
         plan = make_plan(s, PlanParams(patch_size_px=size, target_mpp=mpp))
-        return _consume(b.images for b in Extractor(s, plan).iter_batches())
+        return _consume(b.images for b in Extractor(s, plan, threads=WORKERS).iter_batches())
 
 
 def _clam_read(slide: str, workload: str, coords: str | None) -> Iterator[np.ndarray]:
@@ -65,7 +69,7 @@ def clam_loop(slide: str, workload: str, coords: str | None) -> int:
 
 
 def clam_dataloader(slide: str, workload: str, coords: str | None) -> int:
-    """The same read in a torch Dataset, DataLoader(num_workers=2, batch_size=64)."""
+    """The same read in a torch Dataset, DataLoader(num_workers=WORKERS, batch_size=64)."""
     import openslide
     import torch
     from torch.utils.data import DataLoader, Dataset
@@ -91,7 +95,7 @@ def clam_dataloader(slide: str, workload: str, coords: str | None) -> int:
                 img = img.resize((size, size))
             return torch.from_numpy(np.array(img))  # a copy, as ToTensor makes
 
-    loader = DataLoader(Bag(), batch_size=64, num_workers=2)
+    loader = DataLoader(Bag(), batch_size=64, num_workers=WORKERS)
     return _consume(batch.numpy() for batch in loader)
 
 
@@ -109,7 +113,7 @@ def tiatoolbox_extractor(slide: str, workload: str, coords: str | None) -> int:
 
 
 def tiatoolbox_dataset(slide: str, workload: str, coords: str | None) -> int:
-    """TIAToolbox's WSI patch dataset (its own tissue mask) in DataLoader(num_workers=2)."""
+    """TIAToolbox's WSI patch dataset (its own tissue mask) in DataLoader(num_workers=WORKERS)."""
     from tiatoolbox.models.dataset.dataset_abc import WSIPatchDataset
     from torch.utils.data import DataLoader
 
@@ -117,7 +121,7 @@ def tiatoolbox_dataset(slide: str, workload: str, coords: str | None) -> int:
     dataset = WSIPatchDataset(input_img=slide, patch_input_shape=(size, size),
                               stride_shape=(size, size), resolution=mpp, units="mpp",
                               auto_get_mask=True)
-    loader = DataLoader(dataset, batch_size=64, num_workers=2)
+    loader = DataLoader(dataset, batch_size=64, num_workers=WORKERS)
     return _consume(batch["image"].numpy() for batch in loader)
 
 

@@ -30,7 +30,7 @@ import numpy as np
 
 from wsi_sampler import PlanParams, make_plan, open_slide
 
-from ._harness import ensure_slide, warm_page_cache
+from ._harness import ensure_slide, machine, warm_page_cache
 from .extract import SPECS
 
 PEERS_DIR = Path(os.environ.get("WSI_PEERS_DIR", Path.home() / ".cache/wsi-sampler/peers"))
@@ -44,6 +44,14 @@ OURS = "wsi-sampler"
 CONTESTANTS = [(OURS, None), ("tiatoolbox-extractor", "tiatoolbox"),
                ("tiatoolbox-dataset", "tiatoolbox"), ("lazyslide", "lazyslide"),
                ("clam-loop", None), ("clam-dataloader", None)]
+# What each contestant starts from and how much of the worker budget it can use.
+START = {OURS: "slide file: own tissue + patches", "tiatoolbox-extractor": "slide file: own "
+         "Otsu mask + patches", "tiatoolbox-dataset": "slide file: own mask + patches",
+         "lazyslide": "slide file: own tissue + tiles",
+         "clam-loop": "wsi-sampler's coordinates", "clam-dataloader": "wsi-sampler's coordinates"}
+PARALLEL = {OURS: "{n} threads", "tiatoolbox-extractor": "1 (no worker option)",
+            "tiatoolbox-dataset": "{n} DataLoader workers", "lazyslide": "1 (no worker option)",
+            "clam-loop": "1 (CLAM's loop)", "clam-dataloader": "{n} DataLoader workers"}
 WORKLOADS = {"B": PlanParams(patch_size_px=224, target_mpp=0.5),
              "A": PlanParams(patch_size_px=256)}
 
@@ -106,11 +114,12 @@ def _tree_rss_mib(pid: int) -> float:
     return total / 2**20
 
 
-def run_once(python: Path, contestant: str, slide: Path, workload: str, coords: Path
-             ) -> dict[str, float]:
+def run_once(python: Path, contestant: str, slide: Path, workload: str, coords: Path,
+             workers: int) -> dict[str, float]:
     proc = subprocess.Popen([str(python), str(DRIVER), contestant, str(slide), workload,
                              str(coords)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+                            text=True, env={**os.environ, "PYTHONWARNINGS": "ignore",
+                                            "WSI_BENCH_WORKERS": str(workers)})
     peak = [0.0]
     done = threading.Event()
 
@@ -133,6 +142,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--only", default="", help="comma-separated contestants")
+    ap.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
+                    help="threads / DataLoader workers every contestant may use (all cores)")
     args = ap.parse_args()
     only = {c for c in args.only.split(",") if c}
     slide = ensure_slide("A", SPECS["A"])
@@ -146,27 +157,32 @@ def main() -> None:
             np.save(coords, np.stack([plan.x0, plan.y0], axis=1).astype(np.int64))
             print(f"\nworkload {workload}: {params.patch_size_px} px at "
                   f"{params.target_mpp or 0.25} µm/px; wsi-sampler plans {len(plan)} patches")
-            print(f"{'contestant':22} {'patches':>8} {'patches/s':>10} {'ours ÷ this':>12} "
-                  f"{'peak RSS MiB':>13}")
+            print(f"worker budget: {args.workers} per contestant\n")
+            print("| contestant | starts from | parallelism | patches | patches/s | ours ÷ this "
+                  "| peak RSS MiB |\n|---|---|---|---:|---:|---:|---:|")
             ours_rate = None
             for contestant, env in CONTESTANTS:
                 if only and contestant not in only:
                     continue
                 try:
                     python = pythons.get(env) or pythons.setdefault(env, peer_python(env))
-                    runs = [run_once(python, contestant, slide, workload, coords)
+                    runs = [run_once(python, contestant, slide, workload, coords, args.workers)
                             for _ in range(args.repeats)]
                 except (RuntimeError, subprocess.SubprocessError) as exc:
-                    print(f"{contestant:22} failed: {exc}")
+                    print(f"| {contestant} | failed: {exc} ||||||")
                     continue
                 rate = runs[0]["patches"] / statistics.median(r["seconds"] for r in runs)
                 if contestant == OURS:
                     ours_rate = rate
                 # a ratio only against our own row of this run (never a peer's stand-in)
-                ratio = f"{ours_rate / rate:12.2f}" if ours_rate else f"{'n/a':>12}"
-                print(f"{contestant:22} {int(runs[0]['patches']):8,} {rate:10,.0f} "
-                      f"{ratio} {max(r['rss'] for r in runs):13,.0f}", flush=True)
-    print(f"\n{time.strftime('%Y-%m-%d')}, {os.cpu_count()} cores; medians of {args.repeats}")
+                ratio = f"{ours_rate / rate:.2f}" if ours_rate else "n/a (no wsi-sampler row)"
+                print(f"| {contestant} | {START[contestant]} | "
+                      f"{PARALLEL[contestant].format(n=args.workers)} | "
+                      f"{int(runs[0]['patches']):,} | {rate:,.0f} | {ratio} | "
+                      f"{max(r['rss'] for r in runs):,.0f} |", flush=True)
+    print(f"\n{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {machine()}; medians of "
+          f"{args.repeats}; `python -m benchmarks.peers --repeats {args.repeats} --workers "
+          f"{args.workers}`")
 
 
 if __name__ == "__main__":

@@ -55,3 +55,22 @@ def test_peer_driver_runs_our_contestants_on_the_same_patches(demo_slide: Path,
         assert done.returncode == 0, done.stderr[-500:]
         result = json.loads(done.stdout.strip().splitlines()[-1])
         assert result["patches"] == len(plan) > 0 and result["seconds"] > 0
+
+
+def test_extraction_benchmark_contestants_read_the_same_plan(demo_slide: Path) -> None:
+    """The extraction benchmark's rows that compare like with like: the floors (full and
+    1/2 decode), openslide and tiffslide threaded as ours is, and the pixel difference
+    between our two paths (the DCT-scaled path is not exact, but close)."""
+    from benchmarks.extract import CONTESTANTS, c_fidelity, plan_job
+
+    from wsi_sampler import PlanParams
+
+    job = plan_job(demo_slide, PlanParams(patch_size_px=224, target_mpp=0.5))
+    assert job["n"] > 0 and job["region"][0] == 448  # the demo slide is at 0.25 µm/px
+    for name in ("decode floor", "decode floor 1/2", "openslide", "tiffslide"):
+        for threads in (1, 2):
+            result = CONTESTANTS[name](demo_slide, job, threads, 1)
+            assert result["patches"] == job["n"] and result["seconds"] > 0, name
+    assert "2 threads" in CONTESTANTS["openslide"](demo_slide, job, 2, 1)["note"]
+    fidelity = c_fidelity(demo_slide, job, 2, 1)
+    assert 0 < fidelity["mean"] < 2 and fidelity["p999"] <= fidelity["max"] < 255
