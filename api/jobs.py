@@ -256,9 +256,12 @@ class JobManager:
         return self.root / job_id / slide_id / file, listed[name]
 
     def close(self) -> None:
+        """Stop: running jobs stop at their next batch and, like queued ones, are marked
+        ``interrupted`` now (a SIGTERM leaves no job ``running``; slides done stay)."""
         for event in self._cancel.values():
             event.set()
         self._pool.shutdown(wait=True, cancel_futures=True)
+        self._mark_interrupted()
         self._db.close()
 
     # -- running -------------------------------------------------------------------------------

@@ -316,6 +316,25 @@ def test_jobs_run_persist_and_survive_a_restart(env: dict[str, Path], url: str) 
     assert httpx.get(f"{url}/v1/jobs/nope").status_code == 404
 
 
+def test_stopping_the_service_marks_its_running_job_interrupted(
+        env: dict[str, Path], tmp_path: Path) -> None:
+    """What a container's SIGTERM does: the lifespan stops the job at its next batch and no
+    job is left ``running`` in the database (before any restart)."""
+    data = tmp_path / "data"
+    with serve(create_app(settings_for(env, data_dir=data)), ready_path="/readyz") as u:
+        sid = ids(u)["demo.svs"]
+        body = {"slides": [sid] * 50, "sampling": {"strategy": "grid", "patch_size_px": 224}}
+        job = httpx.post(f"{u}/v1/jobs", json=body).json()["id"]
+        deadline = time.monotonic() + 60
+        while httpx.get(f"{u}/v1/jobs/{job}").json()["state"] != "running":
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    db = sqlite3.connect(data / "jobs.sqlite3")
+    (state,) = db.execute("SELECT state FROM jobs WHERE id=?", (job,)).fetchone()
+    db.close()
+    assert state == "interrupted"
+
+
 def test_uploads(env: dict[str, Path], url: str, demo_slide: Path) -> None:
     files = {"file": ("scan.svs", demo_slide.read_bytes(), "application/octet-stream")}
     resp = httpx.post(f"{url}/v1/slides", files=files)
