@@ -141,7 +141,8 @@ def create_app(
         return open_worker(cfg.model, weights=cfg.model_weights or None,
                            worker_url=cfg.worker_url or None, device=cfg.device,
                            target_mpp=cfg.worker_target_mpp,
-                           patch_size_px=cfg.worker_patch_size, protocol=cfg.worker_protocol)
+                           patch_size_px=cfg.worker_patch_size, protocol=cfg.worker_protocol,
+                           precision=cfg.precision)
 
     factory = worker_factory or default_factory
 
@@ -184,7 +185,11 @@ def _install_health(app: FastAPI) -> None:
         if services.worker is None:
             return JSONResponse({"status": "not ready", "error": services.worker_error},
                                 status_code=503, headers={"Retry-After": "2"})
-        return JSONResponse({"status": "ready", "model": services.worker.card.name})
+        body = {"status": "ready", "model": services.worker.card.name}
+        precision = getattr(services.worker, "precision_info", None)
+        if precision is not None:  # in-process models (a remote worker decides its own)
+            body["precision"] = precision
+        return JSONResponse(body)
 
     @app.get("/metrics", tags=["health"], response_class=Response)
     async def metrics(request: Request) -> Response:

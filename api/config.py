@@ -60,6 +60,9 @@ class Settings(BaseSettings):
     worker_patch_size: int | None = Field(None, ge=8, le=8192)
     worker_protocol: Literal["auto", "binary", "json"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="Model arithmetic: auto = bf16 on a GPU or a CPU with native "
+        "bf16, else fp32; kept only if its numerics check against fp32 passes.")
     api_keys: list[SecretStr] = Field(default_factory=list)
     cors_origins: list[str] = Field(default_factory=list)
     max_upload_mb: float = Field(4096, gt=0)

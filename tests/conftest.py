@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -15,6 +16,14 @@ SHARED_SLIDES = Path(__file__).resolve().parents[2] / "shared" / "slides"
 DEMO_SPEC = DemoSlideSpec(width=8192, height=6144, mpp=0.25, seed=7)
 BLANK_SPEC = DemoSlideSpec(width=4096, height=3072, mpp=0.5, seed=1, n_blobs=0, pen=False,
                            artefact=False)
+
+
+# Tests compare model outputs with fp32 computations written in the test: they run in fp32
+# on every machine (a CPU with native bf16 would otherwise pick bf16 under "auto"), the
+# precision tests ask for auto / bf16 themselves. Servers started as subprocesses inherit it.
+os.environ.setdefault("WSI_PRECISION", "fp32")
+# The per-machine cache of precision checks stays inside the test session.
+os.environ.setdefault("WSI_CACHE_DIR", tempfile.mkdtemp(prefix="wsi-cache-"))
 
 
 MEDGEMMA_SPEC = DemoSlideSpec(width=16384, height=12288, mpp=0.5, seed=11, n_blobs=10,

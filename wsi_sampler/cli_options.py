@@ -80,6 +80,19 @@ ModelO = Annotated[str, typer.Option(
     "--model", "-m",
     help="tissue-qc, a built-in encoder (wsi-sampler models list) or a model card .json.")]
 DeviceO = Annotated[DeviceOpt, typer.Option(help="auto = cuda if available, else cpu.")]
+
+
+class PrecisionOpt(str, Enum):
+    auto = "auto"
+    fp32 = "fp32"
+    bf16 = "bf16"
+    fp16 = "fp16"
+
+
+PrecisionO = Annotated[PrecisionOpt | None, typer.Option(
+    help="Model arithmetic [default: WSI_PRECISION, else auto]. auto = bf16 on a GPU or a CPU "
+    "with native bf16 (AVX512-BF16/AMX), else fp32; a lower precision is kept only if its "
+    "numerics check against fp32 passes.", show_default=False)]
 WeightsO = Annotated[Path | None, typer.Option(
     help="Weights file of the model (.safetensors, .bin, .pth), e.g. the pytorch_model.bin "
          "of a built-in encoder (wsi-sampler models list).")]

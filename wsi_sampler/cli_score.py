@@ -35,6 +35,7 @@ from .cli_options import (
     MinTissueO,
     ModelO,
     MppOverrideO,
+    PrecisionO,
     RandomWeightsO,
     SeedO,
     WeightsO,
@@ -69,6 +70,7 @@ def worker(
     ),
     port: Annotated[int, typer.Option(help="TCP port.")] = 8001,
     device: DeviceO = DeviceOpt.auto,
+    precision: PrecisionO = None,
     weights: WeightsO = None,
     random_weights: RandomWeightsO = False,
     compile_model: Annotated[bool, typer.Option(
@@ -86,9 +88,11 @@ def worker(
     from .models import load_model
 
     loaded = load_model(model, weights=weights, device=device.value,
-                        allow_random_weights=random_weights, compile_model=compile_model)
-    log.info("model %s v%s on %s; serving on http://%s:%d/v2", loaded.name,
-             loaded.card.version, loaded.device, host, port)
+                        allow_random_weights=random_weights, compile_model=compile_model,
+                        precision=precision.value if precision else None)
+    log.info("model %s v%s on %s in %s (%s); serving on http://%s:%d/v2", loaded.name,
+             loaded.card.version, loaded.device, loaded.precision,
+             loaded.precision_info["reason"], host, port)
     app_ = create_worker_app(lambda: loaded, max_delay_s=max_delay_ms / 1000)
     uvicorn.run(app_, host=host, port=port, log_level="info")
 
@@ -152,7 +156,8 @@ def score(
     n_patches: ScoreNO = None, min_tissue: MinTissueO = 0.5, seed: SeedO = 0,
     executor: ExecutorO = ExecutorOpt.local, address: AddressO = None,
     workers: WorkersO = None, retries: RetriesO = 1, resume: ResumeO = True,
-    mpp_override: MppOverrideO = None, device: DeviceO = DeviceOpt.auto, quiet: QuietO = False,
+    mpp_override: MppOverrideO = None, device: DeviceO = DeviceOpt.auto,
+    precision: PrecisionO = None, quiet: QuietO = False,
     worker_target_mpp: WorkerTargetMppO = None, worker_patch_size: WorkerPatchSizeO = None,
     worker_protocol: WorkerProtocolO = WorkerProtocolOpt.auto,
     vlm_url: VlmUrlO = None, vlm_model: VlmModelO = DEFAULT_MODEL, prompt: PromptO = None,
@@ -185,7 +190,8 @@ def score(
             preflight(model, weights, allow_random_weights=random_weights)
         cfg = BatchConfig(
             model=model, weights=str(weights) if weights else None, worker_url=worker_url,
-            device=device.value, features_dtype=features_dtype.value, clam_pt=clam_pt,
+            device=device.value, precision=precision.value if precision else None,
+            features_dtype=features_dtype.value, clam_pt=clam_pt,
             allow_random_weights=random_weights, mpp_override=mpp_override,
             params=PlanParams(strategy=strategy.value, n_patches=n_patches, seed=seed,
                               min_tissue_fraction=min_tissue),

@@ -233,6 +233,9 @@ def score_slide(
         "n_candidates": plan.n_candidates, "seconds": round(total, 3),
         "timings_s": {"plan": round(t_plan, 3), "total": round(total, 3)},
     }
+    precision = getattr(worker, "precision_info", None)
+    if precision is not None:  # in-process models: what they ran in, and why
+        summary["precision"] = precision
     note = plan.note()
     if note:
         summary["message"] = note
@@ -272,6 +275,8 @@ def write_results(
                       vmax=hi if hi > 0 else 1.0, label=col or "tissue_fraction")
     meta = run_metadata(slide=slide, plan=plan, config=config | {"model": card.model_dump()},
                         timings_s=summary["timings_s"])
+    if "precision" in summary:
+        meta["precision"] = summary["precision"]
     # What was read, whatever the request said: the model's card fixes the patch size and
     # resolution (config holds the request as given).
     meta["read"] = {"patch_size_px": plan.patch_size_px, "target_mpp": plan.target_mpp,

@@ -63,6 +63,9 @@ class BatchConfig:
     worker_patch_size: int | None = None
     worker_protocol: str = "auto"
     device: str = "auto"
+    precision: str | None = None
+    """Model arithmetic: auto, fp32, bf16, fp16 (see :mod:`wsi_sampler.models.precision`);
+    None: WSI_PRECISION, else auto."""
     params: PlanParams = field(default_factory=PlanParams)
     mpp_override: float | None = None
     batch_size: int = 32
@@ -111,14 +114,14 @@ _WORKERS_LOCK = threading.Lock()
 
 def _worker_for(cfg: BatchConfig) -> Worker:
     """One model instance per process (a Dask worker keeps it across tasks)."""
-    key = json.dumps([cfg.model, cfg.weights, cfg.worker_url, cfg.device,
+    key = json.dumps([cfg.model, cfg.weights, cfg.worker_url, cfg.device, cfg.precision,
                       cfg.allow_random_weights,
                       cfg.worker_target_mpp, cfg.worker_patch_size, cfg.worker_protocol])
     with _WORKERS_LOCK:
         if key not in _WORKERS:
             _WORKERS[key] = open_worker(
                 cfg.model, weights=cfg.weights, worker_url=cfg.worker_url, device=cfg.device,
-                allow_random_weights=cfg.allow_random_weights,
+                precision=cfg.precision, allow_random_weights=cfg.allow_random_weights,
                 target_mpp=cfg.worker_target_mpp, patch_size_px=cfg.worker_patch_size,
                 protocol=cfg.worker_protocol)
         return _WORKERS[key]

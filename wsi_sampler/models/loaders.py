@@ -17,7 +17,9 @@ Every model is then run once on a blank patch and must match its card, or loadin
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
 import warnings
 from pathlib import Path
 
@@ -100,11 +102,29 @@ def _load_module(
 def load_model(
     spec: str | Path, *, weights: str | Path | None = None, device: str = "auto",
     allow_random_weights: bool = False, compile_model: bool = False,
+    precision: str | None = None,
 ) -> Model:
     """Load a model by built-in name or card path (``weights``: its weights file), check it
-    against its card, return it. ``compile_model``: ``torch.compile`` it (GPU serving)."""
+    against its card, return it. ``compile_model``: ``torch.compile`` it (GPU serving);
+    ``precision``: ``auto``, ``fp32``, ``bf16`` or ``fp16`` (see :mod:`.precision`; default:
+    the ``WSI_PRECISION`` environment variable, else ``auto``)."""
+    precision = precision or os.environ.get("WSI_PRECISION") or "auto"
     card, base = resolve_card(spec, weights)
-    if card.architecture == "builtin:tissue-qc":
-        return Model(TissueQC(), card, device=device, normalize=False)
+    if card.architecture == "builtin:tissue-qc":  # integer-valued measures: fp32 only
+        return Model(TissueQC(), card, device=device, normalize=False, precision="fp32")
     return Model(_load_module(card, base, allow_random_weights), card, device=device,
-                 compile_model=compile_model)
+                 compile_model=compile_model, precision=precision,
+                 model_key=_model_key(card, base))
+
+
+def _model_key(card: ModelCard, base: Path | None) -> str | None:
+    """Name, version and the weights file's identity (path, size, mtime), for the
+    precision check's cache; None for random weights (never cached: each run draws anew)."""
+    if card.file is None:
+        return None
+    with contextlib.suppress(ModelLoadError, OSError):
+        path = model_file(card, base)
+        st = path.stat()
+        return (f"{card.name}|{card.version}|{card.architecture}|{path.resolve()}|"
+                f"{st.st_size}|{st.st_mtime_ns}")
+    return None

@@ -3,8 +3,10 @@
 Input: (N, H, W, 3) uint8 RGB, H = W = the card's ``patch_size_px``. Output: one float32
 (N, k) array per card output. The device is chosen once (cuda, then cpu); on a GPU batches
 go through pinned memory, are copied on a side CUDA stream (the copy of one batch overlaps
-the model on the previous one) and run under bf16 autocast with channels-last inputs. A
-batch that does not fit in GPU memory is split: the largest size that fits is kept.
+the model on the previous one) with channels-last inputs. The precision (``auto``: bf16 on
+a GPU or a CPU with native bf16, else fp32) is kept only after a numerics check against
+fp32 (:mod:`.precision`). A batch that does not fit in GPU memory is split: the largest
+size that fits is kept.
 """
 
 from __future__ import annotations
@@ -20,6 +22,14 @@ import torch
 
 from ..errors import InvalidRequestError, ModelLoadError
 from .card import ModelCard
+from .precision import (
+    cache_key,
+    cached_check,
+    choose_precision,
+    numerics_check,
+    precision_context,
+    remember_check,
+)
 
 __all__ = ["DeviceChoice", "Model", "Predictions", "select_device"]
 
@@ -49,10 +59,16 @@ class Model:
 
     def __init__(
         self, module: torch.nn.Module, card: ModelCard, *, device: str = "auto",
-        normalize: bool = True, compile_model: bool = False,
+        normalize: bool = True, compile_model: bool = False, precision: str = "auto",
+        model_key: str | None = None,
     ) -> None:
         self.card = card
         self.device = select_device(device)
+        choice = choose_precision(precision, self.device)
+        self.precision = choice.precision
+        """The arithmetic batches run in (fp32, bf16, fp16), after the numerics check."""
+        self.precision_info: dict[str, Any] = {
+            "requested": precision, "chosen": choice.precision, "reason": choice.reason}
         with contextlib.suppress(NotImplementedError):  # torch.export modules are eval-only
             module = module.eval()
         self.module = module.to(self.device)
@@ -71,6 +87,41 @@ class Model:
         self.batch_limit = card.max_batch
         """The largest batch run at once: the card's max_batch, halved on out-of-memory."""
         self.check()
+        self._settle_precision(model_key)
+
+    def _settle_precision(self, model_key: str | None) -> None:
+        """Keep a lower precision only if its numerics check passes (cached per machine for
+        a model file, ``model_key``; checked every time without one)."""
+        if self.precision == "fp32":
+            return
+        key = cache_key(model_key, self.precision, self.device) if model_key else None
+        check = cached_check(key) if key else None
+        if check is None:
+            classes = {o.name for o in self.card.outputs if o.activation in ("softmax",
+                                                                             "sigmoid")}
+            check = numerics_check(self._predict_in, self.card.patch_size_px, self.precision,
+                                   classes)
+            if key:
+                remember_check(key, check)
+        self.precision_info["check"] = {"min_cosine": check.min_cosine,
+                                        "top1_agreement": check.top1_agreement,
+                                        "passed": check.passed}
+        if not check.passed:
+            log.warning("model %s: %s changes its outputs (min cosine %.5f vs fp32, top-1 "
+                        "agreement %s): running in fp32", self.name, self.precision,
+                        check.min_cosine, check.top1_agreement)
+            self.precision = "fp32"
+            self.precision_info["chosen"] = "fp32"
+            self.precision_info["reason"] += f"; {check.precision} failed the numerics check"
+
+    def _predict_in(self, patches: npt.NDArray[np.uint8], precision: str) -> Predictions:
+        with self._lock:
+            saved, self.precision = self.precision, precision
+        try:
+            return self._predict_chunk(patches)
+        finally:
+            with self._lock:
+                self.precision = saved
 
     @property
     def name(self) -> str:
@@ -92,10 +143,7 @@ class Model:
         return x.contiguous(memory_format=torch.channels_last)
 
     def _forward(self, x: torch.Tensor) -> list[torch.Tensor]:
-        autocast = self.device.type == "cuda"
-        with torch.inference_mode(), torch.autocast(
-            self.device.type, dtype=torch.bfloat16, enabled=autocast
-        ):
+        with torch.inference_mode(), precision_context(self.precision, self.device):
             raw: Any = self.module(x)
         if isinstance(raw, torch.Tensor):
             outs = [raw]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from types import TracebackType
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -32,6 +32,11 @@ class InProcessWorker:
         self.model = model
         self.card = model.card
 
+    @property
+    def precision_info(self) -> dict[str, Any]:
+        """The precision asked for, the one used and why (its numerics check)."""
+        return dict(self.model.precision_info)
+
     def infer(self, patches: npt.NDArray[np.uint8]) -> Predictions:
         return self.model.predict(patches)
 
@@ -51,7 +56,7 @@ class InProcessWorker:
 def open_worker(
     model: str = "tissue-qc", *, weights: str | None = None, worker_url: str | None = None,
     device: str = "auto", allow_random_weights: bool = False, target_mpp: float | None = None,
-    patch_size_px: int | None = None, protocol: str = "auto",
+    patch_size_px: int | None = None, protocol: str = "auto", precision: str | None = None,
 ) -> Worker:
     """In-process ``model`` (name or card path; ``weights``: its weights file), or the
     remote worker at ``worker_url`` (``protocol``: ``auto`` = binary tensors if the server
@@ -64,5 +69,5 @@ def open_worker(
                             patch_size_px=patch_size_px, binary=binary)
     return InProcessWorker(
         load_model(model, weights=weights, device=device,
-                   allow_random_weights=allow_random_weights)
+                   allow_random_weights=allow_random_weights, precision=precision)
     )
