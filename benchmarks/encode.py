@@ -54,7 +54,8 @@ def _plan(path: Path, n: int) -> Any:
                                            patch_size_px=224, target_mpp=0.5))
 
 
-def c_ours(path: str, model: str, n: int, workers: int) -> dict[str, Any]:
+def c_ours(path: str, model: str, n: int, workers: int, precision: str = "fp32"
+           ) -> dict[str, Any]:
     import torch
 
     from wsi_sampler import PlanParams, open_slide
@@ -63,14 +64,22 @@ def c_ours(path: str, model: str, n: int, workers: int) -> dict[str, Any]:
     from wsi_sampler.worker import InProcessWorker
 
     torch.manual_seed(0)
-    worker = InProcessWorker(load_model(model, device="cpu", allow_random_weights=True))
+    worker = InProcessWorker(load_model(model, device="cpu", allow_random_weights=True,
+                                        precision=precision))
     with tempfile.TemporaryDirectory() as out:
         t = time.perf_counter()
         with open_slide(path) as slide:
             result = score_slide(slide, PlanParams(strategy="random", n_patches=n, seed=0),
                                  worker, Path(out))
         seconds = time.perf_counter() - t
-    return {"patches": len(result.plan), "seconds": seconds}
+    check = worker.precision_info.get("check", {})
+    return {"patches": len(result.plan), "seconds": seconds,
+            "precision": worker.precision_info["chosen"],
+            "min_cosine": check.get("min_cosine")}
+
+
+def c_ours_bf16(path: str, model: str, n: int, workers: int) -> dict[str, Any]:
+    return c_ours(path, model, n, workers, precision="bf16")
 
 
 class _ClamBag:
@@ -166,12 +175,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--patches", type=int, default=512)
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--json", type=Path, help="also write the rows as JSON here")
+    parser.add_argument("--bf16", choices=("auto", "yes", "no"), default="auto",
+                        help="also run ours in bf16 (auto: only on a CPU with native bf16)")
     parser.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
                         help="DataLoader workers of the CLAM-style rows (ours: as many "
                         "threads); default every core")
     args = parser.parse_args(argv)
     path = ensure_slide("A", SPECS["A"])
     warm_page_cache(path)
+    from wsi_sampler.models.precision import cpu_bf16_support
+
+    native, isa = cpu_bf16_support()
+    contestants = dict(CONTESTANTS)
+    if args.bf16 == "yes" or (args.bf16 == "auto" and native):
+        contestants = {"wsi-sampler": c_ours, "wsi-sampler bf16": c_ours_bf16,
+                       **{k: v for k, v in CONTESTANTS.items() if k != "wsi-sampler"}}
+    print(f"CPU: {isa}; bf16 rows: {'yes' if len(contestants) > len(CONTESTANTS) else 'no'}")
     stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
     print(f"# {stamp}; {machine()}; `python -m benchmarks.encode --patches {args.patches} "
           f"--workers {args.workers}`; torch {torch_version()}, {args.workers} workers / "
@@ -180,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for model in args.models.split(","):
         results = {name: run_isolated(fn, str(path), model, args.patches, args.workers)
-                   for name, fn in CONTESTANTS.items()}
+                   for name, fn in contestants.items()}
         ours = results["wsi-sampler"]
         for name, res in results.items():
             if "error" in res:
@@ -188,8 +207,9 @@ def main(argv: list[str] | None = None) -> int:
                 continue
             rate = res["patches"] / res["seconds"]
             ratio = (ours["patches"] / ours["seconds"]) / rate
-            print(f"| {model} | {name} | {res['patches']} | {res['seconds']:.1f} | {rate:.1f} | "
-                  f"{ratio:.2f} | {res['peak_rss_mib']:,.0f} |", flush=True)
+            cos = f" (bf16 min cosine {res['min_cosine']})" if res.get("min_cosine") else ""
+            print(f"| {model} | {name}{cos} | {res['patches']} | {res['seconds']:.1f} | "
+                  f"{rate:.1f} | {ratio:.2f} | {res['peak_rss_mib']:,.0f} |", flush=True)
             rows.append({"model": model, "contestant": name, **res})
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))

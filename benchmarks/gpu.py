@@ -100,7 +100,8 @@ def embed(slide_path: Path, model: str, device: str, n: int) -> dict[str, Any]:
     """(b) and (c): slide file to embeddings for one model, random weights."""
     import torch
 
-    worker = TimedWorker(load_model(model, device=device, allow_random_weights=True))
+    loaded = load_model(model, device=device, allow_random_weights=True, precision="auto")
+    worker = TimedWorker(loaded)
     params = PlanParams(strategy="random", n_patches=n, seed=2)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
@@ -117,7 +118,8 @@ def embed(slide_path: Path, model: str, device: str, n: int) -> dict[str, Any]:
     return {"model": model, "patches": len(result.plan), "seconds": round(total, 3),
             "patches_per_s": round(len(result.plan) / total, 1),
             "model_fraction": round(worker.seconds / total, 3),
-            "embedding_dim": int(result.features.shape[1]), "peak_gpu_mib": round(peak)}
+            "embedding_dim": int(result.features.shape[1]), "peak_gpu_mib": round(peak),
+            "precision": loaded.precision_info}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,6 +24,7 @@ def test_gpu_benchmark_dry_run_goes_through_every_step(tmp_path: Path) -> None:
     runs = {r["model"]: r for r in results["embed"]}
     assert runs["resnet50"]["embedding_dim"] == 2048 and runs["vit-s16"]["embedding_dim"] == 384
     assert all(r["patches"] > 0 and 0 < r["model_fraction"] <= 1 for r in runs.values())
+    assert all(r["precision"]["requested"] == "auto" for r in runs.values())
 
 
 def test_gpu_scripts_are_valid_bash() -> None:
@@ -62,7 +63,6 @@ def test_extraction_benchmark_contestants_read_the_same_plan(demo_slide: Path) -
     1/2 decode), openslide and tiffslide threaded as ours is, and the pixel difference
     between our two paths (the DCT-scaled path is not exact, but close)."""
     from benchmarks.extract import CONTESTANTS, c_fidelity, plan_job
-
     from wsi_sampler import PlanParams
 
     job = plan_job(demo_slide, PlanParams(patch_size_px=224, target_mpp=0.5))

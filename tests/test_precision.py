@@ -11,14 +11,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_models import PATCHES, save_torchscript, write_card
 from torch import nn
 
 from wsi_sampler.errors import InvalidRequestError
 from wsi_sampler.models import load_model
 from wsi_sampler.models import precision as precision_mod
 from wsi_sampler.models.precision import choose_precision, cpu_bf16_support
-
-from test_models import PATCHES, save_torchscript, write_card
 
 
 class Pooled(nn.Module):
@@ -121,14 +120,13 @@ def test_the_check_runs_once_per_model_file_and_machine(
 def test_precision_is_recorded_in_run_metadata_and_readyz(
         tmp_path: Path, demo_slide: Path) -> None:
     import httpx
+    from _servers import serve
 
     from api.app import create_app
     from api.config import Settings
     from wsi_sampler import PlanParams, open_slide
     from wsi_sampler.scoring import score_slide
     from wsi_sampler.worker import InProcessWorker
-
-    from _servers import serve
 
     card = card_for(tmp_path, Pooled(), "recorded")
     worker = InProcessWorker(load_model(card, device="cpu", precision="bf16"))
