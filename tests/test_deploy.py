@@ -43,14 +43,28 @@ def test_hadolint_passes() -> None:
     assert r.returncode == 0, r.stdout + r.stderr
 
 
-def test_copied_files_exist_and_are_not_ignored() -> None:
-    ignored = (ROOT / ".dockerignore").read_text().split()
+def test_build_context_is_what_the_dockerfile_copies() -> None:
+    """.dockerignore excludes everything, then lets in exactly the COPY sources."""
+    patterns = [line for line in (ROOT / ".dockerignore").read_text().splitlines()
+                if line.strip() and not line.startswith("#")]
+    assert patterns[0] == "*"
+    let_in = {p[1:].rstrip("/") for p in patterns if p.startswith("!")}
+    copied = set()
     for args in instruction("COPY"):
         *sources, _ = args.split()
         for src in sources:
             assert (ROOT / src).exists(), src
-            assert src.rstrip("/") not in ignored, src
-    assert ".venv" in ignored and "data" in ignored
+            copied.add(src.rstrip("/"))
+    assert let_in == copied
+
+
+def test_the_image_and_the_tests_run_the_same_torch() -> None:
+    import torch
+
+    (pin,) = [a.split("=", 1)[1] for a in instruction("ARG") if a.startswith("TORCH_VERSION=")]
+    assert torch.__version__.split("+")[0] == pin
+    makefile = (ROOT / "Makefile").read_text()
+    assert "sed -n 's/^ARG TORCH_VERSION=//p' Dockerfile" in makefile
 
 
 def test_image_shape() -> None:
@@ -65,11 +79,11 @@ def test_image_shape() -> None:
 
 def test_default_command_and_healthcheck_work() -> None:
     cmd = json.loads(instruction("CMD")[0])
-    assert cmd[:1] == ["serve"]
+    assert cmd == ["serve"]  # host and port from WSI_HOST / WSI_PORT, as the HEALTHCHECK
     r = subprocess.run([*CLI, *cmd, "--help"], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     health = instruction("HEALTHCHECK")[0]
-    assert "/readyz" in health
+    assert "/readyz" in health and "WSI_PORT" in health
     from api.app import create_app
 
     paths = {getattr(r, "path", None) for r in create_app().routes}
@@ -80,6 +94,15 @@ def test_compose_services_use_real_commands_and_configs() -> None:
     compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
     services = compose["services"]
     assert {"api", "worker", "dask-scheduler", "dask-worker"} <= set(services)
+    builders = [name for name, svc in services.items() if "build" in svc]
+    assert builders == ["worker"]  # one build; the others run its image, never pulled
+    assert all(svc.get("pull_policy") == "never" for name, svc in services.items()
+               if name not in builders)
+    for svc in services.values():  # state in named volumes; ports on loopback by default
+        for volume in svc.get("volumes", []):
+            source, target = volume.split(":")[:2]
+            assert target != "/data" or source in compose["volumes"], volume
+        assert all(p.startswith("${WSI_BIND:-127.0.0.1}:") for p in svc.get("ports", []))
     for name in ("api", "worker"):
         command = services[name]["command"]
         r = subprocess.run([*CLI, command[0], "--help"], capture_output=True, text=True,

@@ -15,10 +15,10 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from .errors import StorageFullError
+from .errors import InvalidRequestError, StorageFullError
 
 __all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "disk_full_is_an_error",
-           "process_umask", "require_free_space"]
+           "process_umask", "require_free_space", "require_writable_folder"]
 
 _FULL = (errno.ENOSPC, errno.EDQUOT)
 
@@ -35,6 +35,23 @@ def require_free_space(folder: str | os.PathLike[str], needed_bytes: int, what: 
             f"not enough free disk space for {what}: {needed_bytes / 2**20:,.0f} MiB needed, "
             f"{free / 2**20:,.0f} MiB free; free some space or give the service a larger "
             "volume")
+
+
+def require_writable_folder(folder: str | os.PathLike[str], what: str) -> None:
+    """Create ``folder`` if missing and check this process can write there; otherwise an
+    InvalidRequestError naming the folder, the process's user and the usual fixes (a
+    container's bind mount of a folder the engine created as root is the common case)."""
+    path = Path(folder)
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-check-"):
+            pass
+    except PermissionError:
+        uid, gid = getattr(os, "getuid", lambda: -1)(), getattr(os, "getgid", lambda: -1)()
+        raise InvalidRequestError(
+            f"{what} {path} is not writable by this process (uid {uid}, gid {gid}): a bind "
+            f"mount needs a host folder that user owns (chown {uid}:{gid} FOLDER), or use a "
+            "named volume") from None
 
 
 @contextlib.contextmanager

@@ -343,6 +343,8 @@ def serve(
     from api.app import create_app  # servers live in api/, loaded on demand
     from api.config import load_settings
 
+    from ._io import require_writable_folder
+
     if config is not None:
         os.environ["WSI_CONFIG"] = str(config)
     overrides = {k: v for k, v in {"host": host, "port": port}.items() if v is not None}
@@ -353,6 +355,7 @@ def serve(
         raise InvalidRequestError(f"invalid settings: {problems}") from None
     except (ValueError, OSError) as exc:
         raise InvalidRequestError(f"invalid settings: {exc}") from None
+    require_writable_folder(settings.data_dir, "the data folder (data_dir, WSI_DATA_DIR)")
     base = f"http://{settings.host}:{settings.port}"
     log.info("wsi-sampler API on %s  -  interactive docs: %s/docs", base, base)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
