@@ -36,7 +36,7 @@ from .jobs import JobLimits, JobManager
 from .memory import limit_malloc_arenas
 from .metrics import Metrics
 from .middleware import RequestGuard, RequestMetrics
-from .routes import jobs, reports, sampling, slides
+from .routes import deepzoom, jobs, reports, sampling, slides
 from .schemas import ErrorBody
 from .slides import SlideRegistry
 
@@ -154,6 +154,7 @@ def create_app(
             yield
         finally:
             task.cancel()
+            services.tiles.close()
             services.registry.close()
             services.jobs.close()
             if services.worker is not None:
@@ -167,7 +168,8 @@ def create_app(
     _install_middleware(app, cfg)
     install_error_handlers(app)
     _install_health(app)
-    for router in (slides.router, sampling.router, reports.router, jobs.router):
+    for router in (slides.router, deepzoom.router, sampling.router, reports.router,
+                   jobs.router):
         app.include_router(router, responses=_COMMON)
     return app
 

@@ -70,6 +70,8 @@ class Settings(BaseSettings):
     max_concurrent_streams: int = Field(4, ge=1)
     max_patches_per_request: int = Field(20_000, ge=1)
     max_plan_patches: int = Field(200_000, ge=1)
+    tile_cache_mb: float = Field(
+        64, ge=0, le=65536, description="Encoded DeepZoom tiles kept in memory (LRU), MiB")
     max_concurrent_slide_work: int = Field(
         2, ge=1, le=256, description="Tissue masks, thumbnails and plans computed at once")
     batch_size: int = Field(32, ge=1, le=4096)

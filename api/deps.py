@@ -20,6 +20,7 @@ from .jobs import JobManager
 from .metrics import Metrics
 from .schemas import ReportRequest
 from .slides import SlideRegistry
+from .tiles import TileServer
 
 __all__ = ["ServicesDep", "Services"]
 
@@ -39,9 +40,11 @@ class Services:
     _streams: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _slide_work: asyncio.Semaphore = field(init=False)
+    tiles: TileServer = field(init=False)
 
     def __post_init__(self) -> None:
         self._slide_work = asyncio.Semaphore(self.settings.max_concurrent_slide_work)
+        self.tiles = TileServer(self.registry, cache_mb=self.settings.tile_cache_mb)
 
     async def slide_work(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run slide work (tissue masks, thumbnails, plans) in a thread, at most

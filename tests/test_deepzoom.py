@@ -1,0 +1,169 @@
+"""DeepZoom geometry and tiles against openslide's own DeepZoomGenerator: the same levels,
+tile grid and read arithmetic, and the same pixels (PNG-exact), on real and generated
+slides, with and without overlap and limit_bounds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from xml.etree import ElementTree
+
+import numpy as np
+import openslide
+import pytest
+from openslide.deepzoom import DeepZoomGenerator
+
+from wsi_sampler import open_slide
+from wsi_sampler.deepzoom import DeepZoom
+from wsi_sampler.errors import InvalidRequestError
+
+PARAMS = [(254, 1, False), (256, 0, False), (240, 2, True)]
+# A non-empty region as scanners that record one give it (MIRAX, Ventana): our slides have
+# none, so the tests add the same properties to both readers.
+BOUNDS = {"openslide.bounds-x": "1000", "openslide.bounds-y": "800",
+          "openslide.bounds-width": "5001", "openslide.bounds-height": "3999"}
+
+
+class WithBounds:
+    """A real OpenSlide handle whose properties also name a bounding box."""
+
+    def __init__(self, osr: openslide.OpenSlide) -> None:
+        self._osr = osr
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._osr, name)
+
+    @property
+    def properties(self) -> dict[str, str]:
+        return dict(self._osr.properties) | BOUNDS
+
+
+def sample_tiles(dz: DeepZoomGenerator) -> list[tuple[int, int, int]]:
+    """Every tile of the coarse levels, the corners and the middle of the finer ones."""
+    out = []
+    for level, (cols, rows) in enumerate(dz.level_tiles):
+        if cols * rows <= 16:
+            out += [(level, c, r) for c in range(cols) for r in range(rows)]
+        else:
+            out += [(level, c, r) for c in {0, cols // 2, cols - 1}
+                    for r in {0, rows // 2, rows - 1}]
+    return out
+
+
+@pytest.mark.parametrize(("tile_size", "overlap", "limit_bounds"), PARAMS)
+@pytest.mark.parametrize("which", ["cmu", "demo", "demo with bounds"])
+def test_tiles_equal_openslides_deepzoom_generator(
+        which: str, tile_size: int, overlap: int, limit_bounds: bool, cmu_svs: Path,
+        demo_slide: Path) -> None:
+    path = cmu_svs if which == "cmu" else demo_slide
+    osr: object = openslide.OpenSlide(str(path))
+    if which == "demo with bounds":
+        osr = WithBounds(osr)  # type: ignore[arg-type]
+    reference = DeepZoomGenerator(osr, tile_size=tile_size, overlap=overlap,
+                                  limit_bounds=limit_bounds)
+    with open_slide(path) as slide:
+        if which == "demo with bounds":
+            slide.properties.update(BOUNDS)
+        ours = DeepZoom(slide, tile_size=tile_size, overlap=overlap, limit_bounds=limit_bounds)
+        assert ours.level_dimensions == reference.level_dimensions
+        assert ours.level_tiles == reference.level_tiles
+        for level, col, row in sample_tiles(reference):
+            (l0, slide_level, l_size), z_size = reference._get_tile_info(level, (col, row))
+            where = ours.tile_read(level, col, row)
+            assert (where.l0_location, where.slide_level, where.level_size, where.size) == (
+                tuple(l0), slide_level, tuple(l_size), tuple(z_size)), (level, col, row)
+            want = np.asarray(reference.get_tile(level, (col, row)))
+            got = ours.tile(level, col, row)
+            assert got.shape == want.shape, (level, col, row)
+            diff = np.abs(got.astype(int) - want.astype(int))
+            assert diff.max() == 0, (level, col, row, diff.max())
+
+
+def test_dzi_describes_the_pyramid_and_bad_tiles_are_clear_errors(cmu_svs: Path) -> None:
+    with open_slide(cmu_svs) as slide:
+        dz = DeepZoom(slide)
+        root = ElementTree.fromstring(dz.dzi("jpeg"))
+        size = root.find("{http://schemas.microsoft.com/deepzoom/2008}Size")
+        assert root.get("TileSize") == "254" and root.get("Overlap") == "1"
+        assert root.get("Format") == "jpeg" and size is not None
+        assert (int(size.get("Width", 0)), int(size.get("Height", 0))) == slide.dimensions
+        top = dz.level_count - 1
+        cols, rows = dz.level_tiles[top]
+        with pytest.raises(InvalidRequestError, match="does not exist"):
+            dz.tile_read(top, cols, 0)
+        with pytest.raises(InvalidRequestError, match="level 99 does not exist"):
+            dz.tile_read(99, 0, 0)
+        with pytest.raises(InvalidRequestError, match="overlap"):
+            DeepZoom(slide, tile_size=8, overlap=5)
+
+
+def test_the_api_serves_the_pyramid_as_openseadragon_asks_for_it(
+        tmp_path: Path, cmu_svs: Path) -> None:
+    """The .dzi and the tile URLs OpenSeadragon derives from it (query string carried):
+    the generator's pixels (PNG exact, JPEG within its error), stored tiles passed through,
+    ETag / 304 / immutable with the fingerprint, API keys, clear errors."""
+    import io
+    import shutil
+
+    import httpx
+    from _servers import serve, slide_ids
+    from PIL import Image
+
+    from api.app import create_app
+    from api.config import Settings
+
+    root = tmp_path / "slides"
+    root.mkdir()
+    shutil.copy(cmu_svs, root / "cmu.svs")
+    settings = Settings(slide_roots=[root], data_dir=tmp_path / "data", demo_slide=False,
+                        device="cpu", api_keys=["k3y"])
+    auth = {"Authorization": "Bearer k3y"}
+    reference = DeepZoomGenerator(openslide.OpenSlide(str(cmu_svs)))
+    top = reference.level_count - 1
+    with serve(create_app(settings), ready_path="/readyz") as url:
+        sid = slide_ids(url, api_key="k3y")["cmu.svs"]
+        base = f"{url}/v1/slides/{sid}"
+        dzi = httpx.get(f"{base}/deepzoom.dzi", headers=auth)
+        assert dzi.status_code == 200 and dzi.headers["content-type"] == "application/xml"
+        size = ElementTree.fromstring(dzi.text)[0]
+        assert (int(size.get("Width", 0)), int(size.get("Height", 0))) == \
+            reference.level_dimensions[-1]
+        fingerprint = dzi.headers["X-Slide-Fingerprint"]
+        assert httpx.get(f"{base}/deepzoom.dzi").status_code == 401  # the key is needed
+        for level, col, row in [(top, 0, 0), (top, 3, 5), (top - 2, 1, 1), (2, 0, 0)]:
+            want = np.asarray(reference.get_tile(level, (col, row)))
+            png = httpx.get(f"{base}/deepzoom_files/{level}/{col}_{row}.png", headers=auth)
+            assert png.status_code == 200 and png.headers["content-type"] == "image/png"
+            np.testing.assert_array_equal(np.asarray(Image.open(io.BytesIO(png.content))), want)
+            jpeg = httpx.get(f"{base}/deepzoom_files/{level}/{col}_{row}.jpeg", headers=auth)
+            got = np.asarray(Image.open(io.BytesIO(jpeg.content)).convert("RGB"))
+            assert got.shape == want.shape
+            # within JPEG's own error: Pillow's JPEG of the generator's tile at the same q90
+            buf = io.BytesIO()
+            Image.fromarray(want).save(buf, "JPEG", quality=90)
+            pillow = np.asarray(Image.open(buf).convert("RGB")).astype(int)
+            own_error = np.abs(pillow - want.astype(int)).mean()
+            assert np.abs(got.astype(int) - want.astype(int)).mean() <= 1.2 * own_error + 0.2
+        # 240 px tiles without overlap at the native level: the scanner's own JPEG tiles
+        with open_slide(cmu_svs) as slide:
+            source = slide.tile_source()
+            assert source is not None
+            stored = source.stored_jpeg(0, 2, 3)
+        native = httpx.get(f"{base}/deepzoom_files/{top}/2_3.jpeg?tile_size=240&overlap=0",
+                           headers=auth)
+        assert native.content == stored
+        # caching: revalidation by ETag, immutable when the URL names the fingerprint
+        tile_url = f"{base}/deepzoom_files/{top}/0_0.jpeg"
+        first = httpx.get(tile_url, headers=auth)
+        assert first.headers["cache-control"] == "private, no-cache"
+        again = httpx.get(tile_url, headers=auth | {"If-None-Match": first.headers["etag"]})
+        assert again.status_code == 304 and not again.content
+        pinned = httpx.get(f"{tile_url}?v={fingerprint}", headers=auth)
+        assert "immutable" in pinned.headers["cache-control"]
+        for bad, status in ((f"{base}/deepzoom_files/{top}/0_0.gif", 422),
+                            (f"{base}/deepzoom_files/{top}/999_0.jpeg", 422),
+                            (f"{base}/deepzoom_files/99/0_0.jpeg", 422),
+                            (f"{url}/v1/slides/nope/deepzoom.dzi", 404),
+                            (f"{base}/deepzoom.dzi?overlap=-1", 422)):
+            answer = httpx.get(bad, headers=auth)
+            assert answer.status_code == status, (bad, answer.text)
+            assert "error" in answer.json()
