@@ -17,19 +17,26 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     WSI_PORT=8000 \
     WSI_SLIDE_ROOTS='["/slides"]' \
     WSI_DATA_DIR=/data \
-    WSI_DEMO_SLIDE=false
+    WSI_DEMO_SLIDE=false \
+    WSI_VIEWER_ASSETS=/app/viewer/node_modules/openseadragon/build/openseadragon
 
 WORKDIR /app
+
+# torch first, in its own layer: the largest download, rebuilt only when its pin changes.
+RUN pip install --no-cache-dir --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}"
+
 COPY pyproject.toml README.md ./
 COPY wsi_sampler ./wsi_sampler
 COPY api ./api
 COPY configs ./configs
+COPY viewer/package.json viewer/package-lock.json viewer/fetch_assets.py ./viewer/
 
 # The project itself is the one unpinned install: it is this source tree. No build tools
-# are installed (every dependency is a wheel); no pip cache is kept.
+# are installed (every dependency is a wheel); no pip cache is kept. The viewer's
+# OpenSeadragon comes from its npm package at the locked version (integrity checked).
 # hadolint ignore=DL3013
-RUN pip install --no-cache-dir --index-url "${TORCH_INDEX}" "torch==${TORCH_VERSION}" \
-    && pip install --no-cache-dir ".[dask,remote]" \
+RUN pip install --no-cache-dir ".[dask,remote]" \
+    && python viewer/fetch_assets.py \
     && useradd --create-home --uid 1000 wsi \
     && mkdir -p /slides /data \
     && chown wsi:wsi /data

@@ -56,19 +56,30 @@ wsinfer-link:
 # plugins (a PACS, and OrthancWSIDicomizer to convert slides into DICOM-WSI) and nginx (HTTP
 # Range). Installed when missing and apt-get can run (root); the tests skip, saying so,
 # where it cannot.
-SYSTEM_PACKAGES := orthanc orthanc-dicomweb orthanc-wsi nginx-light
+# Headless Chromium and its driver for the viewer's browser tests.
+SYSTEM_PACKAGES := orthanc orthanc-dicomweb orthanc-wsi nginx-light chromium chromium-driver
 system-deps:
 	@if command -v Orthanc >/dev/null && command -v OrthancWSIDicomizer >/dev/null \
-	    && command -v nginx >/dev/null \
+	    && command -v nginx >/dev/null && command -v chromium >/dev/null \
+	    && command -v chromedriver >/dev/null \
 	    && [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ]; then :; \
 	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    apt-get update -q >/dev/null \
 	    && DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
 	        $(SYSTEM_PACKAGES) >/dev/null; \
-	else echo "system-deps: not root or no apt-get; Orthanc/nginx tests will skip"; fi
+	else echo "system-deps: not root or no apt-get; Orthanc/nginx/Chromium tests will skip"; fi
+
+# The viewer's browser files (OpenSeadragon) from npm at the version pinned in
+# viewer/package-lock.json, into viewer/node_modules (never committed, never from a CDN).
+VIEWER_ASSETS := viewer/node_modules/openseadragon/build/openseadragon/openseadragon.min.js
+$(VIEWER_ASSETS): viewer/package.json viewer/package-lock.json
+	@if command -v npm >/dev/null; then \
+	    npm ci --prefix viewer --no-audit --no-fund --loglevel=error && touch $@; \
+	else echo "viewer-assets: npm not found; /viewer answers 503 until OpenSeadragon is installed"; fi
+viewer-assets: $(VIEWER_ASSETS)
 
 .PHONY: install test lint format run demo bench fuzz soak clean tools system-deps wsinfer-link \
-	docker-test
+	docker-test viewer-assets
 
 $(STAMP): pyproject.toml Makefile Dockerfile
 	$(PYTHON) -m venv $(VENV)
@@ -89,7 +100,7 @@ format: $(STAMP)
 tools: $(TOOL_STAMPS)
 	@if [ -x $(WSINFER_VENV)/bin/python ]; then $(MAKE) --no-print-directory wsinfer-link; fi
 
-test: lint tools system-deps
+test: lint tools system-deps viewer-assets
 	WSI_TOOLS_DIR=$(TOOLS_DIR) $(PY) -m pytest
 
 $(SLIDES_DIR)/demo.svs: | $(STAMP)
@@ -100,7 +111,7 @@ demo: $(SLIDES_DIR)/demo.svs
 
 # The service on 127.0.0.1:8000 with the embedded default: in-process tissue-qc model,
 # ./data/slides as slide root (a demo slide is generated there if it is empty).
-run: $(STAMP)
+run: $(STAMP) viewer-assets
 	$(VENV)/bin/wsi-sampler serve
 
 # Side-by-side extraction benchmark; generates its slides once into benchmarks/_slides/.
@@ -125,4 +136,4 @@ soak: $(STAMP)
 	$(PY) -m benchmarks.soak
 
 clean:
-	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache
+	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache viewer/node_modules

@@ -36,7 +36,7 @@ from .jobs import JobLimits, JobManager
 from .memory import limit_malloc_arenas
 from .metrics import Metrics
 from .middleware import RequestGuard, RequestMetrics
-from .routes import deepzoom, jobs, reports, sampling, slides
+from .routes import deepzoom, jobs, reports, sampling, slides, viewer
 from .schemas import ErrorBody
 from .slides import SlideRegistry
 
@@ -171,6 +171,7 @@ def create_app(
     for router in (slides.router, deepzoom.router, sampling.router, reports.router,
                    jobs.router):
         app.include_router(router, responses=_COMMON)
+    app.include_router(viewer.router)
     return app
 
 

@@ -56,6 +56,10 @@ class WorkerNotReadyError(WsiSamplerError):
     """The model worker is not (yet) available (HTTP 503, Retry-After)."""
 
 
+class ViewerAssetsMissingError(WsiSamplerError):
+    """The viewer's browser files are not installed (HTTP 503)."""
+
+
 # Most specific first: the first matching class decides the status.
 STATUS: list[tuple[type[BaseException], int]] = [
     (MalformedBodyError, 400),
@@ -75,6 +79,7 @@ STATUS: list[tuple[type[BaseException], int]] = [
     (SlideStoreUnavailableError, 503),
     (SlideStoreError, 502),
     (WorkerNotReadyError, 503),
+    (ViewerAssetsMissingError, 503),
     (WorkerError, 502),
     (ModelLoadError, 503),
 ]

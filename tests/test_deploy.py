@@ -121,6 +121,7 @@ def test_example_configs_are_valid_settings(name: str, monkeypatch: pytest.Monke
     from api.config import load_settings
 
     monkeypatch.setenv("WSI_CONFIG", str(ROOT / "configs" / f"{name}.toml"))
+    monkeypatch.delenv("WSI_PRECISION", raising=False)  # conftest's fp32 for the suite
     settings = load_settings()
     table = tomllib.loads((ROOT / "configs" / f"{name}.toml").read_text())["service"]
     for key, value in table.items():

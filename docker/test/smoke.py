@@ -109,6 +109,16 @@ def check_routes(url: str, slides: Path) -> None:
     sid = items[0]["id"]
     info = httpx.get(f"{url}/v1/slides/{sid}").json()
     check(info["width"] == 6144 and info["mpp_x"] == 0.25, "slide info")
+    page = httpx.get(f"{url}/viewer")
+    osd = httpx.get(f"{url}/viewer/osd/openseadragon.min.js")
+    check(page.status_code == 200 and "openseadragon.min.js" in page.text
+          and osd.status_code == 200 and len(osd.content) > 100_000,
+          "the viewer page and its OpenSeadragon (from the npm package) are in the image")
+    dzi = httpx.get(f"{url}/v1/slides/{sid}/deepzoom.dzi")
+    top = len(bin(max(6144, 4608) - 1)) - 2  # DeepZoom levels: 1 px up to full size
+    tile = httpx.get(f"{url}/v1/slides/{sid}/deepzoom_files/{top}/0_0.jpeg")
+    check(dzi.status_code == 200 and 'Width="6144"' in dzi.text and tile.status_code == 200
+          and tile.content[:2] == b"\xff\xd8", "DeepZoom description and a tile")
     plan = httpx.post(f"{url}/v1/slides/{sid}/plan", json=PLAN).json()
     check(plan["n_patches"] == 8, "a plan")
     tar = httpx.post(f"{url}/v1/slides/{sid}/patches", json=PLAN, timeout=120)

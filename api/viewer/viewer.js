@@ -1,0 +1,316 @@
+// The wsi-sampler viewer: slides from /v1/slides, DeepZoom tiles through OpenSeadragon
+// (served by this service from its npm package), overlays from the same API. Plain JS.
+"use strict";
+(() => {
+  const $ = (id) => document.getElementById(id);
+  const state = { id: null, info: null, viewer: null, layers: {}, fetched: {} };
+  window.wsiViewer = state; // for the browser tests and the curious
+  state.tilesLoaded = 0;
+
+  const keyInput = $("api-key");
+  keyInput.value = sessionStorage.getItem("wsiApiKey") || "";
+  keyInput.addEventListener("change", () => {
+    sessionStorage.setItem("wsiApiKey", keyInput.value);
+    if (state.viewer) state.viewer.setAjaxHeaders(authHeaders());
+    listSlides();
+  });
+
+  function authHeaders() {
+    return keyInput.value ? { Authorization: `Bearer ${keyInput.value}` } : {};
+  }
+
+  async function api(path, options = {}) {
+    const resp = await fetch(path, { ...options, headers: { ...authHeaders(), ...(options.headers || {}) } });
+    if (!resp.ok) {
+      let reason = `${resp.status} ${resp.statusText}`;
+      try { reason = (await resp.json()).error || reason; } catch (_) { /* not JSON */ }
+      throw new Error(reason);
+    }
+    return resp;
+  }
+
+  function showError(text) {
+    const box = $("message");
+    box.textContent = text || "";
+    box.hidden = !text;
+  }
+
+  function sizeText(bytes) {
+    if (bytes == null) return "";
+    const units = ["B", "KB", "MB", "GB"];
+    let i = 0;
+    while (bytes >= 1000 && i < units.length - 1) { bytes /= 1000; i += 1; }
+    return `${bytes.toFixed(i ? 1 : 0)} ${units[i]}`;
+  }
+
+  async function listSlides() {
+    try {
+      const body = await (await api("/v1/slides?limit=1000")).json();
+      const list = $("slides");
+      list.replaceChildren();
+      for (const item of body.items) {
+        const button = document.createElement("button");
+        button.type = "button";
+        button.dataset.slide = item.id;
+        button.textContent = item.name;
+        const detail = document.createElement("small");
+        detail.textContent = `${item.source} · ${item.format} · ${sizeText(item.size_bytes)}`;
+        button.append(detail);
+        button.addEventListener("click", () => openSlide(item.id));
+        const li = document.createElement("li");
+        li.append(button);
+        list.append(li);
+      }
+      const wanted = new URLSearchParams(location.search).get("slide");
+      if (wanted && state.id === null) openSlide(wanted);
+    } catch (err) {
+      showError(`The slides could not be listed: ${err.message}`);
+    }
+  }
+
+  function makeViewer() {
+    const viewer = OpenSeadragon({
+      id: "osd", prefixUrl: "/viewer/osd/images/", loadTilesWithAjax: true,
+      ajaxHeaders: authHeaders(), showNavigator: true, timeout: 60000,
+      gestureSettingsMouse: { clickToZoom: false },
+    });
+    viewer.addHandler("open", onOpen);
+    viewer.addHandler("open-failed", (e) => showError(`The slide could not be shown: ${e.message}`));
+    viewer.addHandler("tile-loaded", () => { state.tilesLoaded += 1; });
+    viewer.addHandler("tile-load-failed", (e) => showError(`A tile failed: ${e.message}`));
+    viewer.addHandler("animation", updateScaleBar);
+    viewer.addHandler("resize", updateScaleBar);
+    new OpenSeadragon.MouseTracker({
+      element: viewer.container,
+      moveHandler: (e) => {
+        const item = viewer.world.getItemAt(0);
+        if (!item) return;
+        const p = item.viewerElementToImageCoordinates(e.position);
+        $("pointer").textContent = `x ${Math.round(p.x)}, y ${Math.round(p.y)} (level-0 px)`;
+      },
+    });
+    return viewer;
+  }
+
+  async function openSlide(id) {
+    showError("");
+    clearLayers();
+    try {
+      const info = await (await api(`/v1/slides/${encodeURIComponent(id)}`)).json();
+      const dzi = `/v1/slides/${encodeURIComponent(id)}/deepzoom.dzi?v=${encodeURIComponent(info.fingerprint)}`;
+      state.id = id;
+      state.info = info;
+      history.replaceState(null, "", `?slide=${encodeURIComponent(id)}`);
+      for (const b of document.querySelectorAll("#slides button")) {
+        b.setAttribute("aria-current", String(b.dataset.slide === id));
+      }
+      renderInfo(info);
+      renderDownloads(id);
+      state.viewer = state.viewer || makeViewer();
+      state.viewer.open(dzi);
+    } catch (err) {
+      state.id = id;
+      showError(`Slide ${id} could not be opened: ${err.message}`);
+    }
+  }
+
+  function onOpen() {
+    $("layers").disabled = false;
+    const item = state.viewer.world.getItemAt(0);
+    item.addHandler("fully-loaded-change", (e) => { document.body.dataset.fullyLoaded = String(e.fullyLoaded); });
+    updateScaleBar();
+    for (const name of ["tissue", "predictions", "medgemma"]) {
+      if ($(`layer-${name}`).checked) toggleLayer(name, true);
+    }
+  }
+
+  function renderInfo(info) {
+    const rows = [["name", info.name], ["size", `${info.width} × ${info.height} px`],
+      ["µm/px", info.mpp_x ? `${info.mpp_x.toFixed(4)} × ${info.mpp_y.toFixed(4)}` : "unknown"],
+      ["levels", info.level_count], ["vendor", info.vendor || "–"], ["format", info.format]];
+    const dl = $("info");
+    dl.replaceChildren();
+    for (const [k, v] of rows) {
+      const dt = document.createElement("dt"); dt.textContent = k;
+      const dd = document.createElement("dd"); dd.textContent = v;
+      dl.append(dt, dd);
+    }
+  }
+
+  function renderDownloads(id) {
+    const base = `/v1/slides/${encodeURIComponent(id)}`;
+    const items = [["Tissue (QuPath GeoJSON)", `${base}/tissue?format=geojson`, "tissue.geojson"],
+      ["Tissue mask (PNG)", `${base}/tissue?format=png`, "tissue.png"],
+      ["Thumbnail (PNG)", `${base}/thumbnail`, "thumbnail.png"]];
+    const list = $("downloads");
+    list.replaceChildren();
+    for (const [label, url, file] of items) {
+      const button = document.createElement("button");
+      button.type = "button";
+      button.textContent = label;
+      button.addEventListener("click", async () => {
+        try {
+          const blob = await (await api(url)).blob();
+          const a = document.createElement("a");
+          a.href = URL.createObjectURL(blob); a.download = file; a.click();
+        } catch (err) { showError(`${label}: ${err.message}`); }
+      });
+      const li = document.createElement("li");
+      li.append(button);
+      list.append(li);
+    }
+  }
+
+  // -- scale bar: a round length in µm, ~120 CSS px long, from the MPP and the zoom --------
+  function updateScaleBar() {
+    const item = state.viewer && state.viewer.world.getItemAt(0);
+    const mpp = state.info && state.info.mpp_x;
+    if (!item || !mpp) { $("scalebar").hidden = true; return; }
+    $("scalebar").hidden = false;
+    const screenPerImagePx = item.viewportToImageZoom(state.viewer.viewport.getZoom(true));
+    const umPerScreenPx = mpp / screenPerImagePx;
+    const target = 120 * umPerScreenPx;
+    const power = 10 ** Math.floor(Math.log10(target));
+    const nice = [5, 2, 1].map((m) => m * power).find((v) => v <= target) || power;
+    const width = nice / umPerScreenPx;
+    $("scalebar-bar").style.width = `${width}px`;
+    $("scalebar-label").textContent = nice >= 1000 ? `${nice / 1000} mm` : `${nice} µm`;
+    state.scale = { um: nice, px: width };
+  }
+
+  // -- layers ---------------------------------------------------------------------------------
+  function clearLayers() {
+    for (const name of Object.keys(state.layers)) removeLayer(name);
+    state.fetched = {};
+    $("legend").hidden = true;
+  }
+
+  function removeLayer(name) {
+    const layer = state.layers[name];
+    if (!layer) return;
+    if (layer.item) state.viewer.world.removeItem(layer.item);
+    for (const el of layer.elements || []) state.viewer.removeOverlay(el);
+    delete state.layers[name];
+  }
+
+  async function toggleLayer(name, on) {
+    if (!on) { removeLayer(name); if (name === "predictions") $("legend").hidden = true; return; }
+    if (!state.viewer || !state.viewer.world.getItemAt(0)) return;
+    try {
+      if (name === "tissue") await addTissue();
+      if (name === "predictions") await addPredictions();
+      if (name === "medgemma") await addMedGemma();
+      setOpacity(name);
+    } catch (err) {
+      $(`layer-${name}`).checked = false;
+      showError(`Layer "${name}" could not be drawn: ${err.message}`);
+    }
+  }
+
+  function setOpacity(name) {
+    const layer = state.layers[name];
+    const value = Number($(`opacity-${name}`).value);
+    if (!layer) return;
+    if (layer.item) layer.item.setOpacity(value);
+    for (const el of layer.elements || []) el.style.opacity = value;
+  }
+
+  async function addTissue() {
+    const id = state.id;
+    const blob = await (await api(`/v1/slides/${encodeURIComponent(id)}/tissue?format=png`)).blob();
+    const bitmap = await createImageBitmap(blob);
+    const canvas = document.createElement("canvas");
+    canvas.width = bitmap.width; canvas.height = bitmap.height;
+    const ctx = canvas.getContext("2d");
+    ctx.drawImage(bitmap, 0, 0);
+    const pixels = ctx.getImageData(0, 0, canvas.width, canvas.height);
+    for (let i = 0; i < pixels.data.length; i += 4) {
+      const tissue = pixels.data[i] > 127;
+      pixels.data.set(tissue ? [0, 200, 80, 255] : [0, 0, 0, 0], i);
+    }
+    ctx.putImageData(pixels, 0, 0);
+    if (state.id !== id) return;
+    await new Promise((resolve, reject) => {
+      state.viewer.addSimpleImage({
+        url: canvas.toDataURL("image/png"), x: 0, y: 0, width: state.viewer.world.getItemAt(0).getBounds().width,
+        success: (e) => { state.layers.tissue = { item: e.item }; resolve(); }, error: reject,
+      });
+    });
+  }
+
+  function box(x, y, w, h, className) {
+    const item = state.viewer.world.getItemAt(0);
+    const el = document.createElement("div");
+    el.className = className;
+    state.viewer.addOverlay({ element: el, location: item.imageToViewportRectangle(x, y, w, h) });
+    return el;
+  }
+
+  async function addMedGemma() {
+    const id = state.id;
+    const resp = await api(`/v1/slides/${encodeURIComponent(id)}/plan`, {
+      method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ strategy: "medgemma", seed: 0 }),
+    });
+    const plan = await resp.json();
+    if (state.id !== id) return;
+    const elements = plan.patches.map((p) => box(p.x0, p.y0, plan.width0, plan.height0, "box"));
+    state.layers.medgemma = { elements, plan };
+  }
+
+  // viridis at five stops, as the legend's CSS gradient
+  const VIRIDIS = [[68, 1, 84], [59, 82, 139], [33, 145, 140], [94, 201, 98], [253, 231, 37]];
+  function viridis(t) {
+    const x = Math.min(1, Math.max(0, t)) * (VIRIDIS.length - 1);
+    const i = Math.min(VIRIDIS.length - 2, Math.floor(x));
+    const f = x - i;
+    const c = VIRIDIS[i].map((v, k) => Math.round(v + f * (VIRIDIS[i + 1][k] - v)));
+    return `rgb(${c[0]}, ${c[1]}, ${c[2]})`;
+  }
+
+  async function addPredictions() {
+    const id = state.id;
+    const resp = await api(`/v1/slides/${encodeURIComponent(id)}/predictions?embedding_format=none`, {
+      method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ strategy: "stratified", n_patches: 300, seed: 0 }),
+    });
+    const records = (await resp.text()).split("\n").filter(Boolean).map((l) => JSON.parse(l));
+    const failed = records.find((r) => r.type === "error");
+    if (failed) throw new Error(failed.error || "the prediction stream failed");
+    const patches = records.filter((r) => r.type === "patch");
+    if (state.id !== id || !patches.length) return;
+    const key = Object.keys(patches[0].outputs).find((k) => typeof patches[0].outputs[k] === "number");
+    const values = patches.map((p) => p.outputs[key]);
+    const lo = Math.min(...values), hi = Math.max(...values);
+    const elements = patches.map((p, i) => {
+      const el = box(p.x0, p.y0, p.width0, p.height0, "pred");
+      el.style.background = viridis(hi > lo ? (values[i] - lo) / (hi - lo) : 1);
+      el.dataset.index = String(i);
+      el.addEventListener("click", () => showPatch(p));
+      return el;
+    });
+    state.layers.predictions = { elements, key, lo, hi };
+    $("legend-title").textContent = `${key} (${state.info.name})`;
+    $("legend-min").textContent = lo.toFixed(3);
+    $("legend-max").textContent = hi.toFixed(3);
+    $("legend").hidden = false;
+  }
+
+  function showPatch(p) {
+    const dl = $("patch");
+    dl.replaceChildren();
+    const rows = [["x0, y0", `${p.x0}, ${p.y0}`], ...Object.entries(p.outputs)
+      .filter(([, v]) => typeof v === "number").map(([k, v]) => [k, v.toFixed(4)])];
+    for (const [k, v] of rows) {
+      const dt = document.createElement("dt"); dt.textContent = k;
+      const dd = document.createElement("dd"); dd.textContent = v;
+      dl.append(dt, dd);
+    }
+  }
+
+  for (const name of ["tissue", "predictions", "medgemma"]) {
+    $(`layer-${name}`).addEventListener("change", (e) => toggleLayer(name, e.target.checked));
+    $(`opacity-${name}`).addEventListener("input", () => setOpacity(name));
+  }
+  listSlides();
+})();

@@ -1,0 +1,169 @@
+"""The viewer in a real browser: headless Chromium (Debian ``chromium`` +
+``chromium-driver``, installed by ``make system-deps``) driven by Selenium against a real
+server on 127.0.0.1. Screenshots are saved under ``$WSI_ARTIFACTS`` (default: pytest's tmp
+folder) for a person to look at."""
+
+from __future__ import annotations
+
+import io
+import os
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+from _servers import serve, slide_ids
+from PIL import Image
+
+from api.app import create_app
+from api.config import Settings
+from api.routes.viewer import assets_dir
+
+CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
+pytestmark = pytest.mark.skipif(
+    not (CHROMIUM and DRIVER),
+    reason="chromium + chromium-driver not found (installed by make test's system-deps)")
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Any]:
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    if not (assets_dir() / "openseadragon.min.js").is_file():
+        pytest.skip("OpenSeadragon not found in viewer/node_modules "
+                    "(installed by make test: make viewer-assets)")
+    options = webdriver.ChromeOptions()
+    for flag in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage",
+                 "--window-size=1200,800", "--force-device-scale-factor=1"):
+        options.add_argument(flag)
+    options.binary_location = str(CHROMIUM)
+    options.set_capability("goog:loggingPrefs", {"browser": "ALL"})
+    driver = webdriver.Chrome(service=Service(str(DRIVER)), options=options)
+    try:
+        yield driver
+    finally:
+        driver.quit()
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = Path(os.environ.get("WSI_ARTIFACTS") or tmp_path_factory.mktemp("screens"))
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def wait(what: str, ok: Callable[[], object], timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while not ok():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+def screenshot(driver: Any, folder: Path, name: str) -> np.ndarray:
+    png = driver.get_screenshot_as_png()
+    (folder / f"{name}.png").write_bytes(png)
+    return np.asarray(Image.open(io.BytesIO(png)).convert("RGB")).astype(int)
+
+
+def view_box(driver: Any) -> tuple[int, int, int, int]:
+    rect = driver.execute_script(
+        "const r = document.getElementById('osd').getBoundingClientRect();"
+        "return [r.left, r.top, r.width, r.height];")
+    return tuple(int(v) for v in rect)  # type: ignore[return-value]
+
+
+def console_errors(driver: Any) -> list[str]:
+    return [e["message"] for e in driver.get_log("browser") if e["level"] == "SEVERE"]
+
+
+def test_the_viewer_shows_a_slide_its_scale_and_its_overlays(
+        browser: Any, artifacts: Path, demo_slide: Path, tmp_path: Path) -> None:
+    root = tmp_path / "slides"
+    root.mkdir()
+    shutil.copy(demo_slide, root / "demo.svs")
+    settings = Settings(slide_roots=[root], data_dir=tmp_path / "data", demo_slide=False,
+                        device="cpu", api_keys=["v1ewer"])
+    with serve(create_app(settings), ready_path="/readyz") as url:
+        sid = slide_ids(url, api_key="v1ewer")["demo.svs"]
+        browser.get(f"{url}/viewer")  # the key goes where a user types it, then the slide
+        browser.execute_script("sessionStorage.setItem('wsiApiKey', 'v1ewer')")
+        assert any("401" in e for e in console_errors(browser))  # no key yet: refused
+        browser.get(f"{url}/viewer?slide={sid}")
+        wait("the slide's tiles", lambda: browser.execute_script(
+            "return document.body.dataset.fullyLoaded === 'true'"))
+        assert browser.execute_script("return window.wsiViewer.tilesLoaded") > 0
+        left, top, width, height = view_box(browser)
+        plain = screenshot(browser, artifacts, "1-slide")[top:top + height, left:left + width]
+        # tissue is where the slide's own tissue mask says, background elsewhere
+        mask = np.asarray(Image.open(io.BytesIO(httpx.get(
+            f"{url}/v1/slides/{sid}/tissue?format=png",
+            headers={"Authorization": "Bearer v1ewer"}).content)).convert("L")) > 127
+        item = browser.execute_script(
+            "const it = window.wsiViewer.viewer.world.getItemAt(0);"
+            "const a = it.imageToViewerElementCoordinates(new OpenSeadragon.Point(0, 0));"
+            "const b = it.imageToViewerElementCoordinates("
+            "  new OpenSeadragon.Point(it.source.width, it.source.height));"
+            "return [a.x, a.y, b.x, b.y];")
+        x0, y0, x1, y1 = (int(round(v)) for v in item)
+        shown = plain[max(y0, 0):y1, max(x0, 0):x1]
+        small = np.asarray(Image.fromarray(mask).resize(shown.shape[1::-1])) > 0
+        tissue_rgb, glass_rgb = shown[small].mean(0), shown[~small].mean(0)
+        assert glass_rgb.min() > 200 and tissue_rgb.mean() < glass_rgb.mean() - 25
+        # the scale bar: its length in µm over its width in px is the MPP at this zoom
+        scale = browser.execute_script("return window.wsiViewer.scale")
+        zoom = (x1 - x0) / 8192  # screen px per level-0 px
+        assert scale["um"] / scale["px"] == pytest.approx(0.25 / zoom, rel=0.02)
+        label = browser.find_element("id", "scalebar-label").text
+        assert label in (f"{scale['um']} µm", f"{scale['um'] / 1000:g} mm")
+        # each overlay changes the pixels where it is drawn, and only there
+        browser.find_element("id", "layer-tissue").click()
+        wait("the tissue layer", lambda: browser.execute_script(
+            "return !!window.wsiViewer.layers.tissue"))
+        time.sleep(1.0)
+        tinted = screenshot(browser, artifacts, "2-tissue")[top:top + height, left:left + width]
+        changed = np.abs(tinted - plain).sum(2)[max(y0, 0):y1, max(x0, 0):x1] > 30
+        assert changed[small].mean() > 0.8 and changed[~small].mean() < 0.05
+        browser.find_element("id", "layer-tissue").click()
+        browser.find_element("id", "layer-medgemma").click()
+        wait("the MedGemma bag", lambda: browser.execute_script(
+            "return !!window.wsiViewer.layers.medgemma"))
+        n_boxes = browser.execute_script("return document.querySelectorAll('.box').length")
+        assert n_boxes == httpx.post(f"{url}/v1/slides/{sid}/plan",
+                                     json={"strategy": "medgemma", "seed": 0},
+                                     headers={"Authorization": "Bearer v1ewer"}
+                                     ).json()["n_patches"] > 0
+        time.sleep(0.5)
+        bag = screenshot(browser, artifacts, "3-medgemma")[top:top + height, left:left + width]
+        assert (np.abs(bag - plain).sum(2) > 60).mean() > 0.001
+        browser.find_element("id", "layer-predictions").click()
+        wait("the predictions", lambda: browser.execute_script(
+            "return !!window.wsiViewer.layers.predictions"), timeout=120)
+        assert browser.find_element("id", "legend-title").text.startswith("tissue_fraction")
+        screenshot(browser, artifacts, "4-predictions")
+        assert console_errors(browser) == []
+
+
+def test_a_slide_that_fails_shows_a_readable_error(
+        browser: Any, artifacts: Path, demo_slide: Path, tmp_path: Path) -> None:
+    root = tmp_path / "slides"
+    root.mkdir()
+    shutil.copy(demo_slide, root / "demo.svs")
+    settings = Settings(slide_roots=[root], data_dir=tmp_path / "data", demo_slide=False,
+                        device="cpu")
+    with serve(create_app(settings), ready_path="/readyz") as url:
+        browser.get(f"{url}/viewer?slide=nosuchslide")
+        message = browser.find_element("id", "message")
+        wait("the error message", lambda: message.is_displayed())
+        assert "could not be opened" in message.text and "unknown slide id" in message.text
+        screenshot(browser, artifacts, "5-error")
+        # the slide list is there, and a click opens the slide
+        browser.find_element("css selector", "#slides button").click()
+        wait("the slide's tiles", lambda: browser.execute_script(
+            "return document.body.dataset.fullyLoaded === 'true'"))
+        assert not message.is_displayed()
