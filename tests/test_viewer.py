@@ -167,3 +167,34 @@ def test_a_slide_that_fails_shows_a_readable_error(
         wait("the slide's tiles", lambda: browser.execute_script(
             "return document.body.dataset.fullyLoaded === 'true'"))
         assert not message.is_displayed()
+
+
+def test_a_medgemma_report_streams_beside_its_bag(
+        browser: Any, artifacts: Path, demo_slide: Path, tmp_path: Path) -> None:
+    """With a VLM configured (here the local OpenAI-compatible stand-in, which checks the
+    requests with the openai package's own types and describes what it received), the
+    report's text streams into the panel and the bag it was made from is drawn."""
+    from _openai_server import OpenAIStub, create_openai_stub
+
+    root = tmp_path / "slides"
+    root.mkdir()
+    shutil.copy(demo_slide, root / "demo.svs")
+    stub = OpenAIStub()
+    with serve(create_openai_stub(stub)) as vlm:
+        settings = Settings(slide_roots=[root], data_dir=tmp_path / "data", demo_slide=False,
+                            device="cpu", vlm_url=f"{vlm}/v1", vlm_model="echo")
+        with serve(create_app(settings), ready_path="/readyz") as url:
+            sid = slide_ids(url)["demo.svs"]
+            browser.get(f"{url}/viewer?slide={sid}")
+            wait("the slide's tiles", lambda: browser.execute_script(
+                "return document.body.dataset.fullyLoaded === 'true'"))
+            browser.find_element("id", "describe").click()
+            wait("the report", lambda: browser.execute_script(
+                "return !!window.wsiViewer.report"), timeout=120)
+            text = browser.find_element("id", "report").text
+            n_boxes = browser.execute_script("return document.querySelectorAll('.box').length")
+            screenshot(browser, artifacts, "6-report")
+    (request,) = stub.received
+    assert text.startswith(f"Received {len(request.images)} images (896x896)")
+    assert n_boxes == len(request.images) > 0  # the bag on the slide is the bag described
+    assert browser.find_element("id", "layer-medgemma").is_selected()

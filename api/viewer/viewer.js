@@ -116,6 +116,7 @@
 
   function onOpen() {
     $("layers").disabled = false;
+    $("describe").disabled = false;
     const item = state.viewer.world.getItemAt(0);
     item.addHandler("fully-loaded-change", (e) => { document.body.dataset.fullyLoaded = String(e.fullyLoaded); });
     updateScaleBar();
@@ -307,6 +308,44 @@
       dl.append(dt, dd);
     }
   }
+
+  // -- a MedGemma report: the bag on the slide, the model's text streamed beside it ---------
+  async function describe() {
+    const id = state.id, out = $("report");
+    out.textContent = "";
+    $("describe").disabled = true;
+    try {
+      const resp = await api(`/v1/slides/${encodeURIComponent(id)}/reports`, {
+        method: "POST", headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ prompt: $("prompt").value }),
+      });
+      const reader = resp.body.getReader(), decoder = new TextDecoder();
+      let pending = "";
+      for (;;) {
+        const { value, done } = await reader.read();
+        if (done) break;
+        pending += decoder.decode(value, { stream: true });
+        const lines = pending.split("\n");
+        pending = lines.pop();
+        for (const line of lines.filter(Boolean)) {
+          const record = JSON.parse(line);
+          if (record.type === "bag" && !$("layer-medgemma").checked) {
+            $("layer-medgemma").checked = true;
+            toggleLayer("medgemma", true);
+          }
+          if (record.type === "delta") out.textContent += record.text;
+          if (record.type === "report") { out.textContent = record.text; state.report = record; }
+          if (record.type === "error") throw new Error(record.error);
+        }
+      }
+    } catch (err) {
+      out.textContent = "";
+      showError(`The report could not be made: ${err.message}`);
+    } finally {
+      $("describe").disabled = false;
+    }
+  }
+  $("describe").addEventListener("click", describe);
 
   for (const name of ["tissue", "predictions", "medgemma"]) {
     $(`layer-${name}`).addEventListener("change", (e) => toggleLayer(name, e.target.checked));
