@@ -102,20 +102,14 @@ def test_the_api_serves_the_pyramid_as_openseadragon_asks_for_it(
     the generator's pixels (PNG exact, JPEG within its error), stored tiles passed through,
     ETag / 304 / immutable with the fingerprint, API keys, clear errors."""
     import io
-    import shutil
 
     import httpx
-    from _servers import serve, slide_ids
+    from _servers import folder_settings, serve, slide_ids
     from PIL import Image
 
     from api.app import create_app
-    from api.config import Settings
 
-    root = tmp_path / "slides"
-    root.mkdir()
-    shutil.copy(cmu_svs, root / "cmu.svs")
-    settings = Settings(slide_roots=[root], data_dir=tmp_path / "data", demo_slide=False,
-                        device="cpu", api_keys=["k3y"])
+    settings = folder_settings(tmp_path, {"cmu.svs": cmu_svs}, api_keys=["k3y"])
     auth = {"Authorization": "Bearer k3y"}
     reference = DeepZoomGenerator(openslide.OpenSlide(str(cmu_svs)))
     top = reference.level_count - 1

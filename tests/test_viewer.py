@@ -16,11 +16,10 @@ from typing import Any
 import httpx
 import numpy as np
 import pytest
-from _servers import serve, slide_ids
+from _servers import folder_settings, serve, slide_ids
 from PIL import Image
 
 from api.app import create_app
-from api.config import Settings
 from api.routes.viewer import assets_dir
 
 CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
@@ -84,11 +83,7 @@ def console_errors(driver: Any) -> list[str]:
 
 def test_the_viewer_shows_a_slide_its_scale_and_its_overlays(
         browser: Any, artifacts: Path, demo_slide: Path, tmp_path: Path) -> None:
-    root = tmp_path / "slides"
-    root.mkdir()
-    shutil.copy(demo_slide, root / "demo.svs")
-    settings = Settings(slide_roots=[root], data_dir=tmp_path / "data", demo_slide=False,
-                        device="cpu", api_keys=["v1ewer"])
+    settings = folder_settings(tmp_path, {"demo.svs": demo_slide}, api_keys=["v1ewer"])
     with serve(create_app(settings), ready_path="/readyz") as url:
         sid = slide_ids(url, api_key="v1ewer")["demo.svs"]
         browser.get(f"{url}/viewer")  # the key goes where a user types it, then the slide
@@ -151,11 +146,7 @@ def test_the_viewer_shows_a_slide_its_scale_and_its_overlays(
 
 def test_a_slide_that_fails_shows_a_readable_error(
         browser: Any, artifacts: Path, demo_slide: Path, tmp_path: Path) -> None:
-    root = tmp_path / "slides"
-    root.mkdir()
-    shutil.copy(demo_slide, root / "demo.svs")
-    settings = Settings(slide_roots=[root], data_dir=tmp_path / "data", demo_slide=False,
-                        device="cpu")
+    settings = folder_settings(tmp_path, {"demo.svs": demo_slide})
     with serve(create_app(settings), ready_path="/readyz") as url:
         browser.get(f"{url}/viewer?slide=nosuchslide")
         message = browser.find_element("id", "message")
@@ -176,13 +167,10 @@ def test_a_medgemma_report_streams_beside_its_bag(
     report's text streams into the panel and the bag it was made from is drawn."""
     from _openai_server import OpenAIStub, create_openai_stub
 
-    root = tmp_path / "slides"
-    root.mkdir()
-    shutil.copy(demo_slide, root / "demo.svs")
     stub = OpenAIStub()
     with serve(create_openai_stub(stub)) as vlm:
-        settings = Settings(slide_roots=[root], data_dir=tmp_path / "data", demo_slide=False,
-                            device="cpu", vlm_url=f"{vlm}/v1", vlm_model="echo")
+        settings = folder_settings(tmp_path, {"demo.svs": demo_slide}, vlm_url=f"{vlm}/v1",
+                                   vlm_model="echo")
         with serve(create_app(settings), ready_path="/readyz") as url:
             sid = slide_ids(url)["demo.svs"]
             browser.get(f"{url}/viewer?slide={sid}")
