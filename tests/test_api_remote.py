@@ -149,6 +149,16 @@ def test_every_endpoint_answers_as_for_the_local_file(url: str, source: str) -> 
     for name, patch in want.items():
         assert int(np.abs(got[name].astype(int) - patch).max()) <= TOLERANCE[source], name
 
+    # DeepZoom, as a viewer reads it: the same pyramid and tiles (PNG) as the local file
+    dzis = [httpx.get(f"{url}/v1/slides/{sid}/deepzoom.dzi", timeout=60) for sid in (local,
+                                                                               remote)]
+    assert dzis[0].status_code == dzis[1].status_code == 200 and dzis[0].text == dzis[1].text
+    for level, col, row in ((13, 0, 0), (13, 16, 12), (10, 1, 1)):
+        tiles = [_png(httpx.get(f"{url}/v1/slides/{sid}/deepzoom_files/{level}/{col}_{row}.png",
+                                timeout=60).content) for sid in (local, remote)]
+        assert tiles[0].shape == tiles[1].shape
+        assert int(np.abs(tiles[0].astype(int) - tiles[1]).max()) <= TOLERANCE[source]
+
     body = {"strategy": "random", "n_patches": 16, "seed": 2}
     records = [[json.loads(line) for line in httpx.post(
         f"{url}/v1/slides/{sid}/predictions", json=body, timeout=120).text.splitlines()]
