@@ -6,6 +6,7 @@ folder) for a person to look at."""
 from __future__ import annotations
 
 import io
+import json
 import os
 import shutil
 import time
@@ -140,6 +141,20 @@ def test_the_viewer_shows_a_slide_its_scale_and_its_overlays(
         wait("the predictions", lambda: browser.execute_script(
             "return !!window.wsiViewer.layers.predictions"), timeout=120)
         assert browser.find_element("id", "legend-title").text.startswith("tissue_fraction")
+        # the predictions shown download as CSV: the stream's boxes and values, row by row
+        csv_rows = browser.execute_script("return window.wsiViewer.predictionsCsv()").split()
+        records = [json.loads(line) for line in httpx.post(
+            f"{url}/v1/slides/{sid}/predictions?embedding_format=none",
+            json={"strategy": "stratified", "n_patches": 300, "seed": 0},
+            headers={"Authorization": "Bearer v1ewer"}, timeout=120).text.splitlines()]
+        patches = [r for r in records if r["type"] == "patch"]
+        assert csv_rows[0].startswith("minx,miny,width,height,tissue_fraction")
+        assert len(csv_rows) == len(patches) + 1 > 10
+        first = csv_rows[1].split(",")
+        assert [int(v) for v in first[:4]] == [patches[0][k] for k in (
+            "x0", "y0", "width0", "height0")]
+        assert float(first[4]) == patches[0]["outputs"]["tissue_fraction"]
+        assert browser.find_element("id", "download-predictions").is_displayed()
         screenshot(browser, artifacts, "4-predictions")
         assert console_errors(browser) == []
 

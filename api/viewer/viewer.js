@@ -290,11 +290,42 @@
       el.addEventListener("click", () => showPatch(p));
       return el;
     });
-    state.layers.predictions = { elements, key, lo, hi };
+    state.layers.predictions = { elements, key, lo, hi, patches };
+    addPredictionsDownload();
     $("legend-title").textContent = `${key} (${state.info.name})`;
     $("legend-min").textContent = lo.toFixed(3);
     $("legend-max").textContent = hi.toFixed(3);
     $("legend").hidden = false;
+  }
+
+  // The predictions on screen as CSV (QuPath / pandas): box in level-0 px, then every output.
+  state.predictionsCsv = () => {
+    const layer = state.layers.predictions;
+    if (!layer) return "";
+    const names = Object.keys(layer.patches[0].outputs)
+      .filter((k) => typeof layer.patches[0].outputs[k] === "number");
+    const lines = [["minx", "miny", "width", "height", ...names].join(",")];
+    for (const p of layer.patches) {
+      lines.push([p.x0, p.y0, p.width0, p.height0, ...names.map((k) => p.outputs[k])].join(","));
+    }
+    return lines.join("\n") + "\n";
+  };
+
+  function addPredictionsDownload() {
+    if ($("download-predictions")) return;
+    const button = document.createElement("button");
+    button.type = "button";
+    button.id = "download-predictions";
+    button.textContent = "Predictions shown (CSV)";
+    button.addEventListener("click", () => {
+      const a = document.createElement("a");
+      a.href = URL.createObjectURL(new Blob([state.predictionsCsv()], { type: "text/csv" }));
+      a.download = `${state.info.name}.predictions.csv`;
+      a.click();
+    });
+    const li = document.createElement("li");
+    li.append(button);
+    $("downloads").append(li);
   }
 
   function showPatch(p) {
