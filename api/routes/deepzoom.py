@@ -49,7 +49,7 @@ def _cache_headers(etag: str, fingerprint: str, version: str | None) -> dict[str
 
 
 @router.get("/{slide_id}/deepzoom.dzi", response_class=Response, responses={
-    **ERRORS, 200: {"content": {"application/xml": {"schema": {"type": "string"}}},
+    **ERRORS, 200: {"content": binary_content("application/xml"),
                     "description": "The DZI description (Deep Zoom Image XML)"}})
 async def deepzoom_dzi(
     slide_id: str, services: ServicesDep, request: Request, tile_size: TileSizeQ = 254,
