@@ -12,7 +12,8 @@ from __future__ import annotations
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from starlette.concurrency import run_in_threadpool
@@ -47,9 +48,13 @@ class TileParams:
 
 
 class _Open:
+    """An open slide, shared by the requests using it; closed once retired and unused."""
+
     def __init__(self, slide: Slide) -> None:
         self.slide = slide
         self.used = time.monotonic()
+        self.users = 0
+        self.retired = False
         self.pyramids: dict[tuple[int, int, bool], DeepZoom] = {}
 
 
@@ -64,49 +69,81 @@ class TileServer:
         self._clients: dict[str, int] = {}
 
     # -- open slides -------------------------------------------------------------------------
-    def _slide(self, slide_id: str) -> _Open:
+    @contextmanager
+    def _using(self, slide_id: str) -> Iterator[_Open]:
+        """The slide, opened once and shared; never closed while a request reads it."""
         with self._lock:
-            self._expire()
-            held = self._open.pop(slide_id, None)
+            self._retire_old()
+            held = self._open.get(slide_id)
+            if held is not None:
+                self._open.move_to_end(slide_id)
+                held.users += 1
         if held is None:
-            held = _Open(self.registry.open(slide_id))
+            opened = self.registry.open(slide_id)  # outside the lock: opening may be slow
+            spare: Slide | None = opened
+            with self._lock:
+                held = self._open.get(slide_id)
+                if held is None:
+                    held = self._open[slide_id] = _Open(opened)
+                    spare = None
+                held.users += 1
+                self._retire_old()
+            if spare is not None:  # another request opened it meanwhile
+                spare.close()
         held.used = time.monotonic()
-        with self._lock:
-            self._open[slide_id] = held
-            while len(self._open) > MAX_OPEN:
-                self._open.popitem(last=False)[1].slide.close()
-        return held
+        try:
+            yield held
+        finally:
+            with self._lock:
+                held.users -= 1
+                close = held.retired and held.users == 0
+            if close:
+                held.slide.close()
 
-    def _expire(self) -> None:
+    def _retire_old(self) -> None:
+        """Under the lock: retire slides idle past OPEN_FOR_S and those over MAX_OPEN (the
+        least recently used); each closes now if unused, else when its last user ends."""
         now = time.monotonic()
-        for sid in [s for s, o in self._open.items() if now - o.used > OPEN_FOR_S]:
-            self._open.pop(sid).slide.close()
+        stale = [s for s, o in self._open.items() if now - o.used > OPEN_FOR_S]
+        stale += list(self._open)[:max(0, len(self._open) - len(stale) - MAX_OPEN)]
+        for sid in dict.fromkeys(stale):
+            held = self._open.pop(sid)
+            held.retired = True
+            if held.users == 0:
+                held.slide.close()
 
-    def pyramid(self, slide_id: str, params: TileParams) -> tuple[DeepZoom, str]:
-        """The slide's DeepZoom geometry for ``params`` and its fingerprint."""
-        held = self._slide(slide_id)
+    @staticmethod
+    def _pyramid(held: _Open, params: TileParams) -> DeepZoom:
         key = (params.tile_size, params.overlap, params.limit_bounds)
         if key not in held.pyramids:
             held.pyramids[key] = DeepZoom(held.slide, tile_size=params.tile_size,
                                           overlap=params.overlap,
                                           limit_bounds=params.limit_bounds)
-        return held.pyramids[key], held.slide.fingerprint
+        return held.pyramids[key]
+
+    def dzi(self, slide_id: str, params: TileParams) -> tuple[str, str]:
+        """The slide's ``.dzi`` XML for ``params`` and its fingerprint."""
+        with self._using(slide_id) as held:
+            return (self._pyramid(held, params).dzi(params.image_format),
+                    held.slide.fingerprint)
 
     # -- tiles -------------------------------------------------------------------------------
     def tile(self, slide_id: str, params: TileParams, level: int, col: int, row: int
              ) -> tuple[bytes, str]:
         """(encoded tile, fingerprint): from the cache, the stored JPEG, or read + encoded."""
-        dz, fingerprint = self.pyramid(slide_id, params)
-        key = (fingerprint, params.tag(), level, col, row)
-        with self._lock:
-            cached = self._tiles.get(key)
-            if cached is not None:
-                self._tiles.move_to_end(key)
-                return cached, fingerprint
-        data = dz.stored_jpeg(level, col, row) if params.image_format == "jpeg" else None
-        if data is None:
-            data = encode_image(dz.tile(level, col, row), f".{params.image_format}",
-                                jpeg_quality=params.quality)
+        with self._using(slide_id) as held:
+            fingerprint = held.slide.fingerprint
+            key = (fingerprint, params.tag(), level, col, row)
+            with self._lock:
+                cached = self._tiles.get(key)
+                if cached is not None:
+                    self._tiles.move_to_end(key)
+                    return cached, fingerprint
+            dz = self._pyramid(held, params)
+            data = dz.stored_jpeg(level, col, row) if params.image_format == "jpeg" else None
+            if data is None:
+                data = encode_image(dz.tile(level, col, row), f".{params.image_format}",
+                                    jpeg_quality=params.quality)
         with self._lock:
             if key not in self._tiles:
                 self._tiles[key] = data
@@ -130,6 +167,7 @@ class TileServer:
                     del self._clients[client]
 
     def close(self) -> None:
+        """At shutdown, after the requests: close every open slide, drop the cache."""
         with self._lock:
             while self._open:
                 self._open.popitem()[1].slide.close()

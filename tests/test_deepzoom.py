@@ -14,7 +14,7 @@ from openslide.deepzoom import DeepZoomGenerator
 
 from wsi_sampler import open_slide
 from wsi_sampler.deepzoom import DeepZoom
-from wsi_sampler.errors import InvalidRequestError
+from wsi_sampler.errors import CorruptSlideError, InvalidRequestError
 
 PARAMS = [(254, 1, False), (256, 0, False), (240, 2, True)]
 # A non-empty region as scanners that record one give it (MIRAX, Ventana): our slides have
@@ -161,3 +161,38 @@ def test_the_api_serves_the_pyramid_as_openseadragon_asks_for_it(
             answer = httpx.get(bad, headers=auth)
             assert answer.status_code == status, (bad, answer.text)
             assert "error" in answer.json()
+
+
+def test_the_tile_server_shares_open_slides_and_closes_none_in_use(demo_slide: Path) -> None:
+    """Concurrent tiles of one slide open it once; past MAX_OPEN the least recently used
+    slide is retired, and closed only when the request reading it ends."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from api import tiles
+    from api.tiles import TileParams, TileServer
+
+    opened: list[object] = []
+    lock = threading.Lock()
+
+    class Registry:  # the service's registry maps ids to files; here every id is the demo
+        def open(self, slide_id: str) -> object:
+            slide = open_slide(demo_slide)
+            with lock:
+                opened.append(slide)
+            return slide
+
+    server = TileServer(Registry(), cache_mb=1)  # type: ignore[arg-type]
+    params = TileParams(254, 1, "jpeg", 90, False)
+    server.tile("a", params, 13, 0, 0)
+    with ThreadPoolExecutor(4) as pool:
+        list(pool.map(lambda c: server.tile("a", params, 13, c, 0), range(1, 9)))
+    assert len(opened) == 1 and len(server._open) == 1
+    with server._using("a") as busy:  # a request still reading slide "a"
+        for i in range(tiles.MAX_OPEN):
+            server.tile(f"other-{i}", params, 13, 0, 0)
+        assert "a" not in server._open and busy.retired
+        assert busy.slide.read_region((0, 0), 0, (8, 8)).shape == (8, 8, 3)  # still open
+    with pytest.raises(CorruptSlideError, match="closed slide"):  # closed after its last user
+        busy.slide.read_region((0, 0), 0, (8, 8))
+    server.close()

@@ -59,11 +59,8 @@ async def deepzoom_dzi(
     """The slide as a DeepZoom pyramid; its ``ETag`` is the slide's fingerprint."""
     params = TileParams(tile_size, overlap, image_format, quality, limit_bounds)
 
-    def describe() -> tuple[bytes, str]:
-        dz, fingerprint = services.tiles.pyramid(slide_id, params)
-        return dz.dzi(image_format).encode(), fingerprint
-
-    body, fingerprint = await services.slide_work(describe)
+    text, fingerprint = await services.slide_work(services.tiles.dzi, slide_id, params)
+    body = text.encode()
     headers = _cache_headers(_etag(fingerprint, params, "dzi"), fingerprint, version)
     headers["X-Slide-Fingerprint"] = fingerprint
     return Response(body, media_type="application/xml", headers=headers)
