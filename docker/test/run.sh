@@ -18,14 +18,15 @@ eval "$setup"
 
 # The build as a user runs it, plus this machine's scaffolding, all as read-only mounts that
 # never enter a layer: the host's CA bundle (a TLS-inspecting proxy signs package
-# downloads here) through a pip.conf, the machine's local package indexes, and the pinned
-# torch's wheels as TORCH_INDEX.
+# downloads here) over the base image's own bundle, for pip (through a pip.conf) and for
+# the npm download of the viewer's files; the machine's local package indexes; and the
+# pinned torch's wheels as TORCH_INDEX.
 cat > "$CACHE/pip.conf" <<CONF
 [global]
-cert = /etc/ssl/host-ca.pem
+cert = /etc/ssl/certs/ca-certificates.crt
 CONF
 mounts=(-v "$CACHE/pip.conf:/etc/pip.conf:ro"
-        -v /etc/ssl/certs/ca-certificates.crt:/etc/ssl/host-ca.pem:ro
+        -v /etc/ssl/certs/ca-certificates.crt:/etc/ssl/certs/ca-certificates.crt:ro
         -v "$WSI_TORCH_INDEX_DIR:/torch-index:ro")
 extra=""
 for index in /opt/pypi /opt/pypi-more; do
@@ -42,12 +43,17 @@ podman build --format docker --layers -t wsi-sampler:latest \
     || { tail -40 "$CACHE/build.log"; echo "docker-test: build failed"; exit 1; }
 echo "measured: build $(( $(date +%s) - start )) s (cached layers reused when unchanged)"
 # The engine leaves empty mount points where the mounts were (a 0-byte file, an empty
-# folder); nothing of what was mounted may be in the image.
-check='for p in /etc/pip.conf /etc/ssl/host-ca.pem /torch-index /opt/pypi /opt/pypi-more; do
+# folder); nothing of what was mounted may be in the image, and its CA bundle must be the
+# base image's own, not the host's.
+check='for p in /etc/pip.conf /torch-index /opt/pypi /opt/pypi-more; do
     if [ -f "$p" ] && [ -s "$p" ]; then echo "$p"; fi
     if [ -d "$p" ] && [ -n "$(ls -A "$p")" ]; then echo "$p"; fi
 done'
 baked=$(podman run --rm --no-healthcheck --entrypoint sh wsi-sampler:latest -c "$check")
 if [ -n "$baked" ]; then echo "docker-test: baked into the image: $baked"; exit 1; fi
-echo "ok: no build scaffolding (CA, pip.conf, indexes) left in the image"
+bundle=/etc/ssl/certs/ca-certificates.crt
+ours=$(podman run --rm --no-healthcheck --entrypoint sha256sum wsi-sampler:latest $bundle)
+base=$(podman run --rm --no-healthcheck --entrypoint sha256sum python:3.11-slim $bundle)
+if [ "$ours" != "$base" ]; then echo "docker-test: the host's CA bundle is in the image"; exit 1; fi
+echo "ok: no build scaffolding (CA bundle, pip.conf, indexes) left in the image"
 "$PY" docker/test/smoke.py
