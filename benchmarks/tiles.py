@@ -24,6 +24,7 @@ import argparse
 import io
 import json
 import os
+import shutil
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -132,7 +133,7 @@ def service_rows(path: Path, single: list[Tile], many: list[list[Tile]]) -> list
     with tempfile.TemporaryDirectory() as tmp:
         slides = Path(tmp) / "slides"
         slides.mkdir()
-        os.symlink(path, slides / "big.svs")
+        shutil.copy(path, slides / "big.svs")  # the service serves no symlinks out of a root
         env = {"WSI_SLIDE_ROOTS": f'["{slides}"]', "WSI_DATA_DIR": str(Path(tmp) / "data"),
                "WSI_DEMO_SLIDE": "false", "WSI_DEVICE": "cpu", "WSI_API_KEYS": json.dumps(keys)}
         out = []
