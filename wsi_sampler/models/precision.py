@@ -58,14 +58,23 @@ class NumericsCheck:
 
 
 @functools.cache
+def _cpuinfo(field: str) -> str | None:
+    """The first ``field`` line of Linux ``/proc/cpuinfo`` (None elsewhere or if absent)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return None
+    return next((line.split(":", 1)[1].strip() for line in lines
+                 if line.split(":", 1)[0].strip() == field), None)
+
+
+@functools.cache
 def cpu_bf16_support() -> tuple[bool, str]:
     """(native bf16, what says so): the CPU's flags (Linux ``/proc/cpuinfo``)."""
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
+    text = _cpuinfo("flags")
+    if text is None:
         return False, f"CPU flags unknown on {platform.system()}"
-    flags = next((line.split(":", 1)[1].split() for line in text.splitlines()
-                  if line.startswith("flags")), [])
+    flags = text.split()
     native = [f for f in ("amx_bf16", "avx512_bf16") if f in flags]
     if native:
         return True, f"CPU has {' and '.join(native)}"
@@ -140,11 +149,7 @@ def _cache_file() -> Path:
 
 def cache_key(model_key: str, precision: str, device: torch.device) -> str:
     """The model (name, version, weights digest), precision, device and machine."""
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError):
-        cpu = next((line.split(":", 1)[1].strip() for line in
-                    Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name")), cpu)
+    cpu = _cpuinfo("model name") or platform.processor() or platform.machine()
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
     raw = f"{model_key}|{precision}|{device.type}|{cpu}|{gpu}|torch {torch.__version__}"
     return hashlib.sha256(raw.encode()).hexdigest()[:24]
