@@ -1,5 +1,5 @@
 """``wsi-sampler deidentify IN OUT``: de-identified copies of slide files and folders.
-Registered onto the main app by :mod:`wsi_sampler.cli`."""
+Registered onto the main app by :mod:`wsi_sampler.cli.main`."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from typing import Annotated
 
 import typer
 
-from ._io import atomic_write_text
-from .errors import InvalidRequestError
+from .._io import atomic_write_text
+from ..errors import InvalidRequestError
 
 __all__ = ["register"]
 
@@ -34,7 +34,7 @@ def deidentify(source: InA, out: OutA, keep_names: KeepNamesO = False,
     (Aperio Filename/User/Date/Time…, TIFF DateTime/Artist/…); the pyramid's tiles are kept
     byte for byte. A folder's slides are copied side by side as slide-<hash> files (names
     may name a patient), or with their names and layout (--keep-names)."""
-    from .deidentify import deidentify_file, deidentify_folder
+    from ..deidentify import deidentify_file, deidentify_folder
 
     if source.is_file():
         removed = deidentify_file(source, out)

@@ -1,6 +1,6 @@
 """``wsi-sampler models``: the built-in models and encoder catalogue, and a check that a
 downloaded weights file fits its card. Registered onto the main app by
-:mod:`wsi_sampler.cli`."""
+:mod:`wsi_sampler.cli.main`."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import Annotated
 
 import typer
 
-from .cli_options import DeviceO, DeviceOpt, RandomWeightsO, WeightsO
+from .options import DeviceO, DeviceOpt, RandomWeightsO, WeightsO
 
 __all__ = ["register"]
 
@@ -23,7 +23,7 @@ NameArg = Annotated[str, typer.Argument(help="A built-in name (models list) or a
 @models_app.command("list")
 def list_models() -> None:
     """The built-in models: name, output, input, licence and where to get the weights."""
-    from .models import BUILTIN_MODELS, catalogue_names, resolve_card
+    from ..models import BUILTIN_MODELS, catalogue_names, resolve_card
 
     rows = [("name", "output", "input", "licence", "weights")]
     for name in (*BUILTIN_MODELS, *catalogue_names()):
@@ -43,7 +43,7 @@ def list_models() -> None:
 @models_app.command("show")
 def show(name: NameArg) -> None:
     """Print a model's card (JSON): copy it to describe a variant of your own."""
-    from .models import resolve_card
+    from ..models import resolve_card
 
     sys.stdout.write(resolve_card(name)[0].to_json() + "\n")
 
@@ -55,7 +55,7 @@ def check(
 ) -> None:
     """Load a model strictly (every weight present, none extra, every shape equal) and run
     one patch through it: the way to know a downloaded file fits before a long run."""
-    from .models import load_model
+    from ..models import load_model
 
     model = load_model(name, weights=weights, device=device.value,
                        allow_random_weights=random_weights)

@@ -21,10 +21,28 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
 
-from ._io import atomic_write_bytes
-from .cli_deidentify import register as register_deidentify_commands
-from .cli_models import register as register_model_commands
-from .cli_options import (
+from .._io import atomic_write_bytes
+from ..demo import DemoSlideSpec, tile_count, write_demo_slide
+from ..encoding import encoded_batches
+from ..errors import InvalidRequestError, WsiSamplerError
+from ..export import (
+    run_metadata,
+    write_clam_h5,
+    write_csv,
+    write_geojson,
+    write_mask_png,
+    write_metadata_json,
+    write_overlay_png,
+    write_tissue_geojson,
+    write_wsinfer_h5,
+)
+from ..extract import Extractor, default_threads
+from ..plan import PatchPlan, PlanParams, TissueMask, compute_tissue_mask, make_plan
+from ..slide import Slide, open_slide
+from ..tissue import TissueParams, load_geojson_geometry, load_mask_png, rasterize_geometry
+from .deidentify import register as register_deidentify_commands
+from .models import register as register_model_commands
+from .options import (
     NO,
     BackendO,
     BackendOpt,
@@ -45,8 +63,8 @@ from .cli_options import (
     StrategyOpt,
     TissueMppO,
 )
-from .cli_score import register as register_score_commands
-from .cli_vlm import (
+from .score import register as register_score_commands
+from .vlm import (
     DEFAULT_MODEL,
     DEFAULT_PROMPT,
     PromptO,
@@ -56,25 +74,7 @@ from .cli_vlm import (
     bag_params,
     write_messages,
 )
-from .cli_vlm import register as register_vlm_commands
-from .demo import DemoSlideSpec, tile_count, write_demo_slide
-from .encoding import encoded_batches
-from .errors import InvalidRequestError, WsiSamplerError
-from .export import (
-    run_metadata,
-    write_clam_h5,
-    write_csv,
-    write_geojson,
-    write_mask_png,
-    write_metadata_json,
-    write_overlay_png,
-    write_tissue_geojson,
-    write_wsinfer_h5,
-)
-from .extract import Extractor, default_threads
-from .plan import PatchPlan, PlanParams, TissueMask, compute_tissue_mask, make_plan
-from .slide import Slide, open_slide
-from .tissue import TissueParams, load_geojson_geometry, load_mask_png, rasterize_geometry
+from .vlm import register as register_vlm_commands
 
 if TYPE_CHECKING:
     pass
@@ -343,7 +343,7 @@ def serve(
     from api.app import create_app  # servers live in api/, loaded on demand
     from api.config import load_settings
 
-    from ._io import require_writable_folder
+    from .._io import require_writable_folder
 
     if config is not None:
         os.environ["WSI_CONFIG"] = str(config)

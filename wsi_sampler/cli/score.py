@@ -1,6 +1,6 @@
 """``wsi-sampler worker`` (serve a model over the Open Inference Protocol) and
 ``wsi-sampler score`` (batch scoring of a slide folder, with progress). Registered onto the
-main app by :mod:`wsi_sampler.cli`."""
+main app by :mod:`wsi_sampler.cli.main`."""
 
 from __future__ import annotations
 
@@ -27,7 +27,9 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from .cli_options import (
+from ..errors import InvalidRequestError
+from ..plan import PlanParams
+from .options import (
     DeviceO,
     DeviceOpt,
     FeaturesDtypeO,
@@ -41,7 +43,7 @@ from .cli_options import (
     WeightsO,
     WorkerProtocolOpt,
 )
-from .cli_vlm import (
+from .vlm import (
     DEFAULT_MODEL,
     DEFAULT_PROMPT,
     PromptO,
@@ -52,11 +54,9 @@ from .cli_vlm import (
     bag_params,
     vlm_config,
 )
-from .errors import InvalidRequestError
-from .plan import PlanParams
 
 if TYPE_CHECKING:
-    from .batch import RunReport
+    from ..batch import RunReport
 
 __all__ = ["register"]
 
@@ -85,7 +85,7 @@ def worker(
 
     from api.worker_app import create_worker_app  # servers live in api/, loaded on demand
 
-    from .models import load_model
+    from ..models import load_model
 
     loaded = load_model(model, weights=weights, device=device.value,
                         allow_random_weights=random_weights, compile_model=compile_model,
@@ -172,9 +172,9 @@ def score(
     layout). With --vlm-url, each slide's MedGemma bag is described by that model instead
     (report.json). Remote slides use the AWS credential chain (AWS_ENDPOINT_URL_S3 for
     MinIO/Ceph) and WSI_DICOMWEB_TOKEN / _USERNAME / _PASSWORD / _CA_BUNDLE."""
-    from .batch import BatchConfig, run_batch
-    from .deidentify import load_pseudonyms
-    from .models import preflight
+    from ..batch import BatchConfig, run_batch
+    from ..deidentify import load_pseudonyms
+    from ..models import preflight
 
     if vlm_url:
         _refuse_with_vlm(model=model != "tissue-qc", weights=weights is not None,

@@ -1,6 +1,6 @@
 """Command-line surface of the vision-language flow: ``wsi-sampler describe`` and the VLM
 options ``score`` and ``plan --messages`` share. Registered onto the main app by
-:mod:`wsi_sampler.cli`."""
+:mod:`wsi_sampler.cli.main`."""
 
 from __future__ import annotations
 
@@ -13,13 +13,13 @@ from typing import Annotated
 
 import typer
 
-from ._io import atomic_write_text
-from .cli_options import SlideArg
-from .errors import EmptyPlanError, InvalidRequestError
-from .plan import PatchPlan, PlanParams, medgemma_params
-from .report import prepare_bag, report_events
-from .slide import Slide, open_slide
-from .worker.vlm import VlmConfig, VlmRequest, VlmWorker
+from .._io import atomic_write_text
+from ..errors import EmptyPlanError, InvalidRequestError
+from ..plan import PatchPlan, PlanParams, medgemma_params
+from ..report import prepare_bag, report_events
+from ..slide import Slide, open_slide
+from ..worker.vlm import VlmConfig, VlmRequest, VlmWorker
+from .options import SlideArg
 
 __all__ = ["VariantOpt", "register", "vlm_config"]
 
@@ -120,7 +120,7 @@ def _show(event: dict[str, object], out: Path | None) -> None:
 def write_messages(path: Path, slide: Slide, plan: PatchPlan, *, model: str, prompt: str,
                    image_format: str = "jpeg") -> None:
     """Write a ready-to-send ``/v1/chat/completions`` body for the bag ``plan``."""
-    from .report import encode_bag
+    from ..report import encode_bag
 
     if not len(plan):
         raise EmptyPlanError(f"{slide.name}: {plan.why_empty()}")
