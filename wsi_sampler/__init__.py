@@ -27,6 +27,7 @@ __version__ = "0.1.0"
 # Names that load torch are imported on first use, so `import wsi_sampler` stays light.
 _LAZY = dict.fromkeys(("InProcessWorker", "RemoteWorker", "Worker", "open_worker"), ".worker")
 _LAZY |= {"load_model": ".models", "score_slide": ".scoring", "OutputOptions": ".scoring"}
+_LAZY |= dict.fromkeys(("predict_slide", "load_slide_model", "read_bag"), ".slide_models")
 __getattr__ = lazy_attributes(__name__, _LAZY)
 
 
@@ -55,9 +56,12 @@ __all__ = [
     "compute_tissue_mask",
     "detect_tissue",
     "load_model",
+    "load_slide_model",
     "make_plan",
     "medgemma_params",
     "open_slide",
+    "predict_slide",
+    "read_bag",
     "score_slide",
     "open_worker",
 ]

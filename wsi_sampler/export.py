@@ -13,7 +13,7 @@ import platform
 import sys
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -233,14 +233,19 @@ def _viridis(levels: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
 LEGEND_PX = 44
 
 
-def heatmap_legend(width: int, label: str, vmin: float, vmax: float) -> RGBImage:
-    """A white strip ``LEGEND_PX`` high: ``label`` and its range above a viridis colour bar."""
+def heatmap_legend(
+    width: int, label: str, vmin: float, vmax: float, *,
+    colours: Callable[[npt.NDArray[np.uint8]], npt.NDArray[np.uint8]] | None = None,
+    colormap: str = "viridis",
+) -> RGBImage:
+    """A white strip ``LEGEND_PX`` high: ``label`` and its range above a colour bar
+    (``colours``: RGB of 0..255 levels, default viridis; ``colormap``: its name)."""
     strip: RGBImage = np.full((LEGEND_PX, width, 3), 255, np.uint8)
     margin = min(10, width // 8)
     bar_w = max(1, width - 2 * margin)
-    strip[26:38, margin:margin + bar_w] = _viridis(
+    strip[26:38, margin:margin + bar_w] = (colours or _viridis)(
         np.linspace(0, 255, bar_w).astype(np.uint8))[None, :, :]
-    text = f"{label} (viridis): {vmin:.3g} .. {vmax:.3g}"
+    text = f"{label} ({colormap}): {vmin:.3g} .. {vmax:.3g}"
     cv2.putText(strip, text, (margin, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (20, 20, 20), 1,
                 cv2.LINE_AA)
     return strip

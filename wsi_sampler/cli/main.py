@@ -63,6 +63,7 @@ from .options import (
     StrategyOpt,
     TissueMppO,
 )
+from .predict import register as register_predict_commands
 from .score import register as register_score_commands
 from .vlm import (
     DEFAULT_MODEL,
@@ -365,6 +366,7 @@ register_vlm_commands(app)
 register_score_commands(app)
 register_model_commands(app)
 register_deidentify_commands(app)
+register_predict_commands(app)
 
 
 def _log_unraisable(unraisable: sys.UnraisableHookArgs) -> None:

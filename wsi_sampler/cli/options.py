@@ -109,3 +109,10 @@ FeaturesDtypeO = Annotated[FeaturesDtypeOpt, typer.Option(
     help="Precision of the embeddings in features.h5 and features.pt (encoders). float16 "
     "halves the files, but CLAM's and TRIDENT's MIL code feed them as stored to a float32 "
     "model: keep float32 for them.")]
+SlideModelO = Annotated[list[str] | None, typer.Option(
+    "--slide-model", help="A slide model card .json (\"kind\": \"slide\"); repeat it for "
+    "several heads over one encoder pass.", show_default=False)]
+SlideWeightsO = Annotated[list[Path] | None, typer.Option(
+    "--slide-weights", help="The checkpoint of each --slide-model, in the same order (CLAM's "
+    "s_0_checkpoint.pt, MIL-Lab / TRIDENT state dicts or .safetensors, Lightning .ckpt).",
+    show_default=False)]

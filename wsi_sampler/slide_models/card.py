@@ -1,0 +1,133 @@
+"""Slide model cards: the JSON that says which slide-level model a weights file holds, over
+which patch features, and what its outputs mean.
+
+A slide model (``"kind": "slide"``) reads one slide's bag of patch embeddings and returns one
+answer for the slide: class probabilities and, for attention models, one raw score per patch.
+``architecture_kwargs`` are the training code's own constructor arguments (CLAM's ``gate``,
+``size_arg``, ``dropout``, ``k_sample``, ``n_classes``, ``subtyping``, ``embed_dim``…), so
+a card is written by copying the arguments a model was trained with. ``patch_encoder`` names
+the encoder whose features the head was trained on (a built-in name such as ``uni``, or an
+encoder card): it fixes the patch size, the magnification and the embedding size.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ..errors import ModelLoadError, ModelNotFoundError
+from ..models.card import ModelCard
+from ..models.catalogue import catalogue_card, catalogue_names
+
+__all__ = ["SlideArchitecture", "SlideModelCard", "SlideProvenance", "embedding_dim_of",
+           "encoder_card_of",
+           "load_slide_card"]
+
+SlideArchitecture = Literal["clam_sb", "clam_mb", "mil_fc", "abmil", "trident_abmil",
+                            "transmil", "mean"]
+"""``clam_sb`` / ``clam_mb`` / ``mil_fc``: CLAM's models (``models/model_clam.py``,
+``models/model_mil.py``); ``abmil``: MIL-Lab's ABMIL (Ilse et al. 2018, gated or not);
+``trident_abmil``: TRIDENT's ``ABMILSlideEncoder`` with the classifier of its ABMIL tutorial;
+``transmil``: TransMIL (Shao et al. 2021); ``mean``: mean of the patch embeddings + linear."""
+
+
+class SlideProvenance(BaseModel):
+    """Where a slide model comes from: who trained it, on what, under which licence."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    licence: str = ""
+    trained_by: str = ""
+    training_data: str = ""
+    sources: tuple[str, ...] = ()
+    notes: str = ""
+
+
+class SlideModelCard(BaseModel):
+    """What a slide-level model is, what it reads and what it answers."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: Literal["slide"] = "slide"
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", max_length=128)
+    version: str = "1"
+    architecture: SlideArchitecture
+    architecture_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """The training code's constructor arguments, by their original names."""
+    class_names: tuple[str, ...] = Field(min_length=1)
+    """One name per class, in the order of the model's logits (CLAM: the label dict's
+    order). Two names and a single logit: a sigmoid gives the second class's probability."""
+    patch_encoder: str | ModelCard
+    """The features the model was trained on: a built-in encoder name (``uni``,
+    ``uni2-h``…), an encoder card file (relative to this card) or an inline encoder card."""
+    file: str | None = None
+    """The checkpoint, relative to the card (``--slide-weights`` replaces it)."""
+    weights_key_prefix: str | None = None
+    """A prefix stripped from every key (found by itself for ``model.``, ``module.``…)."""
+    description: str = ""
+    provenance: SlideProvenance | None = None
+
+    @model_validator(mode="after")
+    def _unique_classes(self) -> SlideModelCard:
+        if len(set(self.class_names)) != len(self.class_names):
+            raise ValueError(f"class_names must be unique, got {list(self.class_names)}")
+        return self
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2)
+
+
+def _validation_problems(exc: ValidationError) -> str:
+    return "; ".join(f"{'.'.join(str(x) for x in e['loc']) or 'card'}: {e['msg']}"
+                     for e in exc.errors())
+
+
+def load_slide_card(path: str | Path) -> SlideModelCard:
+    """Read and validate a slide model card; an encoder card file it names is read too (a
+    relative path is taken from the card's folder) and inlined."""
+    p = Path(path)
+    if not p.is_file():
+        raise ModelNotFoundError(f"{p}: slide model card not found")
+    try:
+        raw = json.loads(p.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise ModelLoadError(f"{p}: slide model card is not valid JSON ({exc})") from exc
+    if isinstance(raw, dict) and raw.get("kind") != "slide":
+        raise ModelLoadError(f"{p}: not a slide model card (it needs \"kind\": \"slide\"; "
+                             "patch encoders go to --model)")
+    try:
+        card = SlideModelCard.model_validate(raw)
+    except ValidationError as exc:
+        raise ModelLoadError(f"{p}: invalid slide model card: {_validation_problems(exc)}"
+                             ) from exc
+    updates: dict[str, Any] = {}
+    if isinstance(card.patch_encoder, str) and card.patch_encoder not in catalogue_names():
+        from ..models.card import load_card
+
+        enc = Path(card.patch_encoder)
+        updates["patch_encoder"] = load_card(enc if enc.is_absolute() else p.parent / enc)
+    if card.file is not None and not Path(card.file).is_absolute():
+        updates["file"] = str(p.parent / card.file)
+    return card.model_copy(update=updates) if updates else card
+
+
+def encoder_card_of(card: SlideModelCard) -> ModelCard:
+    """The patch encoder's card (built in, or the card's own)."""
+    if isinstance(card.patch_encoder, ModelCard):
+        return card.patch_encoder
+    if card.patch_encoder not in catalogue_names():
+        raise ModelLoadError(
+            f"slide model {card.name!r}: patch_encoder {card.patch_encoder!r} is not a built-in "
+            f"encoder ({', '.join(catalogue_names())}) nor an encoder card")
+    return catalogue_card(card.patch_encoder)
+
+
+def embedding_dim_of(card: SlideModelCard) -> int:
+    """The width of the patch embeddings the model reads."""
+    enc = encoder_card_of(card)
+    out = enc.embedding_output
+    if out is None:
+        raise ModelLoadError(f"slide model {card.name!r}: patch encoder {enc.name!r} has no "
+                             "embedding output")
+    return out.width
