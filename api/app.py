@@ -26,6 +26,7 @@ from wsi_sampler.deidentify import load_pseudonyms
 from wsi_sampler.demo import write_demo_slide
 from wsi_sampler.errors import WsiSamplerError
 from wsi_sampler.redact import remember_secret
+from wsi_sampler.slide_models import SlideModel, load_slide_model
 from wsi_sampler.sources.dicomweb import DicomWebCredentials
 from wsi_sampler.worker import Worker, open_worker
 
@@ -36,7 +37,7 @@ from .jobs import JobLimits, JobManager
 from .memory import limit_malloc_arenas
 from .metrics import Metrics
 from .middleware import RequestGuard, RequestMetrics
-from .routes import deepzoom, jobs, reports, sampling, slides, viewer
+from .routes import deepzoom, jobs, reports, sampling, slide_models, slides, viewer
 from .schemas import ErrorBody
 from .slides import SlideRegistry
 
@@ -113,10 +114,27 @@ async def _start_services(app: FastAPI, cfg: Settings) -> Services:
     scrub = MessageScrubber([*registry.roots, cfg.data_dir], registry.remote_roots,
                             whole_paths=cfg.deidentify)
     jobs_.scrub = scrub
-    services = Services(cfg, registry, jobs_, Metrics(), scrub)
+    services = Services(cfg, registry, jobs_, Metrics(), scrub,
+                        slide_models=await asyncio.to_thread(_load_slide_models, cfg))
     jobs_.vlm_for = services.vlm_for
+    jobs_.slide_models_for = services.slide_models_for
     app.state.services = services
     return services
+
+
+def _load_slide_models(cfg: Settings) -> dict[str, SlideModel]:
+    """The configured slide models, loaded strictly at startup (a card or checkpoint that
+    does not fit stops the service with the reason)."""
+    models: dict[str, SlideModel] = {}
+    for entry in cfg.slide_models:
+        model = load_slide_model(entry.card, weights=entry.weights, device=cfg.device)
+        if model.name in models:
+            raise ValueError(f"slide_models: two slide models are called {model.name!r}")
+        models[model.name] = model
+        logger.info("slide model %s (%s over %s features): %s", model.name,
+                    model.card.architecture, model.encoder_card.name,
+                    ", ".join(model.card.class_names))
+    return models
 
 
 def _install_middleware(app: FastAPI, cfg: Settings) -> None:
@@ -168,8 +186,8 @@ def create_app(
     _install_middleware(app, cfg)
     install_error_handlers(app)
     _install_health(app)
-    for router in (slides.router, deepzoom.router, sampling.router, reports.router,
-                   jobs.router):
+    for router in (slides.router, deepzoom.router, sampling.router, slide_models.router,
+                   reports.router, jobs.router):
         app.include_router(router, responses=_COMMON)
     app.include_router(viewer.router)
     return app

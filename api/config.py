@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import tomllib
-from pydantic import Field, SecretStr, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from pydantic_settings import (
     BaseSettings,
     InitSettingsSource,
@@ -21,9 +21,17 @@ from pydantic_settings import (
 
 from wsi_sampler.redact import url_credentials
 
-__all__ = ["Settings", "load_settings"]
+__all__ = ["Settings", "SlideModelSetting", "load_settings"]
 
 DEFAULT_CONFIG = Path("configs/default.toml")
+
+
+class SlideModelSetting(BaseModel):
+    """One slide model the service answers with: its card and its checkpoint."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    card: Path = Field(description="Slide model card (.json, \"kind\": \"slide\")")
+    weights: Path | None = Field(None, description="Its checkpoint (else the card's file)")
 
 
 class Settings(BaseSettings):
@@ -55,6 +63,10 @@ class Settings(BaseSettings):
     model: str = "tissue-qc"
     model_weights: str = Field("", description="Weights file of the model (a built-in "
                                "encoder's pytorch_model.bin); empty = the card's own")
+    slide_models: list[SlideModelSetting] = Field(
+        default_factory=list, description="Slide-level models over the encoder's features "
+        "(the service's model must be their patch encoder), e.g. "
+        "[{\"card\": \"/models/task.json\", \"weights\": \"/models/s_0_checkpoint.pt\"}]")
     worker_url: str = ""
     worker_target_mpp: float | None = Field(None, gt=0, le=100)
     worker_patch_size: int | None = Field(None, ge=8, le=8192)
@@ -173,7 +185,8 @@ def load_settings(**overrides: Any) -> Settings:
 
 
 _EXAMPLES = {"slide_roots": '["/data/slides"]', "remote_slide_roots": '["s3://bucket/prefix/"]',
-             "api_keys": '["a-long-random-key"]', "cors_origins": '["https://lis.example.org"]'}
+             "api_keys": '["a-long-random-key"]', "cors_origins": '["https://lis.example.org"]',
+             "slide_models": '[{"card": "/models/task.json", "weights": "/models/ckpt.pt"}]'}
 
 
 def _shape(name: str) -> str:

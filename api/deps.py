@@ -11,6 +11,8 @@ from typing import Annotated, ParamSpec, TypeVar
 from fastapi import Depends, Request
 from starlette.concurrency import run_in_threadpool
 
+from wsi_sampler.errors import InvalidRequestError
+from wsi_sampler.slide_models import SlideModel
 from wsi_sampler.worker import Worker
 from wsi_sampler.worker.vlm import VlmConfig, VlmWorker
 
@@ -37,6 +39,7 @@ class Services:
     scrub: MessageScrubber
     worker: Worker | None = None
     worker_error: str | None = None
+    slide_models: dict[str, SlideModel] = field(default_factory=dict)
     _streams: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _slide_work: asyncio.Semaphore = field(init=False)
@@ -58,6 +61,25 @@ class Services:
             reason = f": {self.worker_error}" if self.worker_error else ""
             raise WorkerNotReadyError(f"the model worker is not ready{reason}")
         return self.worker
+
+    def slide_models_for(self, names: list[str] | None) -> list[SlideModel]:
+        """The configured slide models called ``names`` (None: all of them), checked to read
+        the features of the service's encoder."""
+        if not self.slide_models:
+            raise InvalidRequestError("this service has no slide models (configure "
+                                      "slide_models / WSI_SLIDE_MODELS)")
+        unknown = [n for n in names or [] if n not in self.slide_models]
+        if unknown:
+            raise InvalidRequestError(f"no slide model {unknown[0]!r} (this service has "
+                                      f"{', '.join(self.slide_models)})")
+        chosen = [self.slide_models[n] for n in (names or list(self.slide_models))]
+        worker = self.require_worker()
+        for model in chosen:
+            if model.encoder_card.name != worker.card.name:
+                raise InvalidRequestError(
+                    f"slide model {model.name!r} reads {model.encoder_card.name!r} features, "
+                    f"but this service's model is {worker.card.name!r}")
+        return chosen
 
     def acquire_stream(self) -> None:
         """Take a streaming slot or raise TooBusyError (HTTP 429 with Retry-After)."""

@@ -31,7 +31,9 @@ from typing import Any
 from wsi_sampler._io import atomic_write_text, disk_full_is_an_error, require_free_space
 from wsi_sampler.errors import WsiSamplerError
 from wsi_sampler.report import describe_slide
-from wsi_sampler.scoring import Cancelled, result_files, score_slide
+from wsi_sampler.scoring import Cancelled, SlideScore, result_files, score_slide
+from wsi_sampler.slide import Slide
+from wsi_sampler.slide_models import SlideModel
 from wsi_sampler.worker import Worker
 from wsi_sampler.worker.vlm import VlmWorker
 
@@ -42,7 +44,7 @@ __all__ = ["JobLimits", "JobManager", "JobNotFoundError", "JobQuotaError", "owne
 
 logger = logging.getLogger("wsi_sampler.api.jobs")
 _MEDIA = {".csv": "text/csv", ".geojson": "application/geo+json", ".h5": "application/x-hdf5",
-          ".png": "image/png", ".json": "application/json"}
+          ".png": "image/png", ".json": "application/json", ".tar": "application/x-tar"}
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     id TEXT PRIMARY KEY, state TEXT NOT NULL, created REAL NOT NULL, updated REAL NOT NULL,
@@ -54,6 +56,24 @@ CREATE TABLE IF NOT EXISTS jobs (
 # Columns added since the first schema: (name, declaration) for ALTER TABLE on old files.
 _ADDED_COLUMNS = (("notes", "TEXT NOT NULL DEFAULT '[]'"), ("owner", "TEXT NOT NULL DEFAULT ''"))
 _ACTIVE = ("queued", "running")
+
+
+def _answer_slide(slide: Slide, result: SlideScore, heads: list[SlideModel], stage: Path
+                  ) -> list[str]:
+    """Each slide model's answer files in ``stage`` (``<model>.slide.json``…), by name."""
+    if not heads:
+        return []
+    from wsi_sampler.slide_models.predict import bag_of_score, patch_reader, predict_bag
+
+    if result.features is None:
+        raise WsiSamplerError("slide models need the features of an encoder")
+    records = predict_bag(bag_of_score(slide.stem, slide, result), heads, stage,
+                          thumbnail=slide.thumbnail(max_size=2048),
+                          read_patches=patch_reader(slide, result.plan),
+                          prefix=lambda m: stage / m.name,
+                          record={"input": {"name": slide.name, "kind": "slide"}})
+    files = [f"{head.name}.slide.json" for head in heads]
+    return files + [f for r in records for f in r["files"].values()]
 
 
 class JobNotFoundError(WsiSamplerError, LookupError):
@@ -104,6 +124,7 @@ class JobManager:
         self.limits = limits
         self.scrub: Callable[[str], str] = lambda message: message
         self.vlm_for: Callable[[ReportRequest], VlmWorker] | None = None
+        self.slide_models_for: Callable[[list[str] | None], list[SlideModel]] | None = None
         self._db = sqlite3.connect(data_dir / "jobs.sqlite3", check_same_thread=False,
                                    isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -340,6 +361,7 @@ class JobManager:
         worker = self.get_worker()
         if worker is None:
             raise WsiSamplerError("no model worker is available")
+        heads = self._slide_models(request)
         out = self.root / job_id / sid
         base = progress.patches_done
 
@@ -358,9 +380,17 @@ class JobManager:
                                      batch_size=self.batch_size, cancel=cancel,
                                      progress=report, config={
                                          "job": job_id, "sampling": request.sampling.model_dump()})
+                answers = _answer_slide(slide, result, heads, stage)
             shutil.rmtree(out, ignore_errors=True)
             os.replace(stage, out)
         finally:
             shutil.rmtree(stage, ignore_errors=True)
-        return ([f"{sid}.{name}" for name in result_files(worker.card)],
+        return ([f"{sid}.{name}" for name in [*result_files(worker.card), *answers]],
                 result.summary.get("message"))
+
+    def _slide_models(self, request: JobRequest) -> list[SlideModel]:
+        if not request.slide_models:
+            return []
+        if self.slide_models_for is None:
+            raise WsiSamplerError("slide models are not available in this job manager")
+        return self.slide_models_for(request.slide_models)

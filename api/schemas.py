@@ -227,10 +227,40 @@ class PlanResponse(BaseModel):
     patches: list[PlannedPatch]
 
 
+class SlidePredictionRequest(SamplingRequest):
+    """A slide-level answer: the slide's patches through the service's encoder, their bag
+    through the slide models. Patch size and MPP are the encoder's."""
+
+    slide_models: list[str] | None = Field(
+        None, min_length=1, max_length=16,
+        description="Names of configured slide models (GET /v1/slide-models); none = all")
+    include_attention: bool = Field(
+        False, description="Add each patch's raw attention (and its coordinates) to the "
+        "result records")
+
+
+class SlideModelInfo(BaseModel):
+    name: str
+    version: str
+    architecture: str
+    class_names: list[str]
+    patch_encoder: str
+    attention: bool = Field(description="Whether the model scores each patch (heatmaps)")
+    description: str = ""
+
+
+class SlideModelList(BaseModel):
+    slide_models: list[SlideModelInfo]
+
+
 class JobRequest(JsonRequest):
     model_config = ConfigDict(extra="forbid")
     slides: list[str] = Field(min_length=1, max_length=10_000, description="Slide ids.")
     sampling: SamplingRequest = SamplingRequest()
+    slide_models: list[str] = Field(
+        default_factory=list, max_length=16, description="Slide models to answer with as "
+        "well (their <slide id>.<model>.slide.json, .attention.h5, .heatmap.png, "
+        ".attention.geojson and .patches.tar join the results)")
     report: ReportRequest | None = Field(
         None, description="Describe each slide's MedGemma bag with the configured "
                           "vision-language model (result: <slide id>.report.json) instead of "

@@ -9,6 +9,8 @@ from fastapi import APIRouter, Query
 from fastapi.responses import FileResponse
 from starlette.concurrency import run_in_threadpool
 
+from wsi_sampler.errors import InvalidRequestError
+
 from ..deps import OwnerDep, ServicesDep
 from ..schemas import ErrorBody, JobList, JobRequest, JobStatus, binary_content
 
@@ -30,6 +32,11 @@ async def create_job(req: JobRequest, services: ServicesDep, owner: OwnerDep) ->
     at once with the job id (202)."""
     if req.report is None:
         services.require_worker()
+    if req.slide_models:
+        if req.report is not None:
+            raise InvalidRequestError("a job either reports (report) or scores, with "
+                                      "slide_models: not both")
+        services.slide_models_for(req.slide_models)  # unknown names: 422 now, not later
     status = await run_in_threadpool(services.jobs.submit, req, owner)
     services.metrics.queue_depth.set(services.jobs.queue_depth)
     return JobStatus(**status)
@@ -57,7 +64,8 @@ async def job_status(job_id: str, services: ServicesDep, owner: OwnerDep) -> Job
     # octet-stream first: generators that pick one representation read every result as bytes
     **NOT_FOUND, 200: {"content": binary_content(
         "application/octet-stream", "text/csv", "application/geo+json", "image/png",
-        "application/x-hdf5", "application/json"), "description": "The result file"}})
+        "application/x-hdf5", "application/json", "application/x-tar"),
+        "description": "The result file"}})
 async def job_result(job_id: str, name: str, services: ServicesDep, owner: OwnerDep
                      ) -> FileResponse:
     """One result file, by a name listed in the job's ``results``."""

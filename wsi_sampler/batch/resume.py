@@ -26,9 +26,23 @@ def result_config(config: dict[str, Any]) -> dict[str, Any]:
     """The part of a batch configuration that shapes its results."""
     out = {k: v for k, v in config.items() if k not in _NOT_RESULTS}
     weights = out.get("weights")
-    if weights and Path(weights).is_file():  # the file, not the place it is kept
-        out["weights"] = f"{Path(weights).name}:{Path(weights).stat().st_size}"
+    if weights:
+        out["weights"] = _file_identity(weights)
+    if out.get("slide_models"):
+        out["slide_models"] = [[_file_identity(card, content=True),
+                                _file_identity(ckpt) if ckpt else None]
+                               for card, ckpt in out["slide_models"]]
     return out
+
+
+def _file_identity(path: str, *, content: bool = False) -> str:
+    """The file, not the place it is kept: name and size (a card: a hash of its text)."""
+    p = Path(path)
+    if not p.is_file():
+        return path
+    if content:
+        return f"{p.name}:{hashlib.sha256(p.read_bytes()).hexdigest()[:16]}"
+    return f"{p.name}:{p.stat().st_size}"
 
 
 def run_signature(config: dict[str, Any]) -> str:

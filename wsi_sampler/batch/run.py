@@ -34,7 +34,7 @@ from ..export import run_metadata
 from ..features import FeaturesDtype
 from ..plan import PlanParams
 from ..report import describe_slide
-from ..scoring import OutputOptions, score_slide
+from ..scoring import OutputOptions, SlideScore, score_slide
 from ..slide import Slide, open_slide
 from ..worker import Worker, open_worker
 from ..worker.vlm import VlmConfig, VlmWorker
@@ -83,6 +83,9 @@ class BatchConfig:
     pseudonyms: dict[str, str] | None = None
     read_mpp: float | None = None
     """Read patches at this µm/px instead of the model's (a coarse scan)."""
+    slide_models: tuple[tuple[str, str | None], ...] = ()
+    """Slide models over each slide's features: (card path, checkpoint or None). Their
+    answers are written beside the bag as ``<model>.slide.json``, ``<model>.attention.h5``…"""
     signature: str = ""
     """The run's signature (:func:`.resume.run_signature`), written into each slide's
     summary.json: a later run resumes only results of the same signature."""
@@ -158,7 +161,46 @@ def _score_into(task: SlideTask, staging: Path, cfg: BatchConfig) -> dict[str, A
                                      "run_signature": cfg.signature},
                              options=OutputOptions(cfg.features_dtype, cfg.clam_pt),
                              read_mpp=cfg.read_mpp)
+        if cfg.slide_models:
+            _answer_slide(slide, result, staging, cfg)
         return result.summary
+
+
+_SLIDE_MODELS: dict[tuple[tuple[str, str | None], ...], list[Any]] = {}
+
+
+def _slide_models_for(cfg: BatchConfig) -> list[Any]:
+    """The run's slide models, loaded once per process."""
+    from ..slide_models import load_slide_model
+
+    with _WORKERS_LOCK:
+        if cfg.slide_models not in _SLIDE_MODELS:
+            _SLIDE_MODELS[cfg.slide_models] = [
+                load_slide_model(card, weights=weights, device=cfg.device,
+                                 allow_random_weights=cfg.allow_random_weights)
+                for card, weights in cfg.slide_models]
+        return _SLIDE_MODELS[cfg.slide_models]
+
+
+def _answer_slide(slide: Slide, result: SlideScore, staging: Path, cfg: BatchConfig) -> None:
+    """Each slide model's answer from the features just computed, written beside them; the
+    answers join summary.json (rewritten: the folder is committed by its rename)."""
+    from ..slide_models.predict import bag_of_score, patch_reader, predict_bag
+
+    models = _slide_models_for(cfg)
+    records = predict_bag(bag_of_score(slide.stem, slide, result), models, staging,
+                          thumbnail=slide.thumbnail(max_size=2048),
+                          read_patches=patch_reader(slide, result.plan),
+                          prefix=lambda m: staging / m.name,
+                          record={"input": {"name": slide.name, "kind": "slide",
+                                            "fingerprint": slide.fingerprint}})
+    result.summary["slide_models"] = {
+        r["slide_model"]: {"predicted_class": r["predicted_class"],
+                           "probabilities": r["probabilities"]} for r in records}
+    summary_path = staging / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    summary["slide_models"] = result.summary["slide_models"]
+    atomic_write_text(summary_path, json.dumps(summary, indent=2) + "\n")
 
 
 def score_task(task: SlideTask, out: Path, cfg: BatchConfig) -> dict[str, Any]:
@@ -314,6 +356,9 @@ def _summary_rows(out: Path, found: Discovery, failures: list[dict[str, Any]]
             row = {"slide": task.public, "status": "done", "result_dir": f"slides/{task.key}",
                    "patches": s["patches"], "seconds": s["seconds"], "error": ""}
             row |= {f"mean_{k}": v for k, v in s.get("mean", {}).items()}
+            for name, answer in s.get("slide_models", {}).items():
+                row[f"{name}_predicted"] = answer["predicted_class"]
+                row |= {f"{name}_p_{c}": p for c, p in answer["probabilities"].items()}
         else:
             f = failed.get(task.public, {})
             row = {"slide": task.public, "status": "failed" if f else "pending", "result_dir": "",

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -25,7 +26,7 @@ def list_models() -> None:
     """The built-in models: name, output, input, licence and where to get the weights."""
     from ..models import BUILTIN_MODELS, catalogue_names, resolve_card
 
-    rows = [("name", "output", "input", "licence", "weights")]
+    rows: list[tuple[str, ...]] = [("name", "output", "input", "licence", "weights")]
     for name in (*BUILTIN_MODELS, *catalogue_names()):
         card = resolve_card(name)[0]
         out = card.embedding_output
@@ -34,6 +35,27 @@ def list_models() -> None:
         rows.append((name, kind, f"{card.patch_size_px} px @ {card.target_mpp} µm/px",
                      prov.licence.split(" (")[0] if prov else "built in",
                      prov.weights_url if prov else "-"))
+    _table(rows)
+    sys.stdout.write("\nslide models (a card with \"kind\": \"slide\" and your checkpoint: "
+                     "wsi-sampler predict-slide --slide-model CARD --slide-weights CKPT)\n")
+    _table(_slide_architecture_rows())
+
+
+def _slide_architecture_rows() -> list[tuple[str, ...]]:
+    import inspect
+
+    from ..slide_models.architectures import ARCHITECTURES
+
+    rows: list[tuple[str, ...]] = [("architecture", "training code", "architecture_kwargs")]
+    for name, arch in ARCHITECTURES.items():
+        params = [p for p in inspect.signature(arch.cls.__init__).parameters.values()
+                  if p.name not in ("self", "unused")]
+        rows.append((name, arch.original,
+                     ", ".join(f"{p.name}={p.default!r}" for p in params)))
+    return rows
+
+
+def _table(rows: list[tuple[str, ...]]) -> None:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     for row in rows:
         sys.stdout.write("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip()
@@ -55,6 +77,9 @@ def check(
 ) -> None:
     """Load a model strictly (every weight present, none extra, every shape equal) and run
     one patch through it: the way to know a downloaded file fits before a long run."""
+    if _is_slide_card(name):
+        _check_slide_model(name, weights, random_weights)
+        return
     from ..models import load_model
 
     model = load_model(name, weights=weights, device=device.value,
@@ -64,6 +89,34 @@ def check(
     log.info("%s: OK - %.1f M parameters, outputs %s, %d px at %.3f µm/px, on %s",
              model.name, params / 1e6, widths, model.card.patch_size_px, model.card.target_mpp,
              model.device)
+
+
+def _is_slide_card(name: str) -> bool:
+    import json
+    from pathlib import Path
+
+    path = Path(name)
+    if path.suffix.lower() != ".json" or not path.is_file():
+        return False
+    try:
+        return bool(json.loads(path.read_text(encoding="utf-8")).get("kind") == "slide")
+    except (ValueError, AttributeError):
+        return False
+
+
+def _check_slide_model(name: str, weights: Path | None, random_weights: bool) -> None:
+    """Load a slide model strictly and answer one random bag."""
+    import numpy as np
+
+    from ..slide_models import load_slide_model
+
+    model = load_slide_model(name, weights=weights, allow_random_weights=random_weights)
+    pred = model.predict(np.random.default_rng(0).normal(size=(16, model.embedding_dim)))
+    params = sum(p.numel() for p in model.module.parameters())
+    log.info("%s: OK - %s, %.2f M parameters, %d-d %s features -> %s; attention %s",
+             model.name, model.card.architecture, params / 1e6, model.embedding_dim,
+             model.encoder_card.name, ", ".join(model.card.class_names),
+             ", ".join(pred.attention_columns) or "none")
 
 
 def register(app: typer.Typer) -> None:

@@ -40,6 +40,8 @@ from .options import (
     PrecisionO,
     RandomWeightsO,
     SeedO,
+    SlideModelO,
+    SlideWeightsO,
     WeightsO,
     WorkerProtocolOpt,
 )
@@ -166,12 +168,15 @@ def score(
     random_weights: RandomWeightsO = False, deidentify: DeidentifyO = False,
     pseudonyms: PseudonymsO = None, overwrite: OverwriteO = False,
     mpp: ReadMppO = None, magnification: ReadMagO = None,
+    slide_model: SlideModelO = None, slide_weights: SlideWeightsO = None,
 ) -> None:
     """Score every slide of a folder, an S3 prefix or a DICOMweb server. Exit 0 if all
     succeeded, 3 if any failed. Encoders write one features.h5 per slide (CLAM/TRIDENT
     layout). With --vlm-url, each slide's MedGemma bag is described by that model instead
     (report.json). Remote slides use the AWS credential chain (AWS_ENDPOINT_URL_S3 for
-    MinIO/Ceph) and WSI_DICOMWEB_TOKEN / _USERNAME / _PASSWORD / _CA_BUNDLE."""
+    MinIO/Ceph) and WSI_DICOMWEB_TOKEN / _USERNAME / _PASSWORD / _CA_BUNDLE. With
+    --slide-model, each slide's features also go through those slide models (answers,
+    attention and heatmaps beside features.h5)."""
     from ..batch import BatchConfig, run_batch
     from ..deidentify import load_pseudonyms
     from ..models import preflight
@@ -180,6 +185,7 @@ def score(
         _refuse_with_vlm(model=model != "tissue-qc", weights=weights is not None,
                          worker_url=worker_url is not None,
                          strategy=strategy is not ScoreStrategy.grid, clam_pt=clam_pt,
+                         slide_model=bool(slide_model),
                          features_dtype=features_dtype is not FeaturesDtypeOpt.float32)
         cfg = BatchConfig(params=bag_params(seed, None, n_patches, min_tissue, variant),
                           mpp_override=mpp_override, vlm=vlm_config(vlm_url, vlm_model),
@@ -197,6 +203,9 @@ def score(
                               min_tissue_fraction=min_tissue),
             worker_target_mpp=worker_target_mpp, worker_patch_size=worker_patch_size,
             worker_protocol=worker_protocol.value)
+    if slide_model or slide_weights:
+        cfg = replace(cfg, slide_models=_checked_slide_models(
+            slide_model, slide_weights, model, worker_url, random_weights))
     if mpp is not None and magnification is not None:
         raise InvalidRequestError("give --mpp or --magnification, not both")
     if mpp is not None or magnification is not None:
@@ -211,6 +220,29 @@ def score(
                            on_start=progress.start)
     _log_run(report, out, quiet)
     raise typer.Exit(130 if report.stopped else report.exit_code)
+
+
+def _checked_slide_models(
+    specs: list[str] | None, weights: list[Path] | None, encoder: str,
+    worker_url: str | None, random_weights: bool,
+) -> tuple[tuple[str, str | None], ...]:
+    """Load each slide model once (cards and checkpoints fit) and check that it reads the
+    features of the run's encoder, before any slide is read."""
+    from ..models import preflight
+    from ..slide_models.predict import require_one_encoder
+    from .predict import load_slide_models
+
+    models = load_slide_models(specs, weights, random_weights=random_weights, device="cpu")
+    require_one_encoder(models)
+    if worker_url is None:
+        card = preflight(encoder, allow_random_weights=True)
+        if card.name != models[0].encoder_card.name:
+            raise InvalidRequestError(
+                f"slide model {models[0].name!r} was trained on "
+                f"{models[0].encoder_card.name!r} features, but --model is {card.name!r}")
+    checkpoints = [str(w) for w in weights] if weights else [None] * len(models)
+    return tuple((str(Path(s).resolve()), w) for s, w in zip(specs or [], checkpoints,
+                                                             strict=True))
 
 
 def _refuse_with_vlm(**given: bool) -> None:

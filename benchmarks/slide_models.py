@@ -1,0 +1,195 @@
+"""Slide-level models: bags/s per architecture from stored bags, ours against a CLAM
+``eval.py``-style loop over the same bags, and end to end (slide -> answer) against encoding
+alone.
+
+From bags. Every contestant reads the same K bags of N x 1024 float32 features and answers
+each, one after the other, on the same threads:
+
+- **wsi-sampler**: ``read_bag`` of our ``features.h5`` (h5py) and ``SlideModel.predict``
+  (inference mode, probabilities and attention as numpy).
+- **CLAM eval-style**: what CLAM's ``eval.py`` does (``utils/eval_utils.summary``): a
+  Dataset that ``torch.load``s ``pt_files/<slide>.pt``, a ``DataLoader(batch_size=1)`` with
+  a concatenating collate, the model under ``torch.no_grad()`` and ``Y_prob.cpu().numpy()``
+  per slide. The model is the same module (the math is identical; the loop differs).
+
+End to end. One slide through the encoder (ViT-S/16, random weights) on a random plan:
+``score_slide`` alone against ``predict_slide`` (encoding + the head + every answer file:
+attention h5, heatmap, GeoJSON, top/bottom patches). The goal: within 5 % of encoding alone.
+
+Run: ``python -m benchmarks.slide_models`` (``--patches`` per bag, ``--bags``, ``--e2e-patches``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+import torch
+
+from benchmarks._harness import ensure_slide, machine, run_isolated
+from benchmarks.encode import torch_version
+from benchmarks.extract import SPECS
+
+ARCHITECTURES = ("clam_sb", "clam_mb", "mil_fc", "abmil", "trident_abmil", "transmil", "mean")
+DIM = 1024
+
+
+def _card(arch: str) -> Any:
+    from wsi_sampler.slide_models import SlideModelCard
+
+    return SlideModelCard(name=f"bench-{arch}", architecture=arch,
+                          class_names=("a", "b", "c") if arch != "mil_fc" else ("a", "b"),
+                          patch_encoder="uni")
+
+
+def write_bags(folder: Path, bags: int, patches: int) -> None:
+    rng = np.random.default_rng(0)
+    (folder / "h5").mkdir(parents=True)
+    (folder / "pt_files").mkdir()
+    for i in range(bags):
+        feats = rng.normal(size=(patches, DIM)).astype(np.float32)
+        with h5py.File(folder / "h5" / f"slide-{i}.h5", "w") as f:
+            f["features"] = feats
+            f["coords"] = np.zeros((patches, 2), np.int64)
+        torch.save(torch.from_numpy(feats), folder / "pt_files" / f"slide-{i}.pt")
+
+
+def c_ours(folder: str, arch: str, repeats: int) -> dict[str, Any]:
+    from wsi_sampler.slide_models import load_slide_model, read_bag
+
+    torch.manual_seed(0)
+    model = load_slide_model(_card(arch), allow_random_weights=True)
+    paths = sorted((Path(folder) / "h5").iterdir())
+    model.predict(read_bag(paths[0]).features)  # warm-up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        for path in paths:
+            model.predict(read_bag(path).features)
+        times.append(time.perf_counter() - t)
+    return {"bags": len(paths), "seconds": float(np.median(times))}
+
+
+class _PtBags(torch.utils.data.Dataset[tuple[torch.Tensor, torch.Tensor]]):
+    """CLAM's Generic_MIL_Dataset in evaluation: one .pt bag per slide, and its label."""
+
+    def __init__(self, folder: Path) -> None:
+        self.paths = sorted((folder / "pt_files").iterdir())
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.load(self.paths[i], weights_only=True), torch.tensor(0)
+
+
+def _collate_mil(batch: list[tuple[torch.Tensor, torch.Tensor]]
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    return (torch.cat([item[0] for item in batch], dim=0),
+            torch.stack([item[1] for item in batch]))
+
+
+def c_clam_eval(folder: str, arch: str, repeats: int) -> dict[str, Any]:
+    from wsi_sampler.slide_models import load_slide_model
+
+    torch.manual_seed(0)
+    module = load_slide_model(_card(arch), allow_random_weights=True).module
+    loader = torch.utils.data.DataLoader(_PtBags(Path(folder)), batch_size=1,
+                                         collate_fn=_collate_mil)
+
+    def evaluate() -> None:
+        all_probs = np.zeros((len(loader), 3))
+        for i, (data, _label) in enumerate(loader):
+            with torch.no_grad():
+                logits = module(data).logits
+                y_prob = torch.softmax(logits[None], dim=1)
+            probs = y_prob.cpu().numpy()
+            all_probs[i, :probs.shape[1]] = probs[0]
+
+    evaluate()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        evaluate()
+        times.append(time.perf_counter() - t)
+    return {"bags": len(loader), "seconds": float(np.median(times))}
+
+
+def c_end_to_end(slide: str, patches: int, with_head: bool) -> dict[str, Any]:
+    from wsi_sampler import PlanParams, open_slide
+    from wsi_sampler.scoring import score_slide
+    from wsi_sampler.slide_models import SlideModelCard, load_slide_model, predict_slide
+    from wsi_sampler.worker import open_worker
+
+    torch.manual_seed(0)
+    encoder = open_worker("vit-s16", device="cpu", allow_random_weights=True)
+    params = PlanParams(strategy="random", n_patches=patches, seed=0)
+    card = SlideModelCard(name="bench-head", architecture="clam_sb", class_names=("a", "b"),
+                          patch_encoder="vit-s16")
+    head = load_slide_model(card, allow_random_weights=True)
+    with tempfile.TemporaryDirectory() as out:
+        t = time.perf_counter()
+        if with_head:
+            answer = predict_slide(slide, [head], Path(out), encoder=encoder, params=params)
+            n = answer.records[0]["n_patches"]
+        else:
+            with open_slide(slide) as s:
+                n = len(score_slide(s, params, encoder).plan)
+        return {"patches": n, "seconds": time.perf_counter() - t}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--bags", type=int, default=4)
+    parser.add_argument("--patches", type=int, default=20_000, help="patches per bag")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--architectures", default=",".join(ARCHITECTURES))
+    parser.add_argument("--e2e-patches", type=int, default=128,
+                        help="patches of the end-to-end run (0: skip it)")
+    args = parser.parse_args(argv)
+    threads = len(os.sched_getaffinity(0))
+    stamp = time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
+    print(f"# {stamp}; {machine()}; `python -m benchmarks.slide_models --bags {args.bags} "
+          f"--patches {args.patches}`; torch {torch_version()}, {threads} threads\n\n"
+          f"From bags ({args.bags} bags of {args.patches:,} x {DIM} float32, median of "
+          f"{args.repeats}):\n\n| architecture | contestant | bags/s | ms per bag | "
+          "ours ÷ this |\n|---|---|---:|---:|---:|", flush=True)
+    with tempfile.TemporaryDirectory() as folder:
+        write_bags(Path(folder), args.bags, args.patches)
+        for arch in args.architectures.split(","):
+            results = {name: run_isolated(fn, folder, arch, args.repeats)
+                       for name, fn in (("wsi-sampler", c_ours),
+                                        ("CLAM eval-style", c_clam_eval))}
+            ours = results["wsi-sampler"]
+            for name, res in results.items():
+                if "error" in res:
+                    print(f"| {arch} | {name} | failed: {res['error']} |||")
+                    continue
+                rate = res["bags"] / res["seconds"]
+                ratio = rate and (ours["bags"] / ours["seconds"]) / rate
+                print(f"| {arch} | {name} | {rate:.1f} | {1000 / rate:.0f} | {ratio:.2f} |",
+                      flush=True)
+    if args.e2e_patches:
+        slide = str(ensure_slide("A", SPECS["A"]))
+        enc = run_isolated(c_end_to_end, slide, args.e2e_patches, False)
+        full = run_isolated(c_end_to_end, slide, args.e2e_patches, True)
+        print(f"\nEnd to end (slide A, ViT-S/16 random weights, {args.e2e_patches} random "
+              "patches):\n\n| run | patches | s | ÷ encoding alone |\n|---|---:|---:|---:|")
+        for name, res in (("encoding alone (score_slide)", enc),
+                          ("slide -> answer + files (predict_slide)", full)):
+            if "error" in res:
+                print(f"| {name} | failed: {res['error']} |||")
+                continue
+            print(f"| {name} | {res['patches']} | {res['seconds']:.1f} | "
+                  f"{res['seconds'] / enc['seconds']:.3f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
