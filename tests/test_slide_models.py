@@ -246,8 +246,8 @@ def test_a_checkpoint_that_does_not_fit_names_the_first_mismatching_key(tmp_path
 def test_card_errors_are_clear(tmp_path: Path) -> None:
     with pytest.raises(ModelLoadError, match="takes no argument 'gated'.*gate"):
         load_slide_model(_card(tmp_path, "clam_sb", gated=True), allow_random_weights=True)
-    with pytest.raises(ModelLoadError, match="embed_dim is 768 but the patch encoder's "
-                                             "embeddings are 1024-d"):
+    with pytest.raises(ModelLoadError, match="embed_dim is 768 but the embeddings it reads "
+                                             "are 1024-d"):
         load_slide_model(_card(tmp_path, "clam_sb", embed_dim=768), allow_random_weights=True)
     with pytest.raises(ModelLoadError, match="n_classes is 3 but the card names 2 classes"):
         load_slide_model(_card(tmp_path, "clam_sb", n_classes=3), allow_random_weights=True)
@@ -390,3 +390,86 @@ def test_slide_card_round_trips_and_refuses_duplicates() -> None:
     with pytest.raises(ValueError, match="unique"):
         SlideModelCard(name="t", architecture="clam_sb", class_names=("a", "a"),
                        patch_encoder="uni")
+
+
+# -- slide encoders (FEATHER): an embedding per slide, no head ------------------------------
+@pytest.mark.parametrize("name", ["feather-uni", "feather-uni2"])
+def test_builtin_slide_encoders_match_their_publishers(tmp_path: Path, name: str) -> None:
+    from safetensors.torch import save_file
+
+    from wsi_sampler.slide_models import embedding_dim_of
+    from wsi_sampler.slide_models.card import slide_catalogue_card, slide_catalogue_names
+
+    assert name in slide_catalogue_names()
+    card = slide_catalogue_card(name)
+    assert card.is_encoder and card.provenance is not None and card.provenance.sources
+    dim = embedding_dim_of(card)
+    with torch.device("meta"):
+        shape = build_architecture(card.architecture, card.architecture_kwargs, in_dim=dim,
+                                   class_names=card.class_names)
+    assert not any(k.startswith("classifier") for k in shape.state_dict())  # no head
+    if card.provenance.parameters:
+        count = sum(p.numel() for p in shape.parameters())
+        assert abs(count - card.provenance.parameters) <= (
+            card.provenance.parameters * card.provenance.parameters_tolerance)
+    weights = tmp_path / "model.safetensors"  # Hugging Face ABMILModel: keys under model.
+    save_file({f"model.{k}": v.contiguous() for k, v in _randomised(shape).items()},
+              str(weights))
+    model = load_slide_model(name, weights=weights)
+    answer = model.predict(_bag(23, dim)).to_dict()
+    assert answer["predicted_class"] is None and answer["probabilities"] == {}
+    assert answer["embedding_dim"] == card.embedding_dim == len(answer["embedding"]) == 512
+    assert answer["attention"] == {"columns": ["attention"], "display_column": "attention"}
+
+
+def test_a_slide_encoder_card_states_its_embedding_size(tmp_path: Path) -> None:
+    path = tmp_path / "enc.json"
+    path.write_text(json.dumps({"kind": "slide", "name": "enc", "architecture": "abmil",
+                                "architecture_kwargs": {"num_classes": 0, "embed_dim": 256},
+                                "class_names": [], "embedding_dim": 512,
+                                "patch_encoder": "uni"}))
+    with pytest.raises(ModelLoadError, match="embedding_dim is 512 but abmil with these "
+                                             "arguments gives 256"):
+        load_slide_model(path, allow_random_weights=True)
+    path.write_text(json.dumps({"kind": "slide", "name": "enc", "architecture": "clam_sb",
+                                "class_names": [], "patch_encoder": "uni"}))
+    with pytest.raises(ModelLoadError, match="clam_sb needs class_names"):
+        load_slide_model(path, allow_random_weights=True)
+
+
+@pytest.mark.parametrize("arch", ["linear", "mlp"])
+def test_a_head_over_a_slide_encoder(tmp_path: Path, arch: str) -> None:
+    """A linear probe / MLP trained on FEATHER embeddings: both files load strictly and the
+    answer is the head applied to the encoder's embedding."""
+    from safetensors.torch import save_file
+
+    with torch.device("meta"):
+        encoder = build_architecture("abmil", {"num_classes": 0}, in_dim=UNI_DIM,
+                                     class_names=())
+        head = build_architecture(arch, {}, in_dim=512, class_names=("a", "b", "c"))
+    enc_state, head_state = _randomised(encoder, 1), _randomised(head, 2)
+    save_file({f"model.{k}": v.contiguous() for k, v in enc_state.items()},
+              str(tmp_path / "model.safetensors"))
+    torch.save(head_state, tmp_path / "probe.pt")
+    card = tmp_path / "probe.json"
+    card.write_text(json.dumps({
+        "kind": "slide", "name": f"subtype-{arch}", "architecture": arch,
+        "class_names": ["a", "b", "c"], "slide_encoder": "feather-uni",
+        "slide_encoder_file": "model.safetensors", "file": "probe.pt"}))
+    model = load_slide_model(card)
+    assert model.embedding_dim == UNI_DIM and model.encoder_card.name == "uni"
+    x = _bag()
+    pred = model.predict(x)
+    h = F.relu(torch.from_numpy(x) @ enc_state["patch_embed.0.weight"].T
+               + enc_state["patch_embed.0.bias"])
+    raw = _gated(h, enc_state, "global_attn.")
+    emb = torch.softmax(raw[:, 0], dim=0) @ h
+    if arch == "linear":
+        logits = emb @ head_state["weight"].T + head_state["bias"]
+    else:
+        hid = F.relu(emb @ head_state["0.weight"].T + head_state["0.bias"])
+        logits = hid @ head_state["3.weight"].T + head_state["3.bias"]
+    np.testing.assert_allclose(pred.logits, logits.numpy(), atol=1e-5)
+    np.testing.assert_allclose(pred.attention, raw.numpy(), atol=1e-5)
+    with pytest.raises(ValueError, match="give slide_encoder with them"):
+        SlideModelCard(name="x", architecture=arch, class_names=("a", "b"), patch_encoder="uni")

@@ -39,6 +39,8 @@ def list_models() -> None:
     sys.stdout.write("\nslide models (a card with \"kind\": \"slide\" and your checkpoint: "
                      "wsi-sampler predict-slide --slide-model CARD --slide-weights CKPT)\n")
     _table(_slide_architecture_rows())
+    sys.stdout.write("\nslide encoders (--slide-model NAME --slide-weights their file)\n")
+    _table(_slide_encoder_rows())
 
 
 def _slide_architecture_rows() -> list[tuple[str, ...]]:
@@ -52,6 +54,19 @@ def _slide_architecture_rows() -> list[tuple[str, ...]]:
                   if p.name not in ("self", "unused")]
         rows.append((name, arch.original,
                      ", ".join(f"{p.name}={p.default!r}" for p in params)))
+    return rows
+
+
+def _slide_encoder_rows() -> list[tuple[str, ...]]:
+    from ..slide_models.card import slide_catalogue_card, slide_catalogue_names
+
+    rows: list[tuple[str, ...]] = [("name", "output", "patch encoder", "licence", "weights")]
+    for name in slide_catalogue_names():
+        card = slide_catalogue_card(name)
+        prov = card.provenance
+        rows.append((name, f"{card.embedding_dim}-d slide embedding", str(card.patch_encoder),
+                     prov.licence.split(" (")[0] if prov else "-",
+                     prov.weights_url if prov else "-"))
     return rows
 
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -127,12 +127,19 @@ def _run(items: list[InputItem], models: list[SlideModel], out: Path, encoder: W
             failed += 1
             log.error("[%d/%d] failed: %s: %s", n, len(items), item.location, exc)
             continue
-        calls = "; ".join(f"{r['slide_model']}: {r['predicted_class']} "
-                          f"(p = {max(r['probabilities'].values()):.3f})" for r in answer.records)
+        calls = "; ".join(_call(r) for r in answer.records)
         log.info("[%d/%d] %s: %s (%.1f s)", n, len(items), answer.name, calls,
                  time.perf_counter() - t0)
     log.info("%d of %d inputs answered -> %s", len(items) - failed, len(items), out)
     return failed
+
+
+def _call(record: dict[str, Any]) -> str:
+    """One answer in a log line: the class and its probability, or the embedding's size."""
+    if record["predicted_class"] is None:
+        return f"{record['slide_model']}: {record['embedding_dim']}-d slide embedding"
+    return (f"{record['slide_model']}: {record['predicted_class']} "
+            f"(p = {max(record['probabilities'].values()):.3f})")
 
 
 def register(app: typer.Typer) -> None:

@@ -241,8 +241,12 @@ def _checked_slide_models(
                 f"slide model {models[0].name!r} was trained on "
                 f"{models[0].encoder_card.name!r} features, but --model is {card.name!r}")
     checkpoints = [str(w) for w in weights] if weights else [None] * len(models)
-    return tuple((str(Path(s).resolve()), w) for s, w in zip(specs or [], checkpoints,
-                                                             strict=True))
+    from ..slide_models.card import slide_catalogue_names
+
+    def where(spec: str) -> str:  # a built-in name stays a name; a card file an absolute path
+        return spec if spec in slide_catalogue_names() else str(Path(spec).resolve())
+
+    return tuple((where(s), w) for s, w in zip(specs or [], checkpoints, strict=True))
 
 
 def _refuse_with_vlm(**given: bool) -> None:

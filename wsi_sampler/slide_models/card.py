@@ -23,15 +23,17 @@ from ..models.card import ModelCard
 from ..models.catalogue import catalogue_card, catalogue_names
 
 __all__ = ["SlideArchitecture", "SlideModelCard", "SlideProvenance", "embedding_dim_of",
-           "encoder_card_of",
+           "encoder_card_of", "slide_catalogue_card", "slide_catalogue_names",
+           "slide_encoder_card_of",
            "load_slide_card"]
 
 SlideArchitecture = Literal["clam_sb", "clam_mb", "mil_fc", "abmil", "trident_abmil",
-                            "transmil", "mean"]
+                            "transmil", "mean", "linear", "mlp"]
 """``clam_sb`` / ``clam_mb`` / ``mil_fc``: CLAM's models (``models/model_clam.py``,
 ``models/model_mil.py``); ``abmil``: MIL-Lab's ABMIL (Ilse et al. 2018, gated or not);
 ``trident_abmil``: TRIDENT's ``ABMILSlideEncoder`` with the classifier of its ABMIL tutorial;
-``transmil``: TransMIL (Shao et al. 2021); ``mean``: mean of the patch embeddings + linear."""
+``transmil``: TransMIL (Shao et al. 2021); ``mean``: mean of the patch embeddings + linear;
+``linear`` / ``mlp``: a head over a slide encoder's embedding (``slide_encoder``)."""
 
 
 class SlideProvenance(BaseModel):
@@ -41,6 +43,12 @@ class SlideProvenance(BaseModel):
     licence: str = ""
     trained_by: str = ""
     training_data: str = ""
+    weights_url: str = ""
+    """Where users download the weights themselves (nothing is downloaded for them)."""
+    weights_file: str = ""
+    parameters: int | None = Field(default=None, ge=1)
+    """Published parameter count (checked against a meta-device build in the tests)."""
+    parameters_tolerance: float = Field(default=0.05, gt=0, lt=1)
     sources: tuple[str, ...] = ()
     notes: str = ""
 
@@ -55,12 +63,21 @@ class SlideModelCard(BaseModel):
     architecture: SlideArchitecture
     architecture_kwargs: dict[str, Any] = Field(default_factory=dict)
     """The training code's constructor arguments, by their original names."""
-    class_names: tuple[str, ...] = Field(min_length=1)
+    class_names: tuple[str, ...] = ()
     """One name per class, in the order of the model's logits (CLAM: the label dict's
-    order). Two names and a single logit: a sigmoid gives the second class's probability."""
-    patch_encoder: str | ModelCard
+    order). Two names and a single logit: a sigmoid gives the second class's probability.
+    None: a slide *encoder*, whose answer is the slide embedding (FEATHER, no head)."""
+    embedding_dim: int | None = Field(default=None, ge=1)
+    """A slide encoder's embedding size (checked against the architecture)."""
+    patch_encoder: str | ModelCard | None = None
     """The features the model was trained on: a built-in encoder name (``uni``,
-    ``uni2-h``…), an encoder card file (relative to this card) or an inline encoder card."""
+    ``uni2-h``…), an encoder card file (relative to this card) or an inline encoder card.
+    A head over a slide encoder takes the slide encoder's."""
+    slide_encoder: str | SlideModelCard | None = None
+    """``linear`` / ``mlp`` heads: the slide encoder whose embedding they read (a built-in
+    name such as ``feather-uni``, a slide encoder card file or an inline card)."""
+    slide_encoder_file: str | None = None
+    """The slide encoder's weights (relative to this card)."""
     file: str | None = None
     """The checkpoint, relative to the card (``--slide-weights`` replaces it)."""
     weights_key_prefix: str | None = None
@@ -74,6 +91,21 @@ class SlideModelCard(BaseModel):
             raise ValueError(f"class_names must be unique, got {list(self.class_names)}")
         return self
 
+    @model_validator(mode="after")
+    def _inputs(self) -> SlideModelCard:
+        head = self.architecture in ("linear", "mlp")
+        if head != (self.slide_encoder is not None):
+            raise ValueError("linear and mlp heads read a slide encoder's embedding: give "
+                             "slide_encoder with them, and only with them")
+        if self.patch_encoder is None and self.slide_encoder is None:
+            raise ValueError("patch_encoder is required: the features the model reads")
+        return self
+
+    @property
+    def is_encoder(self) -> bool:
+        """A slide encoder: no classes, its answer is the slide embedding."""
+        return not self.class_names
+
     def to_json(self) -> str:
         return self.model_dump_json(indent=2)
 
@@ -81,6 +113,26 @@ class SlideModelCard(BaseModel):
 def _validation_problems(exc: ValidationError) -> str:
     return "; ".join(f"{'.'.join(str(x) for x in e['loc']) or 'card'}: {e['msg']}"
                      for e in exc.errors())
+
+
+def _slide_catalogue() -> Any:
+    from importlib import resources
+
+    return resources.files("wsi_sampler.slide_models").joinpath("slide_encoder_cards")
+
+
+def slide_catalogue_names() -> tuple[str, ...]:
+    """Built-in slide encoder cards (FEATHER…); the user brings the weights."""
+    return tuple(sorted(f.name.removesuffix(".json") for f in _slide_catalogue().iterdir()
+                        if f.name.endswith(".json")))
+
+
+def slide_catalogue_card(name: str) -> SlideModelCard:
+    if name not in slide_catalogue_names():
+        raise ModelNotFoundError(f"no built-in slide encoder {name!r} "
+                                 f"({', '.join(slide_catalogue_names())})")
+    text = _slide_catalogue().joinpath(f"{name}.json").read_text(encoding="utf-8")
+    return SlideModelCard.model_validate(json.loads(text))
 
 
 def load_slide_card(path: str | Path) -> SlideModelCard:
@@ -102,6 +154,12 @@ def load_slide_card(path: str | Path) -> SlideModelCard:
         raise ModelLoadError(f"{p}: invalid slide model card: {_validation_problems(exc)}"
                              ) from exc
     updates: dict[str, Any] = {}
+    if isinstance(card.slide_encoder, str) and card.slide_encoder not in slide_catalogue_names():
+        enc_path = Path(card.slide_encoder)
+        updates["slide_encoder"] = load_slide_card(
+            enc_path if enc_path.is_absolute() else p.parent / enc_path)
+    if card.slide_encoder_file is not None and not Path(card.slide_encoder_file).is_absolute():
+        updates["slide_encoder_file"] = str(p.parent / card.slide_encoder_file)
     if isinstance(card.patch_encoder, str) and card.patch_encoder not in catalogue_names():
         from ..models.card import load_card
 
@@ -112,15 +170,25 @@ def load_slide_card(path: str | Path) -> SlideModelCard:
     return card.model_copy(update=updates) if updates else card
 
 
+def slide_encoder_card_of(card: SlideModelCard) -> SlideModelCard | None:
+    """The slide encoder a head reads (None for models over patch features)."""
+    if card.slide_encoder is None or isinstance(card.slide_encoder, SlideModelCard):
+        return card.slide_encoder
+    return slide_catalogue_card(card.slide_encoder)
+
+
 def encoder_card_of(card: SlideModelCard) -> ModelCard:
-    """The patch encoder's card (built in, or the card's own)."""
+    """The patch encoder's card (built in, or the card's own; a head: its slide encoder's)."""
+    slide_encoder = slide_encoder_card_of(card)
+    if slide_encoder is not None and card.patch_encoder is None:
+        return encoder_card_of(slide_encoder)
     if isinstance(card.patch_encoder, ModelCard):
         return card.patch_encoder
     if card.patch_encoder not in catalogue_names():
         raise ModelLoadError(
             f"slide model {card.name!r}: patch_encoder {card.patch_encoder!r} is not a built-in "
             f"encoder ({', '.join(catalogue_names())}) nor an encoder card")
-    return catalogue_card(card.patch_encoder)
+    return catalogue_card(str(card.patch_encoder))
 
 
 def embedding_dim_of(card: SlideModelCard) -> int:

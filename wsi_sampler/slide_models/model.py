@@ -19,8 +19,16 @@ import numpy.typing as npt
 import torch
 
 from ..errors import ModelLoadError, ModelNotFoundError
-from .architectures import ARCHITECTURES, build_architecture
-from .card import SlideModelCard, embedding_dim_of, encoder_card_of, load_slide_card
+from .architectures import ARCHITECTURES, OverSlideEncoder, build_architecture
+from .card import (
+    SlideModelCard,
+    embedding_dim_of,
+    encoder_card_of,
+    load_slide_card,
+    slide_catalogue_card,
+    slide_catalogue_names,
+    slide_encoder_card_of,
+)
 from .checkpoints import load_slide_weights
 
 __all__ = ["SlideModel", "SlidePrediction", "load_slide_model"]
@@ -44,11 +52,14 @@ class SlidePrediction:
     seconds: float
 
     @property
-    def predicted_class(self) -> str:
+    def predicted_class(self) -> str | None:
+        """The most probable class; None for a slide encoder (no classes)."""
+        if not self.class_names:
+            return None
         return self.class_names[int(np.argmax(self.probabilities))]
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        out: dict[str, Any] = {
             "slide_model": self.model, "class_names": list(self.class_names),
             "probabilities": {c: round(float(p), 6)
                               for c, p in zip(self.class_names, self.probabilities, strict=True)},
@@ -60,9 +71,15 @@ class SlidePrediction:
                 "display_column": self.attention_columns[self.display_column]},
             "seconds": round(self.seconds, 4),
         }
+        if not self.class_names:  # a slide encoder answers with the slide embedding
+            out["embedding"] = [float(v) for v in self.embedding]
+            out["embedding_dim"] = int(self.embedding.shape[0])
+        return out
 
 
 def _probabilities(logits: torch.Tensor, n_classes: int) -> torch.Tensor:
+    if n_classes == 0:
+        return logits[:0]
     if logits.numel() == 1 and n_classes == 2:
         p = torch.sigmoid(logits[0])
         return torch.stack([1 - p, p])
@@ -102,7 +119,7 @@ class SlideModel:
             probs = _probabilities(out.logits.float(), len(self.card.class_names))
         attention = None if out.attention is None else out.attention.float().cpu().numpy()
         columns = () if attention is None else self._attention_columns(attention.shape[1])
-        predicted = int(torch.argmax(probs))
+        predicted = int(torch.argmax(probs)) if probs.numel() else 0
         display = predicted if self.card.architecture in ("clam_mb", "mil_fc") else 0
         return SlidePrediction(
             model=self.card.name, class_names=self.card.class_names,
@@ -116,11 +133,22 @@ class SlideModel:
 def _resolve(spec: str | Path | SlideModelCard) -> SlideModelCard:
     if isinstance(spec, SlideModelCard):
         return spec
+    if str(spec) in slide_catalogue_names():
+        return slide_catalogue_card(str(spec))
     path = Path(spec)
     if path.suffix.lower() != ".json":
-        raise ModelNotFoundError(f"{spec}: a slide model is given by its card (.json) with "
-                                 "\"kind\": \"slide\"")
+        raise ModelNotFoundError(
+            f"{spec}: a slide model is a card (.json) with \"kind\": \"slide\", or a built-in "
+            f"slide encoder ({', '.join(slide_catalogue_names())})")
     return load_slide_card(path)
+
+
+def _missing_checkpoint(card: SlideModelCard) -> ModelLoadError:
+    prov = card.provenance
+    where = (f": download {prov.weights_file or 'its weights'} from {prov.weights_url} "
+             f"(licence: {prov.licence})" if prov is not None and prov.weights_url else "")
+    return ModelLoadError(f"slide model {card.name!r} needs its checkpoint{where}; pass "
+                          "--slide-weights PATH (or set \"file\" in the card)")
 
 
 def load_slide_model(
@@ -128,26 +156,59 @@ def load_slide_model(
     device: str = "cpu", allow_random_weights: bool = False,
 ) -> SlideModel:
     """Build the card's architecture and load its checkpoint strictly (``weights``
-    replaces the card's ``file``). Random weights only with ``allow_random_weights`` (tests
-    and benchmarks)."""
+    replaces the card's ``file``); a head over a slide encoder loads both, each strictly.
+    Random weights only with ``allow_random_weights`` (tests and benchmarks)."""
     card = _resolve(spec)
     if weights is not None:
         card = card.model_copy(update={"file": str(weights)})
-    module = build_architecture(card.architecture, card.architecture_kwargs,
-                                in_dim=embedding_dim_of(card), class_names=card.class_names)
-    if card.file is None:
-        if not allow_random_weights:
-            raise ModelLoadError(f"slide model {card.name!r} needs its checkpoint: pass "
-                                 "--slide-weights PATH (or set \"file\" in the card)")
+    slide_encoder = slide_encoder_card_of(card)
+    if slide_encoder is None:
+        module = _built(card, embedding_dim_of(card), card.file, allow_random_weights)
     else:
-        path = Path(card.file)
-        if not path.is_file():
-            raise ModelNotFoundError(f"{path}: checkpoint of slide model {card.name!r} not "
-                                     "found")
-        original = ARCHITECTURES[card.architecture].original
-        load_slide_weights(module, path, prefix=card.weights_key_prefix,
-                           what=f"{card.architecture} ({original}, card {card.name!r})")
+        if not slide_encoder.is_encoder:
+            raise ModelLoadError(f"slide model {card.name!r}: slide_encoder "
+                                 f"{slide_encoder.name!r} has classes; a head reads a slide "
+                                 "encoder (no class_names)")
+        encoder = _built(slide_encoder, embedding_dim_of(slide_encoder),
+                         card.slide_encoder_file or slide_encoder.file, allow_random_weights)
+        width = slide_encoder.embedding_dim or _embedding_width(slide_encoder)
+        head = _built(card, width, card.file, allow_random_weights)
+        module = OverSlideEncoder(encoder, head)
     return SlideModel(card, module, device=_device(device))
+
+
+def _built(card: SlideModelCard, in_dim: int, file: str | None, allow_random_weights: bool
+           ) -> torch.nn.Module:
+    """The card's architecture over ``in_dim``-d inputs, with ``file`` loaded strictly."""
+    module = build_architecture(card.architecture, card.architecture_kwargs, in_dim=in_dim,
+                                class_names=card.class_names)
+    if card.embedding_dim is not None:
+        _check_embedding_dim(card)
+    if file is None:
+        if not allow_random_weights:
+            raise _missing_checkpoint(card)
+        return module
+    path = Path(file)
+    if not path.is_file():
+        raise ModelNotFoundError(f"{path}: checkpoint of slide model {card.name!r} not found")
+    original = ARCHITECTURES[card.architecture].original
+    load_slide_weights(module, path, prefix=card.weights_key_prefix,
+                       what=f"{card.architecture} ({original}, card {card.name!r})")
+    return module
+
+
+def _embedding_width(card: SlideModelCard) -> int:
+    with torch.device("meta"):
+        meta = build_architecture(card.architecture, card.architecture_kwargs,
+                                  in_dim=embedding_dim_of(card), class_names=card.class_names)
+        return int(meta(torch.zeros(2, embedding_dim_of(card))).embedding.shape[-1])
+
+
+def _check_embedding_dim(card: SlideModelCard) -> None:
+    width = _embedding_width(card)
+    if width != card.embedding_dim:
+        raise ModelLoadError(f"slide model {card.name!r}: embedding_dim is {card.embedding_dim} "
+                             f"but {card.architecture} with these arguments gives {width}")
 
 
 def _device(device: str) -> str:

@@ -82,7 +82,7 @@ def _write_attention_h5(path: Path, pred: SlidePrediction, coords: npt.NDArray[n
         f.attrs["columns"] = list(pred.attention_columns)
         f.attrs["display_column"] = pred.attention_columns[pred.display_column]
         f.attrs["class_names"] = list(pred.class_names)
-        f.attrs["predicted_class"] = pred.predicted_class
+        f.attrs["predicted_class"] = pred.predicted_class or ""  # "" for a slide encoder
 
 
 def _write_geojson(path: Path, pred: SlidePrediction, geo: AttentionGeometry) -> None:

@@ -17,11 +17,13 @@ from ...errors import ModelLoadError
 from ._blocks import SlideOutput
 from .abmil import ABMIL
 from .clam import ClamMB, ClamSB, MilFC
+from .heads import LinearHead, MLPHead, OverSlideEncoder
 from .mean import MeanPool
 from .transmil import TransMIL
 from .trident import TridentABMIL
 
-__all__ = ["ARCHITECTURES", "Architecture", "SlideOutput", "build_architecture"]
+__all__ = ["ARCHITECTURES", "Architecture", "OverSlideEncoder", "SlideOutput",
+           "build_architecture"]
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,8 @@ class Architecture:
     """The training code's class, for messages and docs."""
     single_logit: bool = False
     """The default is one logit (a sigmoid over two classes)."""
+    encoder: bool = False
+    """Built with no classes, it is a slide encoder (its answer is the embedding)."""
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -40,12 +44,18 @@ ARCHITECTURES: dict[str, Architecture] = {
     "clam_mb": Architecture(ClamMB, "embed_dim", "n_classes", "CLAM models.model_clam.CLAM_MB"),
     "mil_fc": Architecture(MilFC, "embed_dim", "n_classes",
                            "CLAM models.model_mil.MIL_fc / MIL_fc_mc"),
-    "abmil": Architecture(ABMIL, "in_dim", "num_classes", "MIL-Lab src.models.abmil.ABMIL"),
+    "abmil": Architecture(ABMIL, "in_dim", "num_classes", "MIL-Lab src.models.abmil.ABMIL",
+                          encoder=True),
     "trident_abmil": Architecture(TridentABMIL, "input_feature_dim", "n_classes",
                                   "TRIDENT ABMILSlideEncoder + tutorial classifier",
                                   single_logit=True),
     "transmil": Architecture(TransMIL, "in_dim", "n_classes", "TransMIL models.TransMIL"),
-    "mean": Architecture(MeanPool, "in_dim", "n_classes", "mean pooling + linear"),
+    "mean": Architecture(MeanPool, "in_dim", "n_classes", "mean pooling + linear",
+                         encoder=True),
+    "linear": Architecture(LinearHead, "in_dim", "n_classes",
+                           "linear probe on a slide embedding (torch.nn.Linear)"),
+    "mlp": Architecture(MLPHead, "in_dim", "n_classes",
+                        "MLP on a slide embedding (Linear, ReLU, Dropout, Linear)"),
 }
 
 
@@ -76,8 +86,11 @@ def build_architecture(name: str, kwargs: dict[str, Any], *, in_dim: int,
     given_dim = kwargs.get(arch.in_dim_arg, in_dim)
     if given_dim != in_dim:
         raise ModelLoadError(f"architecture_kwargs.{arch.in_dim_arg} is {given_dim} but the "
-                             f"patch encoder's embeddings are {in_dim}-d")
+                             f"embeddings it reads are {in_dim}-d")
     n_logits = _n_logits(arch, kwargs, class_names)
+    if not class_names and not arch.encoder:
+        raise ModelLoadError(f"{name} needs class_names (only abmil and mean are slide "
+                             "encoders without classes)")
     if n_logits != len(class_names) and not (n_logits == 1 and len(class_names) == 2):
         raise ModelLoadError(
             f"architecture_kwargs.{arch.classes_arg} is {n_logits} but the card names "

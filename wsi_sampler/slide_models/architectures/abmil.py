@@ -8,7 +8,8 @@ attn_dim=384, gate=True, num_classes=2)``:
   Linear(…, embed_dim), ReLU (MIL-Lab's ``create_mlp(end_with_fc=False)``);
 - ``global_attn``: gated (``attention_a/b/c``) or not (``module``), each with its dropout
   layer, one branch, hidden size ``attn_dim``;
-- ``classifier``: Linear(embed_dim, num_classes).
+- ``classifier``: Linear(embed_dim, num_classes), absent when ``num_classes`` is 0 (a slide
+  encoder: FEATHER "does not include a classification head", MIL-Lab README).
 
 Published checkpoints (Hugging Face ``PreTrainedModel`` safetensors) wrap the model as
 ``model.``; the prefix is found and stripped when loading.
@@ -46,15 +47,18 @@ class ABMIL(nn.Module):
                  dropout: float = 0.25, attn_dim: int = 384, gate: bool = True,
                  num_classes: int = 2) -> None:
         super().__init__()
-        if num_classes < 1:
-            raise ModelLoadError(f"ABMIL needs num_classes >= 1 to answer, got {num_classes}")
+        if num_classes < 0:
+            raise ModelLoadError(f"ABMIL needs num_classes >= 0, got {num_classes}")
         self.patch_embed = mlp_embedding(in_dim, embed_dim, num_fc_layers, dropout)
         self.global_attn = (GatedAttention if gate else TanhAttention)(
             embed_dim, attn_dim, 1, dropout=dropout, with_dropout=True)
-        self.classifier = nn.Linear(embed_dim, num_classes)
+        # MIL-Lab builds no classifier for num_classes=0: FEATHER's slide encoders
+        if num_classes > 0:
+            self.classifier = nn.Linear(embed_dim, num_classes)
 
     def forward(self, features: torch.Tensor) -> SlideOutput:
         h = self.patch_embed(features)
         scores = self.global_attn(h)
         pooled = attention_pool(scores, h)[0]
-        return SlideOutput(self.classifier(pooled), scores, pooled)
+        logits = self.classifier(pooled) if hasattr(self, "classifier") else pooled[:0]
+        return SlideOutput(logits, scores, pooled)

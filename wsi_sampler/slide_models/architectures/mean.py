@@ -14,8 +14,10 @@ __all__ = ["MeanPool"]
 class MeanPool(nn.Module):
     def __init__(self, in_dim: int = 1024, n_classes: int = 2) -> None:
         super().__init__()
-        self.classifier = nn.Linear(in_dim, n_classes)
+        if n_classes:  # none: the mean embedding itself (TRIDENT's mean-<encoder>)
+            self.classifier = nn.Linear(in_dim, n_classes)
 
     def forward(self, features: torch.Tensor) -> SlideOutput:
         pooled = features.mean(dim=0)
-        return SlideOutput(self.classifier(pooled), None, pooled)
+        logits = self.classifier(pooled) if hasattr(self, "classifier") else pooled[:0]
+        return SlideOutput(logits, None, pooled)
