@@ -15,44 +15,23 @@ import h5py
 import httpx
 import numpy as np
 import pytest
-import torch
 from _servers import folder_settings, serve, slide_ids, wait_for_job
+from _slide_tasks import write_clam_task
 
 from api.app import create_app
 from wsi_sampler.models import load_model
 from wsi_sampler.slide_models import load_slide_model, read_bag
-from wsi_sampler.slide_models.architectures import build_architecture
 from wsi_sampler.worker import InProcessWorker
 
 pytest.importorskip("timm", reason="timm is installed by make test (extra 'timm')")
 
 CLI = [sys.executable, "-c", "from wsi_sampler.cli import main; main()"]
 SLIDE = Path(__file__).resolve().parents[2] / "shared" / "slides" / "CMU-1-Small-Region.svs"
-VITS_DIM = 384
 
 
 @pytest.fixture(scope="module")
 def task(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
-    """A CLAM-SB card over ViT-S/16 features and its checkpoint, in CLAM's multi-GPU layout
-    (``attention_net.module.*``, ``instance_loss_fn.labels``)."""
-    folder = tmp_path_factory.mktemp("task")
-    card = folder / "tumour-vs-normal.json"
-    card.write_text(json.dumps({
-        "kind": "slide", "name": "tumour-vs-normal", "architecture": "clam_sb",
-        "architecture_kwargs": {"gate": True, "size_arg": "small", "dropout": 0.25,
-                                "k_sample": 8, "subtyping": False},
-        "class_names": ["normal", "tumour"], "patch_encoder": "vit-s16",
-        "description": "test head"}))
-    with torch.device("meta"):
-        shape = build_architecture("clam_sb", {"dropout": 0.25}, in_dim=VITS_DIM,
-                                   class_names=("normal", "tumour"))
-    gen = torch.Generator().manual_seed(5)
-    state = {k.replace("attention_net.", "attention_net.module.", 1):
-             torch.randn(v.shape, generator=gen) * 0.1 for k, v in shape.state_dict().items()}
-    state["instance_loss_fn.labels"] = torch.tensor([0, 1])
-    ckpt = folder / "s_0_checkpoint.pt"
-    torch.save(state, ckpt)
-    return card, ckpt
+    return write_clam_task(tmp_path_factory.mktemp("task"))
 
 
 @pytest.fixture(scope="module")

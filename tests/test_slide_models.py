@@ -473,3 +473,17 @@ def test_a_head_over_a_slide_encoder(tmp_path: Path, arch: str) -> None:
     np.testing.assert_allclose(pred.attention, raw.numpy(), atol=1e-5)
     with pytest.raises(ValueError, match="give slide_encoder with them"):
         SlideModelCard(name="x", architecture=arch, class_names=("a", "b"), patch_encoder="uni")
+
+
+def test_the_architecture_table_of_models_list_is_the_modules() -> None:
+    import inspect
+
+    from wsi_sampler.slide_models.architectures import ARCHITECTURES
+    from wsi_sampler.slide_models.card import ARCHITECTURE_SUMMARY
+
+    for name, arch in ARCHITECTURES.items():
+        params = [p for p in inspect.signature(arch.cls.__init__).parameters.values()
+                  if p.name not in ("self", "unused")]
+        assert ARCHITECTURE_SUMMARY[name] == (
+            arch.original, ", ".join(f"{p.name}={p.default!r}" for p in params))
+    assert set(ARCHITECTURE_SUMMARY) == set(ARCHITECTURES)

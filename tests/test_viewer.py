@@ -201,3 +201,51 @@ def test_a_medgemma_report_streams_beside_its_bag(
     assert text.startswith(f"Received {len(request.images)} images (896x896)")
     assert n_boxes == len(request.images) > 0  # the bag on the slide is the bag described
     assert browser.find_element("id", "layer-medgemma").is_selected()
+
+
+def test_a_slide_answer_and_its_attention_on_the_slide(
+        browser: Any, artifacts: Path, tmp_path: Path) -> None:
+    """With a slide model configured, the viewer answers the slide (its probabilities in the
+    panel, the same as the API's stream) and draws each patch's attention, coloured by its
+    percentile, where the patch is."""
+    from _slide_tasks import write_clam_task
+
+    from wsi_sampler.models import load_model
+    from wsi_sampler.worker import InProcessWorker
+
+    slide = Path(__file__).resolve().parents[2] / "shared" / "slides" / "CMU-1-Small-Region.svs"
+    card, ckpt = write_clam_task(tmp_path)
+    vits = InProcessWorker(load_model("vit-s16", device="cpu", allow_random_weights=True))
+    settings = folder_settings(tmp_path, {"case.svs": slide},
+                               slide_models=[{"card": card, "weights": ckpt}])
+    console_errors(browser)  # what earlier tests left in the browser's log
+    with serve(create_app(settings, worker_factory=lambda: vits), ready_path="/readyz") as url:
+        sid = slide_ids(url)["case.svs"]
+        browser.get(f"{url}/viewer?slide={sid}")
+        wait("the slide's tiles", lambda: browser.execute_script(
+            "return document.body.dataset.fullyLoaded === 'true'"))
+        assert browser.find_element("id", "answer-panel").is_displayed()
+        browser.find_element("id", "answer").click()
+        wait("the answer", lambda: browser.execute_script(
+            "return !!(window.wsiViewer.layers.attention)"), timeout=180)
+        answer = browser.execute_script("return window.wsiViewer.answer")
+        streamed = [json.loads(line) for line in httpx.post(
+            f"{url}/v1/slides/{sid}/slide-predictions", json={}, timeout=180).text.splitlines()]
+        (result,) = [r for r in streamed if r["type"] == "result"]
+        assert answer["probabilities"] == pytest.approx(result["probabilities"], abs=1e-5)
+        shown = browser.find_element("id", "answer-result").text
+        assert result["predicted_class"] in shown
+        n_boxes = browser.execute_script("return document.querySelectorAll('.attn').length")
+        assert n_boxes == result["n_patches"] > 0
+        assert browser.find_element("id", "legend-title").text.startswith("attention percentile")
+        # the hottest patch is drawn red-ish (jet's top), the coldest blue-ish
+        pct = browser.execute_script("return window.wsiViewer.layers.attention.pct")
+        colours = browser.execute_script(
+            "return [...document.querySelectorAll('.attn')].map(e => e.style.background)")
+        hot, cold = colours[int(np.argmax(pct))], colours[int(np.argmin(pct))]
+        hot_rgb = [int(v) for v in hot[hot.index("(") + 1:hot.index(")")].split(",")]
+        cold_rgb = [int(v) for v in cold[cold.index("(") + 1:cold.index(")")].split(",")]
+        assert hot_rgb[0] > hot_rgb[2] and cold_rgb[2] > cold_rgb[0]
+        time.sleep(0.5)
+        screenshot(browser, artifacts, "7-attention")
+        assert console_errors(browser) == []

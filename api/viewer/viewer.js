@@ -117,10 +117,11 @@
   function onOpen() {
     $("layers").disabled = false;
     $("describe").disabled = false;
+    $("answer").disabled = !state.slideModels || !state.slideModels.length;
     const item = state.viewer.world.getItemAt(0);
     item.addHandler("fully-loaded-change", (e) => { document.body.dataset.fullyLoaded = String(e.fullyLoaded); });
     updateScaleBar();
-    for (const name of ["tissue", "predictions", "medgemma"]) {
+    for (const name of ["tissue", "predictions", "medgemma", "attention"]) {
       if ($(`layer-${name}`).checked) toggleLayer(name, true);
     }
   }
@@ -183,7 +184,10 @@
   function clearLayers() {
     for (const name of Object.keys(state.layers)) removeLayer(name);
     state.fetched = {};
+    state.answer = null;
     $("legend").hidden = true;
+    $("answer-result").replaceChildren();
+    $("answer-progress").textContent = "";
   }
 
   function removeLayer(name) {
@@ -195,12 +199,17 @@
   }
 
   async function toggleLayer(name, on) {
-    if (!on) { removeLayer(name); if (name === "predictions") $("legend").hidden = true; return; }
+    if (!on) {
+      removeLayer(name);
+      if (name === "predictions" || name === "attention") $("legend").hidden = true;
+      return;
+    }
     if (!state.viewer || !state.viewer.world.getItemAt(0)) return;
     try {
       if (name === "tissue") await addTissue();
       if (name === "predictions") await addPredictions();
       if (name === "medgemma") await addMedGemma();
+      if (name === "attention") await addAttention();
       setOpacity(name);
     } catch (err) {
       $(`layer-${name}`).checked = false;
@@ -292,6 +301,7 @@
     });
     state.layers.predictions = { elements, key, lo, hi, patches };
     addPredictionsDownload();
+    $("legend-bar").classList.remove("jet");
     $("legend-title").textContent = `${key} (${state.info.name})`;
     $("legend-min").textContent = lo.toFixed(3);
     $("legend-max").textContent = hi.toFixed(3);
@@ -340,6 +350,133 @@
     }
   }
 
+  // -- a slide-level answer: the configured slide models, their attention on the slide ------
+  async function loadSlideModels() {
+    try {
+      const models = (await (await api("/v1/slide-models")).json()).slide_models;
+      state.slideModels = models;
+      const select = $("slide-model");
+      select.replaceChildren(...models.map((m) => {
+        const option = document.createElement("option");
+        option.value = m.name;
+        option.textContent = `${m.name} (${m.architecture} over ${m.patch_encoder})`;
+        return option;
+      }));
+      $("answer-panel").hidden = !models.length;
+      $("attention-layer").hidden = !models.some((m) => m.attention);
+      $("answer").disabled = !models.length || !state.viewer;
+    } catch (err) {
+      state.slideModels = [];  // a key not given yet: listSlides says so
+    }
+  }
+
+  // jet (CLAM's heatmaps) at matplotlib's breakpoints
+  const JET = { r: [[0, 0], [0.35, 0], [0.66, 1], [0.89, 1], [1, 0.5]],
+    g: [[0, 0], [0.125, 0], [0.375, 1], [0.64, 1], [0.91, 0], [1, 0]],
+    b: [[0, 0.5], [0.11, 1], [0.34, 1], [0.65, 0], [1, 0]] };
+  function jet(t) {
+    const x = Math.min(1, Math.max(0, t));
+    const channel = (points) => {
+      for (let i = 1; i < points.length; i++) {
+        const [x0, y0] = points[i - 1], [x1, y1] = points[i];
+        if (x <= x1) return y0 + (x1 > x0 ? (x - x0) / (x1 - x0) : 0) * (y1 - y0);
+      }
+      return points[points.length - 1][1];
+    };
+    const c = [JET.r, JET.g, JET.b].map((p) => Math.round(channel(p) * 255));
+    return `rgb(${c[0]}, ${c[1]}, ${c[2]})`;
+  }
+
+  // CLAM's percentiles: average ranks over N, in (0, 1]
+  function percentiles(scores) {
+    const order = scores.map((v, i) => [v, i]).sort((a, b) => a[0] - b[0]);
+    const out = new Array(scores.length);
+    for (let i = 0; i < order.length;) {
+      let j = i;
+      while (j + 1 < order.length && order[j + 1][0] === order[i][0]) j++;
+      const rank = (i + j + 2) / 2;
+      for (let k = i; k <= j; k++) out[order[k][1]] = rank / scores.length;
+      i = j + 1;
+    }
+    return out;
+  }
+
+  async function streamAnswer(id, model) {
+    const resp = await api(`/v1/slides/${encodeURIComponent(id)}/slide-predictions`, {
+      method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ slide_models: [model], include_attention: true }),
+    });
+    const reader = resp.body.getReader(), decoder = new TextDecoder();
+    let pending = "", result = null;
+    for (;;) {
+      const { value, done } = await reader.read();
+      if (done) break;
+      pending += decoder.decode(value, { stream: true });
+      const lines = pending.split("\n");
+      pending = lines.pop();
+      for (const line of lines.filter(Boolean)) {
+        const record = JSON.parse(line);
+        if (record.type === "progress") {
+          $("answer-progress").textContent =
+            `encoding patches: ${record.patches_done} / ${record.patches_total}`;
+        }
+        if (record.type === "result") result = record;
+        if (record.type === "error") throw new Error(record.error);
+      }
+    }
+    if (!result) throw new Error("the stream ended without an answer");
+    return result;
+  }
+
+  function renderAnswer(result) {
+    const dl = $("answer-result");
+    dl.replaceChildren();
+    const rows = Object.entries(result.probabilities).sort((a, b) => b[1] - a[1]);
+    for (const [name, p] of rows) {
+      const dt = document.createElement("dt"); dt.textContent = name;
+      const dd = document.createElement("dd"); dd.textContent = p.toFixed(3);
+      if (name === result.predicted_class) dd.className = "top";
+      dl.append(dt, dd);
+    }
+    if (!rows.length && result.embedding_dim) {
+      const dt = document.createElement("dt"); dt.textContent = "embedding";
+      const dd = document.createElement("dd"); dd.textContent = `${result.embedding_dim}-d`;
+      dl.append(dt, dd);
+    }
+    $("answer-progress").textContent = `${result.slide_model}: ${result.n_patches} patches`;
+  }
+
+  async function addAttention() {
+    const id = state.id, model = $("slide-model").value;
+    $("answer").disabled = true;
+    try {
+      const result = await streamAnswer(id, model);
+      if (state.id !== id) return;
+      state.answer = result;
+      renderAnswer(result);
+      const att = result.patch_attention;
+      if (!att) return;  // a model without patch scores: the answer alone
+      const column = att.columns.indexOf(result.attention.display_column);
+      const raw = att.scores.map((row) => row[Math.max(0, column)]);
+      const pct = percentiles(raw);
+      const elements = raw.map((v, i) => {
+        const el = box(att.x0[i], att.y0[i], att.width0, att.height0, "attn");
+        el.style.background = jet(pct[i]);
+        el.addEventListener("click", () => showPatch({ x0: att.x0[i], y0: att.y0[i],
+          outputs: { attention: v, attention_percentile: pct[i] } }));
+        return el;
+      });
+      state.layers.attention = { elements, raw, pct, att };
+      $("legend-bar").classList.add("jet");
+      $("legend-title").textContent = `${result.attention.display_column} percentile (${model})`;
+      $("legend-min").textContent = "0";
+      $("legend-max").textContent = "1";
+      $("legend").hidden = false;
+    } finally {
+      $("answer").disabled = false;
+    }
+  }
+
   // -- a MedGemma report: the bag on the slide, the model's text streamed beside it ---------
   async function describe() {
     const id = state.id, out = $("report");
@@ -378,9 +515,15 @@
   }
   $("describe").addEventListener("click", describe);
 
-  for (const name of ["tissue", "predictions", "medgemma"]) {
+  for (const name of ["tissue", "predictions", "medgemma", "attention"]) {
     $(`layer-${name}`).addEventListener("change", (e) => toggleLayer(name, e.target.checked));
     $(`opacity-${name}`).addEventListener("input", () => setOpacity(name));
   }
+  $("answer").addEventListener("click", () => {
+    removeLayer("attention");
+    $("layer-attention").checked = true;
+    toggleLayer("attention", true);
+  });
   listSlides();
+  loadSlideModels();
 })();

@@ -44,16 +44,10 @@ def list_models() -> None:
 
 
 def _slide_architecture_rows() -> list[tuple[str, ...]]:
-    import inspect
-
-    from ..slide_models.architectures import ARCHITECTURES
+    from ..slide_models.card import ARCHITECTURE_SUMMARY  # no torch: a table, kept in step
 
     rows: list[tuple[str, ...]] = [("architecture", "training code", "architecture_kwargs")]
-    for name, arch in ARCHITECTURES.items():
-        params = [p for p in inspect.signature(arch.cls.__init__).parameters.values()
-                  if p.name not in ("self", "unused")]
-        rows.append((name, arch.original,
-                     ", ".join(f"{p.name}={p.default!r}" for p in params)))
+    rows += [(name, original, args) for name, (original, args) in ARCHITECTURE_SUMMARY.items()]
     return rows
 
 

@@ -22,9 +22,9 @@ from ..errors import ModelLoadError, ModelNotFoundError
 from ..models.card import ModelCard
 from ..models.catalogue import catalogue_card, catalogue_names
 
-__all__ = ["SlideArchitecture", "SlideModelCard", "SlideProvenance", "embedding_dim_of",
-           "encoder_card_of", "slide_catalogue_card", "slide_catalogue_names",
-           "slide_encoder_card_of",
+__all__ = ["ARCHITECTURE_SUMMARY", "SlideArchitecture", "SlideModelCard", "SlideProvenance",
+           "embedding_dim_of", "encoder_card_of", "slide_catalogue_card",
+           "slide_catalogue_names", "slide_encoder_card_of",
            "load_slide_card"]
 
 SlideArchitecture = Literal["clam_sb", "clam_mb", "mil_fc", "abmil", "trident_abmil",
@@ -34,6 +34,33 @@ SlideArchitecture = Literal["clam_sb", "clam_mb", "mil_fc", "abmil", "trident_ab
 ``trident_abmil``: TRIDENT's ``ABMILSlideEncoder`` with the classifier of its ABMIL tutorial;
 ``transmil``: TransMIL (Shao et al. 2021); ``mean``: mean of the patch embeddings + linear;
 ``linear`` / ``mlp``: a head over a slide encoder's embedding (``slide_encoder``)."""
+
+
+# What `models list` shows without importing torch (a test keeps it equal to the modules).
+ARCHITECTURE_SUMMARY: dict[str, tuple[str, str]] = {
+    "clam_sb": ("CLAM models.model_clam.CLAM_SB",
+        "gate=True, size_arg='small', dropout=0.0, k_sample=8, n_classes=2, subtyping=Fal"
+        "se, embed_dim=1024"),
+    "clam_mb": ("CLAM models.model_clam.CLAM_MB",
+        "gate=True, size_arg='small', dropout=0.0, k_sample=8, n_classes=2, subtyping=Fal"
+        "se, embed_dim=1024"),
+    "mil_fc": ("CLAM models.model_mil.MIL_fc / MIL_fc_mc",
+        "size_arg='small', dropout=0.0, n_classes=2, top_k=1, embed_dim=1024"),
+    "abmil": ("MIL-Lab src.models.abmil.ABMIL",
+        "in_dim=1024, embed_dim=512, num_fc_layers=1, dropout=0.25, attn_dim=384, gate=Tr"
+        "ue, num_classes=2"),
+    "trident_abmil": ("TRIDENT ABMILSlideEncoder + tutorial classifier",
+        "input_feature_dim=768, n_heads=1, head_dim=512, dropout=0.0, gated=True, hidden_"
+        "dim=256, n_classes=1"),
+    "transmil": ("TransMIL models.TransMIL",
+        "n_classes=2, in_dim=1024"),
+    "mean": ("mean pooling + linear",
+        "in_dim=1024, n_classes=2"),
+    "linear": ("linear probe on a slide embedding (torch.nn.Linear)",
+        "in_dim=512, n_classes=2"),
+    "mlp": ("MLP on a slide embedding (Linear, ReLU, Dropout, Linear)",
+        "in_dim=512, hidden_dim=256, dropout=0.0, n_classes=2"),
+}
 
 
 class SlideProvenance(BaseModel):
