@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -122,7 +123,8 @@ def _run(items: list[InputItem], models: list[SlideModel], out: Path, encoder: W
         t0 = time.perf_counter()
         try:
             answer = predict_slide(item.location, models, out, encoder=encoder,
-                                   options=options, mpp_override=mpp_override)
+                                   options=options, mpp_override=mpp_override,
+                                   progress=_encoding_progress(f"[{n}/{len(items)}]"))
         except (WsiSamplerError, OSError, ValueError) as exc:
             failed += 1
             log.error("[%d/%d] failed: %s: %s", n, len(items), item.location, exc)
@@ -132,6 +134,18 @@ def _run(items: list[InputItem], models: list[SlideModel], out: Path, encoder: W
                  time.perf_counter() - t0)
     log.info("%d of %d inputs answered -> %s", len(items) - failed, len(items), out)
     return failed
+
+
+def _encoding_progress(prefix: str) -> Callable[[int, int], None]:
+    """A log line at every further fifth of a slide's patches encoded (long slides)."""
+    shown = [0]
+
+    def report(done: int, total: int) -> None:
+        fifth = 5 * done // max(total, 1)
+        if fifth > shown[0] and done < total:
+            shown[0] = fifth
+            log.info("%s encoding: %d of %d patches", prefix, done, total)
+    return report
 
 
 def _call(record: dict[str, Any]) -> str:
