@@ -26,6 +26,7 @@ from wsi_sampler.worker import InProcessWorker
 pytest.importorskip("timm", reason="timm is installed by make test (extra 'timm')")
 
 CLI = [sys.executable, "-c", "from wsi_sampler.cli import main; main()"]
+FEW = {"strategy": "random", "n_patches": 16}  # a few patches: ViT-S/16 takes ~0.2 s each
 SLIDE = Path(__file__).resolve().parents[2] / "shared" / "slides" / "CMU-1-Small-Region.svs"
 
 
@@ -54,7 +55,7 @@ def test_api_stream_and_job_give_the_same_answer(tmp_path: Path, task: tuple[Pat
             ("tumour-vs-normal", "vit-s16", True)]
         sid = slide_ids(url)["case.svs"]
         streamed = httpx.post(f"{url}/v1/slides/{sid}/slide-predictions",
-                              json={"include_attention": True}, timeout=120)
+                              json={"include_attention": True, **FEW}, timeout=120)
         assert streamed.status_code == 200
         records = _records(streamed.content)
         kinds = [r["type"] for r in records]
@@ -64,8 +65,8 @@ def test_api_stream_and_job_give_the_same_answer(tmp_path: Path, task: tuple[Pat
         assert sum(result["probabilities"].values()) == pytest.approx(1.0, abs=1e-5)
         assert len(result["patch_attention"]["scores"]) == result["n_patches"]
 
-        job = httpx.post(f"{url}/v1/jobs", json={"slides": [sid], "slide_models": [
-            "tumour-vs-normal"]}).json()
+        job = httpx.post(f"{url}/v1/jobs", json={"slides": [sid], "sampling": FEW,
+                                                 "slide_models": ["tumour-vs-normal"]}).json()
         status = wait_for_job(url, job["id"], timeout_s=180)
         assert status["state"] == "succeeded", status
         names = {r["name"] for r in status["results"]}
@@ -125,6 +126,7 @@ def test_score_writes_answers_beside_the_bags_and_resumes(tmp_path: Path,
     (tmp_path / "slides").mkdir()
     (tmp_path / "slides" / "case.svs").symlink_to(SLIDE)
     args = ["score", "slides", "-o", "out", "--model", "vit-s16", "--random-weights",
+            "--strategy", "random", "-n", "16",
             "--slide-model", card, "--slide-weights", ckpt, "-q"]
     first = _run(*args, cwd=tmp_path)
     assert first.returncode == 0, first.stderr
