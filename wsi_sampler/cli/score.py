@@ -58,7 +58,7 @@ from .vlm import (
 )
 
 if TYPE_CHECKING:
-    from ..batch import RunReport
+    from ..batch import BatchConfig, RunReport
 
 __all__ = ["register"]
 
@@ -178,7 +178,6 @@ def score(
     --slide-model, each slide's features also go through those slide models (answers,
     attention and heatmaps beside features.h5)."""
     from ..batch import BatchConfig, run_batch
-    from ..deidentify import load_pseudonyms
     from ..models import preflight
 
     if vlm_url:
@@ -206,13 +205,7 @@ def score(
     if slide_model or slide_weights:
         cfg = replace(cfg, slide_models=_checked_slide_models(
             slide_model, slide_weights, model, worker_url, random_weights))
-    if mpp is not None and magnification is not None:
-        raise InvalidRequestError("give --mpp or --magnification, not both")
-    if mpp is not None or magnification is not None:
-        cfg = replace(cfg, read_mpp=mpp if mpp is not None else 10.0 / float(magnification or 1))
-    if deidentify or pseudonyms:
-        cfg = replace(cfg, deidentify=True,
-                      pseudonyms=load_pseudonyms(pseudonyms) if pseudonyms else None)
+    cfg = _read_and_privacy(cfg, mpp, magnification, deidentify, pseudonyms)
     with _score_progress(quiet) as progress, _stop_on_ctrl_c() as stop:
         report = run_batch(slides, out, cfg, executor=executor.value, workers=workers,
                            address=address, retries=retries, resume=resume,
@@ -220,6 +213,21 @@ def score(
                            on_start=progress.start)
     _log_run(report, out, quiet)
     raise typer.Exit(130 if report.stopped else report.exit_code)
+
+
+def _read_and_privacy(cfg: BatchConfig, mpp: float | None, magnification: float | None,
+                      deidentify: bool, pseudonyms: Path | None) -> BatchConfig:
+    """``cfg`` with the read resolution (--mpp / --magnification) and de-identification."""
+    from ..deidentify import load_pseudonyms
+
+    if mpp is not None and magnification is not None:
+        raise InvalidRequestError("give --mpp or --magnification, not both")
+    if mpp is not None or magnification is not None:
+        cfg = replace(cfg, read_mpp=mpp if mpp is not None else 10.0 / float(magnification or 1))
+    if deidentify or pseudonyms:
+        cfg = replace(cfg, deidentify=True,
+                      pseudonyms=load_pseudonyms(pseudonyms) if pseudonyms else None)
+    return cfg
 
 
 def _checked_slide_models(
