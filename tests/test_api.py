@@ -134,6 +134,25 @@ def test_plan_equals_the_library(url: str, demo_slide: Path) -> None:
         assert got["n_patches"] == len(plan)
 
 
+def test_the_plan_downloads_as_the_coords_h5_clam_and_trident_read(url: str,
+                                                                    tmp_path: Path) -> None:
+    import h5py
+
+    sid = ids(url)["demo.svs"]
+    body = {"strategy": "grid", "patch_size_px": 224, "target_mpp": 0.5}
+    got = httpx.post(f"{url}/v1/slides/{sid}/plan.h5", json=body)
+    assert got.status_code == 200 and got.headers["content-type"] == "application/x-hdf5"
+    (tmp_path / "coords.h5").write_bytes(got.content)
+    plan = httpx.post(f"{url}/v1/slides/{sid}/plan", json=body).json()
+    with h5py.File(tmp_path / "coords.h5") as f:
+        coords = f["coords"][:]
+        attrs = dict(f["coords"].attrs)
+    assert coords.tolist() == [[p["x0"], p["y0"]] for p in plan["patches"]]
+    assert attrs["patch_size_level0"] == plan["width0"] and attrs["patch_size_px"] == 224
+    bad = httpx.post(f"{url}/v1/slides/{sid}/plan.h5", json={"patch_size_px": 3})
+    assert bad.status_code == 422 and "error" in bad.json()
+
+
 def test_bad_parameters_are_422(url: str) -> None:
     sid = ids(url)["demo.svs"]
     for body in ({"strategy": "random"}, {"patch_size_px": 2}, {"overlap": 1.5},

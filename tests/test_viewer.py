@@ -246,6 +246,10 @@ def test_a_slide_answer_and_its_attention_on_the_slide(
         hot_rgb = [int(v) for v in hot[hot.index("(") + 1:hot.index(")")].split(",")]
         cold_rgb = [int(v) for v in cold[cold.index("(") + 1:cold.index(")")].split(",")]
         assert hot_rgb[0] > hot_rgb[2] and cold_rgb[2] > cold_rgb[0]
+        rows = browser.execute_script("return window.wsiViewer.attentionCsv()").split()
+        assert rows[0] == "minx,miny,width,height,attention,attention_percentile"
+        assert len(rows) == n_boxes + 1
+        assert browser.find_element("id", "download-attention").is_displayed()
         time.sleep(0.5)
         screenshot(browser, artifacts, "7-attention")
         assert console_errors(browser) == []

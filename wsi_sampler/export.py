@@ -143,6 +143,16 @@ def write_clam_h5(path: str | os.PathLike[str], plan: PatchPlan, slide: Slide) -
         write_coords_dataset(f, plan, slide)
 
 
+def clam_h5_bytes(plan: PatchPlan, slide: Slide) -> bytes:
+    """The file :func:`write_clam_h5` writes, as bytes (an HTTP download)."""
+    from .features import write_coords_dataset
+
+    buf = io.BytesIO()
+    with h5py.File(buf, "w") as f:
+        write_coords_dataset(f, plan, slide)
+    return buf.getvalue()
+
+
 def write_wsinfer_h5(path: str | os.PathLike[str], plan: PatchPlan) -> None:
     """WSInfer's patch file, as its own writer (``wsinfer.patchlib.save_hdf5``) makes it:
     ``/coords`` (N, 2) level-0 top-left corners with attributes ``patch_size`` (the patch's

@@ -7,10 +7,11 @@ import threading
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
-from fastapi.responses import StreamingResponse
+from fastapi.responses import Response, StreamingResponse
 
 from wsi_sampler import PatchPlan, Slide, make_plan
 from wsi_sampler.errors import InvalidRequestError
+from wsi_sampler.export import clam_h5_bytes
 from wsi_sampler.scoring import model_plan_params
 
 from ..deps import Services, ServicesDep
@@ -66,6 +67,26 @@ async def plan(slide_id: str, req: SamplingRequest, services: ServicesDep) -> Pl
         return PlanResponse(slide_id=slide_id, message=plan_.note(), **d)
 
     return await services.slide_work(run)
+
+
+@router.post(
+    "/{slide_id}/plan.h5", response_class=Response, responses={
+        **ERRORS, 200: {"content": binary_content("application/x-hdf5"),
+                        "description": "coords (N, 2) level-0 with CLAM's and TRIDENT's "
+                                       "attributes, as `wsi-sampler plan --out coords.h5`"}})
+async def plan_h5(slide_id: str, req: SamplingRequest, services: ServicesDep) -> Response:
+    """The plan as the patch-coordinate h5 CLAM's and TRIDENT's feature extraction read."""
+    def run() -> bytes:
+        with services.registry.open(slide_id, mpp_override=req.mpp_override) as slide:
+            plan_ = make_plan(slide, req.to_params())
+            _check_size(plan_, services.settings.max_plan_patches, "max_plan_patches",
+                        "sample fewer (random/stratified with n_patches) or use larger "
+                        "patches")
+            return clam_h5_bytes(plan_, slide)
+
+    data = await services.slide_work(run)
+    return Response(data, media_type="application/x-hdf5",
+                    headers={"Content-Disposition": 'attachment; filename="coords.h5"'})
 
 
 @router.post(

@@ -141,18 +141,21 @@
 
   function renderDownloads(id) {
     const base = `/v1/slides/${encodeURIComponent(id)}`;
+    const grid = { method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ strategy: "grid", patch_size_px: 224, target_mpp: 0.5 }) };
     const items = [["Tissue (QuPath GeoJSON)", `${base}/tissue?format=geojson`, "tissue.geojson"],
       ["Tissue mask (PNG)", `${base}/tissue?format=png`, "tissue.png"],
-      ["Thumbnail (PNG)", `${base}/thumbnail`, "thumbnail.png"]];
+      ["Thumbnail (PNG)", `${base}/thumbnail`, "thumbnail.png"],
+      ["Patch grid, 224 px at 0.5 µm/px (CLAM/TRIDENT h5)", `${base}/plan.h5`, "coords.h5", grid]];
     const list = $("downloads");
     list.replaceChildren();
-    for (const [label, url, file] of items) {
+    for (const [label, url, file, options] of items) {
       const button = document.createElement("button");
       button.type = "button";
       button.textContent = label;
       button.addEventListener("click", async () => {
         try {
-          const blob = await (await api(url)).blob();
+          const blob = await (await api(url, options || {})).blob();
           const a = document.createElement("a");
           a.href = URL.createObjectURL(blob); a.download = file; a.click();
         } catch (err) { showError(`${label}: ${err.message}`); }
@@ -467,6 +470,7 @@
         return el;
       });
       state.layers.attention = { elements, raw, pct, att };
+      addAttentionDownload();
       $("legend-bar").classList.add("jet");
       $("legend-title").textContent = `${result.attention.display_column} percentile (${model})`;
       $("legend-min").textContent = "0";
@@ -475,6 +479,33 @@
     } finally {
       $("answer").disabled = false;
     }
+  }
+
+  // The attention on screen as CSV: box in level-0 px, raw score, CLAM percentile.
+  state.attentionCsv = () => {
+    const layer = state.layers.attention;
+    if (!layer) return "";
+    const { att, raw, pct } = layer;
+    const lines = ["minx,miny,width,height,attention,attention_percentile"];
+    raw.forEach((v, i) => lines.push([att.x0[i], att.y0[i], att.width0, att.height0, v, pct[i]].join(",")));
+    return lines.join("\n") + "\n";
+  };
+
+  function addAttentionDownload() {
+    if ($("download-attention")) return;
+    const button = document.createElement("button");
+    button.type = "button";
+    button.id = "download-attention";
+    button.textContent = "Attention shown (CSV)";
+    button.addEventListener("click", () => {
+      const a = document.createElement("a");
+      a.href = URL.createObjectURL(new Blob([state.attentionCsv()], { type: "text/csv" }));
+      a.download = `${state.info.name}.attention.csv`;
+      a.click();
+    });
+    const li = document.createElement("li");
+    li.append(button);
+    $("downloads").append(li);
   }
 
   // -- a MedGemma report: the bag on the slide, the model's text streamed beside it ---------
