@@ -303,7 +303,8 @@
       return el;
     });
     state.layers.predictions = { elements, key, lo, hi, patches };
-    addPredictionsDownload();
+    addCsvDownload("download-predictions", "Predictions shown (CSV)", "predictions.csv",
+      state.predictionsCsv);
     $("legend-bar").classList.remove("jet");
     $("legend-title").textContent = `${key} (${state.info.name})`;
     $("legend-min").textContent = lo.toFixed(3);
@@ -324,16 +325,17 @@
     return lines.join("\n") + "\n";
   };
 
-  function addPredictionsDownload() {
-    if ($("download-predictions")) return;
+  // A download of what a layer shows, as CSV, beside the others (added once).
+  function addCsvDownload(id, label, suffix, csv) {
+    if ($(id)) return;
     const button = document.createElement("button");
     button.type = "button";
-    button.id = "download-predictions";
-    button.textContent = "Predictions shown (CSV)";
+    button.id = id;
+    button.textContent = label;
     button.addEventListener("click", () => {
       const a = document.createElement("a");
-      a.href = URL.createObjectURL(new Blob([state.predictionsCsv()], { type: "text/csv" }));
-      a.download = `${state.info.name}.predictions.csv`;
+      a.href = URL.createObjectURL(new Blob([csv()], { type: "text/csv" }));
+      a.download = `${state.info.name}.${suffix}`;
       a.click();
     });
     const li = document.createElement("li");
@@ -470,7 +472,8 @@
         return el;
       });
       state.layers.attention = { elements, raw, pct, att };
-      addAttentionDownload();
+      addCsvDownload("download-attention", "Attention shown (CSV)", "attention.csv",
+        state.attentionCsv);
       $("legend-bar").classList.add("jet");
       $("legend-title").textContent = `${result.attention.display_column} percentile (${model})`;
       $("legend-min").textContent = "0";
@@ -490,23 +493,6 @@
     raw.forEach((v, i) => lines.push([att.x0[i], att.y0[i], att.width0, att.height0, v, pct[i]].join(",")));
     return lines.join("\n") + "\n";
   };
-
-  function addAttentionDownload() {
-    if ($("download-attention")) return;
-    const button = document.createElement("button");
-    button.type = "button";
-    button.id = "download-attention";
-    button.textContent = "Attention shown (CSV)";
-    button.addEventListener("click", () => {
-      const a = document.createElement("a");
-      a.href = URL.createObjectURL(new Blob([state.attentionCsv()], { type: "text/csv" }));
-      a.download = `${state.info.name}.attention.csv`;
-      a.click();
-    });
-    const li = document.createElement("li");
-    li.append(button);
-    $("downloads").append(li);
-  }
 
   // -- a MedGemma report: the bag on the slide, the model's text streamed beside it ---------
   async function describe() {
