@@ -287,10 +287,8 @@
       method: "POST", headers: { "Content-Type": "application/json" },
       body: JSON.stringify({ strategy: "stratified", n_patches: 300, seed: 0 }),
     });
-    const records = (await resp.text()).split("\n").filter(Boolean).map((l) => JSON.parse(l));
-    const failed = records.find((r) => r.type === "error");
-    if (failed) throw new Error(failed.error || "the prediction stream failed");
-    const patches = records.filter((r) => r.type === "patch");
+    const patches = [];
+    await eachRecord(resp, (record) => { if (record.type === "patch") patches.push(record); });
     if (state.id !== id || !patches.length) return;
     const key = Object.keys(patches[0].outputs).find((k) => typeof patches[0].outputs[k] === "number");
     const values = patches.map((p) => p.outputs[key]);
@@ -406,13 +404,10 @@
     return out;
   }
 
-  async function streamAnswer(id, model) {
-    const resp = await api(`/v1/slides/${encodeURIComponent(id)}/slide-predictions`, {
-      method: "POST", headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ slide_models: [model], include_attention: true }),
-    });
+  // An NDJSON stream, record by record as it arrives; an error record ends it with its error.
+  async function eachRecord(resp, onRecord) {
     const reader = resp.body.getReader(), decoder = new TextDecoder();
-    let pending = "", result = null;
+    let pending = "";
     for (;;) {
       const { value, done } = await reader.read();
       if (done) break;
@@ -421,14 +416,25 @@
       pending = lines.pop();
       for (const line of lines.filter(Boolean)) {
         const record = JSON.parse(line);
-        if (record.type === "progress") {
-          $("answer-progress").textContent =
-            `encoding patches: ${record.patches_done} / ${record.patches_total}`;
-        }
-        if (record.type === "result") result = record;
         if (record.type === "error") throw new Error(record.error);
+        onRecord(record);
       }
     }
+  }
+
+  async function streamAnswer(id, model) {
+    const resp = await api(`/v1/slides/${encodeURIComponent(id)}/slide-predictions`, {
+      method: "POST", headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ slide_models: [model], include_attention: true }),
+    });
+    let result = null;
+    await eachRecord(resp, (record) => {
+      if (record.type === "progress") {
+        $("answer-progress").textContent =
+          `encoding patches: ${record.patches_done} / ${record.patches_total}`;
+      }
+      if (record.type === "result") result = record;
+    });
     if (!result) throw new Error("the stream ended without an answer");
     return result;
   }
@@ -504,25 +510,14 @@
         method: "POST", headers: { "Content-Type": "application/json" },
         body: JSON.stringify({ prompt: $("prompt").value }),
       });
-      const reader = resp.body.getReader(), decoder = new TextDecoder();
-      let pending = "";
-      for (;;) {
-        const { value, done } = await reader.read();
-        if (done) break;
-        pending += decoder.decode(value, { stream: true });
-        const lines = pending.split("\n");
-        pending = lines.pop();
-        for (const line of lines.filter(Boolean)) {
-          const record = JSON.parse(line);
-          if (record.type === "bag" && !$("layer-medgemma").checked) {
-            $("layer-medgemma").checked = true;
-            toggleLayer("medgemma", true);
-          }
-          if (record.type === "delta") out.textContent += record.text;
-          if (record.type === "report") { out.textContent = record.text; state.report = record; }
-          if (record.type === "error") throw new Error(record.error);
+      await eachRecord(resp, (record) => {
+        if (record.type === "bag" && !$("layer-medgemma").checked) {
+          $("layer-medgemma").checked = true;
+          toggleLayer("medgemma", true);
         }
-      }
+        if (record.type === "delta") out.textContent += record.text;
+        if (record.type === "report") { out.textContent = record.text; state.report = record; }
+      });
     } catch (err) {
       out.textContent = "";
       showError(`The report could not be made: ${err.message}`);
