@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 
 from wsi_sampler.errors import InvalidRequestError
 from wsi_sampler.slide_models import SlideModel
+from wsi_sampler.slide_models.predict import require_encoder
 from wsi_sampler.worker import Worker
 from wsi_sampler.worker.vlm import VlmConfig, VlmWorker
 
@@ -73,12 +74,8 @@ class Services:
             raise InvalidRequestError(f"no slide model {unknown[0]!r} (this service has "
                                       f"{', '.join(self.slide_models)})")
         chosen = [self.slide_models[n] for n in (names or list(self.slide_models))]
-        worker = self.require_worker()
-        for model in chosen:
-            if model.encoder_card.name != worker.card.name:
-                raise InvalidRequestError(
-                    f"slide model {model.name!r} reads {model.encoder_card.name!r} features, "
-                    f"but this service's model is {worker.card.name!r}")
+        require_encoder(chosen, self.require_worker().card.name,
+                        given_as="this service's model")
         return chosen
 
     def acquire_stream(self) -> None:

@@ -63,15 +63,9 @@ def _answer_slide(slide: Slide, result: SlideScore, heads: list[SlideModel], sta
     """Each slide model's answer files in ``stage`` (``<model>.slide.json``…), by name."""
     if not heads:
         return []
-    from wsi_sampler.slide_models.predict import bag_of_score, patch_reader, predict_bag
+    from wsi_sampler.slide_models.predict import answer_scored_slide
 
-    if result.features is None:
-        raise WsiSamplerError("slide models need the features of an encoder")
-    records = predict_bag(bag_of_score(slide.stem, slide, result), heads, stage,
-                          thumbnail=slide.thumbnail(max_size=2048),
-                          read_patches=patch_reader(slide, result.plan),
-                          prefix=lambda m: stage / m.name,
-                          record={"input": {"name": slide.name, "kind": "slide"}})
+    records = answer_scored_slide(slide, result, heads, stage, prefix=lambda m: stage / m.name)
     files = [f"{head.name}.slide.json" for head in heads]
     return files + [f for r in records for f in r["files"].values()]
 

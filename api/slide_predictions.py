@@ -17,7 +17,7 @@ import numpy as np
 from wsi_sampler import PatchPlan, Slide
 from wsi_sampler.errors import InvalidRequestError
 from wsi_sampler.scoring import iter_predictions
-from wsi_sampler.slide_models import SlideModel
+from wsi_sampler.slide_models import SlideModel, SlidePrediction
 from wsi_sampler.worker import Worker
 
 from .metrics import Metrics
@@ -29,7 +29,7 @@ def _line(record: dict[str, Any]) -> bytes:
     return json.dumps(record).encode() + b"\n"
 
 
-def _attention_fields(pred: Any, plan: PatchPlan) -> dict[str, Any]:
+def _attention_fields(pred: SlidePrediction, plan: PatchPlan) -> dict[str, Any]:
     if pred.attention is None:
         return {"patch_attention": None}
     return {"patch_attention": {

@@ -223,7 +223,7 @@ def write_heatmap_png(
         levels = np.clip((v - vmin) / span * 255, 0, 255).astype(np.uint8)
         layer = img.copy()
         sx, sy = plan.slide_dimensions[0] / tw, plan.slide_dimensions[1] / th
-        for (x, y), colour in zip(plan.coords, _viridis(levels), strict=True):
+        for (x, y), colour in zip(plan.coords, viridis_rgb(levels), strict=True):
             p0 = (int(x / sx), int(y / sy))
             p1 = (max(p0[0], int((x + plan.width0) / sx) - 1),
                   max(p0[1], int((y + plan.height0) / sy) - 1))
@@ -233,7 +233,7 @@ def write_heatmap_png(
     atomic_write_bytes(path, encode_image(np.vstack([blended, legend])))
 
 
-def _viridis(levels: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
+def viridis_rgb(levels: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
     """RGB viridis colours of 0..255 levels."""
     rgb: npt.NDArray[np.uint8] = cv2.applyColorMap(levels.reshape(-1, 1),
                                                    cv2.COLORMAP_VIRIDIS)[:, 0, ::-1]
@@ -253,7 +253,7 @@ def heatmap_legend(
     strip: RGBImage = np.full((LEGEND_PX, width, 3), 255, np.uint8)
     margin = min(10, width // 8)
     bar_w = max(1, width - 2 * margin)
-    strip[26:38, margin:margin + bar_w] = (colours or _viridis)(
+    strip[26:38, margin:margin + bar_w] = (colours or viridis_rgb)(
         np.linspace(0, 255, bar_w).astype(np.uint8))[None, :, :]
     text = f"{label} ({colormap}): {vmin:.3g} .. {vmax:.3g}"
     cv2.putText(strip, text, (margin, 18), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (20, 20, 20), 1,

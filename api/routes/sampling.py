@@ -37,17 +37,22 @@ def _check_size(plan: PatchPlan, limit: int, setting: str, hint: str) -> None:
         )
 
 
-def _open_and_plan(
-    services: Services, slide_id: str, req: SamplingRequest, for_model: bool = False
+def open_and_plan(
+    services: Services, slide_id: str, req: SamplingRequest, for_model: bool = False,
+    streamed: bool = True,
 ) -> tuple[Slide, PatchPlan]:
+    """The open slide and its plan (``for_model``: at the worker's patch size and MPP);
+    a plan whose patches are ``streamed`` to the client is held to max_patches_per_request."""
     slide = services.registry.open(slide_id, mpp_override=req.mpp_override)
     try:
         params = req.to_params()
         if for_model:
             params = model_plan_params(services.require_worker().card, params)
         plan = make_plan(slide, params)
-        _check_size(plan, services.settings.max_patches_per_request, "max_patches_per_request",
-                    "sample fewer (random/stratified with n_patches) or use a job")
+        if streamed:
+            _check_size(plan, services.settings.max_patches_per_request,
+                        "max_patches_per_request",
+                        "sample fewer (random/stratified with n_patches) or use a job")
     except BaseException:
         slide.close()
         raise
@@ -101,7 +106,7 @@ async def patches(
     output: Annotated[Literal["tar", "ndjson"], Query(alias="format")] = "tar",
 ) -> StreamingResponse:
     """Stream the planned patches as they are read (tar or NDJSON with base64 images)."""
-    slide, plan_ = await services.stream_work(_open_and_plan, services, slide_id, req)
+    slide, plan_ = await services.stream_work(open_and_plan, services, slide_id, req)
     chunks = patch_chunks(slide, slide_id, plan_, as_tar=output == "tar",
                           image_format=req.image_format, metrics=services.metrics)
     media = "application/x-tar" if output == "tar" else "application/x-ndjson"
@@ -127,7 +132,7 @@ async def predictions(
     outputs; an encoder's embedding under its output name), then ``{"type": "summary",
     ...}``. Patch size and MPP are the model's."""
     worker = services.require_worker()
-    slide, plan_ = await services.stream_work(_open_and_plan, services, slide_id, req, True)
+    slide, plan_ = await services.stream_work(open_and_plan, services, slide_id, req, True)
     chunks = prediction_chunks(slide, slide_id, plan_, worker,
                                batch_size=services.settings.batch_size,
                                metrics=services.metrics, cancel=threading.Event(),

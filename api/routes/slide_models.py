@@ -9,10 +9,7 @@ import threading
 from fastapi import APIRouter
 from fastapi.responses import StreamingResponse
 
-from wsi_sampler import PatchPlan, Slide, make_plan
-from wsi_sampler.scoring import model_plan_params
-
-from ..deps import Services, ServicesDep
+from ..deps import ServicesDep
 from ..schemas import (
     ErrorBody,
     SlideModelInfo,
@@ -22,7 +19,7 @@ from ..schemas import (
 )
 from ..slide_predictions import slide_prediction_chunks
 from ..streaming import slide_stream
-from .sampling import STREAM_ERRORS
+from .sampling import STREAM_ERRORS, open_and_plan
 
 router = APIRouter(tags=["slide models"])
 
@@ -36,18 +33,6 @@ async def list_slide_models(services: ServicesDep) -> SlideModelList:
                        attention=m.card.architecture not in ("transmil", "mean"),
                        description=m.card.description)
         for m in services.slide_models.values()])
-
-
-def _open_and_plan(services: Services, slide_id: str, req: SlidePredictionRequest
-                   ) -> tuple[Slide, PatchPlan]:
-    worker = services.require_worker()
-    slide = services.registry.open(slide_id, mpp_override=req.mpp_override)
-    try:
-        plan = make_plan(slide, model_plan_params(worker.card, req.to_params()))
-    except BaseException:
-        slide.close()
-        raise
-    return slide, plan
 
 
 @router.post(
@@ -69,7 +54,10 @@ async def slide_predictions(slide_id: str, req: SlidePredictionRequest,
     applies: the answer is one record); the stream failure contract of /predictions holds."""
     models = services.slide_models_for(req.slide_models)
     worker = services.require_worker()
-    slide, plan = await services.stream_work(_open_and_plan, services, slide_id, req)
+    # the answer is one record, whatever the plan's size: max_patches_per_request is for
+    # streams of patches
+    slide, plan = await services.stream_work(open_and_plan, services, slide_id, req,
+                                             for_model=True, streamed=False)
     chunks = slide_prediction_chunks(slide, slide_id, plan, worker, models,
                                      batch_size=services.settings.batch_size,
                                      metrics=services.metrics, cancel=threading.Event(),

@@ -185,15 +185,10 @@ def _slide_models_for(cfg: BatchConfig) -> list[Any]:
 def _answer_slide(slide: Slide, result: SlideScore, staging: Path, cfg: BatchConfig) -> None:
     """Each slide model's answer from the features just computed, written beside them; the
     answers join summary.json (rewritten: the folder is committed by its rename)."""
-    from ..slide_models.predict import bag_of_score, patch_reader, predict_bag
+    from ..slide_models.predict import answer_scored_slide
 
-    models = _slide_models_for(cfg)
-    records = predict_bag(bag_of_score(slide.stem, slide, result), models, staging,
-                          thumbnail=slide.thumbnail(max_size=2048),
-                          read_patches=patch_reader(slide, result.plan),
-                          prefix=lambda m: staging / m.name,
-                          record={"input": {"name": slide.name, "kind": "slide",
-                                            "fingerprint": slide.fingerprint}})
+    records = answer_scored_slide(slide, result, _slide_models_for(cfg), staging,
+                                  prefix=lambda m: staging / m.name)
     result.summary["slide_models"] = {
         r["slide_model"]: {"predicted_class": r["predicted_class"],
                            "probabilities": r["probabilities"]} for r in records}

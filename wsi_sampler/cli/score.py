@@ -237,19 +237,15 @@ def _checked_slide_models(
     """Load each slide model once (cards and checkpoints fit) and check that it reads the
     features of the run's encoder, before any slide is read."""
     from ..models import preflight
-    from ..slide_models.predict import require_one_encoder
+    from ..slide_models.card import slide_catalogue_names
+    from ..slide_models.predict import require_encoder
     from .predict import load_slide_models
 
     models = load_slide_models(specs, weights, random_weights=random_weights, device="cpu")
-    require_one_encoder(models)
-    if worker_url is None:
-        card = preflight(encoder, allow_random_weights=True)
-        if card.name != models[0].encoder_card.name:
-            raise InvalidRequestError(
-                f"slide model {models[0].name!r} was trained on "
-                f"{models[0].encoder_card.name!r} features, but --model is {card.name!r}")
+    # a remote worker's features are checked per slide (their width) as they arrive
+    encoder_name = None if worker_url else preflight(encoder, allow_random_weights=True).name
+    require_encoder(models, encoder_name, given_as="--model")
     checkpoints = [str(w) for w in weights] if weights else [None] * len(models)
-    from ..slide_models.card import slide_catalogue_names
 
     def where(spec: str) -> str:  # a built-in name stays a name; a card file an absolute path
         return spec if spec in slide_catalogue_names() else str(Path(spec).resolve())

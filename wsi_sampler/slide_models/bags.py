@@ -102,7 +102,7 @@ def _read_h5(path: Path) -> Bag:
     if coords is not None and (coords.ndim != 2 or coords.shape != (feats.shape[0], 2)):
         raise InvalidRequestError(f"{path.name}: coords have shape {coords.shape}, expected "
                                   f"({feats.shape[0]}, 2): one row per feature row")
-    return Bag(name=_bag_name(path, fattrs), features=feats, coords=coords,
+    return Bag(name=_bag_name(path), features=feats, coords=coords,
                patch_size_level0=_patch_size_level0(cattrs), level0_size=_level0_size(cattrs),
                encoder=_encoder_of(fattrs, featattrs),
                attrs={k: _plain(v) for k, v in (cattrs | fattrs).items() if k != "card"},
@@ -117,7 +117,7 @@ def _plain(value: Any) -> Any:
     return _text(value) if isinstance(value, bytes) else value
 
 
-def _bag_name(path: Path, attrs: dict[str, Any]) -> str:
+def _bag_name(path: Path) -> str:
     # score puts bags in slides/<key>/features.h5 (the folder names the slide),
     # predict-slide beside its answers as <slide>.features.h5
     if path.stem == "features" and path.parent.name:
@@ -137,7 +137,7 @@ def _read_pt(path: Path) -> Bag:
     if not isinstance(tensor, torch.Tensor):
         raise InvalidRequestError(f"{path.name}: a CLAM .pt bag holds one (N, D) tensor, "
                                   f"got {type(tensor).__name__}")
-    return Bag(name=_bag_name(path, {}), features=tensor.float().numpy(), source=str(path))
+    return Bag(name=_bag_name(path), features=tensor.float().numpy(), source=str(path))
 
 
 def read_bag(path: str | os.PathLike[str]) -> Bag:

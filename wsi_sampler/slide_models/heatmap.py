@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 import numpy.typing as npt
 
-from ..export import heatmap_legend
+from ..export import heatmap_legend, viridis_rgb
 from ..types import RGBImage
 
 __all__ = ["COLORMAPS", "colormap_rgb", "draw_attention_heatmap", "percentiles",
@@ -48,9 +48,7 @@ _JET_LUT = _jet_lut()
 def colormap_rgb(levels: npt.NDArray[np.uint8], name: str = "jet") -> npt.NDArray[np.uint8]:
     """RGB colours of 0..255 levels."""
     if name == "viridis":
-        rgb: npt.NDArray[np.uint8] = cv2.applyColorMap(
-            levels.reshape(-1, 1), cv2.COLORMAP_VIRIDIS)[:, 0, ::-1]
-        return rgb.reshape(*levels.shape, 3)
+        return viridis_rgb(levels.ravel()).reshape(*levels.shape, 3)
     return (_JET_LUT[levels] * 255).astype(np.uint8)
 
 

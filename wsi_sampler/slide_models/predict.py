@@ -25,8 +25,8 @@ from .bags import BAG_SUFFIXES, Bag, check_bag, is_bag_path, read_bag
 from .model import SlideModel
 from .outputs import AttentionGeometry, HeatmapOptions, write_slide_outputs
 
-__all__ = ["InputItem", "SlideAnswer", "expand_inputs", "output_prefix", "predict_bag",
-           "predict_slide", "require_one_encoder"]
+__all__ = ["InputItem", "SlideAnswer", "answer_scored_slide", "expand_inputs", "output_prefix",
+           "predict_bag", "predict_slide", "require_encoder"]
 
 _NOT_BAGS = ("coords.h5",)
 _OUR_OUTPUTS = (".attention.h5",)
@@ -64,13 +64,20 @@ def expand_inputs(inputs: Sequence[str]) -> list[InputItem]:
     return items
 
 
-def require_one_encoder(models: Sequence[SlideModel]) -> None:
-    """Slide models on one pass read the same features."""
+def require_encoder(models: Sequence[SlideModel], encoder: str | None = None, *,
+                    given_as: str = "the encoder given") -> None:
+    """Slide models on one pass read the same features, those of ``encoder`` when named
+    (``given_as``: how the user named it, for the message)."""
     names = {m.encoder_card.name for m in models}
     if len(names) > 1:
         raise InvalidRequestError(
             "these slide models read features of different encoders "
             f"({', '.join(sorted(names))}): run them in separate commands")
+    for model in models:
+        if encoder is not None and model.encoder_card.name != encoder:
+            raise InvalidRequestError(
+                f"slide model {model.name!r} was trained on {model.encoder_card.name!r} "
+                f"features, but {given_as} is {encoder!r}")
 
 
 @dataclass
@@ -118,20 +125,40 @@ def predict_bag(
     return results
 
 
-def bag_of_score(name: str, slide: Slide, result: SlideScore) -> Bag:
-    assert result.features is not None
+def _bag_of_score(slide: Slide, result: SlideScore) -> Bag:
+    if result.features is None:
+        raise InvalidRequestError(f"{slide.name}: its model returns no embedding: a slide "
+                                  "model needs the features of a patch encoder")
     plan = result.plan
-    return Bag(name=name, features=result.features, coords=plan.coords,
+    return Bag(name=slide.stem, features=result.features, coords=plan.coords,
                patch_size_level0=plan.width0, level0_size=slide.dimensions,
                encoder=None, source=slide.name)
 
 
-def patch_reader(slide: Slide, plan: PatchPlan) -> Callable[[list[int]], list[RGBImage]]:
+def _patch_reader(slide: Slide, plan: PatchPlan) -> Callable[[list[int]], list[RGBImage]]:
     """Reads plan rows as the encoder saw them (its patch size and resolution)."""
     def read(rows: list[int]) -> list[RGBImage]:
         extractor = Extractor(slide, plan, threads=1)
         return [extractor.read_patch(i) for i in rows]
     return read
+
+
+def answer_scored_slide(
+    slide: Slide, result: SlideScore, models: Sequence[SlideModel], out: Path | None, *,
+    prefix: Callable[[SlideModel], Path] | None = None, options: HeatmapOptions | None = None,
+    record: dict[str, Any] | None = None,
+) -> list[dict[str, Any]]:
+    """Each slide model's answer from the features ``score_slide`` just computed for the
+    open ``slide``, with every file (heatmap over its thumbnail, its patches); batch runs,
+    jobs and :func:`predict_slide` all answer this way (``out`` None: the answers alone)."""
+    options = options or HeatmapOptions()
+    rec = {"input": {"name": slide.name, "kind": "slide", "fingerprint": slide.fingerprint}
+           } | (record or {})
+    if out is None:  # the answers alone: no thumbnail or patches to read
+        return predict_bag(_bag_of_score(slide, result), models, None, record=rec)
+    return predict_bag(_bag_of_score(slide, result), models, out, options=options,
+                       record=rec, thumbnail=slide.thumbnail(max_size=options.max_size),
+                       read_patches=_patch_reader(slide, result.plan), prefix=prefix)
 
 
 def predict_slide(
@@ -149,7 +176,7 @@ def predict_slide(
     options = options or HeatmapOptions()
     if not models:
         raise InvalidRequestError("give at least one slide model")
-    require_one_encoder(models)
+    require_encoder(models)
     if isinstance(source, Bag) or is_bag_path(source) and "://" not in str(source):
         bag = source if isinstance(source, Bag) else read_bag(source)
         answer = SlideAnswer(bag.name, predict_bag(bag, models, out, options=options))
@@ -157,21 +184,12 @@ def predict_slide(
         return answer
     if encoder is None:
         raise InvalidRequestError("a slide needs the patch encoder (--model, --weights)")
-    _require_encoder(encoder, models[0])
+    require_encoder(models, encoder.card.name)
     with open_slide(str(source), mpp_override=mpp_override) as slide:
         answer = _predict_open_slide(slide, models, out, encoder, params or PlanParams(),
                                      options, progress, cancel)
     answer.seconds = time.perf_counter() - t0
     return answer
-
-
-def _require_encoder(encoder: Worker, model: SlideModel) -> None:
-    want = model.encoder_card
-    have = encoder.card
-    if have.name != want.name:
-        raise InvalidRequestError(
-            f"slide model {model.name!r} was trained on {want.name!r} features, but the "
-            f"encoder given is {have.name!r}")
 
 
 def _predict_open_slide(
@@ -181,23 +199,15 @@ def _predict_open_slide(
 ) -> SlideAnswer:
     name = slide.stem
     result = score_slide(slide, params, encoder, None, cancel=cancel, progress=progress)
-    if result.features is None:
-        raise InvalidRequestError(f"model {encoder.card.name!r} returns no embedding: a slide "
-                                  "model needs a patch encoder")
     answer = SlideAnswer(name)
-    if out is not None:
+    if out is not None and result.features is not None:
         out.mkdir(parents=True, exist_ok=True)
         answer.features_path = str(out / f"{name}.features.h5")
         write_features_h5(answer.features_path, result.plan, slide, result.features,
                           encoder.card)
-    bag = bag_of_score(name, slide, result)
-    record = {"input": {"name": name, "kind": "slide", "fingerprint": slide.fingerprint},
-              "encoding": {"patches": len(result.plan), "seconds": result.summary["seconds"],
-                           "encoder": encoder.card.name,
-                           "patch_size_px": result.plan.patch_size_px,
-                           "target_mpp": result.plan.target_mpp}}
-    answer.records = predict_bag(
-        bag, models, out, options=options, record=record,
-        thumbnail=slide.thumbnail(max_size=options.max_size),
-        read_patches=patch_reader(slide, result.plan))
+    encoding = {"patches": len(result.plan), "seconds": result.summary["seconds"],
+                "encoder": encoder.card.name, "patch_size_px": result.plan.patch_size_px,
+                "target_mpp": result.plan.target_mpp}
+    answer.records = answer_scored_slide(slide, result, models, out, options=options,
+                                         record={"encoding": encoding})
     return answer
