@@ -118,6 +118,9 @@ def test_the_viewer_shows_a_slide_its_scale_and_its_overlays(
         label = browser.find_element("id", "scalebar-label").text
         assert label in (f"{scale['um']} µm", f"{scale['um'] / 1000:g} mm")
         # each overlay changes the pixels where it is drawn, and only there
+        # no slide models here: neither the answer panel nor an attention layer is offered
+        assert not browser.find_element("id", "answer-panel").is_displayed()
+        assert not browser.find_element("id", "layer-attention").is_displayed()
         browser.find_element("id", "layer-tissue").click()
         wait("the tissue layer", lambda: browser.execute_script(
             "return !!window.wsiViewer.layers.tissue"))
@@ -225,6 +228,7 @@ def test_a_slide_answer_and_its_attention_on_the_slide(
         wait("the slide's tiles", lambda: browser.execute_script(
             "return document.body.dataset.fullyLoaded === 'true'"))
         assert browser.find_element("id", "answer-panel").is_displayed()
+        assert browser.find_element("id", "layer-attention").is_displayed()
         browser.find_element("id", "answer").click()
         wait("the answer", lambda: browser.execute_script(
             "return !!(window.wsiViewer.layers.attention)"), timeout=180)

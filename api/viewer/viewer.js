@@ -13,6 +13,7 @@
     sessionStorage.setItem("wsiApiKey", keyInput.value);
     if (state.viewer) state.viewer.setAjaxHeaders(authHeaders());
     listSlides();
+    loadSlideModels();  // a key may be what they needed
   });
 
   function authHeaders() {
