@@ -179,3 +179,55 @@ def test_bad_inputs() -> None:
 
 def test_blank_spec_is_blank() -> None:
     assert not render_tissue_mask(BLANK_SPEC, (30, 40)).any()
+
+
+def _random_masks(seed: int, count: int) -> list[np.ndarray]:
+    """Masks with specks, lumps, holes and objects inside holes, touching the edges too."""
+    rng = np.random.default_rng(seed)
+    masks = []
+    for _ in range(count):
+        h, w = (int(v) for v in rng.integers(1, 70, 2))
+        mask = rng.random((h, w)) < rng.uniform(0.05, 0.95)
+        if rng.random() < 0.5:
+            kernel = np.ones((2, 2), np.uint8)
+            mask = cv2.morphologyEx(mask.view(np.uint8), cv2.MORPH_CLOSE, kernel).view(bool)
+        masks.append(mask)
+    return masks
+
+
+@pytest.mark.parametrize("by_boxes", [True, False], ids=["boxes", "whole-image"])
+def test_small_objects_and_holes_equal_labelling_the_whole_mask(
+    by_boxes: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The border-following path must give exactly the mask that labelling every pixel gives
+    # (the old implementation); the threshold forces one path or the other.
+    from wsi_sampler import _components
+
+    monkeypatch.setattr(_components, "_LABEL_WHOLE_IMAGE_SHARE", 1e9 if by_boxes else -1.0)
+    sizes = np.random.default_rng(1).integers(1, 40, 1500)
+    for mask, size in zip(_random_masks(0, 1500), sizes, strict=True):
+        px = int(size)
+        expected_objects = (_components.remove_small_objects_by_labels(mask, px)
+                            if mask.any() and px > 1 else mask)
+        assert np.array_equal(_components.remove_small_objects(mask, px), expected_objects)
+        assert np.array_equal(_components.fill_small_holes(mask, px),
+                              _components.fill_small_holes_by_labels(mask, px))
+
+
+def test_small_objects_and_holes_on_a_drawn_mask() -> None:
+    # A lump with a small and a large hole, a speck in the large hole, a speck on the edge.
+    mask = np.zeros((60, 80), bool)
+    cv2.circle(mask.view(np.uint8), (40, 30), 25, 1, -1)
+    mask[20:23, 30:33] = False  # 9 px hole
+    mask[30:45, 40:55] = False  # 225 px hole
+    mask[36:38, 46:48] = True  # 4 px speck inside it
+    mask[0:2, 0:2] = True  # 4 px speck on the image's corner
+    from wsi_sampler._components import fill_small_holes, remove_small_objects
+
+    cleaned = remove_small_objects(mask, 5)
+    assert not cleaned[36:38, 46:48].any() and not cleaned[0:2, 0:2].any()
+    assert cleaned[30, 40 - 20]  # the lump stays
+    filled = fill_small_holes(cleaned, 100)
+    assert filled[20:23, 30:33].all()  # the small hole is filled
+    assert not filled[30:45, 40:55].any()  # the large one (the speck's room included) is not
+    assert not fill_small_holes(np.zeros((5, 5), bool), 100).any()  # background is no hole
