@@ -181,3 +181,31 @@ def test_plan_needs_mpp(kidney_tif: Path) -> None:
 def test_invalid_params(kwargs: dict[str, object]) -> None:
     with pytest.raises(InvalidRequestError):
         PlanParams(**kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("layout", ["grid", "scattered"])
+def test_box_fractions_count_every_mask_pixel_of_each_box(layout: str) -> None:
+    # Grid boxes are summed a band of rows at a time, scattered ones from one table of the
+    # whole mask: both must equal the mean of the mask pixels each box covers.
+    from wsi_sampler.plan import _box_fractions
+
+    rng = np.random.default_rng(3)
+    for _ in range(60):
+        h, w = (int(v) for v in rng.integers(5, 200, 2))
+        mask = rng.random((h, w)) < rng.random()
+        sx, sy = (float(v) for v in rng.uniform(1, 40, 2))
+        w0, h0 = (int(v) for v in rng.integers(1, 500, 2))
+        if layout == "grid":
+            # Rows a box apart or more: the banded path.
+            gy, gx = np.meshgrid(np.arange(0, h * sy, int(h0 * rng.uniform(1, 2))),
+                                 np.arange(0, w * sx, int(rng.integers(1, 400))), indexing="ij")
+            xs, ys = gx.ravel().astype(np.int64), gy.ravel().astype(np.int64)
+        else:
+            xs, ys = rng.integers(0, int(w * sx), 300), rng.integers(0, int(h * sy), 300)
+        ax = np.clip(np.floor(xs / sx).astype(int), 0, w - 1)
+        bx = np.clip(np.ceil((xs + w0) / sx).astype(int), ax + 1, w)
+        ay = np.clip(np.floor(ys / sy).astype(int), 0, h - 1)
+        by = np.clip(np.ceil((ys + h0) / sy).astype(int), ay + 1, h)
+        expected = [mask[a:b, c:d].mean() for a, b, c, d in zip(ay, by, ax, bx, strict=True)]
+        got = _box_fractions(mask, (sx, sy), xs, ys, w0, h0)
+        assert np.array_equal(got, np.asarray(expected, np.float32))
