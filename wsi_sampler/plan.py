@@ -35,7 +35,7 @@ from .sampling import (
     sample_stratified,
 )
 from .slide import Slide
-from .tissue import TissueParams, detect_tissue, rasterize_geometry
+from .tissue import TissueParams, clean_mask, detect_tissue, rasterize_geometry
 from .types import BoolMask, Strategy
 from .units import TISSUE_MPP_RANGE, check_mpp, magnification_to_mpp, resolve_target_mpp
 
@@ -161,9 +161,19 @@ def compute_tissue_mask(
             f"a tissue mask at {mpp:g} µm/px would have {mask_px / 1e6:,.0f} Mpx (limit "
             f"{MAX_MASK_PX / 1e6:,.0f}); use tissue_mpp >= {math.ceil(coarser * 100) / 100:g}"
         )
-    thumb = slide.thumbnail(mpp=mpp)
-    mask = detect_tissue(thumb, mpp, params)
+    if params is not None and params.method == "hest":
+        mask = _segmented(slide, mpp, params)
+    else:
+        mask = detect_tissue(slide.thumbnail(mpp=mpp), mpp, params)
     return TissueMask(mask=mask, mpp=mpp, scale=(w / mask.shape[1], h / mask.shape[0]))
+
+
+def _segmented(slide: Slide, mpp: float, params: TissueParams) -> BoolMask:
+    """A deep segmenter's mask (``wsi_sampler.segmenters``; torch is imported only here)."""
+    from .segmenters import cached_segmenter, segment_slide
+
+    segmenter = cached_segmenter(params.method, params.segmenter_weights)
+    return clean_mask(segment_slide(slide, segmenter, mask_mpp=mpp), mpp, params)
 
 
 @dataclass(frozen=True)

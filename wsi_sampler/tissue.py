@@ -26,6 +26,7 @@ from .types import BoolMask, RGBImage, TissueMethod
 
 __all__ = [
     "TissueParams",
+    "clean_mask",
     "dark_artefact_mask",
     "detect_tissue",
     "is_fluorescence",
@@ -60,12 +61,19 @@ class TissueParams:
     exclude_dark: bool = True
     dark_value: int = 50
     """Pixels whose HSV value (0..255) is below this are black marker or dark artefact."""
+    segmenter_weights: str | None = None
+    """``hest``: the segmenter's checkpoint (HEST's ``deeplabv3_seg_v4.ckpt``)."""
 
     def __post_init__(self) -> None:
-        if self.method not in ("auto", "brightfield", "fluorescence"):
+        if self.method not in ("auto", "brightfield", "fluorescence", "hest"):
             raise InvalidRequestError(
-                f"unknown tissue method {self.method!r} (auto, brightfield, fluorescence)"
+                f"unknown tissue method {self.method!r} (auto, brightfield, fluorescence, "
+                "hest)"
             )
+        if self.method == "hest" and not self.segmenter_weights:
+            raise InvalidRequestError(
+                "tissue method 'hest' needs the segmenter's weights (--segmenter-weights "
+                "FILE: deeplabv3_seg_v4.ckpt from huggingface.co/MahmoodLab/hest-tissue-seg)")
         for name in ("median_blur_um", "close_um", "min_tissue_area_um2", "min_hole_area_um2"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
@@ -181,6 +189,9 @@ def detect_tissue(rgb: RGBImage, mpp: float, params: TissueParams | None = None)
     if not (math.isfinite(mpp) and mpp > 0):
         raise InvalidRequestError(f"mpp must be > 0, got {mpp}")
     method = p.method
+    if method == "hest":
+        raise InvalidRequestError("tissue method 'hest' segments the slide itself: use "
+                                  "compute_tissue_mask(slide, …)")
     if method == "auto":
         method = "fluorescence" if is_fluorescence(rgb) else "brightfield"
     blur = _odd_kernel(p.median_blur_um, mpp)
@@ -191,9 +202,14 @@ def detect_tissue(rgb: RGBImage, mpp: float, params: TissueParams | None = None)
     else:
         mask = _brightfield_mask(rgb, blur, p)
     mask = _morph_close(mask, _odd_kernel(p.close_um, mpp))
+    return clean_mask(mask, mpp, p)
+
+
+def clean_mask(mask: BoolMask, mpp: float, params: TissueParams) -> BoolMask:
+    """Drop objects and fill holes smaller than ``params``' physical thresholds."""
     px_area = mpp * mpp
-    mask = remove_small_objects(mask, math.ceil(p.min_tissue_area_um2 / px_area))
-    return fill_small_holes(mask, math.floor(p.min_hole_area_um2 / px_area))
+    mask = remove_small_objects(mask, math.ceil(params.min_tissue_area_um2 / px_area))
+    return fill_small_holes(mask, math.floor(params.min_hole_area_um2 / px_area))
 
 
 # -- polygons -------------------------------------------------------------------------------

@@ -57,6 +57,7 @@ from .options import (
     OverlapO,
     RoiO,
     SeedO,
+    SegmenterWeightsO,
     SizeO,
     SlideArg,
     StrategyO,
@@ -99,8 +100,9 @@ def _plan_params(
     strategy: StrategyOpt, mpp: float | None, magnification: float | None, size: int | None,
     overlap: float, min_tissue: float, n_patches: int | None, seed: int,
     tissue_mpp: float | None, method: MethodOpt, variant: VariantOpt = VariantOpt.report,
+    segmenter_weights: Path | None = None,
 ) -> PlanParams:
-    tissue = TissueParams(method=method.value)
+    tissue = _tissue_params(method, segmenter_weights)
     if strategy is StrategyOpt.medgemma:
         if mpp is not None or size not in (None, 896):
             raise InvalidRequestError("medgemma fixes --size (896) and draws --mpp; use "
@@ -112,6 +114,13 @@ def _plan_params(
         magnification=magnification, overlap=overlap, min_tissue_fraction=min_tissue,
         n_patches=n_patches, seed=seed, tissue_mpp=tissue_mpp or 8.0, tissue=tissue,
     )
+
+
+def _tissue_params(method: MethodOpt, segmenter_weights: Path | None) -> TissueParams:
+    if segmenter_weights is not None and method is not MethodOpt.hest:
+        raise InvalidRequestError("--segmenter-weights goes with --method hest")
+    return TissueParams(method=method.value,
+                        segmenter_weights=str(segmenter_weights) if segmenter_weights else None)
 
 
 def _tissue_for(
@@ -151,12 +160,14 @@ def tissue(
     geojson: Annotated[Path | None, typer.Option(help="Also write tissue polygons.")] = None,
     tissue_mpp: Annotated[float, typer.Option(help="Mask resolution in µm/px.")] = 8.0,
     method: MethodO = MethodOpt.auto,
+    segmenter_weights: SegmenterWeightsO = None,
     backend: BackendO = BackendOpt.auto,
     mpp_override: MppOverrideO = None,
 ) -> None:
     """Detect tissue and write its mask (and optionally QuPath-ready polygons)."""
+    params = _tissue_params(method, segmenter_weights)
     with _open(slide, backend, mpp_override) as s:
-        tm = compute_tissue_mask(s, tissue_mpp=tissue_mpp, params=TissueParams(method=method.value))
+        tm = compute_tissue_mask(s, tissue_mpp=tissue_mpp, params=params)
     write_mask_png(out, tm.mask)
     if geojson is not None:
         write_tissue_geojson(geojson, tm.mask, tm.scale)
@@ -173,7 +184,8 @@ def plan(
     strategy: StrategyO = StrategyOpt.grid, mpp: MppO = None, magnification: MagO = None,
     size: SizeO = None, overlap: OverlapO = 0.0, min_tissue: MinTissueO = 0.5,
     n_patches: NO = None, seed: SeedO = 0, tissue_mpp: TissueMppO = None,
-    method: MethodO = MethodOpt.auto, roi: RoiO = None, mask: MaskO = None,
+    method: MethodO = MethodOpt.auto, segmenter_weights: SegmenterWeightsO = None,
+    roi: RoiO = None, mask: MaskO = None,
     backend: BackendO = BackendOpt.auto, mpp_override: MppOverrideO = None,
     variant: VariantO = VariantOpt.report,
     messages: Annotated[Path | None, typer.Option(
@@ -183,7 +195,7 @@ def plan(
 ) -> None:
     """Plan patches (coordinates only) and write them."""
     params = _plan_params(strategy, mpp, magnification, size, overlap, min_tissue, n_patches,
-                          seed, tissue_mpp, method, variant)
+                          seed, tissue_mpp, method, variant, segmenter_weights)
     write = _plan_writer(out, h5_format)  # every output checked before any work
     if messages is not None and strategy is not StrategyOpt.medgemma:
         raise InvalidRequestError("--messages exports the MedGemma bag: --strategy medgemma")
@@ -239,7 +251,8 @@ def patches(
     strategy: StrategyO = StrategyOpt.grid, mpp: MppO = None, magnification: MagO = None,
     size: SizeO = None, overlap: OverlapO = 0.0, min_tissue: MinTissueO = 0.5,
     n_patches: NO = None, seed: SeedO = 0, tissue_mpp: TissueMppO = None,
-    method: MethodO = MethodOpt.auto, roi: RoiO = None, mask: MaskO = None,
+    method: MethodO = MethodOpt.auto, segmenter_weights: SegmenterWeightsO = None,
+    roi: RoiO = None, mask: MaskO = None,
     backend: BackendO = BackendOpt.auto, mpp_override: MppOverrideO = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
     overwrite: Annotated[bool, typer.Option(
@@ -248,7 +261,7 @@ def patches(
 ) -> None:
     """Extract planned patches as image files plus index.csv, overlay and run metadata."""
     params = _plan_params(strategy, mpp, magnification, size, overlap, min_tissue, n_patches,
-                          seed, tissue_mpp, method)
+                          seed, tissue_mpp, method, segmenter_weights=segmenter_weights)
     _claim_patch_folder(out, overwrite)
     started = time.perf_counter()
     with _open(slide, backend, mpp_override) as s:

@@ -41,6 +41,21 @@ def list_models() -> None:
     _table(_slide_architecture_rows())
     sys.stdout.write("\nslide encoders (--slide-model NAME --slide-weights their file)\n")
     _table(_slide_encoder_rows())
+    sys.stdout.write("\ntissue segmenters (--method NAME --segmenter-weights their file)\n")
+    _table(_segmenter_rows())
+
+
+def _segmenter_rows() -> list[tuple[str, ...]]:
+    from ..segmenters.card import load_segmenter_card, segmenter_catalogue_names
+
+    rows: list[tuple[str, ...]] = [("name", "input", "licence", "weights")]
+    for name in segmenter_catalogue_names():
+        card = load_segmenter_card(name)
+        prov = card.provenance
+        rows.append((name, f"{card.tile_px} px tiles @ {card.tile_mpp} µm/px",
+                     prov.licence.split(" (")[0] if prov else "-",
+                     f"{prov.weights_url} ({prov.weights_file})" if prov else "-"))
+    return rows
 
 
 def _slide_architecture_rows() -> list[tuple[str, ...]]:

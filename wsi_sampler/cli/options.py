@@ -27,6 +27,7 @@ class MethodOpt(str, Enum):
     auto = "auto"
     brightfield = "brightfield"
     fluorescence = "fluorescence"
+    hest = "hest"
 
 
 class WorkerProtocolOpt(str, Enum):
@@ -61,7 +62,12 @@ NO = Annotated[
 ]
 SeedO = Annotated[int, typer.Option(help="Random seed: same seed, same plan.")]
 TissueMppO = Annotated[float | None, typer.Option(help="Tissue-mask resolution in µm/px.")]
-MethodO = Annotated[MethodOpt, typer.Option(help="Tissue detection method.")]
+MethodO = Annotated[MethodOpt, typer.Option(
+    help="Tissue detection method: classical (auto, brightfield, fluorescence) or HEST's "
+         "deep segmenter (hest, with --segmenter-weights).")]
+SegmenterWeightsO = Annotated[Path | None, typer.Option(
+    help="--method hest: the segmenter's checkpoint (deeplabv3_seg_v4.ckpt from "
+         "huggingface.co/MahmoodLab/hest-tissue-seg; nothing is downloaded).")]
 RoiO = Annotated[Path | None, typer.Option(help="GeoJSON polygons (level-0 px) to sample within.")]
 MaskO = Annotated[
     Path | None,

@@ -1,6 +1,6 @@
 """Read weights files and load them strictly, with errors that name the first mismatch.
 
-Formats: ``.safetensors``, and PyTorch ``.bin`` / ``.pth`` / ``.pt`` read with
+Formats: ``.safetensors``, and PyTorch ``.bin`` / ``.pth`` / ``.pt`` / ``.ckpt`` read with
 ``torch.load(weights_only=True)`` (no pickled code runs). A checkpoint wrapping its weights
 in ``{"state_dict": …}`` or ``{"model": …}`` is unwrapped; an optional key prefix is stripped.
 """
@@ -37,14 +37,18 @@ def _read_raw(path: Path) -> object:
             from safetensors.torch import load_file
 
             return load_file(str(path))
-        if suffix in (".bin", ".pth", ".pt"):
+        if suffix in (".bin", ".pth", ".pt", ".ckpt"):
             return _torch_load(path)
     except Exception as exc:  # any parser error on the file's bytes is a bad weights file
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if "Weights only load failed" in first:  # pickled objects besides tensors
+            first = ("it holds pickled Python objects besides tensors, which are not run; "
+                     "from a file you trust, save the weights alone: torch.save(torch.load("
+                     "FILE, weights_only=False)['state_dict'], 'weights.pt')")
         raise ModelLoadError(f"{path}: not a readable {suffix} weights file ({first[:200]})"
                              ) from exc
     raise ModelLoadError(f"{path}: unknown weights format {suffix!r} "
-                         "(.safetensors, .bin, .pth, .pt)")
+                         "(.safetensors, .bin, .pth, .pt, .ckpt)")
 
 
 def read_state_dict(path: Path, *, prefix: str | None = None) -> StateDict:

@@ -1,0 +1,167 @@
+"""Deep tissue segmenters: HEST's card and architecture, its Lightning checkpoint layout
+loaded strictly, tiled inference over slides, and the CLI's ``--method hest``."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from tests.test_cli import run
+from wsi_sampler import open_slide
+from wsi_sampler.demo import DemoSlideSpec, render_tissue_mask, write_demo_slide
+from wsi_sampler.errors import InvalidRequestError, ModelLoadError
+from wsi_sampler.plan import compute_tissue_mask
+from wsi_sampler.segmenters import (
+    Segmenter,
+    build_segmenter,
+    load_segmenter,
+    load_segmenter_card,
+    segment_slide,
+    segmenter_catalogue_names,
+)
+from wsi_sampler.tissue import TissueParams
+
+SMALL_SPEC = DemoSlideSpec(width=4096, height=3072, mpp=0.5, seed=5, n_blobs=3, pen=False,
+                           artefact=False)
+TINY_SPEC = DemoSlideSpec(width=1024, height=768, mpp=0.5, seed=5, n_blobs=2, pen=False,
+                          artefact=False)
+"""One 512 µm tile: the real network on CPU takes about a second per tile."""
+
+
+@pytest.fixture(scope="module")
+def small_slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_demo_slide(tmp_path_factory.mktemp("seg") / "small.svs", SMALL_SPEC)
+
+
+@pytest.fixture(scope="module")
+def tiny_slide(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_demo_slide(tmp_path_factory.mktemp("seg") / "tiny.svs", TINY_SPEC)
+
+
+def _hest_lightning_checkpoint(path: Path, *, drop: str | None = None,
+                               extra: object = None) -> dict[str, torch.Tensor]:
+    """What HEST's training writes: a Lightning file whose ``state_dict`` holds the
+    LightningModule's ``model.`` (DeepLabV3 with its auxiliary head) and training counters.
+    Random weights of the real architecture; returns the model's own state dict."""
+    from torchvision.models.segmentation import deeplabv3_resnet50
+
+    torch.manual_seed(0)
+    trained = deeplabv3_resnet50(weights=None, weights_backbone=None, num_classes=2,
+                                 aux_loss=True)
+    state = {f"model.{k}": v for k, v in trained.state_dict().items() if k != drop}
+    checkpoint: dict[str, object] = {"epoch": 41, "global_step": 12000,
+                                     "pytorch-lightning_version": "2.2.1", "state_dict": state}
+    if extra is not None:
+        checkpoint["hyper_parameters"] = extra
+    torch.save(checkpoint, path)
+    return {k: v for k, v in trained.state_dict().items() if not k.startswith("aux_")}
+
+
+def test_hest_card_and_its_architecture_match_the_published_size() -> None:
+    assert "hest" in segmenter_catalogue_names()
+    card = load_segmenter_card("hest")
+    assert (card.tile_px, card.tile_mpp, card.tissue_class) == (512, 1.0, 1)
+    assert card.provenance is not None and card.provenance.parameters is not None
+    with torch.device("meta"):
+        module = build_segmenter(card)
+    count = sum(p.numel() for p in module.parameters())
+    published = card.provenance.parameters
+    assert abs(count - published) / published <= card.provenance.parameters_tolerance
+    assert not any(k.startswith("aux_") for k in module.state_dict())  # inference only
+
+
+def test_the_publishers_lightning_checkpoint_loads_strictly(tmp_path: Path) -> None:
+    ckpt = tmp_path / "deeplabv3_seg_v4.ckpt"
+    expected = _hest_lightning_checkpoint(ckpt)
+    segmenter = load_segmenter("hest", weights=ckpt, device="cpu")
+    loaded = segmenter.module.state_dict()
+    assert set(loaded) == set(expected)
+    assert all(torch.equal(loaded[k], expected[k]) for k in expected)
+
+
+def test_a_checkpoint_that_does_not_fit_names_the_key(tmp_path: Path) -> None:
+    ckpt = tmp_path / "short.ckpt"
+    _hest_lightning_checkpoint(ckpt, drop="classifier.4.weight")
+    with pytest.raises(ModelLoadError, match=r"classifier\.4\.weight"):
+        load_segmenter("hest", weights=ckpt, device="cpu")
+
+
+def test_a_checkpoint_with_pickled_objects_is_refused_with_the_way_out(tmp_path: Path) -> None:
+    ckpt = tmp_path / "full.ckpt"
+    _hest_lightning_checkpoint(ckpt, extra=argparse.Namespace(lr=1e-4))
+    with pytest.raises(ModelLoadError, match=r"pickled Python objects.*torch\.save"):
+        load_segmenter("hest", weights=ckpt, device="cpu")
+
+
+def test_no_weights_is_a_clear_error() -> None:
+    with pytest.raises(ModelLoadError, match="segmenter-weights"):
+        load_segmenter("hest")
+    with pytest.raises(InvalidRequestError, match="needs the segmenter's weights"):
+        TissueParams(method="hest")
+
+
+class _SaturationNet(nn.Module):
+    """A stand-in network with the segmenter's interface (normalised NCHW in, ``{"out":
+    2-class logits}`` out) that calls tissue where a pixel is coloured: it tests the tiling,
+    the glass skip and the stitching against the slide's drawn ground truth."""
+
+    def __init__(self, card_mean: tuple[float, ...], card_std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.mean = torch.tensor(card_mean).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(card_std).view(1, 3, 1, 1) * 255
+        self.tiles_seen = 0
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.tiles_seen += len(x)
+        rgb = x * self.std + self.mean
+        colour = rgb.amax(dim=1) - rgb.amin(dim=1)  # 0 on grey glass, high on stain
+        tissue = colour - 20
+        return {"out": torch.stack([-tissue, tissue], dim=1)}
+
+
+def test_tiles_are_stitched_where_the_tissue_is(small_slide: Path) -> None:
+    card = load_segmenter_card("hest")
+    net = _SaturationNet(card.normalization.mean, card.normalization.std)
+    segmenter = Segmenter(net, card, device="cpu")
+    seen: list[tuple[int, int]] = []
+    with open_slide(small_slide) as slide:
+        mask = segment_slide(slide, segmenter, mask_mpp=8.0,
+                             progress=lambda done, total: seen.append((done, total)))
+        assert mask.shape == slide.thumbnail(mpp=8.0).shape[:2]
+    truth = render_tissue_mask(SMALL_SPEC, mask.shape)
+    iou = (mask & truth).sum() / (mask | truth).sum()
+    assert iou > 0.9
+    # 4096 x 3072 px at 0.5 µm/px = 2048 x 1536 µm: 4 x 3 tiles of 512 µm
+    assert seen[-1] == (12, 12)
+    assert 0 < net.tiles_seen < 12  # tiles of bare glass were not run
+
+
+def test_compute_tissue_mask_with_hest_runs_the_real_network(tiny_slide: Path,
+                                                             tmp_path: Path) -> None:
+    ckpt = tmp_path / "hest.ckpt"
+    _hest_lightning_checkpoint(ckpt)
+    params = TissueParams(method="hest", segmenter_weights=str(ckpt))
+    with open_slide(tiny_slide) as slide:
+        tm = compute_tissue_mask(slide, tissue_mpp=8.0, params=params)
+        assert tm.mask.shape == slide.thumbnail(mpp=8.0).shape[:2]
+    assert tm.mask.dtype == np.bool_  # random weights: the mask's content means nothing
+
+
+def test_cli_tissue_with_hest(tiny_slide: Path, tmp_path: Path) -> None:
+    done = run("tissue", tiny_slide, "--method", "hest", "--out", tmp_path / "m.png")
+    assert done.returncode == 2
+    assert "segmenter's weights" in done.stderr and "Traceback" not in done.stderr
+    done = run("tissue", tiny_slide, "--segmenter-weights", tmp_path / "x.ckpt",
+               "--out", tmp_path / "m.png")
+    assert done.returncode == 2 and "--method hest" in done.stderr
+    ckpt = tmp_path / "hest.ckpt"
+    _hest_lightning_checkpoint(ckpt)
+    done = run("tissue", tiny_slide, "--method", "hest", "--segmenter-weights", ckpt,
+               "--out", tmp_path / "m.png")
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "m.png").stat().st_size > 0

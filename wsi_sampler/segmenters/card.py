@@ -1,0 +1,74 @@
+"""Segmenter cards: a deep tissue segmenter, what it reads and where its weights come from.
+
+A card has ``"kind": "segmenter"``; built-in cards (``hest``) live in ``segmenter_cards/``
+and the user brings the weights file (nothing is downloaded). Units: ``tile_mpp`` µm/px,
+``tile_px`` pixels of a square tile.
+"""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from ..errors import ModelLoadError, ModelNotFoundError
+from ..models.card import Normalization
+from ..slide_models.card import SlideProvenance
+
+__all__ = ["SegmenterCard", "load_segmenter_card", "segmenter_catalogue_names"]
+
+SegmenterArchitecture = Literal["deeplabv3_resnet50"]
+
+
+class SegmenterCard(BaseModel):
+    """What a tissue segmenter is and how it is run over a slide."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    kind: Literal["segmenter"] = "segmenter"
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", max_length=128)
+    version: str = "1"
+    architecture: SegmenterArchitecture
+    architecture_kwargs: dict[str, Any] = Field(default_factory=dict)
+    """The builder's arguments (torchvision's ``num_classes``…)."""
+    tile_px: int = Field(ge=32, le=4096)
+    tile_mpp: float = Field(gt=0)
+    normalization: Normalization = Normalization()
+    tissue_class: int = Field(default=1, ge=0)
+    """The output channel that means tissue (it must win the argmax)."""
+    file: str | None = None
+    """The weights, relative to the card (``--segmenter-weights`` replaces it)."""
+    description: str = ""
+    provenance: SlideProvenance | None = None
+
+
+def _catalogue() -> Any:
+    return resources.files("wsi_sampler.segmenters").joinpath("segmenter_cards")
+
+
+def segmenter_catalogue_names() -> tuple[str, ...]:
+    """Built-in segmenter cards (``hest``); the user brings the weights."""
+    return tuple(sorted(f.name.removesuffix(".json") for f in _catalogue().iterdir()
+                        if f.name.endswith(".json")))
+
+
+def load_segmenter_card(spec: str | Path) -> SegmenterCard:
+    """A built-in segmenter by name, or a segmenter card file."""
+    if isinstance(spec, str) and spec in segmenter_catalogue_names():
+        text = _catalogue().joinpath(f"{spec}.json").read_text(encoding="utf-8")
+        return SegmenterCard.model_validate(json.loads(text))
+    path = Path(spec)
+    if not path.is_file():
+        raise ModelNotFoundError(f"no built-in segmenter {str(spec)!r} and no such card file "
+                                 f"(built in: {', '.join(segmenter_catalogue_names())})")
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+        card = SegmenterCard.model_validate(raw)
+    except (json.JSONDecodeError, ValidationError) as exc:
+        first = str(exc).splitlines()[0]
+        raise ModelLoadError(f"{path}: invalid segmenter card ({first})") from exc
+    if card.file is not None and not Path(card.file).is_absolute():
+        card = card.model_copy(update={"file": str(path.parent / card.file)})
+    return card

@@ -1,0 +1,117 @@
+"""Run a tissue segmenter over a whole slide, tile by tile, into a low-resolution mask.
+
+Frame: tiles are squares of ``tile_px`` pixels at the card's ``tile_mpp`` (HEST: 512 px at
+1 µm/px, no overlap, as its ``segment_tissue_deep`` tiles), laid from the slide's level-0
+origin; tiles reaching past the slide read white there. Each tile's mask is averaged down
+into the output mask at ``mask_mpp`` (tissue where at least half of the tile's pixels under
+an output pixel are), so memory is bounded by a batch of tiles and the output mask, whatever
+the slide's size. Tiles of uniform glass are not run (no model output can depend on them;
+they count as background).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+
+import cv2
+import numpy as np
+import numpy.typing as npt
+
+from ..slide import Slide
+from ..types import BoolMask
+from .model import Segmenter
+
+__all__ = ["segment_slide"]
+
+log = logging.getLogger(__name__)
+
+BATCH = 8
+"""Tiles per forward pass (HEST's default batch)."""
+_GLASS_MIN_MEAN = 220.0
+_GLASS_MAX_STD = 2.0
+
+Tile = tuple[int, int]
+
+
+def _is_glass(tile: npt.NDArray[np.uint8]) -> bool:
+    grey = cv2.cvtColor(tile, cv2.COLOR_RGB2GRAY)
+    mean, std = cv2.meanStdDev(grey)
+    return bool(mean[0, 0] > _GLASS_MIN_MEAN and std[0, 0] < _GLASS_MAX_STD)
+
+
+def _tiles(slide: Slide, side0: float) -> list[Tile]:
+    w, h = slide.dimensions
+    return [(col, row) for row in range(math.ceil(h / side0))
+            for col in range(math.ceil(w / side0))]
+
+
+def _read(slide: Slide, tile: Tile, side0: float, tile_px: int) -> npt.NDArray[np.uint8]:
+    x0, y0 = round(tile[0] * side0), round(tile[1] * side0)
+    size0 = round((tile[0] + 1) * side0) - x0
+    return slide.read_scaled(x0, y0, size0, round((tile[1] + 1) * side0) - y0,
+                             (tile_px, tile_px))
+
+
+def _batches(slide: Slide, tiles: list[Tile], side0: float, tile_px: int
+             ) -> Iterator[list[tuple[Tile, npt.NDArray[np.uint8]]]]:
+    """Tiles read two batches ahead in threads, batch by batch."""
+    with ThreadPoolExecutor(2) as pool:
+        read = pool.map(lambda t: (t, _read(slide, t, side0, tile_px)), tiles)
+        batch: list[tuple[Tile, npt.NDArray[np.uint8]]] = []
+        for item in read:
+            batch.append(item)
+            if len(batch) == BATCH:
+                yield batch
+                batch = []
+        if batch:
+            yield batch
+
+
+def _paste(mask: npt.NDArray[np.uint8], tile: Tile, tissue: npt.NDArray[np.bool_],
+           per_tile: tuple[float, float]) -> None:
+    """Average one tile's mask into the output pixels it covers (``per_tile``: output px
+    per tile side, x and y)."""
+    mh, mw = mask.shape
+    x0, y0 = round(tile[0] * per_tile[0]), round(tile[1] * per_tile[1])
+    x1, y1 = round((tile[0] + 1) * per_tile[0]), round((tile[1] + 1) * per_tile[1])
+    if x1 <= x0 or y1 <= y0 or x0 >= mw or y0 >= mh:
+        return
+    small = cv2.resize(tissue.view(np.uint8) * 255, (x1 - x0, y1 - y0),
+                       interpolation=cv2.INTER_AREA)
+    mask[y0:min(y1, mh), x0:min(x1, mw)] = small[: min(y1, mh) - y0, : min(x1, mw) - x0]
+
+
+def segment_slide(
+    slide: Slide, segmenter: Segmenter, *, mask_mpp: float,
+    progress: Callable[[int, int], None] | None = None,
+) -> BoolMask:
+    """The slide's tissue mask at ``mask_mpp`` µm/px (the shape ``slide.thumbnail(mpp=…)``
+    has), from ``segmenter`` run on every tile that is not bare glass."""
+    card = segmenter.card
+    mx, my = slide.require_mpp()
+    w, h = slide.dimensions
+    side0 = card.tile_px * card.tile_mpp / mx  # level-0 px per tile side
+    out_w, out_h = max(1, round(w * mx / mask_mpp)), max(1, round(h * my / mask_mpp))
+    per_tile = (side0 * out_w / w, side0 * out_h / h)
+    mask = np.zeros((out_h, out_w), np.uint8)
+    tiles = _tiles(slide, side0)
+    done = run = 0
+    start = time.perf_counter()
+    for batch in _batches(slide, tiles, side0, card.tile_px):
+        tissue_tiles = [(t, px) for t, px in batch if not _is_glass(px)]
+        if tissue_tiles:
+            masks = segmenter.tissue(np.stack([px for _, px in tissue_tiles]))
+            for (t, _), m in zip(tissue_tiles, masks, strict=True):
+                _paste(mask, t, m, per_tile)
+            run += len(tissue_tiles)
+        done += len(batch)
+        if progress is not None:
+            progress(done, len(tiles))
+    log.info("segmenter %s: %d of %d tiles run (the rest bare glass) in %.1f s", card.name,
+             run, len(tiles), time.perf_counter() - start)
+    tissue: BoolMask = mask >= 128
+    return tissue
