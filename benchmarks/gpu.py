@@ -10,7 +10,11 @@ is known to work on the day a GPU is lent. Reports, in one table and as JSON:
 (b) slide file to embeddings for a ResNet-50 and a ViT-L/16 (UNI's architecture), random
     weights, bf16 autocast: patches/s, and the fraction of the wall time spent in the model
     (goal >= 80 %: the GPU, not the data path, is the limit);
-(c) peak GPU memory of each model run.
+(c) peak GPU memory of each model run;
+(d) slide to answer: the same slide through UNI's architecture and a CLAM-SB head (random
+    weights) with every answer file (``predict_slide``: attention h5, heatmap, GeoJSON,
+    top patches), against encoding alone (``score_slide``) on the same patches;
+(e) the precision ``auto`` chose for each model, and why (in the JSON).
 """
 
 from __future__ import annotations
@@ -122,6 +126,31 @@ def embed(slide_path: Path, model: str, device: str, n: int) -> dict[str, Any]:
             "precision": loaded.precision_info}
 
 
+def slide_answer(slide_path: Path, encoder_name: str, device: str, n: int) -> dict[str, Any]:
+    """(d): slide -> answer + files against encoding alone, same encoder and patches."""
+    from wsi_sampler.slide_models import SlideModelCard, load_slide_model, predict_slide
+
+    encoder = InProcessWorker(load_model(encoder_name, device=device, allow_random_weights=True,
+                                         precision="auto"))
+    card = SlideModelCard(name="bench-head", architecture="clam_sb", class_names=("a", "b"),
+                          patch_encoder=encoder_name)
+    head = load_slide_model(card, device=device, allow_random_weights=True)
+    params = PlanParams(strategy="random", n_patches=n, seed=2)
+    with tempfile.TemporaryDirectory() as out:
+        with open_slide(slide_path) as slide:  # warm-up round
+            score_slide(slide, params, encoder)
+        t = time.perf_counter()
+        with open_slide(slide_path) as slide:
+            patches = len(score_slide(slide, params, encoder).plan)
+        alone = time.perf_counter() - t
+        t = time.perf_counter()
+        answer = predict_slide(slide_path, [head], Path(out), encoder=encoder, params=params)
+        full = time.perf_counter() - t
+    return {"encoder": encoder_name, "patches": patches, "encoding_s": round(alone, 3),
+            "answer_s": round(full, 3), "ratio": round(full / alone, 3),
+            "predicted": answer.records[0].get("predicted_class")}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true",
@@ -138,8 +167,9 @@ def main(argv: list[str] | None = None) -> int:
         decode = decode_rates(_jpeg_tiles(slide, 16 if args.dry_run else 1024), device,
                               1 if args.dry_run else 5)
         runs = [embed(slide, m, device, n) for m in models]
+        answer = slide_answer(slide, models[-1], device, n)
     results = {"machine": machine(), "device": device, "dry_run": args.dry_run,
-               "decode": decode, "embed": runs}
+               "decode": decode, "embed": runs, "slide_answer": answer}
     print(f"# {results['machine']} ({device}{', dry run' if args.dry_run else ''})\n")
     for key, value in decode.items():
         print(f"- {key}: {value:,.0f}")
@@ -148,6 +178,9 @@ def main(argv: list[str] | None = None) -> int:
     for r in runs:
         print(f"| {r['model']} | {r['patches']} | {r['seconds']} | {r['patches_per_s']} | "
               f"{r['model_fraction']:.0%} | {r['embedding_dim']} | {r['peak_gpu_mib']} |")
+    print(f"\nslide -> answer + files ({answer['encoder']} + CLAM-SB, {answer['patches']} "
+          f"patches): {answer['answer_s']} s; encoding alone {answer['encoding_s']} s "
+          f"(ratio {answer['ratio']})")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0

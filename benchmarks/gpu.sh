@@ -4,7 +4,8 @@
 # Installs the wheels carried in .whl/ (made by benchmarks/gpu_wheels.sh; nothing can be
 # fetched there) into /tmp/site, generates the 40k x 30k benchmark slide, and runs
 # benchmarks.gpu: nvjpeg vs CPU JPEG decode, slide -> embeddings for ResNet-50 and ViT-L/16
-# in bf16 (patches/s, time in the model), peak GPU memory. Results: gpu-results.json
+# in bf16 (patches/s, time in the model), peak GPU memory, precision chosen, slide -> answer
+# (ViT-L/16 + CLAM-SB) against encoding alone. Results: gpu-results.json
 # (in $OUT when the device tool runs it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
