@@ -101,6 +101,22 @@ class Provenance(BaseModel):
     notes: str = ""
 
 
+class StainSpec(BaseModel):
+    """Stain normalisation applied to the patches before the model (:mod:`wsi_sampler.stain`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    method: Literal["macenko", "reinhard"]
+    reference: str | None = None
+    """An image with the stain to match (PNG, JPEG, TIFF), relative to the card. Macenko
+    without one uses its built-in H&E reference; Reinhard needs one."""
+
+    @model_validator(mode="after")
+    def _reinhard_reference(self) -> StainSpec:
+        if self.method == "reinhard" and self.reference is None:
+            raise ValueError("reinhard needs a reference image (stain_normalization.reference)")
+        return self
+
+
 class ModelCard(BaseModel):
     """What a model is and how to feed it."""
 
@@ -129,6 +145,8 @@ class ModelCard(BaseModel):
     ResNets: ``fc.weight``, ``fc.bias``). An embedding card drops them from a checkpoint that
     carries them (timm's ``ft_in1k`` files do) and says so; every other key loads strictly."""
     provenance: Provenance | None = None
+    stain_normalization: StainSpec | None = None
+    """Normalise each patch's stain before the model (the model was trained that way)."""
 
     @model_validator(mode="after")
     def _unique_outputs(self) -> ModelCard:
@@ -162,7 +180,7 @@ def load_card(path: str | Path) -> ModelCard:
     if not p.is_file():
         raise ModelNotFoundError(f"{p}: model card not found")
     try:
-        return ModelCard.model_validate(json.loads(p.read_text(encoding="utf-8")))
+        card = ModelCard.model_validate(json.loads(p.read_text(encoding="utf-8")))
     except json.JSONDecodeError as exc:
         raise ModelLoadError(f"{p}: model card is not valid JSON ({exc})") from exc
     except ValidationError as exc:
@@ -170,3 +188,8 @@ def load_card(path: str | Path) -> ModelCard:
             f"{'.'.join(str(x) for x in e['loc']) or 'card'}: {e['msg']}" for e in exc.errors()
         )
         raise ModelLoadError(f"{p}: invalid model card: {problems}") from exc
+    stain = card.stain_normalization
+    if stain is not None and stain.reference and not Path(stain.reference).is_absolute():
+        stain = stain.model_copy(update={"reference": str(p.parent / stain.reference)})
+        card = card.model_copy(update={"stain_normalization": stain})
+    return card

@@ -21,6 +21,7 @@ import numpy.typing as npt
 import torch
 
 from ..errors import InvalidRequestError, ModelLoadError
+from ..stain import StainNormalizer
 from .card import ModelCard
 from .precision import (
     cache_key,
@@ -86,6 +87,8 @@ class Model:
         )
         self.batch_limit = card.max_batch
         """The largest batch run at once: the card's max_batch, halved on out-of-memory."""
+        self.stain = _stain_normalizer(card)
+        """The card's stain normalisation, applied to patches before the model, or None."""
         self.check()
         self._settle_precision(model_key)
 
@@ -166,6 +169,8 @@ class Model:
     def predict(self, patches: npt.NDArray[np.uint8]) -> Predictions:
         """Run the model on (N, H, W, 3) uint8 patches, in chunks of at most ``batch_limit``."""
         self.check_input(patches)
+        if self.stain is not None:
+            patches = self.stain(patches)
         chunks: list[Predictions] = []
         start = 0
         while start < len(patches):
@@ -237,3 +242,23 @@ class Model:
                 f"model {self.name} failed on a {size}x{size} patch, as its card describes "
                 f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
             ) from exc
+
+
+def _stain_normalizer(card: ModelCard) -> StainNormalizer | None:
+    spec = card.stain_normalization
+    if spec is None:
+        return None
+    reference = None
+    if spec.reference is not None:
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(spec.reference) as image:
+                reference = np.asarray(image.convert("RGB"))
+        except (OSError, UnidentifiedImageError) as exc:
+            raise ModelLoadError(f"model {card.name}: cannot read the stain reference "
+                                 f"{spec.reference} ({exc})") from exc
+    try:
+        return StainNormalizer(spec.method, reference)
+    except InvalidRequestError as exc:
+        raise ModelLoadError(f"model {card.name}: {exc}") from exc

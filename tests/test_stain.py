@@ -1,0 +1,131 @@
+"""Stain normalisation on real H&E patches (CMU-1-Small-Region), checked against the
+published equations: Macenko's stain vectors of the output are the reference's, Reinhard's
+LAB statistics of the output are the reference's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from wsi_sampler import PlanParams, make_plan, open_slide
+from wsi_sampler.errors import InvalidRequestError
+from wsi_sampler.extract import Extractor
+from wsi_sampler.stain import StainNormalizer
+
+# Macenko et al. 2009's reference H&E (columns: haematoxylin, eosin), as in the authors'
+# reference implementation (mitkovetta/staining-normalization).
+REFERENCE_HE = np.array([[0.5626, 0.2159], [0.7201, 0.8012], [0.4062, 0.5581]])
+
+
+@pytest.fixture(scope="module")
+def patches(cmu_svs: Path) -> np.ndarray:
+    with open_slide(cmu_svs) as slide:
+        plan = make_plan(slide, PlanParams(strategy="random", n_patches=12, seed=3,
+                                           patch_size_px=224, min_tissue_fraction=0.9))
+        return np.concatenate([b.images for b in Extractor(slide, plan).iter_batches()])
+
+
+def macenko_stain_vectors(patch: np.ndarray, i0: float = 240, beta: float = 0.15,
+                          alpha: float = 1) -> np.ndarray:
+    """The paper's steps, written here: optical density, pixels above beta, the plane of the
+    two largest eigenvectors, the robust extreme angles, haematoxylin first."""
+    od = -np.log((patch.reshape(-1, 3).astype(np.float64) + 1) / i0)
+    od = od[(od >= beta).all(axis=1)]
+    _, vectors = np.linalg.eigh(np.cov(od.T))
+    plane = vectors[:, 1:3]
+    angles = np.arctan2(*(od @ plane).T[::-1])
+    lo, hi = np.percentile(angles, [alpha, 100 - alpha])
+    v1 = plane @ np.array([np.cos(lo), np.sin(lo)])
+    v2 = plane @ np.array([np.cos(hi), np.sin(hi)])
+    stains = np.stack([v1, v2] if v1[0] > v2[0] else [v2, v1], axis=1)
+    return stains * np.sign(stains.sum(axis=0))  # eigenvector signs are arbitrary
+
+
+def _cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(0) / (np.linalg.norm(a, axis=0) * np.linalg.norm(b, axis=0))
+
+
+def test_macenko_gives_the_reference_stain_vectors(patches: np.ndarray) -> None:
+    out = StainNormalizer("macenko")(patches)
+    assert out.shape == patches.shape and out.dtype == np.uint8
+    for before, after in zip(patches, out, strict=True):
+        assert _cosines(macenko_stain_vectors(after), REFERENCE_HE).min() > 0.99
+        # the input's own vectors are not the reference's: the test can fail
+        assert not np.array_equal(before, after)
+
+
+def test_macenko_fitted_to_a_patch_takes_its_stains(patches: np.ndarray) -> None:
+    reference = patches[0]
+    out = StainNormalizer("macenko", reference)(patches[1:4])
+    target = macenko_stain_vectors(reference)
+    for after in out:
+        assert _cosines(macenko_stain_vectors(after), target).min() > 0.99
+
+
+def _lab_stats(images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    lab = cv2.cvtColor(images.astype(np.float32) / 255, cv2.COLOR_RGB2LAB).reshape(-1, 3)
+    return lab.mean(0), lab.std(0)
+
+
+def test_reinhard_matches_the_references_lab_statistics(patches: np.ndarray) -> None:
+    # A reference stained otherwise (bluer, paler), so every patch has to move to match it.
+    shifted = patches[0].astype(np.float32) * [0.85, 0.9, 1.1] + [20, 20, 10]
+    reference = np.clip(shifted, 0, 255).astype(np.uint8)
+    want_mean, want_std = _lab_stats(reference)
+    out = StainNormalizer("reinhard", reference)(patches[1:])
+    for before, after in zip(patches[1:], out, strict=True):
+        mean, std = _lab_stats(after)
+        old_mean, _ = _lab_stats(before)
+        assert np.abs(old_mean - want_mean).max() > 5.0
+        assert np.abs(mean - want_mean).max() < 2.0  # LAB units, after uint8 rounding
+        assert np.abs(std - want_std).max() < 2.0
+
+
+def test_background_goes_out_unchanged_and_is_counted() -> None:
+    glass = np.full((2, 64, 64, 3), 243, np.uint8)
+    normalizer = StainNormalizer("macenko")
+    assert np.array_equal(normalizer(glass), glass)
+    assert normalizer.unchanged == 2
+
+
+def test_bad_requests_are_clear() -> None:
+    with pytest.raises(InvalidRequestError, match="unknown stain normalisation"):
+        StainNormalizer("vahadane-ish")
+    with pytest.raises(InvalidRequestError, match="reference patch"):
+        StainNormalizer("reinhard")
+    with pytest.raises(InvalidRequestError, match="no stained pixels"):
+        StainNormalizer("macenko", np.full((32, 32, 3), 250, np.uint8))
+    with pytest.raises(InvalidRequestError, match="uint8 patches"):
+        StainNormalizer("macenko")(np.zeros((4, 4, 3), np.uint8))
+
+
+def test_a_model_card_asking_for_stain_normalisation_gets_normalised_patches(
+    patches: np.ndarray, tmp_path: Path
+) -> None:
+    # The model sees what StainNormalizer gives: a card with a Reinhard reference image
+    # beside it answers as the same model without it answers on normalised patches.
+    import torch
+    from PIL import Image
+
+    from tests.test_models import Tiny, save_torchscript, write_card
+    from wsi_sampler.models import load_model
+
+    torch.manual_seed(0)
+    save_torchscript(Tiny().eval(), tmp_path / "tiny.pt")
+    shifted = patches[0].astype(np.float32) * [0.85, 0.9, 1.1] + [20, 20, 10]
+    reference = np.clip(shifted, 0, 255).astype(np.uint8)
+    Image.fromarray(reference).save(tmp_path / "reference.png")
+    small = np.ascontiguousarray(patches[1:5, :32, :32])
+    plain = load_model(write_card(tmp_path / "plain.json"), device="cpu")
+    stained = load_model(write_card(tmp_path / "stained.json", stain_normalization={
+        "method": "reinhard", "reference": "reference.png"}), device="cpu")
+    normalised = StainNormalizer("reinhard", reference)(small)
+    np.testing.assert_allclose(stained.predict(small)["logits"],
+                               plain.predict(normalised)["logits"], rtol=1e-6)
+    assert not np.allclose(stained.predict(small)["logits"], plain.predict(small)["logits"])
+    with pytest.raises(Exception, match="reinhard needs a reference"):
+        load_model(write_card(tmp_path / "bad.json",
+                              stain_normalization={"method": "reinhard"}), device="cpu")
