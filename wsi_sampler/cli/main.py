@@ -65,6 +65,7 @@ from .options import (
     TissueMppO,
 )
 from .predict import register as register_predict_commands
+from .qc import register as register_qc_commands
 from .score import register as register_score_commands
 from .vlm import (
     DEFAULT_MODEL,
@@ -380,6 +381,7 @@ register_score_commands(app)
 register_model_commands(app)
 register_deidentify_commands(app)
 register_predict_commands(app)
+register_qc_commands(app)
 
 
 def _log_unraisable(unraisable: sys.UnraisableHookArgs) -> None:

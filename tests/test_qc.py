@@ -1,0 +1,76 @@
+"""The slide QC summary and overlay on the generated demo slide (pen marks and a dark
+artefact drawn where the spec says), and ``wsi-sampler qc``."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+
+from tests.conftest import DEMO_SPEC
+from tests.test_cli import run
+from wsi_sampler import open_slide
+from wsi_sampler.demo import render_tissue_mask
+from wsi_sampler.qc import draw_qc_overlay, slide_qc
+from wsi_sampler.tissue import TissueParams
+
+
+def test_qc_areas_measures_and_stains_on_the_demo_slide(demo_slide: Path) -> None:
+    with open_slide(demo_slide) as slide:
+        qc, masks = slide_qc(slide)
+        w, h = slide.dimensions
+    truth = render_tissue_mask(DEMO_SPEC, masks.tissue.shape)
+    truth_mm2 = truth.sum() * qc.mask_mpp**2 / 1e6
+    assert abs(qc.tissue_area_mm2 - truth_mm2) / truth_mm2 < 0.05
+    assert abs(qc.slide_area_mm2 - w * h * DEMO_SPEC.mpp**2 / 1e6) < 0.01
+    # the spec draws pen strokes and a black blob right of 72 % of the width, on glass
+    right = slice(int(masks.pen.shape[1] * 0.72), None)
+    assert masks.pen[:, right].sum() > 0.9 * masks.pen.sum() > 0
+    assert masks.dark[:, right].sum() > 0.9 * masks.dark.sum() > 0
+    assert qc.pen_area_mm2 > 0 and qc.dark_area_mm2 > 0
+    assert qc.tissue_area_before_exclusion_mm2 > qc.tissue_area_mm2  # ink reads as tissue
+    assert qc.excluded_mm2["pen"] > 0 and 0 < qc.excluded_share < 0.5
+    assert qc.sampled_patches > 10
+    assert abs(sum(qc.qc_labels.values()) - 1) < 1e-3 and qc.qc_labels["ok"] > 0.5
+    assert qc.patch_measures["blur_laplacian_var"] > 0
+    assert qc.stain_vectors is not None
+    h_od, e_od = np.array(qc.stain_vectors["haematoxylin"]), np.array(qc.stain_vectors["eosin"])
+    assert h_od[0] > e_od[0]  # haematoxylin absorbs more red than eosin
+    assert qc.warnings == []
+
+
+def test_the_overlay_marks_what_the_exclusion_removed(demo_slide: Path) -> None:
+    with open_slide(demo_slide) as slide:
+        _, masks = slide_qc(slide)
+        thumb = slide.thumbnail(mpp=masks.mpp)
+    overlay = draw_qc_overlay(thumb, masks).astype(int)
+    removed = masks.before_exclusion & ~masks.tissue & ~masks.pen & ~masks.dark
+    inside = masks.tissue
+    assert removed.any() and inside.any()
+    red = overlay[..., 0] - overlay[..., 2]
+    assert red[removed].mean() > red[inside].mean() + 20
+    green = overlay[..., 1] - (overlay[..., 0] + overlay[..., 2]) / 2
+    assert green[masks.tissue].mean() > green[~masks.before_exclusion].mean() + 10
+
+
+def test_an_exclusion_that_removes_everything_is_said(demo_slide: Path) -> None:
+    # Everything below value 255 counts as dark: the exclusion removes all the tissue.
+    with open_slide(demo_slide) as slide:
+        qc, _ = slide_qc(slide, params=replace(TissueParams(), dark_value=255))
+    assert qc.tissue_area_mm2 == 0 and qc.excluded_share == 1.0
+    assert any("removed 100%" in w for w in qc.warnings)
+    assert "no tissue found" in qc.warnings
+    assert qc.sampled_patches == 0 and qc.stain_vectors is None
+
+
+def test_cli_qc(demo_slide: Path, tmp_path: Path) -> None:
+    done = run("qc", demo_slide, "--out", tmp_path / "qc.json", "--overlay", tmp_path / "qc.png")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads(done.stdout)
+    assert summary == json.loads((tmp_path / "qc.json").read_text())
+    assert summary["tissue_area_mm2"] > 0 and "demo" not in done.stdout  # no file name
+    assert (tmp_path / "qc.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    done = run("qc", demo_slide, "--method", "hest")
+    assert done.returncode == 2 and "classical" in done.stderr

@@ -1,0 +1,56 @@
+"""``wsi-sampler qc SLIDE``: the slide's quality-control summary (JSON) and overlay (PNG).
+Registered onto the main app by :mod:`wsi_sampler.cli.main`."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from .._io import atomic_write_text
+from ..errors import InvalidRequestError
+from .options import BackendO, BackendOpt, MethodO, MethodOpt, MppOverrideO, SlideArg
+
+__all__ = ["register"]
+
+log = logging.getLogger("wsi_sampler")
+
+JsonO = Annotated[Path | None, typer.Option("--out", help="Also write the summary here (JSON).")]
+OverlayO = Annotated[Path | None, typer.Option(
+    help="The QC overlay PNG: tissue green, removed by the exclusion red, ink magenta, dark "
+         "blue.")]
+
+
+def qc(slide: SlideArg, out: JsonO = None, overlay: OverlayO = None,
+       tissue_mpp: Annotated[float, typer.Option(help="Mask resolution in µm/px.")] = 8.0,
+       method: MethodO = MethodOpt.auto, backend: BackendO = BackendOpt.auto,
+       mpp_override: MppOverrideO = None) -> None:
+    """Tissue and artefact areas, patch blur/pen/dark/stain measures and the stain vectors,
+    printed as JSON (what was removed, and why, on the overlay)."""
+    from ..encoding import encode_image
+    from ..qc import draw_qc_overlay, slide_qc
+    from ..slide import open_slide
+    from ..tissue import TissueParams
+
+    if method is MethodOpt.hest:
+        raise InvalidRequestError("qc measures the classical masks: --method auto, "
+                                  "brightfield or fluorescence")
+    with open_slide(slide, backend=backend.value, mpp_override=mpp_override) as s:
+        summary, masks = slide_qc(s, tissue_mpp=tissue_mpp,
+                                  params=TissueParams(method=method.value))
+        if overlay is not None:
+            png = encode_image(draw_qc_overlay(s.thumbnail(max_size=2048), masks))
+            overlay.write_bytes(png)
+    text = json.dumps(summary.to_dict(), indent=2)
+    if out is not None:
+        atomic_write_text(out, text + "\n")
+    typer.echo(text)
+    for warning in summary.warnings:
+        log.warning("warning: %s", warning)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("qc")(qc)
