@@ -37,7 +37,7 @@ from .jobs import JobLimits, JobManager
 from .memory import limit_malloc_arenas
 from .metrics import Metrics
 from .middleware import RequestGuard, RequestMetrics
-from .routes import deepzoom, jobs, reports, sampling, slide_models, slides, viewer
+from .routes import deepzoom, jobs, qc, reports, sampling, slide_models, slides, viewer
 from .schemas import ErrorBody
 from .slides import SlideRegistry
 
@@ -186,8 +186,8 @@ def create_app(
     _install_middleware(app, cfg)
     install_error_handlers(app)
     _install_health(app)
-    for router in (slides.router, deepzoom.router, sampling.router, slide_models.router,
-                   reports.router, jobs.router):
+    for router in (slides.router, qc.router, deepzoom.router, sampling.router,
+                   slide_models.router, reports.router, jobs.router):
         app.include_router(router, responses=_COMMON)
     app.include_router(viewer.router)
     return app

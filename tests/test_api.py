@@ -480,3 +480,21 @@ def test_uploads_keep_their_name_and_only_uploads_can_be_deleted(
         assert len([p for p in stored if not p.name.startswith(".")]) == 1  # the demo's
         assert [p.read_text() for p in stored if p.name.endswith(".name")] == [
             "demo-upload.svs"]
+
+
+def test_qc_summary_and_overlay_equal_the_library(url: str, demo_slide: Path) -> None:
+    from wsi_sampler.qc import slide_qc
+
+    sid = ids(url)["demo.svs"]
+    got = httpx.get(f"{url}/v1/slides/{sid}/qc", timeout=120)
+    assert got.status_code == 200, got.text
+    with open_slide(demo_slide) as slide:
+        summary, _ = slide_qc(slide)
+    assert got.json() == summary.to_dict()
+    png = httpx.get(f"{url}/v1/slides/{sid}/qc.png", params={"max_size": 512}, timeout=120)
+    assert png.headers["content-type"] == "image/png"
+    image = cv2.imdecode(np.frombuffer(png.content, np.uint8), cv2.IMREAD_COLOR)
+    assert max(image.shape[:2]) == 512
+    assert httpx.get(f"{url}/v1/slides/{ids(url)['kidney.tif']}/qc").status_code == 422
+    assert httpx.get(f"{url}/v1/slides/{sid}/qc", params={"tissue_mpp": 0}).status_code == 422
+    assert httpx.get(f"{url}/v1/slides/{'0' * 24}/qc").status_code == 404

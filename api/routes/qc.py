@@ -1,0 +1,77 @@
+"""/v1/slides/{id}/qc: the slide's quality-control summary (JSON) and its overlay (PNG),
+as ``wsi-sampler qc`` gives them (:mod:`wsi_sampler.qc`)."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query
+from fastapi.responses import Response
+from pydantic import BaseModel, Field
+
+from wsi_sampler.encoding import encode_image
+from wsi_sampler.qc import draw_qc_overlay, qc_masks, slide_qc
+from wsi_sampler.tissue import TissueParams
+from wsi_sampler.units import SLIDE_MPP_RANGE, TISSUE_MPP_RANGE
+
+from ..deps import ServicesDep
+from ..schemas import binary_content
+from .slides import ERRORS
+
+router = APIRouter(prefix="/v1/slides", tags=["slides"])
+
+TissueMppQ = Annotated[float, Query(ge=TISSUE_MPP_RANGE[0], le=TISSUE_MPP_RANGE[1],
+                                    description="Mask resolution in µm/px")]
+MppOverrideQ = Annotated[float | None, Query(ge=SLIDE_MPP_RANGE[0], le=SLIDE_MPP_RANGE[1])]
+
+
+class SlideQcReport(BaseModel):
+    fingerprint: str
+    mask_mpp: float
+    slide_area_mm2: float
+    tissue_area_mm2: float
+    tissue_area_before_exclusion_mm2: float = Field(
+        description="Tissue by the saturation rule before pen ink and dark artefacts go")
+    excluded_mm2: dict[str, float] = Field(description="Removed by each exclusion (pen, dark)")
+    excluded_share: float = Field(description="Share of the tissue the exclusion removed")
+    pen_area_mm2: float
+    dark_area_mm2: float
+    sampled_patches: int
+    patch_measures: dict[str, float] = Field(
+        description="Medians of the tissue-qc measurements over the sampled patches")
+    qc_labels: dict[str, float] = Field(description="Share of sampled patches per QC label")
+    stain_vectors: dict[str, list[float]] | None = Field(
+        description="Macenko's haematoxylin and eosin optical-density vectors (RGB)")
+    warnings: list[str]
+
+
+@router.get("/{slide_id}/qc", response_model=SlideQcReport, responses=ERRORS)
+async def qc_summary(slide_id: str, services: ServicesDep, tissue_mpp: TissueMppQ = 8.0,
+                     mpp_override: MppOverrideQ = None) -> SlideQcReport:
+    """Tissue and artefact areas, patch blur/pen/dark/stain measures and stain vectors."""
+    def measure() -> SlideQcReport:
+        with services.registry.open(slide_id, mpp_override=mpp_override) as s:
+            summary, _ = slide_qc(s, tissue_mpp=tissue_mpp)
+        return SlideQcReport.model_validate(summary.to_dict())
+
+    return await services.slide_work(measure)
+
+
+@router.get("/{slide_id}/qc.png", response_class=Response, responses={
+    **ERRORS, 200: {"content": binary_content("image/png"),
+                    "description": "The QC overlay: tissue green, removed by the exclusion "
+                                   "red, ink magenta, dark artefacts blue"}})
+async def qc_overlay(
+    slide_id: str, services: ServicesDep, tissue_mpp: TissueMppQ = 8.0,
+    mpp_override: MppOverrideQ = None,
+    max_size: Annotated[int, Query(ge=64, le=4096)] = 1024,
+) -> Response:
+    """The thumbnail with what QC found drawn on it."""
+    def draw() -> bytes:
+        with services.registry.open(slide_id, mpp_override=mpp_override) as s:
+            mx, my = s.require_mpp()
+            mpp = max(tissue_mpp, mx, my)
+            masks = qc_masks(s.thumbnail(mpp=mpp), mpp, TissueParams())
+            return encode_image(draw_qc_overlay(s.thumbnail(max_size=max_size), masks))
+
+    return Response(await services.slide_work(draw), media_type="image/png")
