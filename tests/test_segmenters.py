@@ -194,3 +194,14 @@ def test_tiled_inference_equals_a_plain_whole_tile_reference(small_slide: Path) 
                            interpolation=cv2.INTER_AREA) >= 128
     iou = (mask & reference).sum() / (mask | reference).sum()
     assert iou >= 0.99
+
+
+def test_score_takes_the_tissue_method(tiny_slide: Path, tmp_path: Path) -> None:
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    (slides / "tiny.svs").write_bytes(tiny_slide.read_bytes())
+    done = run("score", slides, "--out", tmp_path / "out", "--segmenter-weights",
+               tmp_path / "x.ckpt")
+    assert done.returncode == 2 and "--tissue-method hest" in done.stderr
+    done = run("score", slides, "--out", tmp_path / "out", "--tissue-method", "hest")
+    assert done.returncode == 2 and "segmenter's weights" in done.stderr

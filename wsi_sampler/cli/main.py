@@ -39,7 +39,7 @@ from ..export import (
 from ..extract import Extractor, default_threads
 from ..plan import PatchPlan, PlanParams, TissueMask, compute_tissue_mask, make_plan
 from ..slide import Slide, open_slide
-from ..tissue import TissueParams, load_geojson_geometry, load_mask_png, rasterize_geometry
+from ..tissue import load_geojson_geometry, load_mask_png, rasterize_geometry
 from .deidentify import register as register_deidentify_commands
 from .models import register as register_model_commands
 from .options import (
@@ -63,6 +63,7 @@ from .options import (
     StrategyO,
     StrategyOpt,
     TissueMppO,
+    tissue_params,
 )
 from .predict import register as register_predict_commands
 from .qc import register as register_qc_commands
@@ -103,7 +104,7 @@ def _plan_params(
     tissue_mpp: float | None, method: MethodOpt, variant: VariantOpt = VariantOpt.report,
     segmenter_weights: Path | None = None,
 ) -> PlanParams:
-    tissue = _tissue_params(method, segmenter_weights)
+    tissue = tissue_params(method, segmenter_weights)
     if strategy is StrategyOpt.medgemma:
         if mpp is not None or size not in (None, 896):
             raise InvalidRequestError("medgemma fixes --size (896) and draws --mpp; use "
@@ -115,13 +116,6 @@ def _plan_params(
         magnification=magnification, overlap=overlap, min_tissue_fraction=min_tissue,
         n_patches=n_patches, seed=seed, tissue_mpp=tissue_mpp or 8.0, tissue=tissue,
     )
-
-
-def _tissue_params(method: MethodOpt, segmenter_weights: Path | None) -> TissueParams:
-    if segmenter_weights is not None and method is not MethodOpt.hest:
-        raise InvalidRequestError("--segmenter-weights goes with --method hest")
-    return TissueParams(method=method.value,
-                        segmenter_weights=str(segmenter_weights) if segmenter_weights else None)
 
 
 def _tissue_for(
@@ -166,7 +160,7 @@ def tissue(
     mpp_override: MppOverrideO = None,
 ) -> None:
     """Detect tissue and write its mask (and optionally QuPath-ready polygons)."""
-    params = _tissue_params(method, segmenter_weights)
+    params = tissue_params(method, segmenter_weights)
     with _open(slide, backend, mpp_override) as s:
         tm = compute_tissue_mask(s, tissue_mpp=tissue_mpp, params=params)
     write_mask_png(out, tm.mask)

@@ -9,6 +9,9 @@ from typing import Annotated
 
 import typer
 
+from ..errors import InvalidRequestError
+from ..tissue import TissueParams
+
 
 class BackendOpt(str, Enum):
     auto = "auto"
@@ -122,3 +125,12 @@ SlideWeightsO = Annotated[list[Path] | None, typer.Option(
     "--slide-weights", help="The checkpoint of each --slide-model, in the same order (CLAM's "
     "s_0_checkpoint.pt, MIL-Lab / TRIDENT state dicts or .safetensors, Lightning .ckpt).",
     show_default=False)]
+
+
+def tissue_params(method: MethodOpt, segmenter_weights: Path | None) -> TissueParams:
+    """The tissue detection the options ask for (``--segmenter-weights`` only with hest)."""
+    if segmenter_weights is not None and method is not MethodOpt.hest:
+        raise InvalidRequestError("--segmenter-weights goes with --method hest "
+                                  "(--tissue-method hest for score)")
+    return TissueParams(method=method.value,
+                        segmenter_weights=str(segmenter_weights) if segmenter_weights else None)

@@ -34,16 +34,19 @@ from .options import (
     DeviceOpt,
     FeaturesDtypeO,
     FeaturesDtypeOpt,
+    MethodOpt,
     MinTissueO,
     ModelO,
     MppOverrideO,
     PrecisionO,
     RandomWeightsO,
     SeedO,
+    SegmenterWeightsO,
     SlideModelO,
     SlideWeightsO,
     WeightsO,
     WorkerProtocolOpt,
+    tissue_params,
 )
 from .vlm import (
     DEFAULT_MODEL,
@@ -169,6 +172,10 @@ def score(
     pseudonyms: PseudonymsO = None, overwrite: OverwriteO = False,
     mpp: ReadMppO = None, magnification: ReadMagO = None,
     slide_model: SlideModelO = None, slide_weights: SlideWeightsO = None,
+    tissue_method: Annotated[MethodOpt, typer.Option(
+        help="Tissue detection: classical (auto, brightfield, fluorescence) or HEST's deep "
+             "segmenter (hest, with --segmenter-weights).")] = MethodOpt.auto,
+    segmenter_weights: SegmenterWeightsO = None,
 ) -> None:
     """Score every slide of a folder, an S3 prefix or a DICOMweb server. Exit 0 if all
     succeeded, 3 if any failed. Encoders write one features.h5 per slide (CLAM/TRIDENT
@@ -199,7 +206,8 @@ def score(
             features_dtype=features_dtype.value, clam_pt=clam_pt,
             allow_random_weights=random_weights, mpp_override=mpp_override,
             params=PlanParams(strategy=strategy.value, n_patches=n_patches, seed=seed,
-                              min_tissue_fraction=min_tissue),
+                              min_tissue_fraction=min_tissue,
+                              tissue=tissue_params(tissue_method, segmenter_weights)),
             worker_target_mpp=worker_target_mpp, worker_patch_size=worker_patch_size,
             worker_protocol=worker_protocol.value)
     if slide_model or slide_weights:
