@@ -11,7 +11,7 @@ STAMP := $(VENV)/.installed
 # is read from the Dockerfile's `ARG TORCH_VERSION=` line: one pin for the tests and the image.
 TORCH_VERSION := $(shell sed -n 's/^ARG TORCH_VERSION=//p' Dockerfile)
 TORCH_PIN := torch==$(TORCH_VERSION) torchvision==0.29.1
-EXTRAS := dev,timm,dask,remote,mil
+EXTRAS := dev,timm,dask,remote,mil,segment
 SLIDES_DIR := data/slides
 
 # Real counterparts whose dependencies clash with ours (the OpenAPI client generator,

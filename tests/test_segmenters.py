@@ -4,6 +4,7 @@ loaded strictly, tiled inference over slides, and the CLI's ``--method hest``.""
 from __future__ import annotations
 
 import argparse
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -202,6 +203,80 @@ def test_score_takes_the_tissue_method(tiny_slide: Path, tmp_path: Path) -> None
     (slides / "tiny.svs").write_bytes(tiny_slide.read_bytes())
     done = run("score", slides, "--out", tmp_path / "out", "--segmenter-weights",
                tmp_path / "x.ckpt")
-    assert done.returncode == 2 and "--tissue-method hest" in done.stderr
+    assert done.returncode == 2 and "--tissue-method" in done.stderr
     done = run("score", slides, "--out", tmp_path / "out", "--tissue-method", "hest")
     assert done.returncode == 2 and "segmenter's weights" in done.stderr
+
+
+# -- GrandQC ------------------------------------------------------------------------------
+def _grandqc_state_dict(path: Path, *, drop: str | None = None) -> dict[str, torch.Tensor]:
+    """What GrandQC's Tissue_Detection_MPP10.pth holds: the smp UNet++ state dict, plain
+    (random weights of the real architecture)."""
+    import segmentation_models_pytorch as smp
+
+    torch.manual_seed(1)
+    with warnings.catch_warnings():  # smp deprecates the "timm-" name GrandQC trained with
+        warnings.simplefilter("ignore", DeprecationWarning)
+        model = smp.UnetPlusPlus(encoder_name="timm-efficientnet-b0", encoder_weights=None,
+                                 classes=2, activation=None)
+    state = {k: v for k, v in model.state_dict().items() if k != drop}
+    torch.save(state, path)
+    return model.state_dict()
+
+
+def test_grandqc_card_architecture_and_checkpoint(tmp_path: Path) -> None:
+    card = load_segmenter_card("grandqc")
+    assert (card.tile_px, card.tile_mpp, card.tissue_class, card.jpeg_quality) == (
+        512, 10.0, 0, 80)
+    assert card.provenance is not None and card.provenance.parameters is not None
+    with torch.device("meta"):
+        count = sum(p.numel() for p in build_segmenter(card).parameters())
+    assert abs(count - card.provenance.parameters) <= card.provenance.parameters_tolerance * count
+    pth = tmp_path / "Tissue_Detection_MPP10.pth"
+    expected = _grandqc_state_dict(pth)
+    loaded = load_segmenter("grandqc", weights=pth, device="cpu").module.state_dict()
+    assert set(loaded) == set(expected)
+    assert all(torch.equal(loaded[k], expected[k]) for k in expected)
+    _grandqc_state_dict(pth, drop="segmentation_head.0.weight")
+    with pytest.raises(ModelLoadError, match=r"segmentation_head\.0\.weight"):
+        load_segmenter("grandqc", weights=pth, device="cpu")
+
+
+def test_grandqc_tiles_the_thumbnail_and_keeps_only_the_edge_overhang(
+    small_slide: Path
+) -> None:
+    # 4096 x 3072 px at 0.5 µm/px, at 2 µm/px: 1024 x 768, two tiles across and two down,
+    # the lower row shifted up to end at the edge. A stand-in that calls tissue where the
+    # pixel is coloured must give the drawn tissue.
+    card = load_segmenter_card("grandqc").model_copy(update={"tile_mpp": 2.0})
+    net = _SaturationNet(card.normalization.mean, card.normalization.std)
+    flipped = _Flipped(net)  # class 0 = tissue for GrandQC
+    segmenter = Segmenter(flipped, card, device="cpu")
+    seen: list[tuple[int, int]] = []
+    with open_slide(small_slide) as slide:
+        mask = segment_slide(slide, segmenter, mask_mpp=8.0,
+                             progress=lambda done, total: seen.append((done, total)))
+        assert mask.shape == slide.thumbnail(mpp=8.0).shape[:2]
+    truth = render_tissue_mask(SMALL_SPEC, mask.shape)
+    assert (mask & truth).sum() / (mask | truth).sum() > 0.9
+    assert seen[-1] == (4, 4) and net.tiles_seen == 4
+
+
+class _Flipped(nn.Module):
+    def __init__(self, inner: nn.Module) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.inner(x)["out"].flip(1)  # a bare tensor, as smp models return
+
+
+def test_cli_tissue_with_grandqc_runs_the_real_network(small_slide: Path,
+                                                       tmp_path: Path) -> None:
+    pth = tmp_path / "Tissue_Detection_MPP10.pth"
+    _grandqc_state_dict(pth)
+    done = run("tissue", small_slide, "--method", "grandqc", "--segmenter-weights", pth,
+               "--out", tmp_path / "m.png")
+    assert done.returncode == 0, done.stderr
+    done = run("tissue", small_slide, "--method", "grandqc", "--out", tmp_path / "m.png")
+    assert done.returncode == 2 and "Tissue_Detection_MPP10.pth" in done.stderr

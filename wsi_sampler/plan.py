@@ -35,7 +35,13 @@ from .sampling import (
     sample_stratified,
 )
 from .slide import Slide
-from .tissue import TissueParams, clean_mask, detect_tissue, rasterize_geometry
+from .tissue import (
+    DEEP_METHODS,
+    TissueParams,
+    clean_mask,
+    detect_tissue,
+    rasterize_geometry,
+)
 from .types import BoolMask, Strategy
 from .units import TISSUE_MPP_RANGE, check_mpp, magnification_to_mpp, resolve_target_mpp
 
@@ -161,7 +167,7 @@ def compute_tissue_mask(
             f"a tissue mask at {mpp:g} µm/px would have {mask_px / 1e6:,.0f} Mpx (limit "
             f"{MAX_MASK_PX / 1e6:,.0f}); use tissue_mpp >= {math.ceil(coarser * 100) / 100:g}"
         )
-    if params is not None and params.method == "hest":
+    if params is not None and params.method in DEEP_METHODS:
         mask = _segmented(slide, mpp, params)
     else:
         mask = detect_tissue(slide.thumbnail(mpp=mpp), mpp, params)

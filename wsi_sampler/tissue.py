@@ -44,6 +44,14 @@ _BLUE_HUE = (95, 125)
 _INK_MIN_SATURATION = 60
 
 
+CLASSICAL_METHODS = ("auto", "brightfield", "fluorescence")
+DEEP_METHODS = {
+    "hest": "deeplabv3_seg_v4.ckpt from huggingface.co/MahmoodLab/hest-tissue-seg",
+    "grandqc": "Tissue_Detection_MPP10.pth from zenodo.org/records/14507273",
+}
+"""Deep segmenters (:mod:`wsi_sampler.segmenters`) and where their weights come from."""
+
+
 @dataclass(frozen=True, kw_only=True)
 class TissueParams:
     """Tunable knobs of :func:`detect_tissue`; sizes are physical (µm, µm²)."""
@@ -62,18 +70,19 @@ class TissueParams:
     dark_value: int = 50
     """Pixels whose HSV value (0..255) is below this are black marker or dark artefact."""
     segmenter_weights: str | None = None
-    """``hest``: the segmenter's checkpoint (HEST's ``deeplabv3_seg_v4.ckpt``)."""
+    """``hest`` / ``grandqc``: the segmenter's weights (HEST's ``deeplabv3_seg_v4.ckpt``,
+    GrandQC's ``Tissue_Detection_MPP10.pth``)."""
 
     def __post_init__(self) -> None:
-        if self.method not in ("auto", "brightfield", "fluorescence", "hest"):
+        if self.method not in (*CLASSICAL_METHODS, *DEEP_METHODS):
             raise InvalidRequestError(
                 f"unknown tissue method {self.method!r} (auto, brightfield, fluorescence, "
-                "hest)"
+                "hest, grandqc)"
             )
-        if self.method == "hest" and not self.segmenter_weights:
+        if self.method in DEEP_METHODS and not self.segmenter_weights:
             raise InvalidRequestError(
-                "tissue method 'hest' needs the segmenter's weights (--segmenter-weights "
-                "FILE: deeplabv3_seg_v4.ckpt from huggingface.co/MahmoodLab/hest-tissue-seg)")
+                f"tissue method {self.method!r} needs the segmenter's weights "
+                f"(--segmenter-weights FILE: {DEEP_METHODS[self.method]})")
         for name in ("median_blur_um", "close_um", "min_tissue_area_um2", "min_hole_area_um2"):
             value = getattr(self, name)
             if not (math.isfinite(value) and value >= 0):
@@ -189,8 +198,8 @@ def detect_tissue(rgb: RGBImage, mpp: float, params: TissueParams | None = None)
     if not (math.isfinite(mpp) and mpp > 0):
         raise InvalidRequestError(f"mpp must be > 0, got {mpp}")
     method = p.method
-    if method == "hest":
-        raise InvalidRequestError("tissue method 'hest' segments the slide itself: use "
+    if method in DEEP_METHODS:
+        raise InvalidRequestError(f"tissue method {method!r} segments the slide itself: use "
                                   "compute_tissue_mask(slide, …)")
     if method == "auto":
         method = "fluorescence" if is_fluorescence(rgb) else "brightfield"

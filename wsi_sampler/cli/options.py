@@ -31,6 +31,7 @@ class MethodOpt(str, Enum):
     brightfield = "brightfield"
     fluorescence = "fluorescence"
     hest = "hest"
+    grandqc = "grandqc"
 
 
 class WorkerProtocolOpt(str, Enum):
@@ -66,11 +67,12 @@ NO = Annotated[
 SeedO = Annotated[int, typer.Option(help="Random seed: same seed, same plan.")]
 TissueMppO = Annotated[float | None, typer.Option(help="Tissue-mask resolution in µm/px.")]
 MethodO = Annotated[MethodOpt, typer.Option(
-    help="Tissue detection method: classical (auto, brightfield, fluorescence) or HEST's "
-         "deep segmenter (hest, with --segmenter-weights).")]
+    help="Tissue detection method: classical (auto, brightfield, fluorescence) or a deep "
+         "segmenter (hest, grandqc; with --segmenter-weights).")]
 SegmenterWeightsO = Annotated[Path | None, typer.Option(
-    help="--method hest: the segmenter's checkpoint (deeplabv3_seg_v4.ckpt from "
-         "huggingface.co/MahmoodLab/hest-tissue-seg; nothing is downloaded).")]
+    help="--method hest or grandqc: the segmenter's weights (HEST: deeplabv3_seg_v4.ckpt "
+         "from huggingface.co/MahmoodLab/hest-tissue-seg; GrandQC: Tissue_Detection_MPP10.pth "
+         "from zenodo.org/records/14507273; nothing is downloaded).")]
 RoiO = Annotated[Path | None, typer.Option(help="GeoJSON polygons (level-0 px) to sample within.")]
 MaskO = Annotated[
     Path | None,
@@ -129,8 +131,8 @@ SlideWeightsO = Annotated[list[Path] | None, typer.Option(
 
 def tissue_params(method: MethodOpt, segmenter_weights: Path | None) -> TissueParams:
     """The tissue detection the options ask for (``--segmenter-weights`` only with hest)."""
-    if segmenter_weights is not None and method is not MethodOpt.hest:
-        raise InvalidRequestError("--segmenter-weights goes with --method hest "
-                                  "(--tissue-method hest for score)")
+    if segmenter_weights is not None and method not in (MethodOpt.hest, MethodOpt.grandqc):
+        raise InvalidRequestError("--segmenter-weights goes with --method hest or grandqc "
+                                  "(--tissue-method for score)")
     return TissueParams(method=method.value,
                         segmenter_weights=str(segmenter_weights) if segmenter_weights else None)

@@ -35,7 +35,7 @@ def qc(slide: SlideArg, out: JsonO = None, overlay: OverlayO = None,
     from ..slide import open_slide
     from ..tissue import TissueParams
 
-    if method is MethodOpt.hest:
+    if method in (MethodOpt.hest, MethodOpt.grandqc):
         raise InvalidRequestError("qc measures the classical masks: --method auto, "
                                   "brightfield or fluorescence")
     with open_slide(slide, backend=backend.value, mpp_override=mpp_override) as s:

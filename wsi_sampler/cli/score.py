@@ -173,8 +173,8 @@ def score(
     mpp: ReadMppO = None, magnification: ReadMagO = None,
     slide_model: SlideModelO = None, slide_weights: SlideWeightsO = None,
     tissue_method: Annotated[MethodOpt, typer.Option(
-        help="Tissue detection: classical (auto, brightfield, fluorescence) or HEST's deep "
-             "segmenter (hest, with --segmenter-weights).")] = MethodOpt.auto,
+        help="Tissue detection: classical (auto, brightfield, fluorescence) or a deep "
+             "segmenter (hest, grandqc; with --segmenter-weights).")] = MethodOpt.auto,
     segmenter_weights: SegmenterWeightsO = None,
 ) -> None:
     """Score every slide of a folder, an S3 prefix or a DICOMweb server. Exit 0 if all

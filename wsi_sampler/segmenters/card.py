@@ -20,7 +20,7 @@ from ..slide_models.card import SlideProvenance
 
 __all__ = ["SegmenterCard", "load_segmenter_card", "segmenter_catalogue_names"]
 
-SegmenterArchitecture = Literal["deeplabv3_resnet50"]
+SegmenterArchitecture = Literal["deeplabv3_resnet50", "smp_unetplusplus", "smp_unet"]
 
 
 class SegmenterCard(BaseModel):
@@ -38,6 +38,13 @@ class SegmenterCard(BaseModel):
     normalization: Normalization = Normalization()
     tissue_class: int = Field(default=1, ge=0)
     """The output channel that means tissue (it must win the argmax)."""
+    tiling: Literal["slide", "thumbnail"] = "slide"
+    """``slide``: tiles read from the slide at ``tile_mpp``, laid from the origin (HEST);
+    ``thumbnail``: the whole slide at ``tile_mpp`` in tiles, the last column and row shifted
+    to end at its edge (GrandQC)."""
+    jpeg_quality: int | None = Field(default=None, ge=1, le=100)
+    """``thumbnail``: JPEG-compress the thumbnail at this quality first (GrandQC trained on
+    JPEG images)."""
     file: str | None = None
     """The weights, relative to the card (``--segmenter-weights`` replaces it)."""
     description: str = ""

@@ -90,7 +90,75 @@ def segment_slide(
     progress: Callable[[int, int], None] | None = None,
 ) -> BoolMask:
     """The slide's tissue mask at ``mask_mpp`` µm/px (the shape ``slide.thumbnail(mpp=…)``
-    has), from ``segmenter`` run on every tile that is not bare glass."""
+    has), from ``segmenter`` run over the slide as its card says (``tiling``)."""
+    if segmenter.card.tiling == "thumbnail":
+        return _segment_thumbnail(slide, segmenter, mask_mpp, progress)
+    return _segment_tiles(slide, segmenter, mask_mpp, progress)
+
+
+def _jpeg_round_trip(image: npt.NDArray[np.uint8], quality: int) -> npt.NDArray[np.uint8]:
+    # As GrandQC does it: cv2 takes the RGB array for BGR both ways, so the channels come
+    # back in their order, compressed with the chroma of that (swapped) reading.
+    ok, data = cv2.imencode(".jpg", image, [int(cv2.IMWRITE_JPEG_QUALITY), quality])
+    if not ok:
+        raise ValueError("JPEG encoding failed")
+    decoded = cv2.imdecode(data, cv2.IMREAD_COLOR)
+    if decoded is None:
+        raise ValueError("JPEG decoding failed")
+    out: npt.NDArray[np.uint8] = decoded
+    return out
+
+
+def _edge_starts(length: int, tile: int) -> list[int]:
+    """Tile starts along one side: every whole tile, then one ending at the edge."""
+    starts = list(range(0, length - tile + 1, tile))
+    if length % tile:
+        starts.append(length - tile)
+    return starts
+
+
+def _segment_thumbnail(slide: Slide, segmenter: Segmenter, mask_mpp: float,
+                       progress: Callable[[int, int], None] | None) -> BoolMask:
+    """The whole slide at the card's µm/px, tiled; edge tiles end at the edge and give only
+    the part no whole tile covers."""
+    card = segmenter.card
+    image = slide.thumbnail(mpp=card.tile_mpp)
+    if card.jpeg_quality is not None:
+        image = _jpeg_round_trip(image, card.jpeg_quality)
+    h, w = image.shape[:2]
+    ts = card.tile_px
+    padded = np.full((max(h, ts), max(w, ts), 3), 255, np.uint8)
+    padded[:h, :w] = image
+    starts = [(x, y) for y in _edge_starts(padded.shape[0], ts)
+              for x in _edge_starts(padded.shape[1], ts)]
+    # shifted edge tiles first: the whole tiles they overlap are written over them
+    starts.sort(key=lambda xy: (xy[0] % ts == 0 and xy[1] % ts == 0))
+    tissue = np.zeros(padded.shape[:2], bool)
+    for i in range(0, len(starts), BATCH):
+        batch = starts[i : i + BATCH]
+        masks = segmenter.tissue(np.stack([padded[y:y + ts, x:x + ts] for x, y in batch]))
+        for (x, y), m in zip(batch, masks, strict=True):
+            tissue[y:y + ts, x:x + ts] = m
+        if progress is not None:
+            progress(min(i + BATCH, len(starts)), len(starts))
+    return _resized(tissue[:h, :w], slide, mask_mpp)
+
+
+def _resized(mask: BoolMask, slide: Slide, mask_mpp: float) -> BoolMask:
+    """``mask`` (the whole slide) at ``mask_mpp``: averaged down, or nearest up."""
+    mx, my = slide.require_mpp()
+    w, h = slide.dimensions
+    size = (max(1, round(w * mx / mask_mpp)), max(1, round(h * my / mask_mpp)))
+    shrink = size[0] < mask.shape[1]
+    out = cv2.resize(mask.view(np.uint8) * 255, size,
+                     interpolation=cv2.INTER_AREA if shrink else cv2.INTER_NEAREST)
+    resized: BoolMask = out >= 128
+    return resized
+
+
+def _segment_tiles(slide: Slide, segmenter: Segmenter, mask_mpp: float,
+                   progress: Callable[[int, int], None] | None) -> BoolMask:
+    """Tiles read from the slide at the card's µm/px, averaged into the mask."""
     card = segmenter.card
     mx, my = slide.require_mpp()
     w, h = slide.dimensions

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,8 @@ _WRAPPER_PREFIXES = ("model.", "module.", "net.", "_orig_mod.")
 
 def build_segmenter(card: SegmenterCard) -> nn.Module:
     """The card's architecture with no weights loaded (and none downloaded)."""
+    if card.architecture.startswith("smp_"):
+        return _build_smp(card)
     from torchvision.models.segmentation import (  # type: ignore[import-untyped]
         deeplabv3_resnet50,
     )
@@ -44,6 +47,27 @@ def build_segmenter(card: SegmenterCard) -> nn.Module:
         return module
     except TypeError as exc:
         raise ModelLoadError(f"segmenter {card.name}: {exc}") from exc
+
+
+def _build_smp(card: SegmenterCard) -> nn.Module:
+    try:
+        import segmentation_models_pytorch as smp  # type: ignore[import-untyped]
+    except ImportError as exc:
+        raise ModelLoadError(f"segmenter {card.name} is built with segmentation_models_pytorch"
+                             ": pip install 'wsi-sampler[segment]'") from exc
+    builder = {"smp_unetplusplus": smp.UnetPlusPlus, "smp_unet": smp.Unet}[card.architecture]
+    try:
+        with warnings.catch_warnings():
+            # smp deprecates its "timm-" encoders in favour of "tu-" ones with other keys:
+            # the publisher's checkpoint has the "timm-" layout, which is what is built here
+            warnings.filterwarnings("ignore", message="`timm-` encoders are deprecated",
+                                    category=DeprecationWarning)
+            # encoder_weights=None: smp would otherwise fetch ImageNet weights
+            module: nn.Module = builder(encoder_weights=None, activation=None,
+                                        **card.architecture_kwargs)
+    except (TypeError, KeyError, ValueError) as exc:
+        raise ModelLoadError(f"segmenter {card.name}: {exc}") from exc
+    return module
 
 
 def _fit_keys(state: StateDict, expected: set[str]) -> StateDict:
