@@ -332,3 +332,31 @@ def test_the_progress_bar_shows_done_of_total_and_one_eta(demo_slide: Path,
     assert bars and "0/2" in bars[0] and not any("?" in b for b in bars), screen[-2000:]
     assert all(len(re.findall(r"\d:\d\d:\d\d|-:--:--", b)) == 1 for b in bars)
     assert "2/2" in bars[-1] and "last: s" in bars[-1]
+
+
+def test_qc_writes_each_slides_summary_and_the_cohorts_qc_csv(demo_slide: Path, cmu_svs: Path,
+                                                             tmp_path: Path) -> None:
+    from dataclasses import replace
+
+    from wsi_sampler import open_slide
+    from wsi_sampler.qc import qc_row, slide_qc
+
+    root = tmp_path / "slides"
+    root.mkdir()
+    shutil.copy(demo_slide, root / "demo.svs")
+    shutil.copy(cmu_svs, root / "cmu.svs")
+    (root / "zero.svs").write_bytes(b"")
+    out = tmp_path / "out"
+    report = run_batch(root, out, replace(CFG, qc=True), executor="local", workers=1)
+    assert len(report.done) == 2 and len(report.failures) == 1
+    with (out / "qc.csv").open() as fh:
+        qc_rows = {r["slide"]: r for r in csv.DictReader(fh)}
+    assert set(qc_rows) == {"demo.svs", "cmu.svs"}  # the failed slide has no QC row
+    with open_slide(demo_slide) as slide:
+        expected = qc_row(slide_qc(slide)[0])
+    assert {k: str(v) for k, v in expected.items()} == {
+        k: v for k, v in qc_rows["demo.svs"].items() if k != "slide"}
+    result = out / rows(out)["demo.svs"]["result_dir"]
+    assert json.loads((result / "qc.json").read_text())["tissue_area_mm2"] > 0
+    assert (result / "qc.png").read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((result / "summary.json").read_text())["qc"] == expected

@@ -24,7 +24,7 @@ from .tissue import TissueParams, dark_artefact_mask, detect_tissue, pen_ink_mas
 from .types import BoolMask, RGBImage
 
 __all__ = ["EXCLUSION_WARN_SHARE", "QcMasks", "SlideQC", "draw_qc_overlay", "qc_masks",
-           "slide_qc"]
+           "qc_row", "slide_qc"]
 
 EXCLUSION_WARN_SHARE = 0.5
 """The share of the tissue whose removal by pen/dark exclusion is worth a loud warning."""
@@ -151,6 +151,25 @@ def slide_qc(slide: Slide, *, tissue_mpp: float = 8.0, params: TissueParams | No
         patch_measures=measures, qc_labels=labels, stain_vectors=_stains(patches),
         warnings=warnings)
     return qc, masks
+
+
+def qc_row(qc: SlideQC) -> dict[str, Any]:
+    """The summary flat, for a cohort's ``qc.csv``: areas, shares, medians, label shares,
+    the stain vectors' components and the warnings."""
+    row: dict[str, Any] = {
+        "tissue_area_mm2": qc.tissue_area_mm2,
+        "tissue_area_before_exclusion_mm2": qc.tissue_area_before_exclusion_mm2,
+        "excluded_share": qc.excluded_share,
+        **{f"excluded_{k}_mm2": v for k, v in qc.excluded_mm2.items()},
+        "pen_area_mm2": qc.pen_area_mm2, "dark_area_mm2": qc.dark_area_mm2,
+        "sampled_patches": qc.sampled_patches,
+        **{f"median_{k}": v for k, v in qc.patch_measures.items()},
+        **{f"share_{k}": v for k, v in qc.qc_labels.items()},
+    }
+    for stain, vector in (qc.stain_vectors or {}).items():
+        row |= {f"{stain}_od_{c}": v for c, v in zip("rgb", vector, strict=True)}
+    row["warnings"] = "; ".join(qc.warnings)
+    return row
 
 
 def _grown(mask: BoolMask) -> BoolMask:

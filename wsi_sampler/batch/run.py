@@ -27,8 +27,9 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from .._io import atomic_write_text
+from .._io import atomic_write_bytes, atomic_write_text
 from ..deidentify import pseudonym_for
+from ..encoding import encode_image
 from ..errors import WsiSamplerError
 from ..export import run_metadata
 from ..features import FeaturesDtype
@@ -36,6 +37,7 @@ from ..plan import PlanParams
 from ..report import describe_slide
 from ..scoring import OutputOptions, SlideScore, score_slide
 from ..slide import Slide, open_slide
+from ..tissue import DEEP_METHODS, TissueParams
 from ..worker import Worker, open_worker
 from ..worker.vlm import VlmConfig, VlmWorker
 from .discover import Discovery, SlideTask, discover_slides
@@ -86,6 +88,9 @@ class BatchConfig:
     slide_models: tuple[tuple[str, str | None], ...] = ()
     """Slide models over each slide's features: (card path, checkpoint or None). Their
     answers are written beside the bag as ``<model>.slide.json``, ``<model>.attention.h5``…"""
+    qc: bool = False
+    """Also each slide's QC summary (``qc.json``, ``qc.png`` beside its results) and the
+    run's ``qc.csv`` (:mod:`wsi_sampler.qc`)."""
     signature: str = ""
     """The run's signature (:func:`.resume.run_signature`), written into each slide's
     summary.json: a later run resumes only results of the same signature."""
@@ -163,7 +168,30 @@ def _score_into(task: SlideTask, staging: Path, cfg: BatchConfig) -> dict[str, A
                              read_mpp=cfg.read_mpp)
         if cfg.slide_models:
             _answer_slide(slide, result, staging, cfg)
+        if cfg.qc:
+            _qc_slide(slide, result.summary, staging, cfg)
         return result.summary
+
+
+def _qc_slide(slide: Slide, summary: dict[str, Any], staging: Path, cfg: BatchConfig
+              ) -> None:
+    """The slide's QC summary and overlay beside its results; its row joins summary.json
+    (rewritten: the folder is committed by its rename) and its warnings the log."""
+    from ..qc import draw_qc_overlay, qc_row, slide_qc
+
+    tissue = cfg.params.tissue
+    classical = tissue if tissue.method not in DEEP_METHODS else TissueParams()
+    report, masks = slide_qc(slide, tissue_mpp=cfg.params.tissue_mpp, params=classical)
+    atomic_write_text(staging / "qc.json", json.dumps(report.to_dict(), indent=2) + "\n")
+    atomic_write_bytes(staging / "qc.png",
+                       encode_image(draw_qc_overlay(slide.thumbnail(max_size=2048), masks)))
+    summary["qc"] = qc_row(report)
+    summary_path = staging / "summary.json"
+    stored = json.loads(summary_path.read_text())
+    stored["qc"] = summary["qc"]
+    atomic_write_text(summary_path, json.dumps(stored, indent=2) + "\n")
+    for warning in report.warnings:
+        logger.warning("%s: QC: %s", slide.name, warning)
 
 
 _SLIDE_MODELS: dict[tuple[tuple[str, str | None], ...], list[Any]] = {}
@@ -363,6 +391,25 @@ def _summary_rows(out: Path, found: Discovery, failures: list[dict[str, Any]]
     return rows
 
 
+def _write_qc_csv(out: Path, found: Discovery) -> None:
+    """One row per scored slide: its QC summary (``qc.csv``, beside summary.csv)."""
+    rows = []
+    for task in found.slides:
+        summary_path = out / "slides" / task.key / "summary.json"
+        if summary_path.is_file():
+            qc = json.loads(summary_path.read_text()).get("qc")
+            if qc is not None:
+                rows.append({"slide": task.public, **qc})
+    columns: list[str] = ["slide"]
+    for row in rows:
+        columns += [k for k in row if k not in columns]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(out / "qc.csv", buf.getvalue())
+
+
 def _write_run_files(out: Path, found: Discovery, report: RunReport, cfg: BatchConfig,
                      executor: str, workers: int) -> None:
     rows = _summary_rows(out, found, report.failures)
@@ -374,6 +421,8 @@ def _write_run_files(out: Path, found: Discovery, report: RunReport, cfg: BatchC
     writer.writeheader()
     writer.writerows(rows)
     atomic_write_text(out / "summary.csv", buf.getvalue())
+    if cfg.qc:
+        _write_qc_csv(out, found)
     atomic_write_text(out / "failures.jsonl",
                       "".join(json.dumps(f) + "\n" for f in report.failures))
     config = {"batch": cfg.to_dict() | {"pseudonyms": None}, "executor": executor,

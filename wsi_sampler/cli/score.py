@@ -176,6 +176,9 @@ def score(
         help="Tissue detection: classical (auto, brightfield, fluorescence) or a deep "
              "segmenter (hest, grandqc; with --segmenter-weights).")] = MethodOpt.auto,
     segmenter_weights: SegmenterWeightsO = None,
+    qc: Annotated[bool, typer.Option(
+        help="Also each slide's QC summary and overlay (qc.json, qc.png) and the run's "
+             "qc.csv: tissue and artefact areas, blur, stain vectors.")] = False,
 ) -> None:
     """Score every slide of a folder, an S3 prefix or a DICOMweb server. Exit 0 if all
     succeeded, 3 if any failed. Encoders write one features.h5 per slide (CLAM/TRIDENT
@@ -210,6 +213,10 @@ def score(
                               tissue=tissue_params(tissue_method, segmenter_weights)),
             worker_target_mpp=worker_target_mpp, worker_patch_size=worker_patch_size,
             worker_protocol=worker_protocol.value)
+    if qc:
+        if vlm_url:
+            raise InvalidRequestError("--qc goes with scoring, not with --vlm-url reports")
+        cfg = replace(cfg, qc=True)
     if slide_model or slide_weights:
         cfg = replace(cfg, slide_models=_checked_slide_models(
             slide_model, slide_weights, model, worker_url, random_weights))
