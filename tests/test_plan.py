@@ -209,3 +209,20 @@ def test_box_fractions_count_every_mask_pixel_of_each_box(layout: str) -> None:
         expected = [mask[a:b, c:d].mean() for a, b, c, d in zip(ay, by, ax, bx, strict=True)]
         got = _box_fractions(mask, (sx, sy), xs, ys, w0, h0)
         assert np.array_equal(got, np.asarray(expected, np.float32))
+
+
+def test_a_plan_says_when_the_exclusion_removed_most_of_the_tissue(demo_slide: Path) -> None:
+    from dataclasses import replace
+
+    from wsi_sampler import TissueParams
+
+    with open_slide(demo_slide) as s:
+        normal = make_plan(s, PlanParams())
+        # everything below value 255 counts as dark: the exclusion removes all the tissue
+        dark = PlanParams(tissue=replace(TissueParams(), dark_value=255))
+        excluded = make_plan(s, dark)
+    assert "excluded_share" not in normal.selection and normal.note() is None
+    assert excluded.selection["excluded_share"] > 0.99 and len(excluded) == 0
+    note = excluded.note()
+    assert note is not None and "pen/dark exclusion removed 100% of the tissue" in note
+    assert excluded.why_empty() is not None and excluded.why_empty() in note

@@ -39,7 +39,7 @@ from .tissue import (
     DEEP_METHODS,
     TissueParams,
     clean_mask,
-    detect_tissue,
+    detect_tissue_and_exclusion,
     rasterize_geometry,
 )
 from .types import BoolMask, Strategy
@@ -150,6 +150,13 @@ class TissueMask:
     """µm/px of the mask (may be coarser than asked for a slide without a fine level)."""
     scale: tuple[float, float]
     """Level-0 px per mask px, (x, y)."""
+    excluded_share: float = 0.0
+    """Of the tissue the threshold found, the share pen-ink and dark-artefact exclusion
+    removed (0 for deep segmenters and user masks)."""
+
+
+EXCLUSION_NOTE_SHARE = 0.5
+"""A plan says so when the exclusion removed more than this share of the tissue."""
 
 
 def compute_tissue_mask(
@@ -167,11 +174,13 @@ def compute_tissue_mask(
             f"a tissue mask at {mpp:g} µm/px would have {mask_px / 1e6:,.0f} Mpx (limit "
             f"{MAX_MASK_PX / 1e6:,.0f}); use tissue_mpp >= {math.ceil(coarser * 100) / 100:g}"
         )
+    share = 0.0
     if params is not None and params.method in DEEP_METHODS:
         mask = _segmented(slide, mpp, params)
     else:
-        mask = detect_tissue(slide.thumbnail(mpp=mpp), mpp, params)
-    return TissueMask(mask=mask, mpp=mpp, scale=(w / mask.shape[1], h / mask.shape[0]))
+        mask, share = detect_tissue_and_exclusion(slide.thumbnail(mpp=mpp), mpp, params)
+    return TissueMask(mask=mask, mpp=mpp, scale=(w / mask.shape[1], h / mask.shape[0]),
+                      excluded_share=round(share, 4))
 
 
 def _segmented(slide: Slide, mpp: float, params: TissueParams) -> BoolMask:
@@ -233,17 +242,24 @@ class PatchPlan:
                 f"{self.params.get('min_tissue_fraction')}; lower it or check the tissue mask")
 
     def note(self) -> str | None:
-        """What a reader must know about the plan, in words: why it is empty, or that it
-        holds fewer patches than ``n_patches`` asked (random / stratified); else None."""
+        """What a reader must know about the plan, in words: that the pen/dark exclusion
+        removed most of the tissue, why it is empty, or that it holds fewer patches than
+        ``n_patches`` asked (random / stratified); else None."""
+        notes = []
+        excluded = self.selection.get("excluded_share")
+        if excluded is not None:
+            notes.append(f"pen/dark exclusion removed {excluded:.0%} of the tissue: check "
+                         "the slide's QC overlay (dark-stained tissue can read as a dark "
+                         "artefact; exclude_dark=false keeps it)")
         empty = self.why_empty()
-        if empty is not None:
-            return empty
         asked = self.params.get("n_patches")
-        if self.strategy in ("random", "stratified") and asked and len(self) < int(asked):
-            return (f"{len(self)} patches, fewer than the {int(asked)} asked: only "
-                    f"{len(self)} grid cells reach min_tissue_fraction="
-                    f"{self.params.get('min_tissue_fraction')} on this slide")
-        return None
+        if empty is not None:
+            notes.append(empty)
+        elif self.strategy in ("random", "stratified") and asked and len(self) < int(asked):
+            notes.append(f"{len(self)} patches, fewer than the {int(asked)} asked: only "
+                         f"{len(self)} grid cells reach min_tissue_fraction="
+                         f"{self.params.get('min_tissue_fraction')} on this slide")
+        return "; ".join(notes) or None
 
     def subset(self, indices: npt.NDArray[np.int64]) -> PatchPlan:
         """A plan holding only ``indices`` (in the given order)."""
@@ -403,6 +419,8 @@ def make_plan(
         n_candidates, idx = len(xs), _select(params, xs, ys, rng)
         selection = {"rule": "min_tissue_fraction", "n_above_threshold": n_candidates,
                      "n_filled": 0}
+    if tm.excluded_share > EXCLUSION_NOTE_SHARE:
+        selection["excluded_share"] = tm.excluded_share
     level = slide.best_level_for_downsample(min(grid.w0, grid.h0) / params.patch_size_px)
     return PatchPlan(
         x0=xs[idx], y0=ys[idx], tissue_fraction=frac[idx],

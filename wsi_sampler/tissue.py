@@ -29,6 +29,7 @@ __all__ = [
     "clean_mask",
     "dark_artefact_mask",
     "detect_tissue",
+    "detect_tissue_and_exclusion",
     "is_fluorescence",
     "load_geojson_geometry",
     "load_mask_png",
@@ -138,19 +139,23 @@ def dark_artefact_mask(rgb: RGBImage, *, dark_value: int = 50) -> BoolMask:
     return dark
 
 
-def _brightfield_mask(rgb: RGBImage, blur: int, p: TissueParams) -> BoolMask:
-    """Otsu on the median-blurred saturation, less pen ink and near-black artefacts."""
+def _brightfield_mask(rgb: RGBImage, blur: int, p: TissueParams) -> tuple[BoolMask, float]:
+    """Otsu on the median-blurred saturation, less pen ink and near-black artefacts; and
+    the share of the thresholded pixels the exclusion removed."""
     sat, excluded = _saturation_and_artefacts(rgb, p)
     blurred = cv2.medianBlur(sat, blur)
     del sat
     mask = _threshold(blurred, p.min_saturation, cv2.THRESH_OTSU)
     del blurred
+    share = 0.0
     if excluded.any():
         # Grow the exclusion a little: stroke edges are ink blended with background.
         grow = cv2.dilate(excluded.view(np.uint8), np.ones((3, 3), np.uint8)).view(bool)
         del excluded
+        before = int(np.count_nonzero(mask))
         np.logical_and(mask, np.logical_not(grow, out=grow), out=mask)
-    return mask
+        share = 1 - np.count_nonzero(mask) / before if before else 0.0
+    return mask, share
 
 
 _BAND_ROWS = 256
@@ -185,7 +190,15 @@ def _morph_close(mask: np.ndarray, ksize: int) -> np.ndarray:
 
 
 def detect_tissue(rgb: RGBImage, mpp: float, params: TissueParams | None = None) -> BoolMask:
-    """Return the tissue mask of a low-resolution RGB image taken at ``mpp`` µm/px.
+    """Return the tissue mask of a low-resolution RGB image taken at ``mpp`` µm/px
+    (:func:`detect_tissue_and_exclusion` without the share)."""
+    return detect_tissue_and_exclusion(rgb, mpp, params)[0]
+
+
+def detect_tissue_and_exclusion(rgb: RGBImage, mpp: float, params: TissueParams | None = None
+                                ) -> tuple[BoolMask, float]:
+    """Return the tissue mask of a low-resolution RGB image taken at ``mpp`` µm/px, and the
+    share of the thresholded tissue pixels that pen ink and dark-artefact exclusion removed.
 
     Bright-field: HSV saturation, median blur, Otsu (with a floor so a blank slide gives
     an empty mask), pen ink and near-black artefacts removed, morphological close, then
@@ -204,14 +217,15 @@ def detect_tissue(rgb: RGBImage, mpp: float, params: TissueParams | None = None)
     if method == "auto":
         method = "fluorescence" if is_fluorescence(rgb) else "brightfield"
     blur = _odd_kernel(p.median_blur_um, mpp)
+    share = 0.0
     if method == "fluorescence":
         signal = cv2.medianBlur(channel_max(rgb), blur)
         # Triangle, not Otsu: dim tissue between bright nuclei must count as tissue.
         mask = _threshold(signal, p.min_fluorescence_signal, cv2.THRESH_TRIANGLE)
     else:
-        mask = _brightfield_mask(rgb, blur, p)
+        mask, share = _brightfield_mask(rgb, blur, p)
     mask = _morph_close(mask, _odd_kernel(p.close_um, mpp))
-    return clean_mask(mask, mpp, p)
+    return clean_mask(mask, mpp, p), share
 
 
 def clean_mask(mask: BoolMask, mpp: float, params: TissueParams) -> BoolMask:
