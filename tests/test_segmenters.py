@@ -125,17 +125,22 @@ class _SaturationNet(nn.Module):
         return {"out": torch.stack([-tissue, tissue], dim=1)}
 
 
-def test_tiles_are_stitched_where_the_tissue_is(small_slide: Path) -> None:
-    card = load_segmenter_card("hest")
-    net = _SaturationNet(card.normalization.mean, card.normalization.std)
-    segmenter = Segmenter(net, card, device="cpu")
+def _stitched_iou(slide_path: Path, segmenter: Segmenter) -> tuple[float, list[tuple[int, int]]]:
+    """IoU of ``segmenter``'s 8 µm/px mask of the small slide with its drawn tissue, and
+    the progress calls it made."""
     seen: list[tuple[int, int]] = []
-    with open_slide(small_slide) as slide:
+    with open_slide(slide_path) as slide:
         mask = segment_slide(slide, segmenter, mask_mpp=8.0,
                              progress=lambda done, total: seen.append((done, total)))
         assert mask.shape == slide.thumbnail(mpp=8.0).shape[:2]
     truth = render_tissue_mask(SMALL_SPEC, mask.shape)
-    iou = (mask & truth).sum() / (mask | truth).sum()
+    return float((mask & truth).sum() / (mask | truth).sum()), seen
+
+
+def test_tiles_are_stitched_where_the_tissue_is(small_slide: Path) -> None:
+    card = load_segmenter_card("hest")
+    net = _SaturationNet(card.normalization.mean, card.normalization.std)
+    iou, seen = _stitched_iou(small_slide, Segmenter(net, card, device="cpu"))
     assert iou > 0.9
     # 4096 x 3072 px at 0.5 µm/px = 2048 x 1536 µm: 4 x 3 tiles of 512 µm
     assert seen[-1] == (12, 12)
@@ -251,14 +256,8 @@ def test_grandqc_tiles_the_thumbnail_and_keeps_only_the_edge_overhang(
     card = load_segmenter_card("grandqc").model_copy(update={"tile_mpp": 2.0})
     net = _SaturationNet(card.normalization.mean, card.normalization.std)
     flipped = _Flipped(net)  # class 0 = tissue for GrandQC
-    segmenter = Segmenter(flipped, card, device="cpu")
-    seen: list[tuple[int, int]] = []
-    with open_slide(small_slide) as slide:
-        mask = segment_slide(slide, segmenter, mask_mpp=8.0,
-                             progress=lambda done, total: seen.append((done, total)))
-        assert mask.shape == slide.thumbnail(mpp=8.0).shape[:2]
-    truth = render_tissue_mask(SMALL_SPEC, mask.shape)
-    assert (mask & truth).sum() / (mask | truth).sum() > 0.9
+    iou, seen = _stitched_iou(small_slide, Segmenter(flipped, card, device="cpu"))
+    assert iou > 0.9
     assert seen[-1] == (4, 4) and net.tiles_seen == 4
 
 

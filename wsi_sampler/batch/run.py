@@ -400,27 +400,24 @@ def _write_qc_csv(out: Path, found: Discovery) -> None:
             qc = json.loads(summary_path.read_text()).get("qc")
             if qc is not None:
                 rows.append({"slide": task.public, **qc})
-    columns: list[str] = ["slide"]
+    _write_csv(out / "qc.csv", rows, first=["slide"])
+
+
+def _write_csv(path: Path, rows: list[dict[str, Any]], first: list[str] | None = None) -> None:
+    """``rows`` as CSV, the columns in the order they first appear (``first`` before)."""
+    columns: list[str] = list(first or [])
     for row in rows:
         columns += [k for k in row if k not in columns]
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write_text(out / "qc.csv", buf.getvalue())
+    atomic_write_text(path, buf.getvalue())
 
 
 def _write_run_files(out: Path, found: Discovery, report: RunReport, cfg: BatchConfig,
                      executor: str, workers: int) -> None:
-    rows = _summary_rows(out, found, report.failures)
-    columns: list[str] = []
-    for row in rows:
-        columns += [k for k in row if k not in columns]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, lineterminator="\n")
-    writer.writeheader()
-    writer.writerows(rows)
-    atomic_write_text(out / "summary.csv", buf.getvalue())
+    _write_csv(out / "summary.csv", _summary_rows(out, found, report.failures))
     if cfg.qc:
         _write_qc_csv(out, found)
     atomic_write_text(out / "failures.jsonl",
