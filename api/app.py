@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI, Request, Response
 from fastapi.middleware.cors import CORSMiddleware
@@ -28,6 +29,7 @@ from wsi_sampler.errors import WsiSamplerError
 from wsi_sampler.redact import remember_secret
 from wsi_sampler.slide_models import SlideModel, load_slide_model
 from wsi_sampler.sources.dicomweb import DicomWebCredentials
+from wsi_sampler.tissue import TissueParams
 from wsi_sampler.worker import Worker, open_worker
 
 from .config import Settings, load_settings
@@ -118,8 +120,22 @@ async def _start_services(app: FastAPI, cfg: Settings) -> Services:
                         slide_models=await asyncio.to_thread(_load_slide_models, cfg))
     jobs_.vlm_for = services.vlm_for
     jobs_.slide_models_for = services.slide_models_for
+    jobs_.tissue_params = _checked_tissue_params(services)
     app.state.services = services
     return services
+
+
+def _checked_tissue_params(services: Services) -> TissueParams:
+    """The configured artefact exclusion, checked at startup: a missing weights file or an
+    unknown class stops the service with the reason; the model loads on first use."""
+    cfg = services.settings
+    if cfg.artifact_weights and not Path(cfg.artifact_weights).is_file():
+        raise ValueError(f"artifact_weights: {cfg.artifact_weights}: no such file")
+    params = services.tissue_params
+    if cfg.artifact_weights:
+        logger.info("artefact exclusion: %s (%s)", cfg.artifact_model,
+                    ", ".join(params.deep_exclusion()))
+    return params
 
 
 def _load_slide_models(cfg: Settings) -> dict[str, SlideModel]:

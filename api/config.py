@@ -67,6 +67,17 @@ class Settings(BaseSettings):
         default_factory=list, description="Slide-level models over the encoder's features "
         "(the service's model must be their patch encoder), e.g. "
         "[{\"card\": \"/models/task.json\", \"weights\": \"/models/s_0_checkpoint.pt\"}]")
+    artifact_weights: str = Field(
+        "", description="GrandQC's artefact model weights (GrandQC_MPP1_state_dict.pth): "
+        "plans, streams, jobs and QC may then exclude fold, dark_spot, pen, air_bubble and "
+        "out_of_focus; empty = the classical pen / dark exclusion only")
+    artifact_model: str = Field("grandqc-artifacts", description="The artefact model's card "
+                                "(grandqc-artifacts, -mpp15, -mpp2 or a card .json)")
+    exclude_artifacts: list[str] = Field(
+        default_factory=list, description="Classes excluded when a request names none "
+        "(empty: all the artefact model's classes, or the classical pen and dark)")
+    max_excluded_share: float = Field(0.5, ge=0, le=1, description="Default of the "
+                                      "requests' max_excluded_share")
     worker_url: str = ""
     worker_target_mpp: float | None = Field(None, gt=0, le=100)
     worker_patch_size: int | None = Field(None, ge=8, le=8192)

@@ -14,6 +14,7 @@ from starlette.concurrency import run_in_threadpool
 from wsi_sampler.errors import InvalidRequestError
 from wsi_sampler.slide_models import SlideModel
 from wsi_sampler.slide_models.predict import require_encoder
+from wsi_sampler.tissue import TissueParams
 from wsi_sampler.worker import Worker
 from wsi_sampler.worker.vlm import VlmConfig, VlmWorker
 
@@ -56,6 +57,15 @@ class Services:
         no thread, so memory and CPU stay bounded under bursts."""
         async with self._slide_work:
             return await run_in_threadpool(fn, *args, **kwargs)
+
+    @property
+    def tissue_params(self) -> TissueParams:
+        """Tissue detection and artefact exclusion as the service config sets them."""
+        cfg = self.settings
+        return TissueParams(artifact_weights=cfg.artifact_weights or None,
+                            artifact_model=cfg.artifact_model,
+                            exclude_artifacts=tuple(cfg.exclude_artifacts),
+                            max_excluded_share=cfg.max_excluded_share)
 
     def require_worker(self) -> Worker:
         if self.worker is None:

@@ -34,6 +34,7 @@ from wsi_sampler.report import describe_slide
 from wsi_sampler.scoring import Cancelled, SlideScore, result_files, score_slide
 from wsi_sampler.slide import Slide
 from wsi_sampler.slide_models import SlideModel
+from wsi_sampler.tissue import TissueParams
 from wsi_sampler.worker import Worker
 from wsi_sampler.worker.vlm import VlmWorker
 
@@ -119,6 +120,8 @@ class JobManager:
         self.scrub: Callable[[str], str] = lambda message: message
         self.vlm_for: Callable[[ReportRequest], VlmWorker] | None = None
         self.slide_models_for: Callable[[list[str] | None], list[SlideModel]] | None = None
+        self.tissue_params: TissueParams | None = None
+        """The service's tissue settings (its artefact model), set by the app."""
         self._db = sqlite3.connect(data_dir / "jobs.sqlite3", check_same_thread=False,
                                    isolation_level=None)
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -172,7 +175,7 @@ class JobManager:
             self._vlm(request.report).close()
             request.report.to_params()
         else:
-            request.sampling.to_params()  # invalid sampling is a 422 now
+            request.sampling.to_params(self.tissue_params)  # invalid sampling: a 422 now
         job_id = uuid.uuid4().hex
         now = time.time()
         with self._lock:
@@ -370,7 +373,8 @@ class JobManager:
         try:
             with disk_full_is_an_error(f"the results of {sid}"), \
                     self.registry.open(sid, mpp_override=request.sampling.mpp_override) as slide:
-                result = score_slide(slide, request.sampling.to_params(), worker, stage,
+                params = request.sampling.to_params(self.tissue_params)
+                result = score_slide(slide, params, worker, stage,
                                      batch_size=self.batch_size, cancel=cancel,
                                      progress=report, config={
                                          "job": job_id, "sampling": request.sampling.model_dump()})

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any, Literal, get_args
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
@@ -9,6 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validat
 from wsi_sampler import PlanParams, medgemma_params
 from wsi_sampler.errors import InvalidRequestError
 from wsi_sampler.medgemma import MEDGEMMA_PATCH_PX
+from wsi_sampler.tissue import TissueParams
 from wsi_sampler.units import PATCH_MPP_RANGE, SLIDE_MPP_RANGE, TISSUE_MPP_RANGE
 
 __all__ = [
@@ -24,6 +26,9 @@ __all__ = [
     "SlideList",
     "SlideSummary",
 ]
+
+
+ArtifactName = Literal["pen", "dark", "fold", "dark_spot", "air_bubble", "out_of_focus"]
 
 
 def binary_content(*media_types: str) -> dict[str, dict[str, Any]]:
@@ -136,6 +141,26 @@ class SamplingRequest(JsonRequest):
         "report", description="medgemma: 'report' (technical report: magnification drawn "
         "5x/10x/20x, at most 126, spatial order) or 'notebook' (Google's public notebook: "
         "10x, at most 125, random.sample order)")
+    exclude_artifacts: list[ArtifactName] | None = Field(
+        None, max_length=8, description="Artefact classes to drop: pen, dark (classical); "
+        "fold, dark_spot, pen, air_bubble, out_of_focus where the service has an artefact "
+        "model (artifact_weights). None = the service's default")
+    max_excluded_share: float | None = Field(
+        None, ge=0, le=1, description="When exclusion removes more of the tissue than this "
+        "(or all of it), the plan keeps the patches it would drop, marked excluded, and says "
+        "so in message. None = the service's default (0.5)")
+    strict_exclusion: bool = Field(False, description="Drop excluded patches whatever the "
+                                   "share (the plan may be empty)")
+
+    def tissue_params(self, service: TissueParams | None = None) -> TissueParams:
+        """The service's tissue settings with this request's exclusion choices."""
+        base = service or TissueParams()
+        return replace(
+            base, strict_exclusion=self.strict_exclusion,
+            exclude_artifacts=(tuple(self.exclude_artifacts) if self.exclude_artifacts
+                               is not None else base.exclude_artifacts),
+            max_excluded_share=(self.max_excluded_share if self.max_excluded_share
+                                is not None else base.max_excluded_share))
 
     def _medgemma_conflicts(self) -> list[str]:
         fields = type(self).model_fields
@@ -145,7 +170,9 @@ class SamplingRequest(JsonRequest):
             and getattr(self, name) not in (preset, fields[name].default)
         )
 
-    def to_params(self) -> PlanParams:
+    def to_params(self, tissue: TissueParams | None = None) -> PlanParams:
+        """The plan parameters (``tissue``: the service's tissue settings)."""
+        exclusion = self.tissue_params(tissue)
         if self.strategy == "medgemma":
             conflicts = self._medgemma_conflicts()
             if conflicts:
@@ -154,16 +181,16 @@ class SamplingRequest(JsonRequest):
                     f"{', '.join(conflicts)} contradicts it. Choose its magnification "
                     "with 'magnification' and its cap with 'n_patches'"
                 )
-            return medgemma_params(
+            return replace(medgemma_params(
                 seed=self.seed, magnification=self.magnification, max_patches=self.n_patches,
                 min_tissue_fraction=self.min_tissue_fraction, variant=self.medgemma_variant,
                 tissue_mpp=self.tissue_mpp,
-            )
+            ), tissue=exclusion)
         return PlanParams(
             strategy=self.strategy, patch_size_px=self.patch_size_px, target_mpp=self.target_mpp,
             magnification=self.magnification, overlap=self.overlap,
             min_tissue_fraction=self.min_tissue_fraction, n_patches=self.n_patches,
-            seed=self.seed, tissue_mpp=self.tissue_mpp,
+            seed=self.seed, tissue_mpp=self.tissue_mpp, tissue=exclusion,
         )
 
 
@@ -204,6 +231,10 @@ class PlannedPatch(BaseModel):
     x0: int
     y0: int
     tissue_fraction: float
+    excluded: bool | None = Field(
+        None, description="Present when artefact exclusion removed more than "
+        "max_excluded_share of the tissue: the plan then keeps the patches it would have "
+        "dropped, and marks them true (see selection.exclusion)")
 
 
 class PlanResponse(BaseModel):
@@ -221,9 +252,13 @@ class PlanResponse(BaseModel):
     n_patches: int
     selection: dict[str, Any] = Field(
         description="How the patches were chosen: 'rule' (min_tissue_fraction, "
-        "filled_by_tissue_rank, edge_cells or no_tissue), n_above_threshold, n_filled")
-    message: str | None = Field(None, description="Set when the plan is empty, or holds "
-                                "fewer patches than n_patches asked, saying why")
+        "filled_by_tissue_rank, edge_cells or no_tissue), n_above_threshold, n_filled; and "
+        "'exclusion' when artefact exclusion removed tissue: detector, classes, "
+        "tissue_mm2_before / _after, excluded_share, excluded_mm2 and found_mm2 per class, "
+        "max_excluded_share, strict, kept_marked, n_marked")
+    message: str | None = Field(None, description="Set when the plan is empty, holds "
+                                "fewer patches than n_patches asked, or exclusion removed "
+                                "more than max_excluded_share of the tissue, saying why")
     patches: list[PlannedPatch]
 
 

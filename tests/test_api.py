@@ -134,6 +134,26 @@ def test_plan_equals_the_library(url: str, demo_slide: Path) -> None:
         assert got["n_patches"] == len(plan)
 
 
+def test_a_plan_request_chooses_the_artefact_exclusion(url: str) -> None:
+    sid = ids(url)["demo.svs"]
+    plan = f"{url}/v1/slides/{sid}/plan"
+    default = httpx.post(plan, json={}).json()
+    assert default["selection"]["exclusion"]["classes"] == ["pen", "dark"]
+    assert all("excluded" not in p or p["excluded"] is None for p in default["patches"])
+    # any exclusion over a share of 0: the patches pen took stay, marked, and it says so
+    marked = httpx.post(plan, json={"max_excluded_share": 0}).json()
+    flags = [p["excluded"] for p in marked["patches"]]
+    assert any(flags) and not all(flags) and len(flags) > default["n_patches"]
+    assert "marked excluded" in marked["message"]
+    none = httpx.post(plan, json={"exclude_artifacts": ["dark"]}).json()
+    assert "exclusion" not in none["selection"]  # the demo slide has no dark artefact on tissue
+    for body, words in (({"exclude_artifacts": ["fold"]}, "artifact-weights"),
+                        ({"exclude_artifacts": ["smudge"]}, "air_bubble"),
+                        ({"max_excluded_share": 2}, "max_excluded_share")):
+        resp = httpx.post(plan, json=body)
+        assert resp.status_code in (400, 422) and words in resp.text, resp.text
+
+
 def test_the_plan_downloads_as_the_coords_h5_clam_and_trident_read(url: str,
                                                                     tmp_path: Path) -> None:
     import h5py

@@ -211,18 +211,74 @@ def test_box_fractions_count_every_mask_pixel_of_each_box(layout: str) -> None:
         assert np.array_equal(got, np.asarray(expected, np.float32))
 
 
-def test_a_plan_says_when_the_exclusion_removed_most_of_the_tissue(demo_slide: Path) -> None:
+def test_a_plan_keeps_what_an_exclusion_of_most_tissue_would_drop_marked(
+    demo_slide: Path, tmp_path: Path
+) -> None:
     from dataclasses import replace
 
     from wsi_sampler import TissueParams
+    from wsi_sampler.export import write_csv, write_geojson
 
     with open_slide(demo_slide) as s:
         normal = make_plan(s, PlanParams())
+        unexcluded = make_plan(s, PlanParams(tissue=TissueParams(exclude_pen=False,
+                                                                 exclude_dark=False)))
         # everything below value 255 counts as dark: the exclusion removes all the tissue
-        dark = PlanParams(tissue=replace(TissueParams(), dark_value=255))
-        excluded = make_plan(s, dark)
-    assert "excluded_share" not in normal.selection and normal.note() is None
-    assert excluded.selection["excluded_share"] > 0.99 and len(excluded) == 0
-    note = excluded.note()
-    assert note is not None and "pen/dark exclusion removed 100% of the tissue" in note
-    assert excluded.why_empty() is not None and excluded.why_empty() in note
+        dark = replace(TissueParams(), dark_value=255)
+        kept = make_plan(s, PlanParams(tissue=dark))
+        strict = make_plan(s, PlanParams(tissue=replace(dark, strict_exclusion=True)))
+    # the demo slide's pen strokes: a small share, dropped, reported, no warning
+    report = normal.selection["exclusion"]
+    assert report["detector"] == "classical" and report["classes"] == ["pen", "dark"]
+    assert 0 < report["excluded_share"] < 0.5 and report["excluded_mm2"]["pen"] > 0
+    assert report["tissue_mm2_before"] > report["tissue_mm2_after"] > 0
+    assert normal.excluded is None and normal.note() is None
+    assert "exclusion" not in unexcluded.selection and len(unexcluded) > len(normal)
+    # all of it: the patches stay, marked, and the plan says so
+    assert kept.selection["exclusion"]["excluded_share"] == 1.0
+    assert kept.selection["exclusion"]["kept_marked"] is True
+    assert len(kept) == len(unexcluded) and kept.excluded is not None and kept.excluded.all()
+    assert np.array_equal(kept.coords, unexcluded.coords)
+    note = kept.note()
+    assert note is not None and "removed 100% of the tissue" in note and "marked" in note
+    assert all(r["excluded"] is True for r in kept.to_dict()["patches"])
+    write_csv(tmp_path / "p.csv", kept)
+    header, first = (tmp_path / "p.csv").read_text().splitlines()[:2]
+    assert header.split(",")[5] == "excluded" and first.split(",")[5] == "1"
+    write_geojson(tmp_path / "p.geojson", kept)
+    assert '"excluded": 1.0' in (tmp_path / "p.geojson").read_text()
+    # strict: dropped, and the empty plan says why
+    assert len(strict) == 0 and strict.excluded is None
+    assert strict.why_empty() is not None and "strict_exclusion" in strict.why_empty()
+    assert "removed 100% of the tissue" in (strict.note() or "")
+
+
+def test_a_plan_marks_only_the_patches_the_exclusion_hit(demo_slide: Path) -> None:
+    # max_excluded_share 0: any exclusion keeps its patches, and marks exactly those whose
+    # tissue it took below the threshold (or halved)
+    from wsi_sampler import TissueParams
+
+    with open_slide(demo_slide) as s:
+        dropped = make_plan(s, PlanParams())
+        marked = make_plan(s, PlanParams(tissue=TissueParams(max_excluded_share=0.0)))
+    assert marked.excluded is not None and 0 < marked.excluded.sum() < len(marked)
+    clean = {tuple(c) for c in marked.coords[~marked.excluded]}
+    assert clean <= {tuple(c) for c in dropped.coords}
+    assert len(clean) >= len(dropped) - 2  # at most a cell or two hover at the threshold
+
+
+def test_exclusion_settings_are_checked() -> None:
+    from wsi_sampler import TissueParams
+
+    with pytest.raises(InvalidRequestError, match="needs the artefact model's weights"):
+        TissueParams(exclude_artifacts=("fold",))
+    with pytest.raises(InvalidRequestError, match="unknown artefact class 'smudge'"):
+        TissueParams(exclude_artifacts="pen,smudge")
+    with pytest.raises(InvalidRequestError, match="max_excluded_share"):
+        TissueParams(max_excluded_share=1.5)
+    only_pen = TissueParams(exclude_artifacts="pen, pen")
+    assert only_pen.exclude_artifacts == ("pen",)
+    assert only_pen.classical_exclusion() == (True, False)
+    deep = TissueParams(artifact_weights="w.pth")
+    assert deep.classical_exclusion() == (False, False)
+    assert deep.deep_exclusion() == ("fold", "dark_spot", "pen", "air_bubble", "out_of_focus")

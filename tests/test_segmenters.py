@@ -214,9 +214,10 @@ def test_score_takes_the_tissue_method(tiny_slide: Path, tmp_path: Path) -> None
 
 
 # -- GrandQC ------------------------------------------------------------------------------
-def _grandqc_state_dict(path: Path, *, drop: str | None = None) -> dict[str, torch.Tensor]:
+def _grandqc_state_dict(path: Path, *, drop: str | None = None, winner: int | None = None
+                        ) -> dict[str, torch.Tensor]:
     """What GrandQC's Tissue_Detection_MPP10.pth holds: the smp UNet++ state dict, plain
-    (random weights of the real architecture)."""
+    (random weights of the real architecture; ``winner``: that class wins every pixel)."""
     import segmentation_models_pytorch as smp
 
     torch.manual_seed(1)
@@ -224,6 +225,7 @@ def _grandqc_state_dict(path: Path, *, drop: str | None = None) -> dict[str, tor
         warnings.simplefilter("ignore", DeprecationWarning)
         model = smp.UnetPlusPlus(encoder_name="timm-efficientnet-b0", encoder_weights=None,
                                  classes=2, activation=None)
+    _make_win(model, winner)
     state = {k: v for k, v in model.state_dict().items() if k != drop}
     torch.save(state, path)
     return model.state_dict()
@@ -279,3 +281,204 @@ def test_cli_tissue_with_grandqc_runs_the_real_network(small_slide: Path,
     assert done.returncode == 0, done.stderr
     done = run("tissue", small_slide, "--method", "grandqc", "--out", tmp_path / "m.png")
     assert done.returncode == 2 and "Tissue_Detection_MPP10.pth" in done.stderr
+
+
+# -- GrandQC artefacts ----------------------------------------------------------------------
+def _make_win(model: nn.Module, winner: int | None) -> None:
+    """Bias the segmentation head so that class ``winner`` wins every pixel."""
+    if winner is not None:
+        with torch.no_grad():
+            bias = model.segmentation_head[0].bias
+            bias.fill_(-100.0)
+            bias[winner] = 100.0
+
+
+def _grandqc_artifact_state_dict(path: Path, *, drop: str | None = None,
+                                 winner: int | None = None) -> dict[str, torch.Tensor]:
+    """What TRIDENT's GrandQC_MPP1_state_dict.pth holds: the smp U-Net (EfficientNet-B0,
+    8 classes) state dict, plain (random weights of the real architecture; ``winner``: that
+    class wins every pixel)."""
+    import segmentation_models_pytorch as smp
+
+    torch.manual_seed(2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        model = smp.Unet(encoder_name="timm-efficientnet-b0", encoder_weights=None,
+                         classes=8, activation=None)
+    _make_win(model, winner)
+    torch.save({k: v for k, v in model.state_dict().items() if k != drop}, path)
+    return model.state_dict()
+
+
+def test_grandqc_artifact_cards_architecture_and_checkpoint(tmp_path: Path) -> None:
+    names = segmenter_catalogue_names()
+    assert {"grandqc-artifacts", "grandqc-artifacts-mpp15", "grandqc-artifacts-mpp2"} <= set(names)
+    card = load_segmenter_card("grandqc-artifacts")
+    assert (card.role, card.tile_px, card.tile_mpp, card.tissue_class,
+            card.background_class) == ("artifacts", 512, 1.0, 1, 7)
+    assert card.artifact_classes == {"fold": 2, "dark_spot": 3, "pen": 4, "air_bubble": 5,
+                                     "out_of_focus": 6}
+    assert [load_segmenter_card(f"grandqc-artifacts-{v}").tile_mpp
+            for v in ("mpp15", "mpp2")] == [1.5, 2.0]
+    assert card.provenance is not None and card.provenance.parameters is not None
+    with torch.device("meta"):
+        count = sum(p.numel() for p in build_segmenter(card).parameters())
+    assert abs(count - card.provenance.parameters) <= card.provenance.parameters_tolerance * count
+    pth = tmp_path / "GrandQC_MPP1_state_dict.pth"
+    expected = _grandqc_artifact_state_dict(pth)
+    loaded = load_segmenter("grandqc-artifacts", weights=pth, device="cpu").module.state_dict()
+    assert set(loaded) == set(expected)
+    assert all(torch.equal(loaded[k], expected[k]) for k in expected)
+    _grandqc_artifact_state_dict(pth, drop="decoder.blocks.0.conv1.0.weight")
+    with pytest.raises(ModelLoadError, match=r"decoder\.blocks\.0\.conv1\.0\.weight"):
+        load_segmenter("grandqc-artifacts", weights=pth, device="cpu")
+    # GrandQC's own Zenodo files are pickled whole models: refused, with the way out
+    torch.save(torch.nn.Linear(2, 2), tmp_path / "GrandQC_MPP15.pth")
+    with pytest.raises(ModelLoadError, match=r"state_dict\(\)"):
+        load_segmenter("grandqc-artifacts-mpp15", weights=tmp_path / "GrandQC_MPP15.pth")
+
+
+class _ArtifactColourNet(nn.Module):
+    """A stand-in with the artefact model's interface (normalised NCHW in, 8-class logits
+    out) that calls blue ink pen (4), near-black dark spot (3), grey glass background (7) and
+    other colour tissue (1): it tests the tiling, the class map and the exclusion against a
+    slide where each is drawn."""
+
+    def __init__(self, card_mean: tuple[float, ...], card_std: tuple[float, ...]) -> None:
+        super().__init__()
+        self.mean = torch.tensor(card_mean).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(card_std).view(1, 3, 1, 1) * 255
+        self.tiles_seen = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.tiles_seen += len(x)
+        rgb = x * self.std + self.mean
+        r, g, b = rgb[:, 0], rgb[:, 1], rgb[:, 2]
+        cls = torch.full_like(r, 1, dtype=torch.long)
+        cls[(rgb.amax(dim=1) - rgb.amin(dim=1)) < 20] = 7
+        cls[(b > r + 40) & (b > g + 40)] = 4
+        cls[rgb.amax(dim=1) < 60] = 3
+        return torch.nn.functional.one_hot(cls, 8).permute(0, 3, 1, 2).float() * 10
+
+
+def _artefact_slide(path: Path) -> dict[str, np.ndarray]:
+    """A 4096 x 3072 slide at 0.5 µm/px: a pink tissue ellipse crossed by a blue pen
+    stroke, with a black spot on it; returns each drawn region at full resolution."""
+    import cv2
+    import tifffile
+
+    img = np.full((3072, 4096, 3), 240, np.uint8)
+    tissue = np.zeros(img.shape[:2], np.uint8)
+    cv2.ellipse(tissue, (1700, 1500), (1300, 1100), 0, 0, 360, 1, -1)
+    img[tissue > 0] = (215, 120, 170)
+    pen = np.zeros_like(tissue)
+    cv2.line(pen, (500, 900), (3000, 1100), 1, 120)
+    img[pen > 0] = (40, 60, 200)
+    dark = np.zeros_like(tissue)
+    cv2.circle(dark, (1500, 2000), 220, 1, -1)
+    img[dark > 0] = (50, 15, 55)  # saturated: the tissue detector keeps it
+    tifffile.imwrite(path, img, tile=(256, 256), photometric="rgb")
+    return {"tissue": tissue > 0, "pen": (pen > 0) & (tissue > 0), "dark_spot": dark > 0}
+
+
+def test_artifact_map_lands_where_the_artefacts_are_and_plans_drop_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import cv2
+
+    import wsi_sampler.segmenters as segmenters
+    from wsi_sampler.plan import PlanParams, make_plan
+
+    drawn = _artefact_slide(tmp_path / "artefacts.tif")
+    card = load_segmenter_card("grandqc-artifacts")
+    net = _ArtifactColourNet(card.normalization.mean, card.normalization.std)
+    monkeypatch.setattr(segmenters, "cached_segmenter",
+                        lambda name, weights: Segmenter(net, load_segmenter_card(name),
+                                                        device="cpu"))
+    params = TissueParams(artifact_weights="stand-in.pth", exclude_artifacts=("pen",))
+    with open_slide(tmp_path / "artefacts.tif", mpp_override=0.5) as slide:
+        tm = compute_tissue_mask(slide, tissue_mpp=8.0, params=params)
+        dropped = make_plan(slide, PlanParams(tissue=params), tissue=tm)
+        kept = make_plan(slide, PlanParams(tissue=TissueParams(
+            artifact_weights="x", exclude_artifacts=("pen",), max_excluded_share=0.0)),
+            tissue=tm)
+    assert tm.exclusion is not None and tm.exclusion.detector == "grandqc-artifacts"
+    # 2048 x 1536 µm in 512 µm tiles: 4 x 3, all touched by tissue but the glass corners
+    assert 0 < net.tiles_seen <= 12
+
+    def at_mask(region: np.ndarray) -> np.ndarray:
+        small = cv2.resize(region.astype(np.uint8), tm.mask.shape[::-1],
+                           interpolation=cv2.INTER_AREA)
+        return small > 0
+
+    def iou(a: np.ndarray, b: np.ndarray) -> float:
+        return float((a & b).sum() / (a | b).sum())
+
+    found = tm.exclusion.found
+    assert iou(found["pen"], at_mask(drawn["pen"])) > 0.8
+    assert iou(found["dark_spot"], at_mask(drawn["dark_spot"])) > 0.8
+    assert not found["fold"].any() and not found["out_of_focus"].any()
+    # only pen was asked to go: the dark spot stays in the tissue, the stroke does not
+    assert not (tm.mask & found["pen"]).any() and (tm.mask & found["dark_spot"]).any()
+    report = dropped.selection["exclusion"]
+    drawn_pen_mm2 = drawn["pen"].sum() * 0.5 * 0.5 / 1e6
+    assert report["classes"] == ["pen"]
+    assert abs(report["excluded_mm2"]["pen"] / drawn_pen_mm2 - 1) < 0.25
+    assert 0 < report["excluded_share"] < 0.5 and dropped.excluded is None
+    assert set(report["found_mm2"]) == set(card.artifact_classes)
+    assert kept.excluded is not None and 0 < kept.excluded.sum() < len(kept)
+    # the QC overlay and the class map show each class where it is
+    from wsi_sampler.qc import ARTIFACT_COLOURS, artifact_map, draw_qc_overlay, qc_masks
+
+    with open_slide(tmp_path / "artefacts.tif", mpp_override=0.5) as slide:
+        masks = qc_masks(slide, tm)
+        overlay = draw_qc_overlay(slide.thumbnail(mpp=8.0), masks)
+    image, areas = artifact_map(tm)
+    inside_pen = found["pen"] & ~cv2.dilate(found["pen"].view(np.uint8) ^ 1,
+                                            np.ones((3, 3), np.uint8)).view(bool)
+    assert (image[found["pen"]] == ARTIFACT_COLOURS["pen"]).all()
+    assert (image[found["dark_spot"]] == ARTIFACT_COLOURS["dark_spot"]).all()
+    assert areas["classes"]["pen"]["mm2"] == report["found_mm2"]["pen"]
+    assert 0 < areas["classes"]["pen"]["percent_of_tissue"] < 50
+    pen_px = overlay[inside_pen].astype(int)  # magenta over blue ink: red and blue high
+    assert (pen_px[:, 0] > pen_px[:, 1] + 40).mean() > 0.9
+
+
+def test_score_excludes_artifacts_with_the_publishers_layouts_end_to_end(
+    tiny_slide: Path, tmp_path: Path
+) -> None:
+    # The issue's command with both publishers' layouts (random weights, the head's bias set
+    # so that GrandQC's tissue class and the artefact model's pen win everywhere), the real
+    # networks on CPU: all the tissue is pen, so the plan keeps its patches, marked, warns,
+    # and the QC files say what went.
+    import json
+
+    slides = tmp_path / "slides"
+    slides.mkdir()
+    (slides / "tiny.svs").write_bytes(tiny_slide.read_bytes())
+    tissue_w = tmp_path / "Tissue_Detection_MPP10.pth"
+    artefact_w = tmp_path / "GrandQC_MPP1_state_dict.pth"
+    _grandqc_state_dict(tissue_w, winner=0)
+    _grandqc_artifact_state_dict(artefact_w, winner=4)
+    done = run("score", slides, "--out", tmp_path / "out", "--quiet", "--tissue-method",
+               "grandqc", "--segmenter-weights", tissue_w, "--exclude-artifacts", "pen,fold",
+               "--artifact-weights", artefact_w, "--qc")
+    assert done.returncode == 0, done.stderr
+    (result,) = (tmp_path / "out" / "slides").iterdir()
+    summary = json.loads((result / "summary.json").read_text())
+    exclusion = summary["exclusion"]
+    assert exclusion["detector"] == "grandqc-artifacts"
+    assert exclusion["classes"] == ["pen", "fold"] and exclusion["excluded_share"] == 1.0
+    assert exclusion["kept_marked"] and exclusion["n_marked"] == summary["patches"] > 0
+    assert "marked excluded" in summary["message"]
+    header = (result / "predictions.csv").read_text().splitlines()[0].split(",")
+    assert header[5] == "excluded"
+    qc = json.loads((result / "qc.json").read_text())
+    assert qc["artifact_detector"] == "grandqc-artifacts" and qc["excluded_share"] == 1.0
+    assert qc["artifact_mm2"]["pen"] == qc["tissue_area_before_exclusion_mm2"] > 0
+    assert qc["excluded_mm2"] == {"pen": qc["artifact_mm2"]["pen"], "fold": 0.0}
+    assert any("grandqc-artifacts exclusion removed 100%" in w for w in qc["warnings"])
+    assert (result / "qc.png").read_bytes()[:4] == b"\x89PNG"
+    assert "artifact_pen_mm2" in (tmp_path / "out" / "qc.csv").read_text()
+    done = run("score", slides, "--out", tmp_path / "out2", "--exclude-artifacts", "fold")
+    assert done.returncode == 2 and "--artifact-weights" in done.stderr

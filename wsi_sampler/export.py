@@ -79,15 +79,21 @@ def plan_fraction_column(columns: Iterable[str]) -> str:
 def write_csv(
     path: str | os.PathLike[str], plan: PatchPlan, outputs: Outputs | None = None
 ) -> None:
-    """CSV with ``minx,miny,width,height,tissue_fraction`` then one column per output."""
+    """CSV with ``minx,miny,width,height,tissue_fraction`` (then ``excluded``, 1 for a
+    patch exclusion would have dropped, when the plan keeps such patches), then one column
+    per output."""
     cols = _columns(plan, outputs)
     buf = io.StringIO()
     writer = csv.writer(buf, lineterminator="\n")
-    writer.writerow(["minx", "miny", "width", "height", plan_fraction_column(cols), *cols])
+    marks = plan.excluded
+    writer.writerow(["minx", "miny", "width", "height", plan_fraction_column(cols),
+                     *(["excluded"] if marks is not None else []), *cols])
     for i in range(len(plan)):
         writer.writerow([
             int(plan.x0[i]), int(plan.y0[i]), plan.width0, plan.height0,
-            f"{float(plan.tissue_fraction[i]):.4f}", *(_cell(c[i]) for c in cols.values()),
+            f"{float(plan.tissue_fraction[i]):.4f}",
+            *([int(marks[i])] if marks is not None else []),
+            *(_cell(c[i]) for c in cols.values()),
         ])
     atomic_write_text(path, buf.getvalue())
 
@@ -123,6 +129,8 @@ def write_geojson(
     for i in range(len(plan)):
         x, y, w, h = int(plan.x0[i]), int(plan.y0[i]), plan.width0, plan.height0
         meas = {fraction: round(float(plan.tissue_fraction[i]), 4)}
+        if plan.excluded is not None:
+            meas["excluded"] = float(plan.excluded[i])
         meas.update({k: float(v[i]) for k, v in cols.items()})
         cls = None
         if classes:

@@ -90,13 +90,17 @@ def write_features_h5(
     card: ModelCard, *, dtype: FeaturesDtype = "float32",
 ) -> None:
     """One slide's feature bag: ``features`` (N, D), ``coords`` (N, 2) with CLAM's and
-    TRIDENT's attributes; the encoder, its card and the slide fingerprint as file attrs."""
+    TRIDENT's attributes (and ``excluded`` (N,) bool when the plan keeps patches artefact
+    exclusion would have dropped); the encoder, its card and the slide fingerprint as file
+    attrs."""
     arr = _checked_features(features, plan, dtype)
     with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
         feats = f.create_dataset("features", data=arr)
         feats.attrs["name"] = slide.stem
         feats.attrs["encoder"] = card.name
         write_coords_dataset(f, plan, slide)
+        if plan.excluded is not None:  # patches exclusion would have dropped, kept marked
+            f.create_dataset("excluded", data=plan.excluded.astype(np.bool_))
         f.attrs["encoder"] = card.name
         f.attrs["encoder_version"] = card.version
         f.attrs["card"] = card.model_dump_json()

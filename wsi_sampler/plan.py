@@ -8,7 +8,9 @@ that order.
 
 from __future__ import annotations
 
+import copy
 import math
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
@@ -18,6 +20,7 @@ import numpy.typing as npt
 from shapely.geometry.base import BaseGeometry
 
 from .errors import InvalidRequestError
+from .exclusion import Exclusion, classical_exclusion, deep_exclusion
 from .medgemma import (
     MEDGEMMA_DETECT_MPP,
     MEDGEMMA_MAX_PATCHES,
@@ -150,19 +153,23 @@ class TissueMask:
     """µm/px of the mask (may be coarser than asked for a slide without a fine level)."""
     scale: tuple[float, float]
     """Level-0 px per mask px, (x, y)."""
-    excluded_share: float = 0.0
-    """Of the tissue the threshold found, the share pen-ink and dark-artefact exclusion
-    removed (0 for deep segmenters and user masks)."""
+    exclusion: Exclusion | None = None
+    """What artefact exclusion found and removed (None: no artefact model ran and the
+    classical exclusion removed nothing)."""
 
-
-EXCLUSION_NOTE_SHARE = 0.5
-"""A plan says so when the exclusion removed more than this share of the tissue."""
+    @property
+    def excluded_share(self) -> float:
+        """Of the tissue before exclusion, the share removed (0 without exclusion)."""
+        return self.exclusion.share if self.exclusion is not None else 0.0
 
 
 def compute_tissue_mask(
-    slide: Slide, *, tissue_mpp: float = 8.0, params: TissueParams | None = None
+    slide: Slide, *, tissue_mpp: float = 8.0, params: TissueParams | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> TissueMask:
-    """Detect tissue on a thumbnail of ``slide`` at ``tissue_mpp`` µm/px."""
+    """Detect tissue on a thumbnail of ``slide`` at ``tissue_mpp`` µm/px (or with a deep
+    segmenter), then exclude artefacts as ``params`` says (``progress``: the artefact
+    model's tiles done and in all)."""
     check_mpp("tissue_mpp", tissue_mpp, TISSUE_MPP_RANGE)
     mx, my = slide.require_mpp()
     mpp = max(tissue_mpp, mx, my)
@@ -174,13 +181,24 @@ def compute_tissue_mask(
             f"a tissue mask at {mpp:g} µm/px would have {mask_px / 1e6:,.0f} Mpx (limit "
             f"{MAX_MASK_PX / 1e6:,.0f}); use tissue_mpp >= {math.ceil(coarser * 100) / 100:g}"
         )
-    share = 0.0
-    if params is not None and params.method in DEEP_METHODS:
-        mask = _segmented(slide, mpp, params)
+    p = params or TissueParams()
+    exclusion = None
+    if p.method in DEEP_METHODS:
+        mask = _segmented(slide, mpp, p)
     else:
-        mask, share = detect_tissue_and_exclusion(slide.thumbnail(mpp=mpp), mpp, params)
+        thumb = slide.thumbnail(mpp=mpp)
+        mask, share = detect_tissue_and_exclusion(thumb, mpp, p)
+        if share > 0:
+            exclusion = classical_exclusion(thumb, mpp, p, mask)
+        del thumb
+    if p.deep_exclusion():
+        exclusion = deep_exclusion(slide, mask, mpp, p, progress=progress)
+        mask = exclusion.after
+    if exclusion is not None and exclusion.detector == "classical" and not (
+            exclusion.before & ~exclusion.after).any():
+        exclusion = None  # (an artefact model's finds are kept even when none was removed)
     return TissueMask(mask=mask, mpp=mpp, scale=(w / mask.shape[1], h / mask.shape[0]),
-                      excluded_share=round(share, 4))
+                      exclusion=exclusion)
 
 
 def _segmented(slide: Slide, mpp: float, params: TissueParams) -> BoolMask:
@@ -213,6 +231,9 @@ class PatchPlan:
     params: dict[str, Any]
     selection: dict[str, Any] = field(default_factory=dict)
     """How the patches were chosen (the medgemma bag: which rule filled it)."""
+    excluded: npt.NDArray[np.bool_] | None = None
+    """Per patch, whether artefact exclusion would have dropped it (kept, marked, because
+    it removed more than ``max_excluded_share`` of the tissue); None: none kept so."""
 
     def __len__(self) -> int:
         return len(self.x0)
@@ -235,6 +256,9 @@ class PatchPlan:
         """Why the plan holds no patch, in words; None when it holds some."""
         if len(self):
             return None
+        exclusion = self.selection.get("exclusion")
+        if exclusion is not None and exclusion["tissue_mm2_after"] == 0:
+            return "strict_exclusion keeps none of the tissue, so the plan is empty"
         if self.strategy == "medgemma":
             return ("the tissue detector finds no tissue on this slide, so the MedGemma bag "
                     "is empty (check the tissue mask: GET .../tissue, or wsi-sampler tissue)")
@@ -246,11 +270,9 @@ class PatchPlan:
         removed most of the tissue, why it is empty, or that it holds fewer patches than
         ``n_patches`` asked (random / stratified); else None."""
         notes = []
-        excluded = self.selection.get("excluded_share")
-        if excluded is not None:
-            notes.append(f"pen/dark exclusion removed {excluded:.0%} of the tissue: check "
-                         "the slide's QC overlay (dark-stained tissue can read as a dark "
-                         "artefact; exclude_dark=false keeps it)")
+        exclusion = self.selection.get("exclusion")
+        if exclusion is not None:
+            notes.extend(_exclusion_notes(exclusion))
         empty = self.why_empty()
         asked = self.params.get("n_patches")
         if empty is not None:
@@ -266,6 +288,7 @@ class PatchPlan:
         return replace(
             self, x0=self.x0[indices], y0=self.y0[indices],
             tissue_fraction=self.tissue_fraction[indices],
+            excluded=self.excluded[indices] if self.excluded is not None else None,
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -284,11 +307,37 @@ class PatchPlan:
             "n_patches": len(self),
             "selection": self.selection,
             "params": self.params,
-            "patches": [
-                {"x0": int(x), "y0": int(y), "tissue_fraction": round(float(f), 4)}
-                for x, y, f in zip(self.x0, self.y0, self.tissue_fraction, strict=True)
-            ],
+            "patches": self.patch_records(),
         }
+
+    def patch_records(self) -> list[dict[str, Any]]:
+        """One record per patch: ``x0``, ``y0``, ``tissue_fraction`` and, when the plan
+        keeps patches exclusion would have dropped, ``excluded``."""
+        records: list[dict[str, Any]] = [
+            {"x0": int(x), "y0": int(y), "tissue_fraction": round(float(f), 4)}
+            for x, y, f in zip(self.x0, self.y0, self.tissue_fraction, strict=True)]
+        if self.excluded is not None:
+            for record, flag in zip(records, self.excluded, strict=True):
+                record["excluded"] = bool(flag)
+        return records
+
+
+def _exclusion_notes(exclusion: dict[str, Any]) -> list[str]:
+    """The plan's words on an exclusion that removed more than its share, or everything."""
+    share, limit = exclusion["excluded_share"], exclusion["max_excluded_share"]
+    if share <= limit and exclusion["tissue_mm2_after"] > 0 and not exclusion["kept_marked"]:
+        return []
+    what = f"{exclusion['detector']} exclusion of {', '.join(exclusion['classes'])}"
+    notes = [f"{what} removed {share:.0%} of the tissue (max_excluded_share={limit:g})"]
+    if exclusion["kept_marked"]:
+        notes.append(f"the plan keeps the patches it would have dropped, marked excluded "
+                     f"({exclusion['n_marked']} of them; strict_exclusion drops them)")
+    elif exclusion["strict"] and exclusion["tissue_mm2_after"] > 0:
+        notes.append("strict_exclusion: its patches are dropped")
+    notes.append("check the slide's QC overlay" + (
+        " (dark-stained tissue can read as a dark artefact; exclude_dark=false keeps it)"
+        if "dark" in exclusion["classes"] else ""))
+    return notes
 
 
 def _box_fractions(
@@ -405,31 +454,75 @@ def make_plan(
     magnification, target_mpp = _resolution(params, rng, mx)
     grid = _grid_for(slide, params, target_mpp)
     tm = tissue or compute_tissue_mask(slide, tissue_mpp=params.tissue_mpp, params=params.tissue)
-    mask = tm.mask
+    after, before = tm.mask, tm.exclusion.before if tm.exclusion is not None else None
     if roi is not None:
-        mask = mask & rasterize_geometry(roi, mask.shape, tm.scale)
-    if params.strategy == "medgemma":
-        xs, ys, frac, idx, selection = _medgemma_cells(slide, params, grid, mask, tm, rng)
-        n_candidates = int(selection["n_above_threshold"])
-    else:
-        xs, ys = grid.corners(*slide.dimensions)
-        frac = _fractions(mask, tm, xs, ys, grid)
-        keep = (frac >= params.min_tissue_fraction) & (frac > 0)
-        xs, ys, frac = xs[keep], ys[keep], frac[keep]
-        n_candidates, idx = len(xs), _select(params, xs, ys, rng)
-        selection = {"rule": "min_tissue_fraction", "n_above_threshold": n_candidates,
-                     "n_filled": 0}
-    if tm.excluded_share > EXCLUSION_NOTE_SHARE:
-        selection["excluded_share"] = tm.excluded_share
+        inside = rasterize_geometry(roi, after.shape, tm.scale)
+        after = after & inside
+        before = before & inside if before is not None else None
+    draw_state = copy.deepcopy(rng)
+    xs, ys, frac, idx, selection = _choose(slide, params, grid, after, tm, rng)
+    excluded = None
+    if before is not None and _keeps_excluded(tm, params.tissue, bool(len(idx))):
+        # the tissue before exclusion chooses (its fractions are the patches'), and the
+        # tissue after it marks
+        xs, ys, frac, idx, selection = _choose(slide, params, grid, before, tm, draw_state)
+        excluded = _marked(after, tm, grid, xs[idx], ys[idx], frac[idx], params)
+    if tm.exclusion is not None:
+        selection["exclusion"] = _exclusion_summary(tm, params.tissue, excluded)
     level = slide.best_level_for_downsample(min(grid.w0, grid.h0) / params.patch_size_px)
     return PatchPlan(
-        x0=xs[idx], y0=ys[idx], tissue_fraction=frac[idx],
+        x0=xs[idx], y0=ys[idx], tissue_fraction=frac[idx], excluded=excluded,
         width0=grid.w0, height0=grid.h0, patch_size_px=params.patch_size_px,
         target_mpp=target_mpp, level=level, downsample=slide.level_downsamples[level],
         slide_dimensions=slide.dimensions, slide_mpp=(mx, my), strategy=params.strategy,
-        seed=params.seed, magnification=magnification, n_candidates=n_candidates,
-        params=params.to_dict(), selection=selection,
+        seed=params.seed, magnification=magnification,
+        n_candidates=int(selection["n_above_threshold"]), params=params.to_dict(),
+        selection=selection,
     )
+
+
+def _choose(
+    slide: Slide, params: PlanParams, grid: _Grid, mask: BoolMask, tm: TissueMask,
+    rng: np.random.Generator,
+) -> tuple[npt.NDArray[np.int64], npt.NDArray[np.int64], npt.NDArray[np.float32],
+           npt.NDArray[np.int64], dict[str, Any]]:
+    """Candidate cells, their tissue fractions on ``mask``, the chosen ones and the rule."""
+    if params.strategy == "medgemma":
+        return _medgemma_cells(slide, params, grid, mask, tm, rng)
+    xs, ys = grid.corners(*slide.dimensions)
+    frac = _fractions(mask, tm, xs, ys, grid)
+    keep = (frac >= params.min_tissue_fraction) & (frac > 0)
+    xs, ys, frac = xs[keep], ys[keep], frac[keep]
+    selection = {"rule": "min_tissue_fraction", "n_above_threshold": len(xs), "n_filled": 0}
+    return xs, ys, frac, _select(params, xs, ys, rng), selection
+
+
+def _keeps_excluded(tm: TissueMask, p: TissueParams, after_has_patches: bool) -> bool:
+    """Whether the plan keeps the patches exclusion drops, marked: it removed more than
+    ``max_excluded_share`` of the tissue, or every patch, and strict mode is off."""
+    if tm.exclusion is None or p.strict_exclusion:
+        return False
+    return tm.excluded_share > p.max_excluded_share or not after_has_patches
+
+
+def _marked(after: BoolMask, tm: TissueMask, grid: _Grid, xs: npt.NDArray[np.int64],
+            ys: npt.NDArray[np.int64], before: npt.NDArray[np.float32], params: PlanParams
+            ) -> npt.NDArray[np.bool_]:
+    """The patches exclusion would have dropped: it took at least half of their tissue, or
+    took them under ``min_tissue_fraction``."""
+    left = _fractions(after, tm, xs, ys, grid)
+    threshold = params.min_tissue_fraction
+    marked: npt.NDArray[np.bool_] = ((left < 0.5 * before)
+                                     | ((left < threshold) & (before >= threshold)))
+    return marked
+
+
+def _exclusion_summary(tm: TissueMask, p: TissueParams,
+                       excluded: npt.NDArray[np.bool_] | None) -> dict[str, Any]:
+    assert tm.exclusion is not None
+    return {**tm.exclusion.report(tm.mpp), "max_excluded_share": p.max_excluded_share,
+            "strict": p.strict_exclusion, "kept_marked": excluded is not None,
+            "n_marked": int(excluded.sum()) if excluded is not None else 0}
 
 
 def _fractions(mask: BoolMask, tm: TissueMask, xs: npt.NDArray[np.int64],

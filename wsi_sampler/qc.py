@@ -1,9 +1,10 @@
 """A slide's quality-control summary: what HistoQC users look at, in one JSON and one image.
 
-Areas come from the low-resolution masks (``tissue_mpp`` µm/px): the tissue, the tissue the
-pen-ink and near-black (dark artefact) exclusion removed, and the ink and dark areas
-anywhere on the slide. Patch measures come from the built-in ``tissue-qc`` model on a seeded
-random sample of tissue patches (224 px at 0.5 µm/px): blur (variance of the Laplacian),
+Areas come from the low-resolution masks (``tissue_mpp`` µm/px): the tissue, the tissue
+artefact exclusion removed (:mod:`wsi_sampler.exclusion`: the classical pen-ink and
+near-black detector, or GrandQC's artefact model and each of its classes), and the ink and
+dark areas anywhere on the slide. Patch measures come from the built-in ``tissue-qc`` model
+on a seeded random sample of tissue patches (224 px at 0.5 µm/px): blur (variance of the Laplacian),
 pen, dark, haematoxylin and eosin optical density, and the share of each QC label. The
 stain vectors are Macenko's (:mod:`wsi_sampler.stain`) over the same sample. Units: mm²,
 µm/px; the slide is named by its fingerprint only (file names can carry patient data).
@@ -11,20 +12,21 @@ stain vectors are Macenko's (:mod:`wsi_sampler.stain`) over the same sample. Uni
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import cv2
 import numpy as np
 
-from .plan import PlanParams, TissueMask, make_plan
+from .exclusion import mm2
+from .plan import PlanParams, TissueMask, compute_tissue_mask, make_plan
 from .slide import Slide
 from .stain import macenko_stains
-from .tissue import TissueParams, dark_artefact_mask, detect_tissue, pen_ink_mask
+from .tissue import TissueParams, dark_artefact_mask, pen_ink_mask
 from .types import BoolMask, RGBImage
 
-__all__ = ["EXCLUSION_WARN_SHARE", "QcMasks", "SlideQC", "draw_qc_overlay", "qc_masks",
-           "qc_row", "slide_qc"]
+__all__ = ["ARTIFACT_COLOURS", "EXCLUSION_WARN_SHARE", "QcMasks", "SlideQC", "artifact_map",
+           "draw_qc_overlay", "qc_masks", "qc_row", "slide_qc"]
 
 EXCLUSION_WARN_SHARE = 0.5
 """The share of the tissue whose removal by pen/dark exclusion is worth a loud warning."""
@@ -40,6 +42,8 @@ class QcMasks:
     pen: BoolMask
     dark: BoolMask
     mpp: float
+    artifacts: dict[str, BoolMask] = field(default_factory=dict)
+    """The artefact model's classes on the tissue (empty without one)."""
 
 
 @dataclass(frozen=True)
@@ -50,7 +54,8 @@ class SlideQC:
     tissue_area_mm2: float
     tissue_area_before_exclusion_mm2: float
     excluded_mm2: dict[str, float]
-    """Tissue removed by each exclusion (``pen``, ``dark``); a pixel both counts in both."""
+    """Tissue removed by each excluded class (``pen``, ``dark``; or the artefact model's);
+    a pixel in two counts in both."""
     excluded_share: float
     """Of the tissue before exclusion, the share removed."""
     pen_area_mm2: float
@@ -63,21 +68,23 @@ class SlideQC:
     stain_vectors: dict[str, list[float]] | None = None
     """Macenko's haematoxylin and eosin optical-density vectors (RGB), None without stain."""
     warnings: list[str] = field(default_factory=list)
+    artifact_mm2: dict[str, float] = field(default_factory=dict)
+    """The artefact model's classes on the tissue, excluded or not (empty without one)."""
+    artifact_detector: str = "classical"
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def _mm2(mask: BoolMask, mpp: float) -> float:
-    return round(float(mask.sum()) * mpp * mpp / 1e6, 4)
-
-
-def qc_masks(thumb: RGBImage, mpp: float, params: TissueParams) -> QcMasks:
-    """The tissue with and without the pen/dark exclusion, and where ink and dark are."""
-    tissue = detect_tissue(thumb, mpp, params)
-    before = detect_tissue(thumb, mpp, replace(params, exclude_pen=False, exclude_dark=False))
-    return QcMasks(tissue=tissue, before_exclusion=before | tissue, pen=pen_ink_mask(thumb),
-                   dark=dark_artefact_mask(thumb, dark_value=params.dark_value), mpp=mpp)
+def qc_masks(slide: Slide, tm: TissueMask) -> QcMasks:
+    """The tissue before and after exclusion, what the artefact model found, and where ink
+    and dark pixels are anywhere on the slide (from ``tm``, the slide's tissue mask)."""
+    thumb = slide.thumbnail(mpp=tm.mpp)
+    ex = tm.exclusion
+    deep = ex is not None and ex.detector != "classical"
+    return QcMasks(tissue=tm.mask, before_exclusion=ex.before if ex is not None else tm.mask,
+                   pen=pen_ink_mask(thumb), dark=dark_artefact_mask(thumb), mpp=tm.mpp,
+                   artifacts=ex.found if ex is not None and deep else {})
 
 
 def _sample(slide: Slide, masks: QcMasks, seed: int) -> np.ndarray:
@@ -123,33 +130,33 @@ def _stains(patches: np.ndarray) -> dict[str, list[float]] | None:
 
 
 def slide_qc(slide: Slide, *, tissue_mpp: float = 8.0, params: TissueParams | None = None,
-             seed: int = 0) -> tuple[SlideQC, QcMasks]:
-    """The slide's QC summary and the masks it was measured on (classical tissue methods)."""
-    p = params or TissueParams()
-    mx, my = slide.require_mpp()
-    mpp = max(tissue_mpp, mx, my)
-    masks = qc_masks(slide.thumbnail(mpp=mpp), mpp, p)
-    removed = masks.before_exclusion & ~masks.tissue
-    before_mm2 = _mm2(masks.before_exclusion, mpp)
-    share = round(_mm2(removed, mpp) / before_mm2, 4) if before_mm2 else 0.0
+             seed: int = 0, tissue: TissueMask | None = None) -> tuple[SlideQC, QcMasks]:
+    """The slide's QC summary and the masks it was measured on (``tissue``: the slide's
+    mask when it is at hand, else detected with ``params``)."""
+    tm = tissue or compute_tissue_mask(slide, tissue_mpp=tissue_mpp, params=params)
+    masks, mpp, ex = qc_masks(slide, tm), tm.mpp, tm.exclusion
+    report = ex.report(mpp) if ex is not None else None
+    share = tm.excluded_share
     patches = _sample(slide, masks, seed)
     measures, labels = _patch_summary(patches)
     warnings = []
     if share > EXCLUSION_WARN_SHARE:
-        warnings.append(f"pen/dark exclusion removed {share:.0%} of the tissue: check the "
+        what = "pen/dark" if ex is None or ex.detector == "classical" else ex.detector
+        warnings.append(f"{what} exclusion removed {share:.0%} of the tissue: check the "
                         "overlay (dark-stained tissue can read as a dark artefact)")
     if not masks.tissue.any():
         warnings.append("no tissue found")
     qc = SlideQC(
         fingerprint=slide.fingerprint, mask_mpp=mpp,
         slide_area_mm2=round(masks.tissue.size * mpp * mpp / 1e6, 4),
-        tissue_area_mm2=_mm2(masks.tissue, mpp), tissue_area_before_exclusion_mm2=before_mm2,
-        excluded_mm2={"pen": _mm2(removed & _grown(masks.pen), mpp),
-                      "dark": _mm2(removed & _grown(masks.dark), mpp)},
-        excluded_share=share, pen_area_mm2=_mm2(masks.pen, mpp),
-        dark_area_mm2=_mm2(masks.dark, mpp), sampled_patches=len(patches),
-        patch_measures=measures, qc_labels=labels, stain_vectors=_stains(patches),
-        warnings=warnings)
+        tissue_area_mm2=mm2(masks.tissue, mpp),
+        tissue_area_before_exclusion_mm2=mm2(masks.before_exclusion, mpp),
+        excluded_mm2=report["excluded_mm2"] if report else {}, excluded_share=share,
+        pen_area_mm2=mm2(masks.pen, mpp), dark_area_mm2=mm2(masks.dark, mpp),
+        sampled_patches=len(patches), patch_measures=measures, qc_labels=labels,
+        stain_vectors=_stains(patches), warnings=warnings,
+        artifact_mm2=report["found_mm2"] if report and masks.artifacts else {},
+        artifact_detector=ex.detector if ex is not None else "classical")
     return qc, masks
 
 
@@ -161,6 +168,7 @@ def qc_row(qc: SlideQC) -> dict[str, Any]:
         "tissue_area_before_exclusion_mm2": qc.tissue_area_before_exclusion_mm2,
         "excluded_share": qc.excluded_share,
         **{f"excluded_{k}_mm2": v for k, v in qc.excluded_mm2.items()},
+        **{f"artifact_{k}_mm2": v for k, v in qc.artifact_mm2.items()},
         "pen_area_mm2": qc.pen_area_mm2, "dark_area_mm2": qc.dark_area_mm2,
         "sampled_patches": qc.sampled_patches,
         **{f"median_{k}": v for k, v in qc.patch_measures.items()},
@@ -172,15 +180,17 @@ def qc_row(qc: SlideQC) -> dict[str, Any]:
     return row
 
 
-def _grown(mask: BoolMask) -> BoolMask:
-    """The exclusion as the detector applies it (grown by a pixel, and closed over)."""
-    grown: BoolMask = cv2.dilate(mask.view(np.uint8), np.ones((5, 5), np.uint8)).view(bool)
-    return grown
+ARTIFACT_COLOURS: dict[str, tuple[int, int, int]] = {
+    "fold": (255, 140, 0), "dark_spot": (20, 60, 220), "pen": (200, 0, 200),
+    "air_bubble": (0, 200, 220), "out_of_focus": (240, 220, 0)}
+"""The overlay's colour of each artefact-model class (RGB)."""
 
 
 def draw_qc_overlay(thumbnail: RGBImage, masks: QcMasks) -> RGBImage:
-    """``thumbnail`` with the tissue tinted green and outlined, what the exclusion removed
-    in red, ink in magenta and dark artefacts in blue."""
+    """``thumbnail`` with the tissue tinted green and outlined, and what the exclusion
+    removed in red. Classical: ink in magenta and dark artefacts in blue, anywhere. With an
+    artefact model: each of its classes in its ``ARTIFACT_COLOURS``, the removed area
+    outlined in red."""
     th, tw = thumbnail.shape[:2]
 
     def fit(mask: BoolMask) -> BoolMask:
@@ -188,14 +198,39 @@ def draw_qc_overlay(thumbnail: RGBImage, masks: QcMasks) -> RGBImage:
         fitted: BoolMask = resized.view(bool)
         return fitted
 
+    removed = fit(masks.before_exclusion & ~masks.tissue)
     img = thumbnail.astype(np.float32)
-    layers = ((fit(masks.tissue), (40, 170, 60), 0.40),
-              (fit(masks.before_exclusion & ~masks.tissue), (220, 30, 30), 0.55),
-              (fit(masks.pen), (200, 0, 200), 0.45), (fit(masks.dark), (20, 60, 220), 0.45))
+    layers = [(fit(masks.tissue), (40, 170, 60), 0.40), (removed, (220, 30, 30), 0.55)]
+    if masks.artifacts:
+        layers += [(fit(m), ARTIFACT_COLOURS.get(name, (128, 128, 128)), 0.55)
+                   for name, m in masks.artifacts.items()]
+    else:
+        layers += [(fit(masks.pen), (200, 0, 200), 0.45), (fit(masks.dark), (20, 60, 220), 0.45)]
     for where, colour, alpha in layers:
         img[where] = img[where] * (1 - alpha) + np.array(colour, np.float32) * alpha
     out = np.ascontiguousarray(np.clip(img, 0, 255).astype(np.uint8))
-    contours, _ = cv2.findContours(fit(masks.tissue).view(np.uint8), cv2.RETR_LIST,
-                                   cv2.CHAIN_APPROX_SIMPLE)
-    cv2.drawContours(out, contours, -1, (0, 120, 30), 1)
+    for where, colour in ((fit(masks.tissue), (0, 120, 30)), (removed, (200, 0, 0))):
+        contours, _ = cv2.findContours(where.view(np.uint8), cv2.RETR_LIST,
+                                       cv2.CHAIN_APPROX_SIMPLE)
+        cv2.drawContours(out, contours, -1, colour, 1)
     return out
+
+
+def artifact_map(tm: TissueMask) -> tuple[RGBImage, dict[str, Any]]:
+    """The artefact model's classes in their ``ARTIFACT_COLOURS`` on black (the tissue
+    before exclusion grey), at the mask's resolution; and each class's area in mm² and as a
+    percentage of that tissue."""
+    ex = tm.exclusion
+    before = ex.before if ex is not None else tm.mask
+    image = np.zeros((*tm.mask.shape, 3), np.uint8)
+    image[before] = (128, 128, 128)
+    for name, where in (ex.found if ex is not None else {}).items():
+        image[where] = ARTIFACT_COLOURS.get(name, (255, 255, 255))
+    tissue_mm2 = mm2(before, tm.mpp)
+    classes = {name: {"mm2": mm2(where, tm.mpp),
+                      "percent_of_tissue": round(100 * mm2(where, tm.mpp) / tissue_mm2, 2)
+                      if tissue_mm2 else 0.0,
+                      "colour": list(ARTIFACT_COLOURS.get(name, (255, 255, 255)))}
+               for name, where in (ex.found if ex is not None else {}).items()}
+    return image, {"detector": ex.detector if ex is not None else None, "mask_mpp": tm.mpp,
+                   "tissue_mm2": tissue_mm2, "classes": classes}

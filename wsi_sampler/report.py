@@ -49,9 +49,7 @@ def bag_record(plan: PatchPlan) -> dict[str, Any]:
             "target_mpp": plan.target_mpp, "patch_size_px": plan.patch_size_px,
             "width0": plan.width0, "height0": plan.height0, "seed": plan.seed,
             "selection": plan.selection,
-            "patches": [{"x0": int(x), "y0": int(y), "tissue_fraction": round(float(f), 4)}
-                        for x, y, f in zip(plan.x0, plan.y0, plan.tissue_fraction,
-                                           strict=True)]}
+            "patches": plan.patch_records()}
 
 
 def encode_bag(slide: Slide, plan: PatchPlan, vlm: VlmRequest) -> list[str]:

@@ -34,7 +34,7 @@ from .export import (
 from .extract import Extractor, PatchBatch
 from .features import FeaturesDtype, write_features_h5, write_features_pt
 from .models import ModelCard, Predictions
-from .plan import PatchPlan, PlanParams, make_plan
+from .plan import PatchPlan, PlanParams, TissueMask, make_plan
 from .slide import Slide
 from .tissue import is_fluorescence
 from .worker import Worker
@@ -207,14 +207,16 @@ def score_slide(
     batch_size: int = 32, cancel: threading.Event | None = None,
     progress: Callable[[int, int], None] | None = None, config: dict[str, Any] | None = None,
     options: OutputOptions = OutputOptions(), read_mpp: float | None = None,
+    tissue: TissueMask | None = None,
 ) -> SlideScore:
     """Plan, extract, predict, aggregate; with ``out_dir``, write the result files.
-    ``read_mpp``: read patches at this µm/px instead of the model's (a coarse scan).
+    ``read_mpp``: read patches at this µm/px instead of the model's (a coarse scan);
+    ``tissue``: the slide's tissue mask when it is at hand (else detected).
 
     ``summary.json`` is written last and atomically: a slide is done iff it exists.
     """
     t0 = time.perf_counter()
-    plan = make_plan(slide, model_plan_params(worker.card, params, read_mpp))
+    plan = make_plan(slide, model_plan_params(worker.card, params, read_mpp), tissue=tissue)
     t_plan = time.perf_counter() - t0
     agg = Aggregate(worker.card)
     collected = _Collected({c: [] for _, _, c in output_columns(worker.card)})
@@ -239,6 +241,8 @@ def score_slide(
     note = plan.note()
     if note:
         summary["message"] = note
+    if "exclusion" in plan.selection:
+        summary["exclusion"] = plan.selection["exclusion"]
     warnings = _model_warnings(slide, worker.card)
     if warnings:
         summary["warnings"] = warnings

@@ -26,6 +26,7 @@ from .types import BoolMask, RGBImage, TissueMethod
 
 __all__ = [
     "TissueParams",
+    "classical_artifact_masks",
     "clean_mask",
     "dark_artefact_mask",
     "detect_tissue",
@@ -51,6 +52,14 @@ DEEP_METHODS = {
     "grandqc": "Tissue_Detection_MPP10.pth from zenodo.org/records/14507273",
 }
 """Deep segmenters (:mod:`wsi_sampler.segmenters`) and where their weights come from."""
+DEEP_ARTIFACT_CLASSES = ("fold", "dark_spot", "pen", "air_bubble", "out_of_focus")
+"""What GrandQC's artefact model finds (``--artifact-weights``): folds, dark spots and
+foreign objects, pen marking, edges and air bubbles, out-of-focus areas."""
+CLASSICAL_ARTIFACT_CLASSES = ("pen", "dark")
+"""What the classical detector excludes without an artefact model: blue / green ink, and
+near-black pixels (black marker, dirt, dense folds)."""
+ARTIFACT_WEIGHTS_HINT = ("GrandQC_MPP1_state_dict.pth from "
+                         "huggingface.co/MahmoodLab/hest-tissue-seg")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -73,8 +82,66 @@ class TissueParams:
     segmenter_weights: str | None = None
     """``hest`` / ``grandqc``: the segmenter's weights (HEST's ``deeplabv3_seg_v4.ckpt``,
     GrandQC's ``Tissue_Detection_MPP10.pth``)."""
+    exclude_artifacts: tuple[str, ...] = ()
+    """Artefact classes a plan drops. With ``artifact_weights``: any of
+    ``DEEP_ARTIFACT_CLASSES`` (none named = all of them, as TRIDENT's artefact removal);
+    without: ``pen`` / ``dark`` from the classical detector, and then they replace
+    ``exclude_pen`` / ``exclude_dark``."""
+    artifact_weights: str | None = None
+    """The artefact model's weights (GrandQC's ``GrandQC_MPP1_state_dict.pth``)."""
+    artifact_model: str = "grandqc-artifacts"
+    """The artefact model's card (``grandqc-artifacts-mpp15`` / ``-mpp2``: GrandQC's coarser
+    variants)."""
+    max_excluded_share: float = 0.5
+    """When exclusion removes more of the tissue than this (or all of it), the plan says so
+    and keeps the patches it would have dropped, marked ``excluded``."""
+    strict_exclusion: bool = False
+    """Drop the excluded patches whatever the share (the plan may then be empty)."""
 
     def __post_init__(self) -> None:
+        names = self.exclude_artifacts
+        if isinstance(names, str):
+            names = tuple(names.split(","))
+        # a tuple of names, as given from a list, "pen,fold" or the CLI's split
+        object.__setattr__(self, "exclude_artifacts",
+                           tuple(dict.fromkeys(n.strip() for n in names if n.strip())))
+        self._check_method()
+        self._check_artifacts()
+        for name in ("median_blur_um", "close_um", "min_tissue_area_um2", "min_hole_area_um2"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                raise InvalidRequestError(f"{name} must be >= 0, got {value}")
+
+    def _check_artifacts(self) -> None:
+        known = DEEP_ARTIFACT_CLASSES if self.artifact_weights else CLASSICAL_ARTIFACT_CLASSES
+        for name in self.exclude_artifacts:
+            if name in known:
+                continue
+            if name in DEEP_ARTIFACT_CLASSES:
+                raise InvalidRequestError(
+                    f"excluding {name!r} needs the artefact model's weights "
+                    f"(--artifact-weights FILE: {ARTIFACT_WEIGHTS_HINT}); without them "
+                    f"only {', '.join(CLASSICAL_ARTIFACT_CLASSES)}")
+            raise InvalidRequestError(f"unknown artefact class {name!r} ({', '.join(known)})")
+        if not (math.isfinite(self.max_excluded_share) and 0 <= self.max_excluded_share <= 1):
+            raise InvalidRequestError(
+                f"max_excluded_share must be in [0, 1], got {self.max_excluded_share}")
+
+    def classical_exclusion(self) -> tuple[bool, bool]:
+        """(pen, dark): what the classical detector removes under these settings."""
+        if self.artifact_weights:
+            return False, False
+        if self.exclude_artifacts:
+            return "pen" in self.exclude_artifacts, "dark" in self.exclude_artifacts
+        return self.exclude_pen, self.exclude_dark
+
+    def deep_exclusion(self) -> tuple[str, ...]:
+        """The artefact model's classes to drop (empty without its weights)."""
+        if not self.artifact_weights:
+            return ()
+        return self.exclude_artifacts or DEEP_ARTIFACT_CLASSES
+
+    def _check_method(self) -> None:
         if self.method not in (*CLASSICAL_METHODS, *DEEP_METHODS):
             raise InvalidRequestError(
                 f"unknown tissue method {self.method!r} (auto, brightfield, fluorescence, "
@@ -84,10 +151,6 @@ class TissueParams:
             raise InvalidRequestError(
                 f"tissue method {self.method!r} needs the segmenter's weights "
                 f"(--segmenter-weights FILE: {DEEP_METHODS[self.method]})")
-        for name in ("median_blur_um", "close_um", "min_tissue_area_um2", "min_hole_area_um2"):
-            value = getattr(self, name)
-            if not (math.isfinite(value) and value >= 0):
-                raise InvalidRequestError(f"{name} must be >= 0, got {value}")
 
 
 def _odd_kernel(size_um: float, mpp: float) -> int:
@@ -168,17 +231,29 @@ def _saturation_and_artefacts(
 ) -> tuple[npt.NDArray[np.uint8], BoolMask]:
     """HSV saturation, and where pen ink or near-black artefacts are (as ``p`` asks)."""
     height = rgb.shape[0]
+    pen, dark = p.classical_exclusion()
     sat = np.empty(rgb.shape[:2], np.uint8)
     excluded = np.zeros(rgb.shape[:2], bool)
     for y in range(0, height, _BAND_ROWS):
         band = rgb[y : y + _BAND_ROWS]
         hsv = cv2.cvtColor(band, cv2.COLOR_RGB2HSV)
         sat[y : y + _BAND_ROWS] = hsv[:, :, 1]
-        if p.exclude_pen:
+        if pen:
             excluded[y : y + _BAND_ROWS] |= _pen_from_hsv(hsv)
-        if p.exclude_dark:
+        if dark:
             excluded[y : y + _BAND_ROWS] |= dark_artefact_mask(band, dark_value=p.dark_value)
     return sat, excluded
+
+
+def classical_artifact_masks(rgb: RGBImage, params: TissueParams) -> dict[str, BoolMask]:
+    """Where the classical detector finds pen ink and near-black artefacts, grown by the
+    pixels the detector's own grow and close take with them (for the area each removed)."""
+    pen, dark = params.classical_exclusion()
+    found = {"pen": pen_ink_mask(rgb) if pen else None,
+             "dark": dark_artefact_mask(rgb, dark_value=params.dark_value) if dark else None}
+    kernel = np.ones((5, 5), np.uint8)
+    return {name: cv2.dilate(mask.view(np.uint8), kernel).view(bool)
+            for name, mask in found.items() if mask is not None}
 
 
 def _morph_close(mask: np.ndarray, ksize: int) -> np.ndarray:

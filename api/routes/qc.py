@@ -10,8 +10,8 @@ from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
 from wsi_sampler.encoding import encode_image
+from wsi_sampler.plan import compute_tissue_mask
 from wsi_sampler.qc import draw_qc_overlay, qc_masks, slide_qc
-from wsi_sampler.tissue import TissueParams
 from wsi_sampler.units import SLIDE_MPP_RANGE, TISSUE_MPP_RANGE
 
 from ..deps import ServicesDep
@@ -31,8 +31,11 @@ class SlideQcReport(BaseModel):
     slide_area_mm2: float
     tissue_area_mm2: float
     tissue_area_before_exclusion_mm2: float = Field(
-        description="Tissue by the saturation rule before pen ink and dark artefacts go")
-    excluded_mm2: dict[str, float] = Field(description="Removed by each exclusion (pen, dark)")
+        description="Tissue before artefact exclusion (pen ink and dark pixels, or the "
+        "configured artefact model's classes)")
+    excluded_mm2: dict[str, float] = Field(
+        description="Removed by each excluded class (pen, dark; or fold, dark_spot, pen, "
+        "air_bubble, out_of_focus with the artefact model)")
     excluded_share: float = Field(description="Share of the tissue the exclusion removed")
     pen_area_mm2: float
     dark_area_mm2: float
@@ -43,6 +46,11 @@ class SlideQcReport(BaseModel):
     stain_vectors: dict[str, list[float]] | None = Field(
         description="Macenko's haematoxylin and eosin optical-density vectors (RGB)")
     warnings: list[str]
+    artifact_mm2: dict[str, float] = Field(
+        default_factory=dict, description="The artefact model's classes on the tissue, "
+        "excluded or not (empty without artifact_weights in the service config)")
+    artifact_detector: str = Field("classical", description="classical, or the artefact "
+                                   "model's card name")
 
 
 @router.get("/{slide_id}/qc", response_model=SlideQcReport, responses=ERRORS)
@@ -51,7 +59,7 @@ async def qc_summary(slide_id: str, services: ServicesDep, tissue_mpp: TissueMpp
     """Tissue and artefact areas, patch blur/pen/dark/stain measures and stain vectors."""
     def measure() -> SlideQcReport:
         with services.registry.open(slide_id, mpp_override=mpp_override) as s:
-            summary, _ = slide_qc(s, tissue_mpp=tissue_mpp)
+            summary, _ = slide_qc(s, tissue_mpp=tissue_mpp, params=services.tissue_params)
         return SlideQcReport.model_validate(summary.to_dict())
 
     return await services.slide_work(measure)
@@ -60,7 +68,9 @@ async def qc_summary(slide_id: str, services: ServicesDep, tissue_mpp: TissueMpp
 @router.get("/{slide_id}/qc.png", response_class=Response, responses={
     **ERRORS, 200: {"content": binary_content("image/png"),
                     "description": "The QC overlay: tissue green, removed by the exclusion "
-                                   "red, ink magenta, dark artefacts blue"}})
+                                   "red; ink magenta and dark artefacts blue, or with the "
+                                   "artefact model fold orange, dark spot blue, pen "
+                                   "magenta, air bubble cyan, out of focus yellow"}})
 async def qc_overlay(
     slide_id: str, services: ServicesDep, tissue_mpp: TissueMppQ = 8.0,
     mpp_override: MppOverrideQ = None,
@@ -69,9 +79,8 @@ async def qc_overlay(
     """The thumbnail with what QC found drawn on it."""
     def draw() -> bytes:
         with services.registry.open(slide_id, mpp_override=mpp_override) as s:
-            mx, my = s.require_mpp()
-            mpp = max(tissue_mpp, mx, my)
-            masks = qc_masks(s.thumbnail(mpp=mpp), mpp, TissueParams())
+            tm = compute_tissue_mask(s, tissue_mpp=tissue_mpp, params=services.tissue_params)
+            masks = qc_masks(s, tm)
             return encode_image(draw_qc_overlay(s.thumbnail(max_size=max_size), masks))
 
     return Response(await services.slide_work(draw), media_type="image/png")

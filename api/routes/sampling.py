@@ -45,7 +45,7 @@ def open_and_plan(
     a plan whose patches are ``streamed`` to the client is held to max_patches_per_request."""
     slide = services.registry.open(slide_id, mpp_override=req.mpp_override)
     try:
-        params = req.to_params()
+        params = req.to_params(services.tissue_params)
         if for_model:
             params = model_plan_params(services.require_worker().card, params)
         plan = make_plan(slide, params)
@@ -64,7 +64,7 @@ async def plan(slide_id: str, req: SamplingRequest, services: ServicesDep) -> Pl
     """Sampling parameters in, level-0 patch coordinates out (all strategies, incl. medgemma)."""
     def run() -> PlanResponse:
         with services.registry.open(slide_id, mpp_override=req.mpp_override) as slide:
-            plan_ = make_plan(slide, req.to_params())
+            plan_ = make_plan(slide, req.to_params(services.tissue_params))
         _check_size(plan_, services.settings.max_plan_patches, "max_plan_patches",
                     "sample fewer (random/stratified with n_patches) or use larger patches")
         d = plan_.to_dict()
@@ -83,7 +83,7 @@ async def plan_h5(slide_id: str, req: SamplingRequest, services: ServicesDep) ->
     """The plan as the patch-coordinate h5 CLAM's and TRIDENT's feature extraction read."""
     def run() -> bytes:
         with services.registry.open(slide_id, mpp_override=req.mpp_override) as slide:
-            plan_ = make_plan(slide, req.to_params())
+            plan_ = make_plan(slide, req.to_params(services.tissue_params))
             _check_size(plan_, services.settings.max_plan_patches, "max_plan_patches",
                         "sample fewer (random/stratified with n_patches) or use larger "
                         "patches")

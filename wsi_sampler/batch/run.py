@@ -33,11 +33,10 @@ from ..encoding import encode_image
 from ..errors import WsiSamplerError
 from ..export import run_metadata
 from ..features import FeaturesDtype
-from ..plan import PlanParams
+from ..plan import PlanParams, TissueMask, compute_tissue_mask
 from ..report import describe_slide
 from ..scoring import OutputOptions, SlideScore, score_slide
 from ..slide import Slide, open_slide
-from ..tissue import DEEP_METHODS, TissueParams
 from ..worker import Worker, open_worker
 from ..worker.vlm import VlmConfig, VlmWorker
 from .discover import Discovery, SlideTask, discover_slides
@@ -160,7 +159,10 @@ def _score_into(task: SlideTask, staging: Path, cfg: BatchConfig) -> dict[str, A
             slide.pseudonymise(task.alias)
         if cfg.vlm is not None:
             return _report_slide(slide, staging, cfg)
-        result = score_slide(slide, cfg.params, _worker_for(cfg), staging,
+        # with --qc, the slide's tissue (and artefact model) is computed once for both
+        tissue = compute_tissue_mask(slide, tissue_mpp=cfg.params.tissue_mpp,
+                                     params=cfg.params.tissue) if cfg.qc else None
+        result = score_slide(slide, cfg.params, _worker_for(cfg), staging, tissue=tissue,
                              batch_size=cfg.batch_size,
                              config={"batch": cfg.to_dict(), "slide_rel": task.public,
                                      "run_signature": cfg.signature},
@@ -169,19 +171,18 @@ def _score_into(task: SlideTask, staging: Path, cfg: BatchConfig) -> dict[str, A
         if cfg.slide_models:
             _answer_slide(slide, result, staging, cfg)
         if cfg.qc:
-            _qc_slide(slide, result.summary, staging, cfg)
+            _qc_slide(slide, result.summary, staging, cfg, tissue)
         return result.summary
 
 
-def _qc_slide(slide: Slide, summary: dict[str, Any], staging: Path, cfg: BatchConfig
-              ) -> None:
+def _qc_slide(slide: Slide, summary: dict[str, Any], staging: Path, cfg: BatchConfig,
+              tissue: TissueMask | None) -> None:
     """The slide's QC summary and overlay beside its results; its row joins summary.json
     (rewritten: the folder is committed by its rename) and its warnings the log."""
     from ..qc import draw_qc_overlay, qc_row, slide_qc
 
-    tissue = cfg.params.tissue
-    classical = tissue if tissue.method not in DEEP_METHODS else TissueParams()
-    report, masks = slide_qc(slide, tissue_mpp=cfg.params.tissue_mpp, params=classical)
+    report, masks = slide_qc(slide, tissue_mpp=cfg.params.tissue_mpp,
+                             params=cfg.params.tissue, tissue=tissue)
     atomic_write_text(staging / "qc.json", json.dumps(report.to_dict(), indent=2) + "\n")
     atomic_write_bytes(staging / "qc.png",
                        encode_image(draw_qc_overlay(slide.thumbnail(max_size=2048), masks)))

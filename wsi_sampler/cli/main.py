@@ -12,14 +12,21 @@ import re
 import sys
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TimeRemainingColumn,
+)
 
 from .._io import atomic_write_bytes
 from ..demo import DemoSlideSpec, tile_count, write_demo_slide
@@ -44,11 +51,16 @@ from .deidentify import register as register_deidentify_commands
 from .models import register as register_model_commands
 from .options import (
     NO,
+    ArtifactModelO,
+    ArtifactWeightsO,
     BackendO,
     BackendOpt,
+    ExcludeArtifactsO,
+    ExclusionArgs,
     ImageFormat,
     MagO,
     MaskO,
+    MaxExcludedO,
     MethodO,
     MethodOpt,
     MinTissueO,
@@ -62,6 +74,7 @@ from .options import (
     SlideArg,
     StrategyO,
     StrategyOpt,
+    StrictExclusionO,
     TissueMppO,
     tissue_params,
 )
@@ -102,9 +115,9 @@ def _plan_params(
     strategy: StrategyOpt, mpp: float | None, magnification: float | None, size: int | None,
     overlap: float, min_tissue: float, n_patches: int | None, seed: int,
     tissue_mpp: float | None, method: MethodOpt, variant: VariantOpt = VariantOpt.report,
-    segmenter_weights: Path | None = None,
+    segmenter_weights: Path | None = None, exclusion: ExclusionArgs | None = None,
 ) -> PlanParams:
-    tissue = tissue_params(method, segmenter_weights)
+    tissue = tissue_params(method, segmenter_weights, exclusion)
     if strategy is StrategyOpt.medgemma:
         if mpp is not None or size not in (None, 896):
             raise InvalidRequestError("medgemma fixes --size (896) and draws --mpp; use "
@@ -121,7 +134,9 @@ def _plan_params(
 def _tissue_for(
     s: Slide, params: PlanParams, mask: Path | None
 ) -> TissueMask:
-    tm = compute_tissue_mask(s, tissue_mpp=params.tissue_mpp, params=params.tissue)
+    with _segmenter_progress() as progress:
+        tm = compute_tissue_mask(s, tissue_mpp=params.tissue_mpp, params=params.tissue,
+                                 progress=progress)
     if mask is None:
         return tm
     if mask.suffix.lower() in (".geojson", ".json"):
@@ -129,6 +144,21 @@ def _tissue_for(
     else:
         user = load_mask_png(mask, tm.mask.shape)
     return TissueMask(user, tm.mpp, tm.scale)
+
+
+@contextmanager
+def _segmenter_progress() -> Iterator[Callable[[int, int], None]]:
+    """A progress bar for the artefact model's tiles (on stderr, shown once it runs)."""
+    with Progress(BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                  transient=True, disable=not sys.stderr.isatty()) as bar:
+        task: list[TaskID] = []
+
+        def update(done: int, total: int) -> None:
+            if not task:
+                task.append(bar.add_task("artefact model", total=total))
+            bar.update(task[0], completed=done, total=total)
+
+        yield update
 
 
 def _build_plan(
@@ -156,18 +186,47 @@ def tissue(
     tissue_mpp: Annotated[float, typer.Option(help="Mask resolution in µm/px.")] = 8.0,
     method: MethodO = MethodOpt.auto,
     segmenter_weights: SegmenterWeightsO = None,
+    exclude_artifacts: ExcludeArtifactsO = None, artifact_weights: ArtifactWeightsO = None,
+    artifact_model: ArtifactModelO = "grandqc-artifacts",
+    max_excluded_share: MaxExcludedO = 0.5, strict_exclusion: StrictExclusionO = False,
+    artifacts_out: Annotated[Path | None, typer.Option(
+        help="With --artifact-weights: also the artefact class map (PNG, the QC overlay's "
+             "colours on black) and, beside it, each class's area (.json).")] = None,
     backend: BackendO = BackendOpt.auto,
     mpp_override: MppOverrideO = None,
 ) -> None:
-    """Detect tissue and write its mask (and optionally QuPath-ready polygons)."""
-    params = tissue_params(method, segmenter_weights)
-    with _open(slide, backend, mpp_override) as s:
-        tm = compute_tissue_mask(s, tissue_mpp=tissue_mpp, params=params)
+    """Detect tissue, exclude artefacts, and write the mask (and optionally QuPath-ready
+    polygons and the artefact class map)."""
+    params = tissue_params(method, segmenter_weights, ExclusionArgs(
+        exclude_artifacts, artifact_weights, artifact_model, max_excluded_share,
+        strict_exclusion))
+    if artifacts_out is not None and artifact_weights is None:
+        raise InvalidRequestError("--artifacts-out maps the artefact model's classes: give "
+                                  "--artifact-weights")
+    with _open(slide, backend, mpp_override) as s, _segmenter_progress() as progress:
+        tm = compute_tissue_mask(s, tissue_mpp=tissue_mpp, params=params, progress=progress)
     write_mask_png(out, tm.mask)
     if geojson is not None:
         write_tissue_geojson(geojson, tm.mask, tm.scale)
+    if artifacts_out is not None:
+        _write_artifact_map(artifacts_out, tm)
     log.info("tissue: %.1f %% of %s at %.2f µm/px -> %s",
              100 * tm.mask.mean(), s.name, tm.mpp, out)
+    if tm.exclusion is not None:
+        log.info("exclusion: %s", json.dumps(tm.exclusion.report(tm.mpp)))
+        if tm.excluded_share > params.max_excluded_share:
+            log.warning("warning: exclusion removed %.0f %% of the tissue",
+                        100 * tm.excluded_share)
+
+
+def _write_artifact_map(path: Path, tm: TissueMask) -> None:
+    """The artefact class map (PNG) and each class's area (.json beside it)."""
+    from ..encoding import encode_image
+    from ..qc import artifact_map
+
+    image, areas = artifact_map(tm)
+    atomic_write_bytes(path, encode_image(image))
+    atomic_write_bytes(path.with_suffix(".json"), json.dumps(areas, indent=2).encode())
 
 
 @app.command()
@@ -180,6 +239,9 @@ def plan(
     size: SizeO = None, overlap: OverlapO = 0.0, min_tissue: MinTissueO = 0.5,
     n_patches: NO = None, seed: SeedO = 0, tissue_mpp: TissueMppO = None,
     method: MethodO = MethodOpt.auto, segmenter_weights: SegmenterWeightsO = None,
+    exclude_artifacts: ExcludeArtifactsO = None, artifact_weights: ArtifactWeightsO = None,
+    artifact_model: ArtifactModelO = "grandqc-artifacts",
+    max_excluded_share: MaxExcludedO = 0.5, strict_exclusion: StrictExclusionO = False,
     roi: RoiO = None, mask: MaskO = None,
     backend: BackendO = BackendOpt.auto, mpp_override: MppOverrideO = None,
     variant: VariantO = VariantOpt.report,
@@ -190,7 +252,9 @@ def plan(
 ) -> None:
     """Plan patches (coordinates only) and write them."""
     params = _plan_params(strategy, mpp, magnification, size, overlap, min_tissue, n_patches,
-                          seed, tissue_mpp, method, variant, segmenter_weights)
+                          seed, tissue_mpp, method, variant, segmenter_weights, ExclusionArgs(
+                              exclude_artifacts, artifact_weights, artifact_model,
+                              max_excluded_share, strict_exclusion))
     write = _plan_writer(out, h5_format)  # every output checked before any work
     if messages is not None and strategy is not StrategyOpt.medgemma:
         raise InvalidRequestError("--messages exports the MedGemma bag: --strategy medgemma")
@@ -247,6 +311,9 @@ def patches(
     size: SizeO = None, overlap: OverlapO = 0.0, min_tissue: MinTissueO = 0.5,
     n_patches: NO = None, seed: SeedO = 0, tissue_mpp: TissueMppO = None,
     method: MethodO = MethodOpt.auto, segmenter_weights: SegmenterWeightsO = None,
+    exclude_artifacts: ExcludeArtifactsO = None, artifact_weights: ArtifactWeightsO = None,
+    artifact_model: ArtifactModelO = "grandqc-artifacts",
+    max_excluded_share: MaxExcludedO = 0.5, strict_exclusion: StrictExclusionO = False,
     roi: RoiO = None, mask: MaskO = None,
     backend: BackendO = BackendOpt.auto, mpp_override: MppOverrideO = None,
     quiet: Annotated[bool, typer.Option(help="No progress bar.")] = False,
@@ -256,7 +323,10 @@ def patches(
 ) -> None:
     """Extract planned patches as image files plus index.csv, overlay and run metadata."""
     params = _plan_params(strategy, mpp, magnification, size, overlap, min_tissue, n_patches,
-                          seed, tissue_mpp, method, segmenter_weights=segmenter_weights)
+                          seed, tissue_mpp, method, segmenter_weights=segmenter_weights,
+                          exclusion=ExclusionArgs(exclude_artifacts, artifact_weights,
+                                                  artifact_model, max_excluded_share,
+                                                  strict_exclusion))
     _claim_patch_folder(out, overwrite)
     started = time.perf_counter()
     with _open(slide, backend, mpp_override) as s:

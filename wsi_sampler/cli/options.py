@@ -3,6 +3,7 @@ an option the same way)."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -129,10 +130,48 @@ SlideWeightsO = Annotated[list[Path] | None, typer.Option(
     show_default=False)]
 
 
-def tissue_params(method: MethodOpt, segmenter_weights: Path | None) -> TissueParams:
-    """The tissue detection the options ask for (``--segmenter-weights`` only with hest)."""
+ExcludeArtifactsO = Annotated[str | None, typer.Option(
+    help="Artefact classes plans drop, comma-separated. With --artifact-weights: fold, "
+    "dark_spot, pen, air_bubble, out_of_focus (default: all); without: the classical pen, "
+    "dark (default: both).", show_default=False)]
+ArtifactWeightsO = Annotated[Path | None, typer.Option(
+    help="GrandQC's artefact model: GrandQC_MPP1_state_dict.pth from huggingface.co/"
+    "MahmoodLab/hest-tissue-seg (run on tissue tiles at 1 µm/px: a GPU model, minutes a "
+    "slide on a CPU; nothing is downloaded).", show_default=False)]
+ArtifactModelO = Annotated[str, typer.Option(
+    help="The artefact model's card: grandqc-artifacts (1 µm/px), grandqc-artifacts-mpp15 or "
+    "-mpp2 (GrandQC_MPP15.pth / GrandQC_MPP2.pth), or a segmenter card .json.")]
+MaxExcludedO = Annotated[float, typer.Option(
+    help="When exclusion removes more of the tissue than this share (or all of it), the plan "
+    "warns and keeps the patches it would drop, marked excluded.")]
+StrictExclusionO = Annotated[bool, typer.Option(
+    help="Drop excluded patches whatever the share (the plan may be empty).")]
+
+
+@dataclass(frozen=True)
+class ExclusionArgs:
+    """The artefact-exclusion options as given on the command line."""
+
+    exclude: str | None = None
+    weights: Path | None = None
+    model: str = "grandqc-artifacts"
+    max_share: float = 0.5
+    strict: bool = False
+
+
+def tissue_params(method: MethodOpt, segmenter_weights: Path | None,
+                  exclusion: ExclusionArgs | None = None) -> TissueParams:
+    """The tissue detection the options ask for (``--segmenter-weights`` only with hest or
+    grandqc), with their artefact exclusion."""
     if segmenter_weights is not None and method not in (MethodOpt.hest, MethodOpt.grandqc):
         raise InvalidRequestError("--segmenter-weights goes with --method hest or grandqc "
                                   "(--tissue-method for score)")
+    ex = exclusion or ExclusionArgs()
+    if ex.weights is not None and not ex.weights.is_file():
+        raise InvalidRequestError(f"--artifact-weights {ex.weights}: no such file")
     return TissueParams(method=method.value,
-                        segmenter_weights=str(segmenter_weights) if segmenter_weights else None)
+                        segmenter_weights=str(segmenter_weights) if segmenter_weights else None,
+                        exclude_artifacts=tuple((ex.exclude or "").split(",")),
+                        artifact_weights=str(ex.weights) if ex.weights else None,
+                        artifact_model=ex.model, max_excluded_share=ex.max_share,
+                        strict_exclusion=ex.strict)

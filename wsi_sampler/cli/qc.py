@@ -11,8 +11,20 @@ from typing import Annotated
 import typer
 
 from .._io import atomic_write_text
-from ..errors import InvalidRequestError
-from .options import BackendO, BackendOpt, MethodO, MethodOpt, MppOverrideO, SlideArg
+from .options import (
+    ArtifactModelO,
+    ArtifactWeightsO,
+    BackendO,
+    BackendOpt,
+    ExcludeArtifactsO,
+    ExclusionArgs,
+    MethodO,
+    MethodOpt,
+    MppOverrideO,
+    SegmenterWeightsO,
+    SlideArg,
+    tissue_params,
+)
 
 __all__ = ["register"]
 
@@ -20,27 +32,28 @@ log = logging.getLogger("wsi_sampler")
 
 JsonO = Annotated[Path | None, typer.Option("--out", help="Also write the summary here (JSON).")]
 OverlayO = Annotated[Path | None, typer.Option(
-    help="The QC overlay PNG: tissue green, removed by the exclusion red, ink magenta, dark "
-         "blue.")]
+    help="The QC overlay PNG: tissue green, removed by the exclusion red; ink magenta and dark "
+         "blue, or with --artifact-weights fold orange, dark spot blue, pen magenta, air "
+         "bubble cyan, out of focus yellow.")]
 
 
 def qc(slide: SlideArg, out: JsonO = None, overlay: OverlayO = None,
        tissue_mpp: Annotated[float, typer.Option(help="Mask resolution in µm/px.")] = 8.0,
-       method: MethodO = MethodOpt.auto, backend: BackendO = BackendOpt.auto,
-       mpp_override: MppOverrideO = None) -> None:
+       method: MethodO = MethodOpt.auto, segmenter_weights: SegmenterWeightsO = None,
+       exclude_artifacts: ExcludeArtifactsO = None,
+       artifact_weights: ArtifactWeightsO = None,
+       artifact_model: ArtifactModelO = "grandqc-artifacts",
+       backend: BackendO = BackendOpt.auto, mpp_override: MppOverrideO = None) -> None:
     """Tissue and artefact areas, patch blur/pen/dark/stain measures and the stain vectors,
     printed as JSON (what was removed, and why, on the overlay)."""
     from ..encoding import encode_image
     from ..qc import draw_qc_overlay, slide_qc
     from ..slide import open_slide
-    from ..tissue import TissueParams
 
-    if method in (MethodOpt.hest, MethodOpt.grandqc):
-        raise InvalidRequestError("qc measures the classical masks: --method auto, "
-                                  "brightfield or fluorescence")
+    params = tissue_params(method, segmenter_weights, ExclusionArgs(
+        exclude_artifacts, artifact_weights, artifact_model))
     with open_slide(slide, backend=backend.value, mpp_override=mpp_override) as s:
-        summary, masks = slide_qc(s, tissue_mpp=tissue_mpp,
-                                  params=TissueParams(method=method.value))
+        summary, masks = slide_qc(s, tissue_mpp=tissue_mpp, params=params)
         if overlay is not None:
             png = encode_image(draw_qc_overlay(s.thumbnail(max_size=2048), masks))
             overlay.write_bytes(png)

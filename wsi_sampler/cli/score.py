@@ -30,10 +30,15 @@ from rich.progress import (
 from ..errors import InvalidRequestError
 from ..plan import PlanParams
 from .options import (
+    ArtifactModelO,
+    ArtifactWeightsO,
     DeviceO,
     DeviceOpt,
+    ExcludeArtifactsO,
+    ExclusionArgs,
     FeaturesDtypeO,
     FeaturesDtypeOpt,
+    MaxExcludedO,
     MethodOpt,
     MinTissueO,
     ModelO,
@@ -44,6 +49,7 @@ from .options import (
     SegmenterWeightsO,
     SlideModelO,
     SlideWeightsO,
+    StrictExclusionO,
     WeightsO,
     WorkerProtocolOpt,
     tissue_params,
@@ -176,6 +182,9 @@ def score(
         help="Tissue detection: classical (auto, brightfield, fluorescence) or a deep "
              "segmenter (hest, grandqc; with --segmenter-weights).")] = MethodOpt.auto,
     segmenter_weights: SegmenterWeightsO = None,
+    exclude_artifacts: ExcludeArtifactsO = None, artifact_weights: ArtifactWeightsO = None,
+    artifact_model: ArtifactModelO = "grandqc-artifacts",
+    max_excluded_share: MaxExcludedO = 0.5, strict_exclusion: StrictExclusionO = False,
     qc: Annotated[bool, typer.Option(
         help="Also each slide's QC summary and overlay (qc.json, qc.png) and the run's "
              "qc.csv: tissue and artefact areas, blur, stain vectors.")] = False,
@@ -210,7 +219,11 @@ def score(
             allow_random_weights=random_weights, mpp_override=mpp_override,
             params=PlanParams(strategy=strategy.value, n_patches=n_patches, seed=seed,
                               min_tissue_fraction=min_tissue,
-                              tissue=tissue_params(tissue_method, segmenter_weights)),
+                              tissue=tissue_params(tissue_method, segmenter_weights,
+                                                   ExclusionArgs(
+                                                       exclude_artifacts, artifact_weights,
+                                                       artifact_model, max_excluded_share,
+                                                       strict_exclusion))),
             worker_target_mpp=worker_target_mpp, worker_patch_size=worker_patch_size,
             worker_protocol=worker_protocol.value)
     if qc:

@@ -43,8 +43,9 @@ def _read_raw(path: Path) -> object:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         if "Weights only load failed" in first:  # pickled objects besides tensors
             first = ("it holds pickled Python objects besides tensors, which are not run; "
-                     "from a file you trust, save the weights alone: torch.save(torch.load("
-                     "FILE, weights_only=False)['state_dict'], 'weights.pt')")
+                     "from a file you trust, save the weights alone: m = torch.load(FILE, "
+                     "weights_only=False); torch.save(m.state_dict() if hasattr(m, "
+                     "'state_dict') else m['state_dict'], 'weights.pt')")
         raise ModelLoadError(f"{path}: not a readable {suffix} weights file ({first[:200]})"
                              ) from exc
     raise ModelLoadError(f"{path}: unknown weights format {suffix!r} "

@@ -12,7 +12,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from ..errors import ModelLoadError, ModelNotFoundError
 from ..models.card import Normalization
@@ -36,8 +36,15 @@ class SegmenterCard(BaseModel):
     tile_px: int = Field(ge=32, le=4096)
     tile_mpp: float = Field(gt=0)
     normalization: Normalization = Normalization()
+    role: Literal["tissue", "artifacts"] = "tissue"
+    """``tissue``: a tissue detector (``--method``); ``artifacts``: an artefact map whose
+    classes a plan can exclude (``--artifact-weights``)."""
     tissue_class: int = Field(default=1, ge=0)
     """The output channel that means tissue (it must win the argmax)."""
+    artifact_classes: dict[str, int] = Field(default_factory=dict)
+    """``artifacts``: our name of each artefact class (``fold``, ``pen``…) -> its channel."""
+    background_class: int | None = Field(default=None, ge=0)
+    """``artifacts``: the channel pixels outside the tissue get (nothing is run there)."""
     tiling: Literal["slide", "thumbnail"] = "slide"
     """``slide``: tiles read from the slide at ``tile_mpp``, laid from the origin (HEST);
     ``thumbnail``: the whole slide at ``tile_mpp`` in tiles, the last column and row shifted
@@ -50,13 +57,28 @@ class SegmenterCard(BaseModel):
     description: str = ""
     provenance: SlideProvenance | None = None
 
+    @model_validator(mode="after")
+    def _classes_fit(self) -> SegmenterCard:
+        channels = self.architecture_kwargs.get("classes",
+                                                self.architecture_kwargs.get("num_classes"))
+        used = [self.tissue_class, *self.artifact_classes.values()]
+        if self.background_class is not None:
+            used.append(self.background_class)
+        if isinstance(channels, int) and max(used) >= channels:
+            raise ValueError(f"class index {max(used)} >= the model's {channels} outputs")
+        if self.role == "artifacts" and (not self.artifact_classes
+                                         or self.background_class is None):
+            raise ValueError("an artifacts card names its artifact_classes and background_class")
+        return self
+
 
 def _catalogue() -> Any:
     return resources.files("wsi_sampler.segmenters").joinpath("segmenter_cards")
 
 
 def segmenter_catalogue_names() -> tuple[str, ...]:
-    """Built-in segmenter cards (``hest``); the user brings the weights."""
+    """Built-in segmenter cards (``hest``, ``grandqc``, ``grandqc-artifacts``…); the user
+    brings the weights."""
     return tuple(sorted(f.name.removesuffix(".json") for f in _catalogue().iterdir()
                         if f.name.endswith(".json")))
 

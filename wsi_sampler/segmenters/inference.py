@@ -23,9 +23,10 @@ import numpy.typing as npt
 
 from ..slide import Slide
 from ..types import BoolMask
+from .card import SegmenterCard
 from .model import Segmenter
 
-__all__ = ["segment_slide"]
+__all__ = ["segment_artifacts", "segment_slide"]
 
 log = logging.getLogger(__name__)
 
@@ -71,18 +72,45 @@ def _batches(slide: Slide, tiles: list[Tile], side0: float, tile_px: int
             yield batch
 
 
+def _box(shape: tuple[int, ...], tile: Tile, per_tile: tuple[float, float]
+         ) -> tuple[int, int, int, int] | None:
+    """The output pixels a tile covers, (x0, y0, x1, y1) unclipped; None when none."""
+    mh, mw = shape[:2]
+    x0, y0 = round(tile[0] * per_tile[0]), round(tile[1] * per_tile[1])
+    x1, y1 = round((tile[0] + 1) * per_tile[0]), round((tile[1] + 1) * per_tile[1])
+    if x1 <= x0 or y1 <= y0 or x0 >= mw or y0 >= mh:
+        return None
+    return x0, y0, x1, y1
+
+
 def _paste(mask: npt.NDArray[np.uint8], tile: Tile, tissue: npt.NDArray[np.bool_],
            per_tile: tuple[float, float]) -> None:
     """Average one tile's mask into the output pixels it covers (``per_tile``: output px
     per tile side, x and y)."""
-    mh, mw = mask.shape
-    x0, y0 = round(tile[0] * per_tile[0]), round(tile[1] * per_tile[1])
-    x1, y1 = round((tile[0] + 1) * per_tile[0]), round((tile[1] + 1) * per_tile[1])
-    if x1 <= x0 or y1 <= y0 or x0 >= mw or y0 >= mh:
+    box = _box(mask.shape, tile, per_tile)
+    if box is None:
         return
+    x0, y0, x1, y1 = box
     small = cv2.resize(tissue.view(np.uint8) * 255, (x1 - x0, y1 - y0),
                        interpolation=cv2.INTER_AREA)
+    mh, mw = mask.shape
     mask[y0:min(y1, mh), x0:min(x1, mw)] = small[: min(y1, mh) - y0, : min(x1, mw) - x0]
+
+
+def _paste_classes(out: npt.NDArray[np.uint8], tile: Tile, classes: npt.NDArray[np.uint8],
+                   per_tile: tuple[float, float], n_classes: int) -> None:
+    """Each output pixel a tile covers gets the class with the most of its pixels."""
+    box = _box(out.shape, tile, per_tile)
+    if box is None:
+        return
+    x0, y0, x1, y1 = box
+    present = np.unique(classes)
+    shares = np.stack([cv2.resize((classes == c).astype(np.float32), (x1 - x0, y1 - y0),
+                                  interpolation=cv2.INTER_AREA) for c in present])
+    small = present[shares.argmax(axis=0)].astype(np.uint8)
+    assert int(present.max()) < n_classes
+    mh, mw = out.shape
+    out[y0:min(y1, mh), x0:min(x1, mw)] = small[: min(y1, mh) - y0, : min(x1, mw) - x0]
 
 
 def segment_slide(
@@ -156,30 +184,77 @@ def _resized(mask: BoolMask, slide: Slide, mask_mpp: float) -> BoolMask:
     return resized
 
 
-def _segment_tiles(slide: Slide, segmenter: Segmenter, mask_mpp: float,
-                   progress: Callable[[int, int], None] | None) -> BoolMask:
-    """Tiles read from the slide at the card's µm/px, averaged into the mask."""
-    card = segmenter.card
+def _frame(slide: Slide, card: SegmenterCard, mask_mpp: float
+           ) -> tuple[float, tuple[int, int], tuple[float, float]]:
+    """Level-0 px per tile side, the output mask's (height, width), output px per tile."""
     mx, my = slide.require_mpp()
     w, h = slide.dimensions
-    side0 = card.tile_px * card.tile_mpp / mx  # level-0 px per tile side
+    side0 = card.tile_px * card.tile_mpp / mx
     out_w, out_h = max(1, round(w * mx / mask_mpp)), max(1, round(h * my / mask_mpp))
-    per_tile = (side0 * out_w / w, side0 * out_h / h)
-    mask = np.zeros((out_h, out_w), np.uint8)
-    tiles = _tiles(slide, side0)
-    done = run = 0
+    return side0, (out_h, out_w), (side0 * out_w / w, side0 * out_h / h)
+
+
+def _run_tiles(slide: Slide, segmenter: Segmenter, tiles: list[Tile], side0: float,
+               run: Callable[[list[tuple[Tile, npt.NDArray[np.uint8]]]], None],
+               progress: Callable[[int, int], None] | None) -> None:
+    """Read ``tiles`` in batches and hand those that are not bare glass to ``run``."""
+    card = segmenter.card
+    done = ran = 0
     start = time.perf_counter()
     for batch in _batches(slide, tiles, side0, card.tile_px):
         tissue_tiles = [(t, px) for t, px in batch if not _is_glass(px)]
         if tissue_tiles:
-            masks = segmenter.tissue(np.stack([px for _, px in tissue_tiles]))
-            for (t, _), m in zip(tissue_tiles, masks, strict=True):
-                _paste(mask, t, m, per_tile)
-            run += len(tissue_tiles)
+            run(tissue_tiles)
+            ran += len(tissue_tiles)
         done += len(batch)
         if progress is not None:
             progress(done, len(tiles))
     log.info("segmenter %s: %d of %d tiles run (the rest bare glass) in %.1f s", card.name,
-             run, len(tiles), time.perf_counter() - start)
+             ran, len(tiles), time.perf_counter() - start)
+
+
+def _segment_tiles(slide: Slide, segmenter: Segmenter, mask_mpp: float,
+                   progress: Callable[[int, int], None] | None) -> BoolMask:
+    """Tiles read from the slide at the card's µm/px, averaged into the mask."""
+    side0, shape, per_tile = _frame(slide, segmenter.card, mask_mpp)
+    mask = np.zeros(shape, np.uint8)
+
+    def run(batch: list[tuple[Tile, npt.NDArray[np.uint8]]]) -> None:
+        for (t, _), m in zip(batch, segmenter.tissue(np.stack([px for _, px in batch])),
+                             strict=True):
+            _paste(mask, t, m, per_tile)
+
+    _run_tiles(slide, segmenter, _tiles(slide, side0), side0, run, progress)
     tissue: BoolMask = mask >= 128
     return tissue
+
+
+def segment_artifacts(
+    slide: Slide, segmenter: Segmenter, tissue: BoolMask, *,
+    progress: Callable[[int, int], None] | None = None,
+) -> npt.NDArray[np.uint8]:
+    """The artefact model's class map over the slide, in ``tissue``'s pixel grid (a mask of
+    the whole slide): only tiles holding tissue are run (as GrandQC does), and every pixel
+    outside the tissue is the card's background class."""
+    card = segmenter.card
+    if card.role != "artifacts" or card.background_class is None:
+        raise ValueError(f"segmenter {card.name} is not an artefact model")
+    mx = slide.require_mpp()[0]
+    mask_mpp = slide.dimensions[0] * mx / tissue.shape[1]
+    side0, shape, per_tile = _frame(slide, card, mask_mpp)
+    out = np.full(tissue.shape, card.background_class, np.uint8)
+    n_classes = int(card.architecture_kwargs.get("classes", 256))
+
+    def holds_tissue(t: Tile) -> bool:
+        box = _box(tissue.shape, t, per_tile)
+        return box is not None and bool(tissue[box[1]:box[3], box[0]:box[2]].any())
+
+    def run(batch: list[tuple[Tile, npt.NDArray[np.uint8]]]) -> None:
+        for (t, _), m in zip(batch, segmenter.classes(np.stack([px for _, px in batch])),
+                             strict=True):
+            _paste_classes(out, t, m, per_tile, n_classes)
+
+    tiles = [t for t in _tiles(slide, side0) if holds_tissue(t)]
+    _run_tiles(slide, segmenter, tiles, side0, run, progress)
+    out[~tissue] = card.background_class
+    return out

@@ -96,14 +96,19 @@ class Segmenter:
         self._mean = torch.tensor(norm.mean, device=self.device).view(1, 3, 1, 1) * 255
         self._std = torch.tensor(norm.std, device=self.device).view(1, 3, 1, 1) * 255
 
-    def tissue(self, tiles: npt.NDArray[np.uint8]) -> npt.NDArray[np.bool_]:
+    def classes(self, tiles: npt.NDArray[np.uint8]) -> npt.NDArray[np.uint8]:
+        """The winning output channel of every pixel, (N, tile_px, tile_px) uint8."""
         x = torch.from_numpy(np.ascontiguousarray(tiles)).to(self.device)
         x = (x.permute(0, 3, 1, 2).float() - self._mean) / self._std
         with torch.inference_mode(), precision_context(self.precision, self.device):
             out = self.module(x.contiguous(memory_format=torch.channels_last))
         logits = out["out"] if isinstance(out, dict) else out
-        winner = logits.float().argmax(dim=1) == self.card.tissue_class
-        return winner.cpu().numpy()  # type: ignore[no-any-return]
+        return logits.float().argmax(dim=1).to(torch.uint8).cpu().numpy()  # type: ignore[no-any-return]
+
+    def tissue(self, tiles: npt.NDArray[np.uint8]) -> npt.NDArray[np.bool_]:
+        """Where the tissue class wins, (N, tile_px, tile_px) bool."""
+        tissue: npt.NDArray[np.bool_] = self.classes(tiles) == self.card.tissue_class
+        return tissue
 
 
 def load_segmenter(spec: str | Path | SegmenterCard, *, weights: str | Path | None = None,
