@@ -35,7 +35,7 @@ COPY viewer/package.json viewer/package-lock.json viewer/fetch_assets.py ./viewe
 # are installed (every dependency is a wheel); no pip cache is kept. The viewer's
 # OpenSeadragon comes from its npm package at the locked version (integrity checked).
 # hadolint ignore=DL3013
-RUN pip install --no-cache-dir ".[dask,remote,mil]" \
+RUN pip install --no-cache-dir ".[dask,remote,mil,segment]" \
     && python viewer/fetch_assets.py \
     && useradd --create-home --uid 1000 wsi \
     && mkdir -p /slides /data \

@@ -156,6 +156,27 @@ def check_process(name: str) -> None:
     check(health.returncode == 0, "the image's HEALTHCHECK reports healthy")
 
 
+_SEGMENTERS = """
+import torch
+from wsi_sampler.segmenters import build_segmenter, load_segmenter_card, segmenter_catalogue_names
+for name in segmenter_catalogue_names():
+    card = load_segmenter_card(name)
+    with torch.device("meta"):
+        count = sum(p.numel() for p in build_segmenter(card).parameters())
+    assert abs(count - card.provenance.parameters) <= card.provenance.parameters_tolerance * count
+    print(name)
+"""
+
+
+def check_segmenters() -> None:
+    """The deep tissue and artefact segmenters' cards and libraries are in the image."""
+    done = podman("run", "--rm", "--no-healthcheck", "--entrypoint", "python", IMAGE, "-c",
+                  _SEGMENTERS, ok=False)
+    names = done.stdout.split()
+    check(done.returncode == 0 and {"hest", "grandqc", "grandqc-artifacts"} <= set(names),
+          "the segmenters (HEST, GrandQC tissue and artefacts) build at their published size")
+
+
 def idle_rss_mib(name: str) -> float:
     status = podman("exec", name, "cat", "/proc/1/status").stdout
     line = next(x for x in status.splitlines() if x.startswith("VmRSS:"))
@@ -245,6 +266,7 @@ def run_checks(tmp: Path) -> None:
         check(True, "/readyz 200 with a named volume at /data")
         check_routes(url, slides)
         check_process(name)
+    check_segmenters()
     check_port_setting(slides)
     check_bind_mount_error(tmp, slides)
     check_sigterm(slides, f"{PREFIX}-term")
