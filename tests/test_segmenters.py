@@ -482,3 +482,14 @@ def test_score_excludes_artifacts_with_the_publishers_layouts_end_to_end(
     assert "artifact_pen_mm2" in (tmp_path / "out" / "qc.csv").read_text()
     done = run("score", slides, "--out", tmp_path / "out2", "--exclude-artifacts", "fold")
     assert done.returncode == 2 and "--artifact-weights" in done.stderr
+
+
+def test_hest_fast_mode_is_hest_at_2_um_per_px(tiny_slide: Path, tmp_path: Path) -> None:
+    fast, full = load_segmenter_card("hest-fast"), load_segmenter_card("hest")
+    assert (fast.tile_px, fast.tile_mpp) == (512, 2.0)
+    assert fast.architecture_kwargs == full.architecture_kwargs  # the same checkpoint
+    ckpt = tmp_path / "deeplabv3_seg_v4.ckpt"
+    _hest_lightning_checkpoint(ckpt)
+    done = run("tissue", tiny_slide, "--method", "hest-fast", "--segmenter-weights", ckpt,
+               "--out", tmp_path / "m.png")
+    assert done.returncode == 0, done.stderr

@@ -49,6 +49,7 @@ _INK_MIN_SATURATION = 60
 CLASSICAL_METHODS = ("auto", "brightfield", "fluorescence")
 DEEP_METHODS = {
     "hest": "deeplabv3_seg_v4.ckpt from huggingface.co/MahmoodLab/hest-tissue-seg",
+    "hest-fast": "deeplabv3_seg_v4.ckpt from huggingface.co/MahmoodLab/hest-tissue-seg",
     "grandqc": "Tissue_Detection_MPP10.pth from zenodo.org/records/14507273",
 }
 """Deep segmenters (:mod:`wsi_sampler.segmenters`) and where their weights come from."""
@@ -145,7 +146,7 @@ class TissueParams:
         if self.method not in (*CLASSICAL_METHODS, *DEEP_METHODS):
             raise InvalidRequestError(
                 f"unknown tissue method {self.method!r} (auto, brightfield, fluorescence, "
-                "hest, grandqc)"
+                "hest, hest-fast, grandqc)"
             )
         if self.method in DEEP_METHODS and not self.segmenter_weights:
             raise InvalidRequestError(

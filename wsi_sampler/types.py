@@ -12,7 +12,7 @@ __all__ = ["Backend", "BackendChoice", "BoolMask", "RGBImage", "Strategy", "Tiss
 Backend = Literal["openslide", "tiffslide", "wsidicom"]
 BackendChoice = Literal["auto", "openslide", "tiffslide"]
 Strategy = Literal["grid", "random", "stratified", "medgemma"]
-TissueMethod = Literal["auto", "brightfield", "fluorescence", "hest", "grandqc"]
+TissueMethod = Literal["auto", "brightfield", "fluorescence", "hest", "hest-fast", "grandqc"]
 
 RGBImage = npt.NDArray[np.uint8]
 """An (H, W, 3) uint8 RGB image, or (N, H, W, 3) for a batch."""

@@ -32,6 +32,7 @@ class MethodOpt(str, Enum):
     brightfield = "brightfield"
     fluorescence = "fluorescence"
     hest = "hest"
+    hest_fast = "hest-fast"
     grandqc = "grandqc"
 
 
@@ -69,11 +70,12 @@ SeedO = Annotated[int, typer.Option(help="Random seed: same seed, same plan.")]
 TissueMppO = Annotated[float | None, typer.Option(help="Tissue-mask resolution in µm/px.")]
 MethodO = Annotated[MethodOpt, typer.Option(
     help="Tissue detection method: classical (auto, brightfield, fluorescence) or a deep "
-         "segmenter (hest, grandqc; with --segmenter-weights).")]
+         "segmenter (hest, hest-fast: HEST at 2 µm/px, grandqc; with --segmenter-weights).")]
 SegmenterWeightsO = Annotated[Path | None, typer.Option(
-    help="--method hest or grandqc: the segmenter's weights (HEST: deeplabv3_seg_v4.ckpt "
-         "from huggingface.co/MahmoodLab/hest-tissue-seg; GrandQC: Tissue_Detection_MPP10.pth "
-         "from zenodo.org/records/14507273; nothing is downloaded).")]
+    help="--method hest, hest-fast or grandqc: the segmenter's weights (HEST: "
+         "deeplabv3_seg_v4.ckpt from huggingface.co/MahmoodLab/hest-tissue-seg; GrandQC: "
+         "Tissue_Detection_MPP10.pth from zenodo.org/records/14507273; nothing is "
+         "downloaded).")]
 RoiO = Annotated[Path | None, typer.Option(help="GeoJSON polygons (level-0 px) to sample within.")]
 MaskO = Annotated[
     Path | None,
@@ -163,8 +165,10 @@ def tissue_params(method: MethodOpt, segmenter_weights: Path | None,
                   exclusion: ExclusionArgs | None = None) -> TissueParams:
     """The tissue detection the options ask for (``--segmenter-weights`` only with hest or
     grandqc), with their artefact exclusion."""
-    if segmenter_weights is not None and method not in (MethodOpt.hest, MethodOpt.grandqc):
-        raise InvalidRequestError("--segmenter-weights goes with --method hest or grandqc "
+    if segmenter_weights is not None and method not in (MethodOpt.hest, MethodOpt.hest_fast,
+                                                        MethodOpt.grandqc):
+        raise InvalidRequestError("--segmenter-weights goes with --method hest, hest-fast or "
+                                  "grandqc "
                                   "(--tissue-method for score)")
     ex = exclusion or ExclusionArgs()
     if ex.weights is not None and not ex.weights.is_file():

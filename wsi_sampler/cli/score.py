@@ -180,7 +180,7 @@ def score(
     slide_model: SlideModelO = None, slide_weights: SlideWeightsO = None,
     tissue_method: Annotated[MethodOpt, typer.Option(
         help="Tissue detection: classical (auto, brightfield, fluorescence) or a deep "
-             "segmenter (hest, grandqc; with --segmenter-weights).")] = MethodOpt.auto,
+             "segmenter (hest, hest-fast, grandqc; with --segmenter-weights).")] = MethodOpt.auto,
     segmenter_weights: SegmenterWeightsO = None,
     exclude_artifacts: ExcludeArtifactsO = None, artifact_weights: ArtifactWeightsO = None,
     artifact_model: ArtifactModelO = "grandqc-artifacts",
