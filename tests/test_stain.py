@@ -1,6 +1,7 @@
 """Stain normalisation on real H&E patches (CMU-1-Small-Region), checked against the
-published equations: Macenko's stain vectors of the output are the reference's, Reinhard's
-LAB statistics of the output are the reference's."""
+published equations: Macenko's and Vahadane's stain vectors of the output are the
+reference's, Reinhard's LAB statistics of the output are the reference's; Vahadane's
+dictionary equals SPAMS' on the same pixels."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import pytest
 from wsi_sampler import PlanParams, make_plan, open_slide
 from wsi_sampler.errors import InvalidRequestError
 from wsi_sampler.extract import Extractor
-from wsi_sampler.stain import StainNormalizer
+from wsi_sampler.stain import StainNormalizer, nonnegative_lasso, vahadane_stains
 
 # Macenko et al. 2009's reference H&E (columns: haematoxylin, eosin), as in the authors'
 # reference implementation (mitkovetta/staining-normalization).
@@ -94,6 +95,8 @@ def test_background_goes_out_unchanged_and_is_counted() -> None:
 def test_bad_requests_are_clear() -> None:
     with pytest.raises(InvalidRequestError, match="unknown stain normalisation"):
         StainNormalizer("vahadane-ish")
+    with pytest.raises(InvalidRequestError, match="no stained pixels"):
+        StainNormalizer("vahadane", np.full((32, 32, 3), 250, np.uint8))
     with pytest.raises(InvalidRequestError, match="reference patch"):
         StainNormalizer("reinhard")
     with pytest.raises(InvalidRequestError, match="no stained pixels"):
@@ -129,3 +132,64 @@ def test_a_model_card_asking_for_stain_normalisation_gets_normalised_patches(
     with pytest.raises(Exception, match="reinhard needs a reference"):
         load_model(write_card(tmp_path / "bad.json",
                               stain_normalization={"method": "reinhard"}), device="cpu")
+
+
+# -- Vahadane ---------------------------------------------------------------------------
+def test_the_nonnegative_lasso_is_exact() -> None:
+    # against a fine grid search of the same objective, pixel by pixel
+    rng = np.random.default_rng(0)
+    w = np.abs(rng.normal(size=(3, 2)))
+    x = np.abs(rng.normal(size=(3, 30)))
+    h = nonnegative_lasso(w, x, 0.1)
+    assert (h >= 0).all()
+    grid = np.stack(np.meshgrid(np.linspace(0, 3, 301), np.linspace(0, 3, 301))).reshape(2, -1)
+
+    def objective(hh: np.ndarray, xx: np.ndarray) -> np.ndarray:
+        return 0.5 * ((xx - w @ hh) ** 2).sum(0) + 0.1 * hh.sum(0)
+
+    for j in range(x.shape[1]):
+        best = objective(grid, x[:, j:j + 1]).min()
+        assert objective(h[:, j:j + 1], x[:, j:j + 1])[0] <= best + 1e-9
+
+
+def _unit(m: np.ndarray) -> np.ndarray:
+    return m / np.linalg.norm(m, axis=0)
+
+
+def test_vahadane_recovers_known_stains() -> None:
+    # An image made of two known stains (Ruifrok & Johnston's H and E OD vectors) with
+    # sparse concentrations: the sparse NMF finds them.
+    rng = np.random.default_rng(1)
+    stains = _unit(np.array([[0.65, 0.07], [0.70, 0.99], [0.29, 0.11]]))
+    conc = rng.exponential(0.5, (2, 224 * 224)) * (rng.random((2, 224 * 224)) < 0.6)
+    image = np.clip(255 * np.exp(-stains @ conc), 1, 255).astype(np.uint8).T
+    found = vahadane_stains(image.reshape(224, 224, 3))
+    assert found is not None
+    assert _cosines(found[0][0], stains).min() > 0.995
+
+
+# SPAMS 2.6.14 (spams-bin, the dictionary learner of Vahadane's method as StainTools runs
+# it: trainDL K=2, lambda1=0.1, mode=2, modeD=0, posAlpha and posD, on OD = -ln(I/255) of
+# the pixels with L < 0.8) on the first four patches of the fixture, unit columns,
+# haematoxylin first. Run once in a separate environment (SPAMS is not a dependency).
+SPAMS_DICTIONARIES = np.array([
+    [[0.841, 0.403], [0.439, 0.805], [0.317, 0.436]],
+    [[0.755, 0.309], [0.580, 0.838], [0.307, 0.450]],
+    [[0.650, 0.391], [0.668, 0.802], [0.361, 0.452]],
+    [[0.766, 0.408], [0.541, 0.793], [0.349, 0.452]],
+])
+
+
+def test_vahadane_finds_the_dictionary_spams_finds(patches: np.ndarray) -> None:
+    for patch, spams_dictionary in zip(patches[:4], SPAMS_DICTIONARIES, strict=True):
+        found = vahadane_stains(patch)
+        assert found is not None
+        assert _cosines(found[0][0], spams_dictionary).min() > 0.995
+
+
+def test_vahadane_gives_the_reference_stain_vectors(patches: np.ndarray) -> None:
+    out = StainNormalizer("vahadane")(patches[:4])
+    for before, after in zip(patches[:4], out, strict=True):
+        found = vahadane_stains(after)
+        assert found is not None and _cosines(found[0][0], REFERENCE_HE).min() > 0.99
+        assert _cosines(vahadane_stains(before)[0][0], REFERENCE_HE).min() < 0.99  # type: ignore[index]

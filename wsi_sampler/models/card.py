@@ -105,10 +105,10 @@ class StainSpec(BaseModel):
     """Stain normalisation applied to the patches before the model (:mod:`wsi_sampler.stain`)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    method: Literal["macenko", "reinhard"]
+    method: Literal["macenko", "vahadane", "reinhard"]
     reference: str | None = None
     """An image with the stain to match (PNG, JPEG, TIFF), relative to the card. Macenko
-    without one uses its built-in H&E reference; Reinhard needs one."""
+    and Vahadane without one use the built-in H&E reference; Reinhard needs one."""
 
     @model_validator(mode="after")
     def _reinhard_reference(self) -> StainSpec:
