@@ -14,7 +14,9 @@ is known to work on the day a GPU is lent. Reports, in one table and as JSON:
 (d) slide to answer: the same slide through UNI's architecture and a CLAM-SB head (random
     weights) with every answer file (``predict_slide``: attention h5, heatmap, GeoJSON,
     top patches), against encoding alone (``score_slide``) on the same patches;
-(e) the precision ``auto`` chose for each model, and why (in the JSON).
+(e) the precision ``auto`` chose for each model, and why (in the JSON);
+(f) stain normalisation patches/s (``benchmarks.stain``): NumPy on one CPU thread, torch
+    batched on the GPU (Macenko, Reinhard), beside slideflow's A100 figures.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ from wsi_sampler.worker import InProcessWorker
 
 from ._harness import ensure_slide, machine
 from .extract import SPECS
+from .stain import real_patches, stain_rates
 
 DRY_SPEC = DemoSlideSpec(width=4096, height=3072, mpp=0.25, seed=3)
 
@@ -168,8 +171,10 @@ def main(argv: list[str] | None = None) -> int:
                               1 if args.dry_run else 5)
         runs = [embed(slide, m, device, n) for m in models]
         answer = slide_answer(slide, models[-1], device, n)
+        stains = stain_rates(real_patches(slide, 8 if args.dry_run else 1024), device,
+                             1 if args.dry_run else 3)
     results = {"machine": machine(), "device": device, "dry_run": args.dry_run,
-               "decode": decode, "embed": runs, "slide_answer": answer}
+               "decode": decode, "embed": runs, "slide_answer": answer, "stain": stains}
     print(f"# {results['machine']} ({device}{', dry run' if args.dry_run else ''})\n")
     for key, value in decode.items():
         print(f"- {key}: {value:,.0f}")
@@ -181,6 +186,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"\nslide -> answer + files ({answer['encoder']} + CLAM-SB, {answer['patches']} "
           f"patches): {answer['answer_s']} s; encoding alone {answer['encoding_s']} s "
           f"(ratio {answer['ratio']})")
+    print("\n| stain normalisation | implementation | patches/s (224 px) |\n|---|---|---:|")
+    for r in stains:
+        print(f"| {r['method']} | {r['implementation']} | {r['patches_per_s']:,.1f} |")
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
     return 0

@@ -193,3 +193,84 @@ def test_vahadane_gives_the_reference_stain_vectors(patches: np.ndarray) -> None
         found = vahadane_stains(after)
         assert found is not None and _cosines(found[0][0], REFERENCE_HE).min() > 0.99
         assert _cosines(vahadane_stains(before)[0][0], REFERENCE_HE).min() < 0.99  # type: ignore[index]
+
+
+# -- batched in torch (a GPU's path, run here on the CPU) --------------------------------
+def test_torch_batched_equals_the_numpy_path(patches: np.ndarray) -> None:
+    from wsi_sampler.stain_torch import TorchStainNormalizer
+
+    glass = np.full((1, *patches.shape[1:]), 243, np.uint8)
+    batch = np.concatenate([patches, glass])
+    for method, reference in (("macenko", None), ("reinhard", patches[0])):
+        numpy_path = StainNormalizer(method, reference)
+        torch_path = TorchStainNormalizer(numpy_path, "cpu")
+        want, got = numpy_path(batch), torch_path(batch)
+        diff = np.abs(want.astype(int) - got.astype(int))
+        # float32 vs float64, and OpenCV's tabulated sRGB gamma in its L*a*b*
+        assert (diff <= 2).mean() > 0.999, (method, diff.max())
+        assert np.array_equal(got[-1], glass[0]) if method == "macenko" else True
+    assert torch_path.unchanged == 0 and numpy_path.unchanged == 0
+    macenko = TorchStainNormalizer(StainNormalizer("macenko"), "cpu")
+    macenko(glass)
+    assert macenko.unchanged == 1
+    with pytest.raises(InvalidRequestError, match="CPU only"):
+        TorchStainNormalizer(StainNormalizer("vahadane"), "cpu")
+
+
+def test_torch_lab_is_opencvs() -> None:
+    import torch
+
+    from wsi_sampler.stain_torch import lab_to_rgb, rgb_to_lab
+
+    rgb = np.random.default_rng(0).random((2000, 1, 3)).astype(np.float32)
+    lab = cv2.cvtColor(rgb, cv2.COLOR_RGB2LAB)[:, 0]
+    ours = rgb_to_lab(torch.from_numpy(rgb[:, 0]).double()).numpy()
+    assert np.abs(ours - lab).max() < 0.5  # OpenCV tabulates the gamma curve
+    back = cv2.cvtColor(lab[:, None], cv2.COLOR_LAB2RGB)[:, 0]
+    assert np.abs(lab_to_rgb(torch.from_numpy(lab).double()).numpy() - back).max() < 1e-3
+
+
+# -- augmentation ---------------------------------------------------------------------
+def test_hed_jitter_scales_each_stain_within_its_bounds(patches: np.ndarray) -> None:
+    from wsi_sampler.stain_augment import StainAugmenter, hed_concentrations
+
+    augmenter = StainAugmenter(0.2, bias=0.0, seed=4)
+    out = augmenter(patches[:6], indices=np.arange(10, 16))
+    assert np.array_equal(out, augmenter(patches[:6], indices=np.arange(10, 16)))  # seeded
+    assert not np.array_equal(out, StainAugmenter(0.2, bias=0.0, seed=5)(patches[:6]))
+    for i, (before, after) in enumerate(zip(patches[:6], out, strict=True)):
+        alpha, _ = augmenter.draw(10 + i)
+        assert ((alpha >= 0.8) & (alpha <= 1.2)).all()
+        c0, c1 = hed_concentrations(before), hed_concentrations(after)
+        unclipped = (after.reshape(-1, 3) > 2).all(1) & (after.reshape(-1, 3) < 253).all(1)
+        for stain in (0, 1):  # H and E: the concentration ratio is the drawn scale
+            strong = unclipped & (c0[:, stain] > 0.3)
+            ratio = np.median(c1[strong, stain] / c0[strong, stain])
+            assert abs(ratio - alpha[stain]) < 0.03
+    identity = StainAugmenter(0.0)(patches[:2])
+    assert np.abs(identity.astype(int) - patches[:2].astype(int)).max() <= 1
+    with pytest.raises(InvalidRequestError, match="sigma"):
+        StainAugmenter(1.5)
+
+
+def test_cli_patches_normalise_and_augment(cmu_svs: Path, tmp_path: Path) -> None:
+    import json
+
+    from tests.test_cli import run
+
+    common = ("--strategy", "random", "-n", "4", "--size", "64", "--quiet")
+    plain, done = tmp_path / "plain", run("patches", cmu_svs, "--out", tmp_path / "plain",
+                                          *common)
+    assert done.returncode == 0, done.stderr
+    done = run("patches", cmu_svs, "--out", tmp_path / "aug", *common, "--stain-normalize",
+               "macenko", "--stain-augment", "0.1", "--augment-seed", "3")
+    assert done.returncode == 0, done.stderr
+    a = cv2.imread(str(plain / "000000.png"))
+    b = cv2.imread(str(tmp_path / "aug" / "000000.png"))
+    assert a.shape == b.shape and not np.array_equal(a, b)
+    meta = json.loads((tmp_path / "aug" / "run_metadata.json").read_text())
+    assert meta["config"]["stain_normalize"] == "macenko"
+    assert meta["config"]["stain_augment"] == 0.1
+    done = run("patches", cmu_svs, "--out", tmp_path / "bad", *common, "--stain-normalize",
+               "reinhard")
+    assert done.returncode == 2 and "reference" in done.stderr

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import struct
 import zlib
-from collections.abc import Generator
+from collections.abc import Callable, Generator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import closing
 from functools import partial
@@ -99,18 +99,25 @@ def encode_image(img: np.ndarray, ext: str = ".png", *, jpeg_quality: int = 95) 
     raise InvalidRequestError(f"unknown image format {ext!r}: use .png or .jpg")
 
 
+PatchTransform = Callable[[npt.NDArray[np.uint8], npt.NDArray[np.int64]],
+                          npt.NDArray[np.uint8]]
+"""(N, H, W, 3) uint8 patches and their plan indices -> the transformed patches."""
+
+
 def encoded_batches(
-    extractor: Extractor, ext: str, pool: ThreadPoolExecutor, *, jpeg_quality: int = 95
+    extractor: Extractor, ext: str, pool: ThreadPoolExecutor, *, jpeg_quality: int = 95,
+    transform: PatchTransform | None = None,
 ) -> Generator[tuple[list[int], list[bytes]], None, None]:
     """(plan indices, encoded images) per batch of ``extractor``'s plan, in plan order;
     images encoded in ``pool``. ``.jpg``: where every patch is a whole stored JPEG tile
     (:attr:`Extractor.passes_stored_jpeg`), each is that tile as stored — no decoding, no
     second lossy generation; a patch that is not (over the level's edge, sparse, damaged)
-    is read and encoded."""
+    is read and encoded. ``transform`` (stain normalisation, augmentation) is applied to
+    every batch before encoding (stored tiles then are decoded too)."""
     if ext not in (".jpg", ".jpeg", ".png"):
         raise InvalidRequestError(f"unknown image format {ext!r}: use .png or .jpg")
     encode = partial(encode_image, ext=ext, jpeg_quality=jpeg_quality)
-    if ext != ".png" and extractor.passes_stored_jpeg:
+    if ext != ".png" and extractor.passes_stored_jpeg and transform is None:
         def read_and_encode(index: int) -> bytes:
             return encode(extractor.read_patch(index))
 
@@ -125,4 +132,7 @@ def encoded_batches(
     # closing(): stopping early stops the extractor's reads ahead now.
     with closing(extractor.iter_batches()) as batches:
         for batch in batches:
-            yield batch.indices.tolist(), list(pool.map(encode, batch.images))
+            images = batch.images
+            if transform is not None and len(images):
+                images = transform(images, batch.indices)
+            yield batch.indices.tolist(), list(pool.map(encode, images))

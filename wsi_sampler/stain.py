@@ -30,6 +30,7 @@ background, a sliver of tissue) goes out unchanged and is counted in ``unchanged
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 from typing import Literal, get_args
 
 import cv2
@@ -40,7 +41,7 @@ from .errors import InvalidRequestError
 from .types import RGBImage
 
 __all__ = ["MACENKO_REFERENCE", "STAIN_METHODS", "StainMethod", "StainNormalizer",
-           "macenko_stains", "nonnegative_lasso", "vahadane_stains"]
+           "load_stain_reference", "macenko_stains", "nonnegative_lasso", "vahadane_stains"]
 
 StainMethod = Literal["macenko", "vahadane", "reinhard"]
 STAIN_METHODS: tuple[str, ...] = get_args(StainMethod)
@@ -74,6 +75,7 @@ def macenko_stains(patch: RGBImage) -> tuple[Stains, npt.NDArray[np.float64]] | 
         return None
     _, vectors = np.linalg.eigh(np.cov(stained.T))
     plane = vectors[:, 1:3]
+    plane = plane * np.sign(plane.sum(axis=0))  # OD vectors are positive: no sign flips
     projected = stained @ plane
     angles = np.arctan2(projected[:, 1], projected[:, 0])
     lo, hi = np.percentile(angles, [ALPHA, 100 - ALPHA])
@@ -96,6 +98,8 @@ VAHADANE_CODE_LAMBDA = 0.01
 VAHADANE_ITERATIONS = 30
 VAHADANE_MAX_FIT_PX = 20_000
 """Tissue pixels the dictionary is learned on (a seeded sample of larger patches)."""
+LAB_MIN_STD = 1e-3
+"""Reinhard: a channel whose spread is below this (a uniform patch) is not stretched."""
 LUMINANCE_TISSUE = 80.0
 """Vahadane: pixels with L* (0..100) below this are tissue."""
 
@@ -192,6 +196,18 @@ def _lab(patch: RGBImage) -> npt.NDArray[np.float32]:
     return lab
 
 
+def load_stain_reference(path: str | Path) -> RGBImage:
+    """A reference image (PNG, JPEG, TIFF) as (H, W, 3) uint8 RGB."""
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as image:
+            rgb: RGBImage = np.asarray(image.convert("RGB"))
+    except (OSError, UnidentifiedImageError) as exc:
+        raise InvalidRequestError(f"cannot read the stain reference {path} ({exc})") from exc
+    return rgb
+
+
 _STAIN_FINDERS = {"macenko": macenko_stains, "vahadane": vahadane_stains}
 
 
@@ -222,7 +238,18 @@ class StainNormalizer:
                 raise InvalidRequestError("reinhard matches a reference's L*a*b* statistics: "
                                           "give a reference patch")
             lab = _lab(reference).reshape(-1, 3)
-            self._lab_mean, self._lab_std = lab.mean(axis=0), lab.std(axis=0)
+            self._lab_mean = lab.mean(axis=0, dtype=np.float64).astype(np.float32)
+            self._lab_std = lab.std(axis=0, dtype=np.float64).astype(np.float32)
+
+    @property
+    def reference_stains(self) -> Stains:
+        """Macenko / Vahadane: the reference's stain matrix and concentration percentiles."""
+        return self._stains
+
+    @property
+    def reference_lab(self) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]]:
+        """Reinhard: the reference's L*a*b* means and standard deviations."""
+        return self._lab_mean, self._lab_std
 
     def _deconvolved(self, patch: RGBImage) -> RGBImage:
         """Macenko's or Vahadane's: the patch's concentrations on the reference's stains."""
@@ -242,8 +269,9 @@ class StainNormalizer:
     def _reinhard(self, patch: RGBImage) -> RGBImage:
         lab = _lab(patch)
         flat = lab.reshape(-1, 3)
-        mean, std = flat.mean(axis=0), flat.std(axis=0)
-        matched = (lab - mean) / np.maximum(std, 1e-6) * self._lab_std + self._lab_mean
+        # float64 sums: numpy's float32 column means drift (0.014 L* on a uniform patch)
+        mean, std = flat.mean(axis=0, dtype=np.float64), flat.std(axis=0, dtype=np.float64)
+        matched = (lab - mean) / np.maximum(std, LAB_MIN_STD) * self._lab_std + self._lab_mean
         rgb = cv2.cvtColor(matched.astype(np.float32), cv2.COLOR_LAB2RGB)
         out: RGBImage = np.clip(np.rint(rgb * 255), 0, 255).astype(np.uint8)
         return out

@@ -19,6 +19,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
+import numpy as np
 import typer
 from rich.progress import (
     BarColumn,
@@ -30,7 +31,7 @@ from rich.progress import (
 
 from .._io import atomic_write_bytes
 from ..demo import DemoSlideSpec, tile_count, write_demo_slide
-from ..encoding import encoded_batches
+from ..encoding import PatchTransform, encoded_batches
 from ..errors import InvalidRequestError, WsiSamplerError
 from ..export import (
     run_metadata,
@@ -72,6 +73,7 @@ from .options import (
     SegmenterWeightsO,
     SizeO,
     SlideArg,
+    StainOpt,
     StrategyO,
     StrategyOpt,
     StrictExclusionO,
@@ -320,8 +322,22 @@ def patches(
     overwrite: Annotated[bool, typer.Option(
         help="Replace the patches of an earlier run in OUT (default: OUT must be empty).")
     ] = False,
+    stain_normalize: Annotated[StainOpt | None, typer.Option(
+        help="Normalise each patch's stain first: macenko or vahadane (built-in H&E "
+             "reference or --stain-reference), reinhard (needs --stain-reference).",
+        show_default=False)] = None,
+    stain_reference: Annotated[Path | None, typer.Option(
+        help="The image whose stain --stain-normalize matches (PNG, JPEG, TIFF).")] = None,
+    stain_augment: Annotated[float | None, typer.Option(
+        help="HED colour jitter for training sets (Tellez et al. 2018): each stain scaled "
+             "by 1 ± this and shifted by ± this, drawn per patch (0.05 light, 0.2 strong).",
+        show_default=False)] = None,
+    augment_seed: Annotated[int, typer.Option(
+        help="Seed of --stain-augment's draws: same seed, same patches.")] = 0,
 ) -> None:
     """Extract planned patches as image files plus index.csv, overlay and run metadata."""
+    transform = _patch_transform(stain_normalize, stain_reference, stain_augment,
+                                 augment_seed)
     params = _plan_params(strategy, mpp, magnification, size, overlap, min_tissue, n_patches,
                           seed, tissue_mpp, method, segmenter_weights=segmenter_weights,
                           exclusion=ExclusionArgs(exclude_artifacts, artifact_weights,
@@ -336,11 +352,14 @@ def patches(
         planned = time.perf_counter()
         out.mkdir(parents=True, exist_ok=True)
         ext = ".png" if image_format is ImageFormat.png else ".jpg"
-        _write_patch_files(Extractor(s, p), out, ext, quiet)
+        _write_patch_files(Extractor(s, p), out, ext, quiet, transform)
         write_csv(out / "index.csv", p, {"file": [f"{i:06d}{ext}" for i in range(len(p))]})
         write_overlay_png(out / "overlay.png", s.thumbnail(max_size=2048), p, tm.mask)
         write_mask_png(out / "tissue_mask.png", tm.mask)
-        meta = run_metadata(slide=s, plan=p, config=params.to_dict(), timings_s={
+        config = params.to_dict() | {"stain_normalize": stain_normalize and stain_normalize.value,
+                                      "stain_augment": stain_augment,
+                                      "augment_seed": augment_seed if stain_augment else None}
+        meta = run_metadata(slide=s, plan=p, config=config, timings_s={
             "plan": planned - started, "extract": time.perf_counter() - planned})
         write_metadata_json(out / "run_metadata.json", meta)
     log.info("patches: %d written to %s", len(p), out)
@@ -367,14 +386,45 @@ def _claim_patch_folder(out: Path, overwrite: bool) -> None:
             entry.unlink()
 
 
-def _write_patch_files(extractor: Extractor, out: Path, ext: str, quiet: bool) -> None:
+def _patch_transform(method: StainOpt | None, reference: Path | None, sigma: float | None,
+                     seed: int) -> PatchTransform | None:
+    """Stain normalisation then augmentation, as the ``patches`` options ask (or None)."""
+    from ..stain import StainNormalizer, load_stain_reference
+    from ..stain_augment import StainAugmenter
+
+    if reference is not None and method is None:
+        raise InvalidRequestError("--stain-reference goes with --stain-normalize")
+    steps: list[PatchTransform] = []
+    if method is not None:
+        image = None
+        if reference is not None:
+            if not reference.is_file():
+                raise InvalidRequestError(f"--stain-reference {reference}: no such file")
+            image = load_stain_reference(reference)
+        normalizer = StainNormalizer(method.value, image)
+        steps.append(lambda images, indices: normalizer(images))
+    if sigma is not None:
+        steps.append(StainAugmenter(sigma, seed=seed))
+    if not steps:
+        return None
+
+    def transform(images: np.ndarray, indices: np.ndarray) -> np.ndarray:
+        for step in steps:
+            images = step(images, indices)
+        return images
+
+    return transform
+
+
+def _write_patch_files(extractor: Extractor, out: Path, ext: str, quiet: bool,
+                       transform: PatchTransform | None = None) -> None:
     show = not quiet and sys.stderr.isatty()
     columns = ("[progress.description]{task.description}", BarColumn(), MofNCompleteColumn(),
                TimeRemainingColumn())
     with Progress(*columns, disable=not show, transient=True) as progress, \
             ThreadPoolExecutor(default_threads(), thread_name_prefix="wsi-encode") as pool:
         task = progress.add_task("patches", total=len(extractor.plan))
-        for indices, images in encoded_batches(extractor, ext, pool):
+        for indices, images in encoded_batches(extractor, ext, pool, transform=transform):
             for i, data in zip(indices, images, strict=True):
                 atomic_write_bytes(out / f"{i:06d}{ext}", data)
             progress.advance(task, len(indices))

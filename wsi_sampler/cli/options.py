@@ -36,6 +36,12 @@ class MethodOpt(str, Enum):
     grandqc = "grandqc"
 
 
+class StainOpt(str, Enum):
+    macenko = "macenko"
+    vahadane = "vahadane"
+    reinhard = "reinhard"
+
+
 class WorkerProtocolOpt(str, Enum):
     auto = "auto"
     binary = "binary"

@@ -21,7 +21,8 @@ import numpy.typing as npt
 import torch
 
 from ..errors import InvalidRequestError, ModelLoadError
-from ..stain import StainNormalizer
+from ..stain import StainNormalizer, load_stain_reference
+from ..stain_torch import TorchStainNormalizer
 from .card import ModelCard
 from .precision import (
     cache_key,
@@ -87,8 +88,9 @@ class Model:
         )
         self.batch_limit = card.max_batch
         """The largest batch run at once: the card's max_batch, halved on out-of-memory."""
-        self.stain = _stain_normalizer(card)
-        """The card's stain normalisation, applied to patches before the model, or None."""
+        self.stain = _stain_normalizer(card, self.device)
+        """The card's stain normalisation, applied to patches before the model, or None
+        (batched on the GPU where the model runs on one: Macenko and Reinhard)."""
         self.check()
         self._settle_precision(model_key)
 
@@ -244,21 +246,19 @@ class Model:
             ) from exc
 
 
-def _stain_normalizer(card: ModelCard) -> StainNormalizer | None:
+def _stain_normalizer(card: ModelCard, device: torch.device
+                      ) -> StainNormalizer | TorchStainNormalizer | None:
     spec = card.stain_normalization
     if spec is None:
         return None
-    reference = None
-    if spec.reference is not None:
-        from PIL import Image, UnidentifiedImageError
-
-        try:
-            with Image.open(spec.reference) as image:
-                reference = np.asarray(image.convert("RGB"))
-        except (OSError, UnidentifiedImageError) as exc:
-            raise ModelLoadError(f"model {card.name}: cannot read the stain reference "
-                                 f"{spec.reference} ({exc})") from exc
     try:
-        return StainNormalizer(spec.method, reference)
+        reference = load_stain_reference(spec.reference) if spec.reference else None
     except InvalidRequestError as exc:
         raise ModelLoadError(f"model {card.name}: {exc}") from exc
+    try:
+        normalizer = StainNormalizer(spec.method, reference)
+    except InvalidRequestError as exc:
+        raise ModelLoadError(f"model {card.name}: {exc}") from exc
+    if device.type == "cuda" and spec.method in ("macenko", "reinhard"):
+        return TorchStainNormalizer(normalizer, device)
+    return normalizer
