@@ -129,8 +129,9 @@ def _checked_tissue_params(services: Services) -> TissueParams:
     """The configured artefact exclusion, checked at startup: a missing weights file or an
     unknown class stops the service with the reason; the model loads on first use."""
     cfg = services.settings
-    if cfg.artifact_weights and not Path(cfg.artifact_weights).is_file():
-        raise ValueError(f"artifact_weights: {cfg.artifact_weights}: no such file")
+    for key in ("segmenter_weights", "artifact_weights"):
+        if getattr(cfg, key) and not Path(getattr(cfg, key)).is_file():
+            raise ValueError(f"{key}: {getattr(cfg, key)}: no such file")
     params = services.tissue_params
     if cfg.artifact_weights:
         logger.info("artefact exclusion: %s (%s)", cfg.artifact_model,

@@ -67,6 +67,12 @@ class Settings(BaseSettings):
         default_factory=list, description="Slide-level models over the encoder's features "
         "(the service's model must be their patch encoder), e.g. "
         "[{\"card\": \"/models/task.json\", \"weights\": \"/models/s_0_checkpoint.pt\"}]")
+    tissue_method: Literal["auto", "brightfield", "fluorescence", "hest", "hest-fast",
+                           "grandqc"] = Field(
+        "auto", description="Tissue detection of plans, streams, jobs and QC: classical, or a "
+        "deep segmenter with segmenter_weights")
+    segmenter_weights: str = Field("", description="The deep segmenter's weights "
+                                   "(deeplabv3_seg_v4.ckpt, Tissue_Detection_MPP10.pth)")
     artifact_weights: str = Field(
         "", description="GrandQC's artefact model weights (GrandQC_MPP1_state_dict.pth): "
         "plans, streams, jobs and QC may then exclude fold, dark_spot, pen, air_bubble and "

@@ -62,7 +62,9 @@ class Services:
     def tissue_params(self) -> TissueParams:
         """Tissue detection and artefact exclusion as the service config sets them."""
         cfg = self.settings
-        return TissueParams(artifact_weights=cfg.artifact_weights or None,
+        return TissueParams(method=cfg.tissue_method,
+                            segmenter_weights=cfg.segmenter_weights or None,
+                            artifact_weights=cfg.artifact_weights or None,
                             artifact_model=cfg.artifact_model,
                             exclude_artifacts=tuple(cfg.exclude_artifacts),
                             max_excluded_share=cfg.max_excluded_share)

@@ -493,3 +493,47 @@ def test_hest_fast_mode_is_hest_at_2_um_per_px(tiny_slide: Path, tmp_path: Path)
     done = run("tissue", tiny_slide, "--method", "hest-fast", "--segmenter-weights", ckpt,
                "--out", tmp_path / "m.png")
     assert done.returncode == 0, done.stderr
+
+
+def test_the_service_excludes_with_its_configured_artefact_model(tiny_slide: Path,
+                                                                 tmp_path: Path) -> None:
+    # A real uvicorn whose config names GrandQC's tissue and artefact models (random
+    # weights of their layouts, tissue and pen winning everywhere): a plan request names
+    # the classes, the plan keeps the
+    # patches marked and says so, and the QC route shows what went.
+    import httpx
+
+    from api.app import create_app
+    from tests._servers import folder_settings, serve, slide_ids
+
+    weights = tmp_path / "GrandQC_MPP1_state_dict.pth"
+    _grandqc_artifact_state_dict(weights, winner=4)
+    tissue = tmp_path / "Tissue_Detection_MPP10.pth"
+    _grandqc_state_dict(tissue, winner=0)  # the tiny slide is all tissue to it
+    settings = folder_settings(tmp_path, {"tiny.svs": tiny_slide}, tissue_method="grandqc",
+                               segmenter_weights=str(tissue), artifact_weights=str(weights))
+    with serve(create_app(settings), ready_path="/readyz") as url:
+        sid = slide_ids(url)["tiny.svs"]
+        plan = httpx.post(f"{url}/v1/slides/{sid}/plan", timeout=120,
+                          json={"exclude_artifacts": ["pen", "fold"], "patch_size_px": 64}
+                          ).json()
+        exclusion = plan["selection"]["exclusion"]
+        assert exclusion["detector"] == "grandqc-artifacts" and exclusion["kept_marked"]
+        assert plan["n_patches"] > 0 and all(p["excluded"] for p in plan["patches"])
+        assert "marked excluded" in plan["message"]
+        strict = httpx.post(f"{url}/v1/slides/{sid}/plan", timeout=120, json={
+            "exclude_artifacts": ["fold"], "strict_exclusion": True, "patch_size_px": 64})
+        assert strict.json()["selection"]["exclusion"]["excluded_share"] == 0.0
+        qc = httpx.get(f"{url}/v1/slides/{sid}/qc", timeout=120).json()
+        assert qc["artifact_detector"] == "grandqc-artifacts"
+        assert qc["artifact_mm2"]["pen"] > 0 and qc["excluded_share"] == 1.0
+        png = httpx.get(f"{url}/v1/slides/{sid}/qc.png", timeout=120)
+        assert png.status_code == 200 and png.content[:4] == b"\x89PNG"
+    # a weights file that is not there stops the service at startup, naming the key
+    from types import SimpleNamespace
+
+    from api.app import _checked_tissue_params
+
+    bad = settings.model_copy(update={"artifact_weights": str(tmp_path / "missing.pth")})
+    with pytest.raises(ValueError, match="artifact_weights: .*missing.pth: no such file"):
+        _checked_tissue_params(SimpleNamespace(settings=bad))  # type: ignore[arg-type]

@@ -227,7 +227,7 @@ def artifact_map(tm: TissueMask) -> tuple[RGBImage, dict[str, Any]]:
     for name, where in (ex.found if ex is not None else {}).items():
         image[where] = ARTIFACT_COLOURS.get(name, (255, 255, 255))
     tissue_mm2 = mm2(before, tm.mpp)
-    classes = {name: {"mm2": mm2(where, tm.mpp),
+    classes = {name: {"mm2": mm2(where, tm.mpp), "um2": round(mm2(where, tm.mpp) * 1e6),
                       "percent_of_tissue": round(100 * mm2(where, tm.mpp) / tissue_mm2, 2)
                       if tissue_mm2 else 0.0,
                       "colour": list(ARTIFACT_COLOURS.get(name, (255, 255, 255)))}
