@@ -50,6 +50,21 @@ def _shrunk(card: ModelCard, **extra: Any) -> ModelCard:
     return ModelCard.model_validate(card.model_dump() | {"timm_kwargs": kwargs} | extra)
 
 
+def _swin_original(module: torch.nn.Module) -> dict[str, object]:
+    """What Swin's original code (and CTransPath's timm 0.5.4) saves: {"model": state} with
+    each stage's downsample at the end of stage i (timm: start of i + 1) and the relative
+    position index and attention mask buffers stored (timm recomputes them)."""
+    import re
+
+    state = {re.sub(r"^layers\.(\d+)\.downsample\.",
+                    lambda m: f"layers.{int(m.group(1)) - 1}.downsample.", k): v
+             for k, v in module.state_dict().items()}
+    for name, buffer in module.named_buffers():
+        if name.rsplit(".", 1)[-1] in ("relative_position_index", "attn_mask"):
+            state[name] = buffer
+    return {"model": state}
+
+
 def _save(state: dict[str, torch.Tensor], path: Path) -> None:
     """In the format the publisher ships: safetensors, or a torch.save'd state dict."""
     if path.suffix == ".safetensors":
@@ -97,7 +112,10 @@ def test_random_weights_in_the_published_format_load_strictly(name: str, tmp_pat
     backbone = getattr(module, "backbone", module)
     assert card.provenance is not None
     weights = tmp_path / card.provenance.weights_file
-    _save(backbone.state_dict(), weights)
+    if card.weights_layout == "swin-original":
+        torch.save(_swin_original(backbone), weights)
+    else:
+        _save(backbone.state_dict(), weights)
     card_path = tmp_path / "card.json"
     card_path.write_text(card.model_dump_json())
     loaded = load_model(card_path, weights=weights, device="cpu")
@@ -367,3 +385,21 @@ def test_a_batch_that_does_not_fit_is_split_and_the_size_remembered(
         torch.OutOfMemoryError("simulated")))
     with pytest.raises(ModelLoadError, match="does not fit .* even for one patch"):
         model.predict(patches[:2])
+
+
+def test_ctranspath_reads_the_publishers_swin_layout() -> None:
+    # CHIEF_CTransPath.pth's layout (timm_ctp 0.5.4): downsample keys at the end of stages
+    # 0-2 and the attention masks of the shifted blocks TRIDENT filters out.
+    card = catalogue_card("ctranspath")
+    torch.manual_seed(0)
+    module = build_timm(card, _arch(card), num_classes=0).eval()
+    stored = _swin_original(module)["model"]
+    assert isinstance(stored, dict)
+    assert "layers.0.downsample.reduction.weight" in stored
+    assert "layers.3.downsample.reduction.weight" not in stored
+    masks = sorted(k.removesuffix(".attn_mask") for k in stored if k.endswith("attn_mask"))
+    assert masks == ["layers.0.blocks.1", "layers.1.blocks.1", "layers.2.blocks.1",
+                     "layers.2.blocks.3", "layers.2.blocks.5"]
+    from wsi_sampler.models.loaders import swin_original_to_timm
+
+    assert swin_original_to_timm(stored).keys() == module.state_dict().keys()

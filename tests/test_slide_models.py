@@ -422,6 +422,43 @@ def test_builtin_slide_encoders_match_their_publishers(tmp_path: Path, name: str
     assert answer["attention"] == {"columns": ["attention"], "display_column": "attention"}
 
 
+def test_chief_loads_its_pretraining_checkpoint_and_pools_the_input_features(
+    tmp_path: Path
+) -> None:
+    # CHIEF_pretraining.pth: a plain state dict of CHIEF(size_arg="small", dropout=True,
+    # n_classes=2), with its pretraining heads and the organ_embedding buffer. Its answer,
+    # WSI_feature, is softmax(A_raw) times the *input* CTransPath features (768-d).
+    from wsi_sampler.slide_models.card import slide_catalogue_card
+
+    card = slide_catalogue_card("chief")
+    assert card.is_encoder and card.patch_encoder == "ctranspath"
+    with torch.device("meta"):
+        shape = build_architecture("chief", card.architecture_kwargs, in_dim=768,
+                                   class_names=())
+    assert card.provenance is not None
+    assert sum(p.numel() for p in shape.parameters()) == card.provenance.parameters
+    assert {"organ_embedding", "att_head.fc1.weight", "text_to_vision.0.weight",
+            "instance_classifiers.1.bias", "classifiers.weight",
+            "attention_net.3.attention_c.weight"} <= set(shape.state_dict())
+    state = _randomised(shape)
+    ckpt = tmp_path / "CHIEF_pretraining.pth"
+    torch.save(state, ckpt)
+    model = load_slide_model("chief", weights=ckpt)
+    x = _bag(31, 768)
+    answer = model.predict(x)
+    features = torch.from_numpy(x)
+    h = F.relu(features @ state["attention_net.0.weight"].T + state["attention_net.0.bias"])
+    raw = _gated(h, state, "attention_net.3.")
+    by_hand = torch.softmax(raw[:, 0], dim=0) @ features
+    np.testing.assert_allclose(answer.attention, raw.numpy(), atol=1e-5)
+    np.testing.assert_allclose(answer.embedding, by_hand.numpy(), atol=1e-5)
+    assert answer.to_dict()["embedding_dim"] == 768 and answer.predicted_class is None
+    del state["att_head.fc2.bias"]
+    torch.save(state, ckpt)
+    with pytest.raises(ModelLoadError, match=r"att_head\.fc2\.bias"):
+        load_slide_model("chief", weights=ckpt)
+
+
 def test_a_slide_encoder_card_states_its_embedding_size(tmp_path: Path) -> None:
     path = tmp_path / "enc.json"
     path.write_text(json.dumps({"kind": "slide", "name": "enc", "architecture": "abmil",

@@ -138,6 +138,10 @@ class ModelCard(BaseModel):
     """Keyword arguments for ``timm.create_model`` (``timm:`` cards); layer classes by name,
     e.g. ``{"mlp_layer": "SwiGLUPacked", "act_layer": "SiLU"}``."""
     pooling: Pooling = "model"
+    weights_layout: Literal["timm", "swin-original"] = "timm"
+    """The checkpoint's key layout: ``timm`` (today's timm), or ``swin-original`` (Swin's
+    original code and timm < 0.6: each stage's downsample at its end, relative-position
+    index and attention-mask buffers stored), converted on load as timm converts it."""
     weights_key_prefix: str | None = None
     """Prefix stripped from every key of the weights file (e.g. ``module.``, ``model.``)."""
     head_keys: tuple[str, ...] = ()

@@ -2,8 +2,9 @@
 
 Layer classes are named in the card (JSON has no classes): ``mlp_layer`` from timm's layers
 (``Mlp``, ``GluMlp``, ``SwiGLU``, ``SwiGLUPacked``), ``act_layer`` and ``norm_layer`` from
-``torch.nn`` (``SiLU``, ``GELU``, ``LayerNorm``…). Pooling other than ``model`` reads the
-token sequence of a ViT (``forward_features``) and skips its register tokens.
+``torch.nn`` (``SiLU``, ``GELU``, ``LayerNorm``…), ``embed_layer`` from
+:mod:`wsi_sampler.models.layers` (``ConvStem``: CTransPath's). Pooling other than ``model``
+reads the token sequence of a ViT (``forward_features``) and skips its register tokens.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import torch
 
 from ..errors import ModelLoadError
 from .card import ModelCard, Pooling
+from .layers import EMBED_LAYERS
 
 __all__ = ["TokenPooling", "build_timm", "resolve_timm_kwargs"]
 
@@ -27,6 +29,11 @@ def _layer_class(key: str, name: Any) -> type[torch.nn.Module]:
 
     if not isinstance(name, str):
         raise ModelLoadError(f"timm_kwargs.{key} must be a layer class name, got {name!r}")
+    if key == "embed_layer":
+        if name not in EMBED_LAYERS:
+            raise ModelLoadError(f"timm_kwargs.embed_layer: unknown layer {name!r} "
+                                 f"({', '.join(EMBED_LAYERS)})")
+        return EMBED_LAYERS[name]
     allowed = _MLP_LAYERS if key == "mlp_layer" else _TORCH_LAYERS[key]
     if name not in allowed:
         raise ModelLoadError(f"timm_kwargs.{key}: unknown layer {name!r} ({', '.join(allowed)})")
@@ -37,8 +44,8 @@ def _layer_class(key: str, name: Any) -> type[torch.nn.Module]:
 
 def resolve_timm_kwargs(kwargs: dict[str, Any]) -> dict[str, Any]:
     """The card's ``timm_kwargs`` with layer class names replaced by the classes."""
-    return {k: _layer_class(k, v) if k == "mlp_layer" or k in _TORCH_LAYERS else v
-            for k, v in kwargs.items()}
+    return {k: _layer_class(k, v) if k in ("mlp_layer", "embed_layer") or k in _TORCH_LAYERS
+            else v for k, v in kwargs.items()}
 
 
 class TokenPooling(torch.nn.Module):

@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
 import warnings
 from pathlib import Path
 
@@ -51,12 +52,32 @@ def _load_timm(
         return module
     weights = model_file(card, base)
     state = read_state_dict(weights, prefix=card.weights_key_prefix)
+    if card.weights_layout == "swin-original":
+        state = swin_original_to_timm(state)
     if out.class_names is None:
         _drop_head_keys(card, state, weights)
     # Checkpoints hold the timm model's own keys; pooling is ours and has no weights.
     target = module.backbone if isinstance(module, TokenPooling) else module
     load_strict(target, state, source=str(weights), what=f"timm {arch!r} (card {card.name!r})")
     return module
+
+
+_STAGE_DOWNSAMPLE = re.compile(r"^layers\.(\d+)\.downsample\.")
+_SWIN_BUFFERS = ("relative_position_index", "attn_mask")
+
+
+def swin_original_to_timm(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Swin's original layout in today's timm's: the stored buffers (relative-position
+    index, attention masks: timm recomputes them) dropped, and each stage's downsample moved
+    from the end of stage i to the start of stage i + 1 (timm's own conversion of such
+    checkpoints, ``swin_transformer.checkpoint_filter_fn``, does the same)."""
+    out: dict[str, torch.Tensor] = {}
+    for key, value in state.items():
+        if key.rsplit(".", 1)[-1] in _SWIN_BUFFERS:
+            continue
+        out[_STAGE_DOWNSAMPLE.sub(lambda m: f"layers.{int(m.group(1)) + 1}.downsample.",
+                                  key)] = value
+    return out
 
 
 def _drop_head_keys(card: ModelCard, state: dict[str, torch.Tensor], source: Path) -> None:

@@ -28,11 +28,13 @@ __all__ = ["ARCHITECTURE_SUMMARY", "SlideArchitecture", "SlideModelCard", "Slide
            "load_slide_card"]
 
 SlideArchitecture = Literal["clam_sb", "clam_mb", "mil_fc", "abmil", "trident_abmil",
-                            "transmil", "mean", "linear", "mlp"]
+                            "transmil", "chief", "mean", "linear", "mlp"]
 """``clam_sb`` / ``clam_mb`` / ``mil_fc``: CLAM's models (``models/model_clam.py``,
 ``models/model_mil.py``); ``abmil``: MIL-Lab's ABMIL (Ilse et al. 2018, gated or not);
 ``trident_abmil``: TRIDENT's ``ABMILSlideEncoder`` with the classifier of its ABMIL tutorial;
-``transmil``: TransMIL (Shao et al. 2021); ``mean``: mean of the patch embeddings + linear;
+``transmil``: TransMIL (Shao et al. 2021); ``chief``: CHIEF's slide encoder (Wang et al.
+2024; CLAM-SB's attention over CTransPath features, the attention-weighted mean of the
+features as the slide embedding); ``mean``: mean of the patch embeddings + linear;
 ``linear`` / ``mlp``: a head over a slide encoder's embedding (``slide_encoder``)."""
 
 
@@ -54,6 +56,8 @@ ARCHITECTURE_SUMMARY: dict[str, tuple[str, str]] = {
         "dim=256, n_classes=1"),
     "transmil": ("TransMIL models.TransMIL",
         "n_classes=2, in_dim=1024"),
+    "chief": ("CHIEF models.CHIEF.CHIEF",
+        "gate=True, size_arg='small', dropout=True, n_classes=2, embed_dim=768"),
     "mean": ("mean pooling + linear",
         "in_dim=1024, n_classes=2"),
     "linear": ("linear probe on a slide embedding (torch.nn.Linear)",

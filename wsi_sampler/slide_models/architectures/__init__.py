@@ -16,6 +16,7 @@ from torch import nn
 from ...errors import ModelLoadError
 from ._blocks import SlideOutput
 from .abmil import ABMIL
+from .chief import Chief
 from .clam import ClamMB, ClamSB, MilFC
 from .heads import LinearHead, MLPHead, OverSlideEncoder
 from .mean import MeanPool
@@ -37,6 +38,9 @@ class Architecture:
     """The default is one logit (a sigmoid over two classes)."""
     encoder: bool = False
     """Built with no classes, it is a slide encoder (its answer is the embedding)."""
+    pretraining_classes: bool = False
+    """A slide encoder that keeps its pretraining classifier (its checkpoint has one): a card
+    without class names gives the class count, and the answer is the embedding."""
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -50,6 +54,8 @@ ARCHITECTURES: dict[str, Architecture] = {
                                   "TRIDENT ABMILSlideEncoder + tutorial classifier",
                                   single_logit=True),
     "transmil": Architecture(TransMIL, "in_dim", "n_classes", "TransMIL models.TransMIL"),
+    "chief": Architecture(Chief, "embed_dim", "n_classes", "CHIEF models.CHIEF.CHIEF",
+                          encoder=True, pretraining_classes=True),
     "mean": Architecture(MeanPool, "in_dim", "n_classes", "mean pooling + linear",
                          encoder=True),
     "linear": Architecture(LinearHead, "in_dim", "n_classes",
@@ -89,9 +95,11 @@ def build_architecture(name: str, kwargs: dict[str, Any], *, in_dim: int,
                              f"embeddings it reads are {in_dim}-d")
     n_logits = _n_logits(arch, kwargs, class_names)
     if not class_names and not arch.encoder:
-        raise ModelLoadError(f"{name} needs class_names (only abmil and mean are slide "
-                             "encoders without classes)")
-    if n_logits != len(class_names) and not (n_logits == 1 and len(class_names) == 2):
+        raise ModelLoadError(f"{name} needs class_names (only abmil, mean and chief are "
+                             "slide encoders without classes)")
+    encoding = arch.pretraining_classes and not class_names
+    if n_logits != len(class_names) and not (n_logits == 1 and len(class_names) == 2) and (
+            not encoding):
         raise ModelLoadError(
             f"architecture_kwargs.{arch.classes_arg} is {n_logits} but the card names "
             f"{len(class_names)} classes ({', '.join(class_names)})")
