@@ -28,7 +28,7 @@ from wsi_sampler import Extractor, PlanParams, open_slide
 from wsi_sampler.errors import ModelLoadError
 from wsi_sampler.features import read_features_h5
 from wsi_sampler.models import ModelCard, catalogue_card, catalogue_names, load_model
-from wsi_sampler.models.encoder import build_timm
+from wsi_sampler.models.encoder import build_encoder, build_timm
 from wsi_sampler.scoring import OutputOptions, score_slide
 from wsi_sampler.worker import InProcessWorker
 
@@ -45,7 +45,7 @@ def _arch(card: ModelCard) -> str:
 def _shrunk(card: ModelCard, **extra: Any) -> ModelCard:
     """The same architecture with one block: every layer kind and key name, little memory."""
     kwargs = dict(card.timm_kwargs)
-    if "vit" in _arch(card):
+    if "vit" in _arch(card) or card.architecture == "builtin:conch-v1":
         kwargs["depth"] = 1
     return ModelCard.model_validate(card.model_dump() | {"timm_kwargs": kwargs} | extra)
 
@@ -65,6 +65,20 @@ def _swin_original(module: torch.nn.Module) -> dict[str, object]:
     return {"model": state}
 
 
+def _conch_coca(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """CONCH's pytorch_model.bin: the whole CoCa model, the image encoder under visual.,
+    beside the parts features do not use (text tower, caption decoder and pooler, the
+    contrastive projection, the logit scale; one small tensor each stands for them)."""
+    state = {f"visual.{k}": v for k, v in module.state_dict().items()}
+    state |= {"visual.attn_pool_caption.query": torch.zeros(256, 768),
+              "visual.ln_caption.weight": torch.ones(768),
+              "visual.proj_contrast": torch.zeros(512, 512),
+              "text.token_embedding.weight": torch.zeros(32007, 8),
+              "text_decoder.resblocks.0.ln_1.weight": torch.ones(768),
+              "logit_scale": torch.tensor(4.6)}
+    return state
+
+
 def _save(state: dict[str, torch.Tensor], path: Path) -> None:
     """In the format the publisher ships: safetensors, or a torch.save'd state dict."""
     if path.suffix == ".safetensors":
@@ -73,11 +87,22 @@ def _save(state: dict[str, torch.Tensor], path: Path) -> None:
         torch.save(state, str(path))
 
 
+def _patches(card: ModelCard) -> np.ndarray:
+    size = card.patch_size_px
+    return PATCHES if size == 224 else np.random.default_rng(0).integers(
+        0, 256, (3, size, size, 3), dtype=np.uint8)
+
+
 def _pooled(module: torch.nn.Module, card: ModelCard, patches: np.ndarray) -> np.ndarray:
     """What the model card says the embedding is, computed straight from the timm module."""
     mean = torch.tensor(card.normalization.mean).view(1, 3, 1, 1)
     std = torch.tensor(card.normalization.std).view(1, 3, 1, 1)
-    x = (torch.from_numpy(patches).permute(0, 3, 1, 2).float() / 255 - mean) / std
+    x = torch.from_numpy(patches).permute(0, 3, 1, 2).float()
+    if card.input_size_px:  # the publisher's Resize (bicubic) to the model's input
+        size = (card.input_size_px, card.input_size_px)
+        x = torch.nn.functional.interpolate(x, size=size, mode="bicubic", antialias=True)
+        x = x.clamp(0, 255)
+    x = (x / 255 - mean) / std
     with torch.inference_mode():
         if card.pooling == "model":
             return module(x).numpy()
@@ -94,9 +119,10 @@ def test_catalogue_card_builds_with_its_published_dimensions_and_size(name: str)
     card = catalogue_card(name)
     prov = card.provenance
     assert prov is not None and prov.sources and prov.licence and prov.weights_url
+    side = card.input_size_px or card.patch_size_px
     with torch.device("meta"):
-        module = build_timm(card, _arch(card), num_classes=0)
-        out = module(torch.empty(2, 3, card.patch_size_px, card.patch_size_px))
+        module = build_encoder(card)
+        out = module(torch.empty(2, 3, side, side))
     assert tuple(out.shape) == (2, card.outputs[0].width)
     if prov.parameters is not None:
         params = sum(p.numel() for p in module.parameters())
@@ -108,19 +134,22 @@ def test_catalogue_card_builds_with_its_published_dimensions_and_size(name: str)
 def test_random_weights_in_the_published_format_load_strictly(name: str, tmp_path: Path) -> None:
     card = _shrunk(catalogue_card(name))
     torch.manual_seed(0)
-    module = build_timm(card, _arch(card), num_classes=0).eval()
+    module = build_encoder(card).eval()
     backbone = getattr(module, "backbone", module)
     assert card.provenance is not None
     weights = tmp_path / card.provenance.weights_file
     if card.weights_layout == "swin-original":
         torch.save(_swin_original(backbone), weights)
+    elif card.architecture == "builtin:conch-v1":
+        torch.save(_conch_coca(backbone), weights)
     else:
         _save(backbone.state_dict(), weights)
     card_path = tmp_path / "card.json"
     card_path.write_text(card.model_dump_json())
     loaded = load_model(card_path, weights=weights, device="cpu")
-    got = loaded.predict(PATCHES)["embedding"]
-    np.testing.assert_allclose(got, _pooled(backbone, card, PATCHES), rtol=1e-4, atol=1e-4)
+    patches = _patches(card)
+    got = loaded.predict(patches)["embedding"]
+    np.testing.assert_allclose(got, _pooled(backbone, card, patches), rtol=1e-4, atol=1e-4)
 
 
 def test_catalogue_names_load_directly_and_need_their_weights(tmp_path: Path) -> None:
@@ -392,7 +421,7 @@ def test_ctranspath_reads_the_publishers_swin_layout() -> None:
     # 0-2 and the attention masks of the shifted blocks TRIDENT filters out.
     card = catalogue_card("ctranspath")
     torch.manual_seed(0)
-    module = build_timm(card, _arch(card), num_classes=0).eval()
+    module = build_encoder(card).eval()
     stored = _swin_original(module)["model"]
     assert isinstance(stored, dict)
     assert "layers.0.downsample.reduction.weight" in stored

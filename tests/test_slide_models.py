@@ -459,6 +459,52 @@ def test_chief_loads_its_pretraining_checkpoint_and_pools_the_input_features(
         load_slide_model("chief", weights=ckpt)
 
 
+def _layer_norm(x: torch.Tensor, s: dict[str, torch.Tensor], p: str) -> torch.Tensor:
+    return F.layer_norm(x, x.shape[-1:], s[f"{p}.weight"], s[f"{p}.bias"])
+
+
+def test_madeleine_loads_its_checkpoint_and_pools_four_heads(tmp_path: Path) -> None:
+    # MADELEINE's model.pt: the MADELEINE module's state dict (H&E, no stain encoding),
+    # saved through DataParallel ("module." on every key, which its loader strips).
+    from wsi_sampler.slide_models.card import slide_catalogue_card
+
+    card = slide_catalogue_card("madeleine")
+    assert card.is_encoder and card.patch_encoder == "conch-v1"
+    with torch.device("meta"):
+        shape = build_architecture("madeleine", card.architecture_kwargs, in_dim=512,
+                                   class_names=())
+    assert card.provenance is not None
+    assert sum(p.numel() for p in shape.parameters()) == card.provenance.parameters
+    state = _randomised(shape)
+    ckpt = tmp_path / "model.pt"
+    torch.save({f"module.{k}": v for k, v in state.items()}, ckpt)
+    model = load_slide_model("madeleine", weights=ckpt)
+    x = _bag(29, 512)
+    answer = model.predict(x)
+    # the equations, written plainly: three Linear-LayerNorm-GELU blocks, heads split as
+    # 'b t (e c) -> b t e c', gated attention per head, softmax over the patches, the
+    # pooled (e, c) flattened e-major and projected
+    h = torch.from_numpy(x)
+    for i in (0, 4, 8):
+        p = f"wsi_embedders.pre_attn.{i}"
+        h = h @ state[f"{p}.weight"].T + state[f"{p}.bias"]
+        h = F.gelu(_layer_norm(h, state, f"wsi_embedders.pre_attn.{i + 1}"))
+    heads = h.reshape(len(x), 512, 4)
+    raws, pooled = [], []
+    for c in range(4):
+        raw = _gated(heads[:, :, c], state, f"wsi_embedders.attn.{c}.")
+        raws.append(raw)
+        pooled.append(torch.softmax(raw[:, 0], dim=0) @ heads[:, :, c])
+    flat = torch.stack(pooled, dim=1).reshape(-1)
+    by_hand = flat @ state["projector.weight"].T + state["projector.bias"]
+    np.testing.assert_allclose(answer.attention, torch.cat(raws, 1).numpy(), atol=1e-5)
+    np.testing.assert_allclose(answer.embedding, by_hand.numpy(), atol=1e-4)
+    assert answer.to_dict()["embedding_dim"] == 512 and answer.predicted_class is None
+    torch.save({k: v for k, v in state.items() if k != "token_projector.weight"}, ckpt)
+    with pytest.raises(ModelLoadError, match=r"token_projector\.weight"):
+        load_slide_model("madeleine", weights=ckpt)
+
+
 def test_a_slide_encoder_card_states_its_embedding_size(tmp_path: Path) -> None:
     path = tmp_path / "enc.json"
     path.write_text(json.dumps({"kind": "slide", "name": "enc", "architecture": "abmil",

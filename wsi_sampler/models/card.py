@@ -117,6 +117,11 @@ class StainSpec(BaseModel):
         return self
 
 
+BUILTIN_ENCODERS = ("builtin:conch-v1",)
+"""Encoder architectures written here around a timm trunk (:mod:`.conch`); their cards
+name them and, like ``timm:`` cards, load a weights file strictly."""
+
+
 class ModelCard(BaseModel):
     """What a model is and how to feed it."""
 
@@ -124,7 +129,8 @@ class ModelCard(BaseModel):
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$", max_length=128)
     version: str = "1"
     architecture: str
-    """``builtin:tissue-qc``, ``torchscript``, ``torch-export`` or ``timm:<arch>``."""
+    """``builtin:tissue-qc``, ``builtin:conch-v1``, ``torchscript``, ``torch-export`` or
+    ``timm:<arch>``."""
     file: str | None = None
     """Model file (TorchScript / .pt2) or weights (.safetensors), relative to the card."""
     patch_size_px: int = Field(ge=16, le=4096)
@@ -135,8 +141,9 @@ class ModelCard(BaseModel):
     max_batch: int = Field(default=64, ge=1, le=4096)
     description: str = ""
     timm_kwargs: dict[str, Any] = Field(default_factory=dict)
-    """Keyword arguments for ``timm.create_model`` (``timm:`` cards); layer classes by name,
-    e.g. ``{"mlp_layer": "SwiGLUPacked", "act_layer": "SiLU"}``."""
+    """Keyword arguments for ``timm.create_model`` (``timm:`` cards; ``builtin:conch-v1``:
+    for its timm ``VisionTransformer`` trunk); layer classes by name, e.g.
+    ``{"mlp_layer": "SwiGLUPacked", "act_layer": "SiLU"}``."""
     pooling: Pooling = "model"
     weights_layout: Literal["timm", "swin-original"] = "timm"
     """The checkpoint's key layout: ``timm`` (today's timm), or ``swin-original`` (Swin's
@@ -144,6 +151,14 @@ class ModelCard(BaseModel):
     index and attention-mask buffers stored), converted on load as timm converts it."""
     weights_key_prefix: str | None = None
     """Prefix stripped from every key of the weights file (e.g. ``module.``, ``model.``)."""
+    unused_key_prefixes: tuple[str, ...] = ()
+    """Checkpoint keys (after ``weights_key_prefix``) that are no part of the embedding and
+    are dropped, by prefix: CONCH's text tower and caption decoder. Every other key loads
+    strictly."""
+    input_size_px: int | None = Field(default=None, ge=16, le=4096)
+    """The model's input side when it differs from ``patch_size_px``: patches are read at
+    ``patch_size_px`` and ``target_mpp`` as the publisher tiles, then resized (bicubic) to
+    this, as the publisher's transform does (CONCH: 256 px at 10x, resized to 448)."""
     head_keys: tuple[str, ...] = ()
     """Keys of the architecture's classifier head (timm ViTs: ``head.weight``, ``head.bias``;
     ResNets: ``fc.weight``, ``fc.bias``). An embedding card drops them from a checkpoint that
@@ -160,9 +175,12 @@ class ModelCard(BaseModel):
         if "num_classes" in self.timm_kwargs:
             raise ValueError("timm_kwargs must not set num_classes: it follows from the outputs "
                              "(0 for an embedding, the number of class names otherwise)")
-        if (self.timm_kwargs or self.pooling != "model") and not self.architecture.startswith(
-                "timm:"):
-            raise ValueError("timm_kwargs and pooling apply to timm:<arch> models only")
+        timm_built = self.architecture.startswith("timm:") or (
+            self.architecture in BUILTIN_ENCODERS)
+        if (self.timm_kwargs and not timm_built) or (
+                self.pooling != "model" and not self.architecture.startswith("timm:")):
+            raise ValueError("timm_kwargs apply to timm:<arch> models (and CONCH's timm "
+                             "trunk), pooling to timm:<arch> models only")
         if self.file is not None and self.architecture.startswith("timm:") and not (
                 self.file.lower().endswith(WEIGHT_SUFFIXES)):
             raise ValueError(f"weights file {self.file!r}: expected one of "

@@ -14,10 +14,11 @@ from typing import Any
 import torch
 
 from ..errors import ModelLoadError
-from .card import ModelCard, Pooling
+from .card import BUILTIN_ENCODERS, ModelCard, Pooling
 from .layers import EMBED_LAYERS
 
-__all__ = ["TokenPooling", "build_timm", "resolve_timm_kwargs"]
+__all__ = ["BUILTIN_ENCODERS", "TokenPooling", "build_encoder", "build_timm",
+           "resolve_timm_kwargs"]
 
 _MLP_LAYERS = ("Mlp", "GluMlp", "SwiGLU", "SwiGLUPacked")
 _TORCH_LAYERS = {"act_layer": ("SiLU", "GELU", "ReLU", "Tanh", "Sigmoid", "Identity"),
@@ -98,3 +99,20 @@ def build_timm(card: ModelCard, arch: str, num_classes: int) -> torch.nn.Module:
         raise ModelLoadError(f"pooling {card.pooling!r} is for embeddings; card {card.name!r} "
                              "has class names")
     return TokenPooling(module, card.pooling)
+
+
+def build_encoder(card: ModelCard, num_classes: int = 0) -> torch.nn.Module:
+    """The card's encoder architecture with no weights: ``timm:<arch>`` or a built-in one
+    (``builtin:conch-v1``, :mod:`.conch`). Under ``torch.device("meta")`` it takes no
+    memory."""
+    if card.architecture == "builtin:conch-v1":
+        from .conch import ConchImageEncoder
+
+        if num_classes:
+            raise ModelLoadError(f"{card.name}: builtin:conch-v1 is an embedding model")
+        return ConchImageEncoder(image_size=card.input_size_px or card.patch_size_px,
+                                 **resolve_timm_kwargs(card.timm_kwargs))
+    if not card.architecture.startswith("timm:"):
+        raise ModelLoadError(f"{card.name}: {card.architecture!r} is not an encoder "
+                             "architecture (timm:<arch>, builtin:conch-v1)")
+    return build_timm(card, card.architecture.removeprefix("timm:"), num_classes)

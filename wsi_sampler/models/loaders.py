@@ -28,7 +28,7 @@ import torch
 
 from ..errors import ModelLoadError
 from .card import ModelCard
-from .encoder import TokenPooling, build_timm
+from .encoder import BUILTIN_ENCODERS, TokenPooling, build_encoder
 from .resolve import BUILTIN_MODELS, missing_weights, model_file, preflight, resolve_card
 from .runtime import Model
 from .tissue_qc import TissueQC
@@ -43,9 +43,9 @@ def _load_timm(
     card: ModelCard, base: Path | None, arch: str, allow_random_weights: bool
 ) -> torch.nn.Module:
     if len(card.outputs) != 1:
-        raise ModelLoadError(f"timm model {card.name!r}: the card must list exactly one output")
+        raise ModelLoadError(f"model {card.name!r}: the card must list exactly one output")
     out = card.outputs[0]
-    module = build_timm(card, arch, num_classes=0 if out.class_names is None else out.width)
+    module = build_encoder(card, num_classes=0 if out.class_names is None else out.width)
     if card.file is None:
         if not allow_random_weights:
             raise missing_weights(card)
@@ -56,9 +56,11 @@ def _load_timm(
         state = swin_original_to_timm(state)
     if out.class_names is None:
         _drop_head_keys(card, state, weights)
+    for key in [k for k in state if k.startswith(card.unused_key_prefixes or ("\0",))]:
+        del state[key]
     # Checkpoints hold the timm model's own keys; pooling is ours and has no weights.
     target = module.backbone if isinstance(module, TokenPooling) else module
-    load_strict(target, state, source=str(weights), what=f"timm {arch!r} (card {card.name!r})")
+    load_strict(target, state, source=str(weights), what=f"{arch} (card {card.name!r})")
     return module
 
 
@@ -112,11 +114,11 @@ def _load_module(
             raise ModelLoadError(f"{path}: not a torch.export (.pt2) archive ({exc})") from exc
         exported_module: torch.nn.Module = exported.module()
         return exported_module
-    if arch.startswith("timm:"):
+    if arch.startswith("timm:") or arch in BUILTIN_ENCODERS:
         return _load_timm(card, base, arch.removeprefix("timm:"), allow_random_weights)
     raise ModelLoadError(
         f"model card {card.name!r}: unknown architecture {arch!r} "
-        "(builtin:tissue-qc, torchscript, torch-export, timm:<arch>)"
+        "(builtin:tissue-qc, builtin:conch-v1, torchscript, torch-export, timm:<arch>)"
     )
 
 

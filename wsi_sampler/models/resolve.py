@@ -9,7 +9,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from ..errors import ModelLoadError, ModelNotFoundError
-from .card import ModelCard, load_card
+from .card import BUILTIN_ENCODERS, ModelCard, load_card
 from .catalogue import catalogue_card, catalogue_names
 from .tissue_qc_card import tissue_qc_card
 
@@ -84,9 +84,11 @@ def preflight(
     if card.architecture == "builtin:tissue-qc":
         return card
     if card.file is None:
-        if card.architecture.startswith("timm:") and not allow_random_weights:
+        built_here = card.architecture.startswith("timm:") or (
+            card.architecture in BUILTIN_ENCODERS)
+        if built_here and not allow_random_weights:
             raise missing_weights(card)
-        if not card.architecture.startswith("timm:"):
+        if not built_here:
             model_file(card, base)  # raises: TorchScript / export cards need their file
         return card
     model_file(card, base)

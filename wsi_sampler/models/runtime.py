@@ -143,6 +143,11 @@ class Model:
         x = x.permute(0, 3, 1, 2).float()  # NCHW view of NHWC memory: channels_last
         if self.card.channel_order == "BGR":
             x = x.flip(1)
+        size = self.card.input_size_px
+        if size is not None and size != x.shape[-1]:  # the publisher's Resize (bicubic)
+            x = torch.nn.functional.interpolate(x, size=(size, size), mode="bicubic",
+                                                align_corners=False, antialias=True)
+            x = x.clamp(0, 255)
         if self._normalize:
             x = (x - self._mean) / self._std
         return x.contiguous(memory_format=torch.channels_last)

@@ -28,14 +28,16 @@ __all__ = ["ARCHITECTURE_SUMMARY", "SlideArchitecture", "SlideModelCard", "Slide
            "load_slide_card"]
 
 SlideArchitecture = Literal["clam_sb", "clam_mb", "mil_fc", "abmil", "trident_abmil",
-                            "transmil", "chief", "mean", "linear", "mlp"]
+                            "transmil", "chief", "madeleine", "mean", "linear", "mlp"]
 """``clam_sb`` / ``clam_mb`` / ``mil_fc``: CLAM's models (``models/model_clam.py``,
 ``models/model_mil.py``); ``abmil``: MIL-Lab's ABMIL (Ilse et al. 2018, gated or not);
 ``trident_abmil``: TRIDENT's ``ABMILSlideEncoder`` with the classifier of its ABMIL tutorial;
 ``transmil``: TransMIL (Shao et al. 2021); ``chief``: CHIEF's slide encoder (Wang et al.
 2024; CLAM-SB's attention over CTransPath features, the attention-weighted mean of the
-features as the slide embedding); ``mean``: mean of the patch embeddings + linear;
-``linear`` / ``mlp``: a head over a slide encoder's embedding (``slide_encoder``)."""
+features as the slide embedding); ``madeleine``: MADELEINE's H&E slide encoder (Jaume
+et al. 2024; four gated-attention heads over CONCH features, projected); ``mean``: mean of
+the patch embeddings + linear; ``linear`` / ``mlp``: a head over a slide encoder's
+embedding (``slide_encoder``)."""
 
 
 # What `models list` shows without importing torch (a test keeps it equal to the modules).
@@ -58,6 +60,9 @@ ARCHITECTURE_SUMMARY: dict[str, tuple[str, str]] = {
         "n_classes=2, in_dim=1024"),
     "chief": ("CHIEF models.CHIEF.CHIEF",
         "gate=True, size_arg='small', dropout=True, n_classes=2, embed_dim=768"),
+    "madeleine": ("MADELEINE madeleine.models.Model.MADELEINE (H&E)",
+        "patch_embedding_dim=512, wsi_encoder_hidden_dim=512, n_heads=4, activation='softm"
+        "ax', n_classes=0"),
     "mean": ("mean pooling + linear",
         "in_dim=1024, n_classes=2"),
     "linear": ("linear probe on a slide embedding (torch.nn.Linear)",

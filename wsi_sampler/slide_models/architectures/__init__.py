@@ -19,6 +19,7 @@ from .abmil import ABMIL
 from .chief import Chief
 from .clam import ClamMB, ClamSB, MilFC
 from .heads import LinearHead, MLPHead, OverSlideEncoder
+from .madeleine import Madeleine
 from .mean import MeanPool
 from .transmil import TransMIL
 from .trident import TridentABMIL
@@ -56,6 +57,9 @@ ARCHITECTURES: dict[str, Architecture] = {
     "transmil": Architecture(TransMIL, "in_dim", "n_classes", "TransMIL models.TransMIL"),
     "chief": Architecture(Chief, "embed_dim", "n_classes", "CHIEF models.CHIEF.CHIEF",
                           encoder=True, pretraining_classes=True),
+    "madeleine": Architecture(Madeleine, "patch_embedding_dim", "n_classes",
+                              "MADELEINE madeleine.models.Model.MADELEINE (H&E)",
+                              encoder=True),
     "mean": Architecture(MeanPool, "in_dim", "n_classes", "mean pooling + linear",
                          encoder=True),
     "linear": Architecture(LinearHead, "in_dim", "n_classes",
@@ -95,8 +99,8 @@ def build_architecture(name: str, kwargs: dict[str, Any], *, in_dim: int,
                              f"embeddings it reads are {in_dim}-d")
     n_logits = _n_logits(arch, kwargs, class_names)
     if not class_names and not arch.encoder:
-        raise ModelLoadError(f"{name} needs class_names (only abmil, mean and chief are "
-                             "slide encoders without classes)")
+        raise ModelLoadError(f"{name} needs class_names (only abmil, mean, chief and "
+                             "madeleine are slide encoders without classes)")
     encoding = arch.pretraining_classes and not class_names
     if n_logits != len(class_names) and not (n_logits == 1 and len(class_names) == 2) and (
             not encoding):
