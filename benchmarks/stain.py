@@ -4,7 +4,7 @@ batched (this machine's CPU threads; a GPU when there is one).
 The patches are real: 224 px at 0.5 µm/px from the shared CMU-1-Small-Region slide (or any
 slide given), repeated to ``--patches``. Each row is the median of ``--repeats`` runs after
 a warm-up. slideflow's published figures (A100 + Threadripper): Macenko ~900 img/s,
-Reinhard ~4,200 img/s. Vahadane runs on the CPU only (its dictionary learning is per patch).
+Reinhard ~4,200 img/s. 
 
 Run: ``python -m benchmarks.stain`` (``--device cuda`` on a GPU machine).
 """
@@ -67,8 +67,6 @@ def stain_rates(patches: np.ndarray, device: str, repeats: int = 3) -> list[dict
             torch.set_num_threads(threads)
         rows.append({"method": method, "implementation": "numpy, 1 thread",
                      "patches_per_s": round(rate, 1)})
-        if method == "vahadane":
-            continue
         batched = partial(_synchronised, TorchStainNormalizer(normalizer, device), patches)
         rows.append({"method": method, "implementation": f"torch batched, {device}",
                      "patches_per_s": round(_median_rate(batched, len(patches), repeats), 1)})

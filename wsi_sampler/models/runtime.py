@@ -90,7 +90,7 @@ class Model:
         """The largest batch run at once: the card's max_batch, halved on out-of-memory."""
         self.stain = _stain_normalizer(card, self.device)
         """The card's stain normalisation, applied to patches before the model, or None
-        (batched on the GPU where the model runs on one: Macenko and Reinhard)."""
+        (batched on the GPU where the model runs on one)."""
         self.check()
         self._settle_precision(model_key)
 
@@ -264,6 +264,6 @@ def _stain_normalizer(card: ModelCard, device: torch.device
         normalizer = StainNormalizer(spec.method, reference)
     except InvalidRequestError as exc:
         raise ModelLoadError(f"model {card.name}: {exc}") from exc
-    if device.type == "cuda" and spec.method in ("macenko", "reinhard"):
+    if device.type == "cuda":
         return TorchStainNormalizer(normalizer, device)
     return normalizer
