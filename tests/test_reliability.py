@@ -297,7 +297,7 @@ def _raw_chunked_post(url: str, path: str, total: int, headers: str = "") -> tup
             while sent < total:
                 sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
                 sent += len(chunk)
-                sock.settimeout(0.001 if sent > 256 * 1024 else 10)
+                sock.settimeout(0.001)  # a peek: has the server answered yet?
                 try:
                     if sock.recv(1, socket.MSG_PEEK):
                         break  # the server answered before the body ended

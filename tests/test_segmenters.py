@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import warnings
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -19,6 +20,7 @@ from wsi_sampler.errors import InvalidRequestError, ModelLoadError
 from wsi_sampler.plan import compute_tissue_mask
 from wsi_sampler.segmenters import (
     Segmenter,
+    SegmenterCard,
     build_segmenter,
     load_segmenter,
     load_segmenter_card,
@@ -202,15 +204,21 @@ def test_tiled_inference_equals_a_plain_whole_tile_reference(small_slide: Path) 
     assert iou >= 0.99
 
 
-def test_score_takes_the_tissue_method(tiny_slide: Path, tmp_path: Path) -> None:
-    slides = tmp_path / "slides"
-    slides.mkdir()
-    (slides / "tiny.svs").write_bytes(tiny_slide.read_bytes())
-    done = run("score", slides, "--out", tmp_path / "out", "--segmenter-weights",
-               tmp_path / "x.ckpt")
-    assert done.returncode == 2 and "--tissue-method" in done.stderr
-    done = run("score", slides, "--out", tmp_path / "out", "--tissue-method", "hest")
-    assert done.returncode == 2 and "segmenter's weights" in done.stderr
+def test_the_cli_options_check_the_tissue_method(tmp_path: Path) -> None:
+    # what score, plan, patches and tissue build their detection from (each CLI error is
+    # its one line and exit 2, tested with the commands)
+    from wsi_sampler.cli.options import ExclusionArgs, MethodOpt, tissue_params
+
+    with pytest.raises(InvalidRequestError, match="--tissue-method"):
+        tissue_params(MethodOpt.auto, tmp_path / "x.ckpt")
+    with pytest.raises(InvalidRequestError, match="segmenter's weights"):
+        tissue_params(MethodOpt.hest, None)
+    with pytest.raises(InvalidRequestError, match="no such file"):
+        tissue_params(MethodOpt.auto, None, ExclusionArgs(weights=tmp_path / "missing.pth"))
+    fast = tissue_params(MethodOpt.hest_fast, tmp_path / "w.ckpt",
+                         ExclusionArgs(exclude="pen,dark", max_share=0.3, strict=True))
+    assert (fast.method, fast.exclude_artifacts, fast.max_excluded_share,
+            fast.strict_exclusion) == ("hest-fast", ("pen", "dark"), 0.3, True)
 
 
 # -- GrandQC ------------------------------------------------------------------------------
@@ -235,18 +243,26 @@ def test_grandqc_card_architecture_and_checkpoint(tmp_path: Path) -> None:
     card = load_segmenter_card("grandqc")
     assert (card.tile_px, card.tile_mpp, card.tissue_class, card.jpeg_quality) == (
         512, 10.0, 0, 80)
+    _published_size_and_strict_load(card, tmp_path / "Tissue_Detection_MPP10.pth",
+                                    _grandqc_state_dict, "segmentation_head.0.weight")
+
+
+def _published_size_and_strict_load(card: SegmenterCard, pth: Path, save: Any, key: str
+                                    ) -> None:
+    """The card's architecture has its published size on meta; random weights saved by
+    ``save`` (the publisher's layout) load strictly and equal; without ``key`` the load
+    fails naming it."""
     assert card.provenance is not None and card.provenance.parameters is not None
     with torch.device("meta"):
         count = sum(p.numel() for p in build_segmenter(card).parameters())
     assert abs(count - card.provenance.parameters) <= card.provenance.parameters_tolerance * count
-    pth = tmp_path / "Tissue_Detection_MPP10.pth"
-    expected = _grandqc_state_dict(pth)
-    loaded = load_segmenter("grandqc", weights=pth, device="cpu").module.state_dict()
+    expected = save(pth)
+    loaded = load_segmenter(card.name, weights=pth, device="cpu").module.state_dict()
     assert set(loaded) == set(expected)
     assert all(torch.equal(loaded[k], expected[k]) for k in expected)
-    _grandqc_state_dict(pth, drop="segmentation_head.0.weight")
-    with pytest.raises(ModelLoadError, match=r"segmentation_head\.0\.weight"):
-        load_segmenter("grandqc", weights=pth, device="cpu")
+    save(pth, drop=key)
+    with pytest.raises(ModelLoadError, match=key.replace(".", r"\.")):
+        load_segmenter(card.name, weights=pth, device="cpu")
 
 
 def test_grandqc_tiles_the_thumbnail_and_keeps_only_the_edge_overhang(
@@ -320,18 +336,9 @@ def test_grandqc_artifact_cards_architecture_and_checkpoint(tmp_path: Path) -> N
                                      "out_of_focus": 6}
     assert [load_segmenter_card(f"grandqc-artifacts-{v}").tile_mpp
             for v in ("mpp15", "mpp2")] == [1.5, 2.0]
-    assert card.provenance is not None and card.provenance.parameters is not None
-    with torch.device("meta"):
-        count = sum(p.numel() for p in build_segmenter(card).parameters())
-    assert abs(count - card.provenance.parameters) <= card.provenance.parameters_tolerance * count
-    pth = tmp_path / "GrandQC_MPP1_state_dict.pth"
-    expected = _grandqc_artifact_state_dict(pth)
-    loaded = load_segmenter("grandqc-artifacts", weights=pth, device="cpu").module.state_dict()
-    assert set(loaded) == set(expected)
-    assert all(torch.equal(loaded[k], expected[k]) for k in expected)
-    _grandqc_artifact_state_dict(pth, drop="decoder.blocks.0.conv1.0.weight")
-    with pytest.raises(ModelLoadError, match=r"decoder\.blocks\.0\.conv1\.0\.weight"):
-        load_segmenter("grandqc-artifacts", weights=pth, device="cpu")
+    _published_size_and_strict_load(card, tmp_path / "GrandQC_MPP1_state_dict.pth",
+                                    _grandqc_artifact_state_dict,
+                                    "decoder.blocks.0.conv1.0.weight")
     # GrandQC's own Zenodo files are pickled whole models: refused, with the way out
     torch.save(torch.nn.Linear(2, 2), tmp_path / "GrandQC_MPP15.pth")
     with pytest.raises(ModelLoadError, match=r"state_dict\(\)"):
@@ -490,9 +497,13 @@ def test_hest_fast_mode_is_hest_at_2_um_per_px(tiny_slide: Path, tmp_path: Path)
     assert fast.architecture_kwargs == full.architecture_kwargs  # the same checkpoint
     ckpt = tmp_path / "deeplabv3_seg_v4.ckpt"
     _hest_lightning_checkpoint(ckpt)
-    done = run("tissue", tiny_slide, "--method", "hest-fast", "--segmenter-weights", ckpt,
-               "--out", tmp_path / "m.png")
-    assert done.returncode == 0, done.stderr
+    assert TissueParams(method="hest-fast", segmenter_weights=str(ckpt)).method == "hest-fast"
+    seen: list[tuple[int, int]] = []
+    with open_slide(tiny_slide) as slide:
+        mask = segment_slide(slide, load_segmenter("hest-fast", weights=ckpt, device="cpu"),
+                             mask_mpp=8.0, progress=lambda d, t: seen.append((d, t)))
+        assert mask.shape == slide.thumbnail(mpp=8.0).shape[:2]
+    assert seen[-1] == (1, 1)  # 512 x 384 µm: one 1024 µm tile (four at 1 µm/px)
 
 
 def test_the_service_excludes_with_its_configured_artefact_model(tiny_slide: Path,

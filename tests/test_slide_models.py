@@ -422,21 +422,28 @@ def test_builtin_slide_encoders_match_their_publishers(tmp_path: Path, name: str
     assert answer["attention"] == {"columns": ["attention"], "display_column": "attention"}
 
 
+def _catalogue_encoder(name: str, patch_encoder: str, dim: int) -> torch.nn.Module:
+    """The built-in slide encoder ``name``, built on meta: a slide encoder over
+    ``patch_encoder``'s ``dim``-d features, with its card's parameter count."""
+    from wsi_sampler.slide_models.card import slide_catalogue_card
+
+    card = slide_catalogue_card(name)
+    assert card.is_encoder and card.patch_encoder == patch_encoder
+    with torch.device("meta"):
+        shape = build_architecture(name, card.architecture_kwargs, in_dim=dim,
+                                   class_names=())
+    assert card.provenance is not None
+    assert sum(p.numel() for p in shape.parameters()) == card.provenance.parameters
+    return shape
+
+
 def test_chief_loads_its_pretraining_checkpoint_and_pools_the_input_features(
     tmp_path: Path
 ) -> None:
     # CHIEF_pretraining.pth: a plain state dict of CHIEF(size_arg="small", dropout=True,
     # n_classes=2), with its pretraining heads and the organ_embedding buffer. Its answer,
     # WSI_feature, is softmax(A_raw) times the *input* CTransPath features (768-d).
-    from wsi_sampler.slide_models.card import slide_catalogue_card
-
-    card = slide_catalogue_card("chief")
-    assert card.is_encoder and card.patch_encoder == "ctranspath"
-    with torch.device("meta"):
-        shape = build_architecture("chief", card.architecture_kwargs, in_dim=768,
-                                   class_names=())
-    assert card.provenance is not None
-    assert sum(p.numel() for p in shape.parameters()) == card.provenance.parameters
+    shape = _catalogue_encoder("chief", "ctranspath", 768)
     assert {"organ_embedding", "att_head.fc1.weight", "text_to_vision.0.weight",
             "instance_classifiers.1.bias", "classifiers.weight",
             "attention_net.3.attention_c.weight"} <= set(shape.state_dict())
@@ -466,15 +473,7 @@ def _layer_norm(x: torch.Tensor, s: dict[str, torch.Tensor], p: str) -> torch.Te
 def test_madeleine_loads_its_checkpoint_and_pools_four_heads(tmp_path: Path) -> None:
     # MADELEINE's model.pt: the MADELEINE module's state dict (H&E, no stain encoding),
     # saved through DataParallel ("module." on every key, which its loader strips).
-    from wsi_sampler.slide_models.card import slide_catalogue_card
-
-    card = slide_catalogue_card("madeleine")
-    assert card.is_encoder and card.patch_encoder == "conch-v1"
-    with torch.device("meta"):
-        shape = build_architecture("madeleine", card.architecture_kwargs, in_dim=512,
-                                   class_names=())
-    assert card.provenance is not None
-    assert sum(p.numel() for p in shape.parameters()) == card.provenance.parameters
+    shape = _catalogue_encoder("madeleine", "conch-v1", 512)
     state = _randomised(shape)
     ckpt = tmp_path / "model.pt"
     torch.save({f"module.{k}": v for k, v in state.items()}, ckpt)
