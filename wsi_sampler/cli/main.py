@@ -47,7 +47,7 @@ from ..export import (
 from ..extract import Extractor, default_threads
 from ..plan import PatchPlan, PlanParams, TissueMask, compute_tissue_mask, make_plan
 from ..slide import Slide, open_slide
-from ..tissue import load_geojson_geometry, load_mask_png, rasterize_geometry
+from ..tissue import TissueParams, load_geojson_geometry, load_mask_png, rasterize_geometry
 from .deidentify import register as register_deidentify_commands
 from .models import register as register_model_commands
 from .options import (
@@ -136,11 +136,15 @@ def _plan_params(
 def _tissue_for(
     s: Slide, params: PlanParams, mask: Path | None
 ) -> TissueMask:
-    with _segmenter_progress() as progress:
-        tm = compute_tissue_mask(s, tissue_mpp=params.tissue_mpp, params=params.tissue,
-                                 progress=progress)
     if mask is None:
-        return tm
+        with _segmenter_progress() as progress:
+            return compute_tissue_mask(s, tissue_mpp=params.tissue_mpp, params=params.tissue,
+                                       progress=progress)
+    # a user mask replaces detection: only the grid of a (classical, cheap) mask is needed,
+    # not a deep segmenter's or the artefact model's run
+    tm = compute_tissue_mask(s, tissue_mpp=params.tissue_mpp,
+                             params=TissueParams(median_blur_um=0, close_um=0,
+                                                 exclude_pen=False, exclude_dark=False))
     if mask.suffix.lower() in (".geojson", ".json"):
         user = rasterize_geometry(load_geojson_geometry(mask), tm.mask.shape, tm.scale)
     else:
