@@ -232,7 +232,8 @@ class PlannedPatch(BaseModel):
     y0: int
     tissue_fraction: float
     excluded: bool | None = Field(
-        None, description="Present when artefact exclusion removed more than "
+        None, exclude_if=lambda v: v is None,  # absent, not null, on the usual plan
+        description="Present when artefact exclusion removed more than "
         "max_excluded_share of the tissue: the plan then keeps the patches it would have "
         "dropped, and marks them true (see selection.exclusion)")
 

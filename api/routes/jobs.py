@@ -46,7 +46,7 @@ async def create_job(req: JobRequest, services: ServicesDep, owner: OwnerDep) ->
 async def list_jobs(
     services: ServicesDep, owner: OwnerDep,
     limit: Annotated[int, Query(ge=1, le=1000)] = 100,
-    offset: Annotated[int, Query(ge=0)] = 0,
+    offset: Annotated[int, Query(ge=0, le=2**62)] = 0,  # SQLite integers are 64-bit
 ) -> JobList:
     """The caller's jobs (those made with the same API key), newest first."""
     items, total = await run_in_threadpool(services.jobs.list_jobs, owner, limit=limit,
