@@ -39,7 +39,7 @@ __all__ = ["BUILTIN_MODELS", "load_model", "preflight", "resolve_card"]
 log = logging.getLogger(__name__)
 
 
-def _load_timm(
+def _load_encoder(
     card: ModelCard, base: Path | None, arch: str, allow_random_weights: bool
 ) -> torch.nn.Module:
     if len(card.outputs) != 1:
@@ -56,8 +56,8 @@ def _load_timm(
         state = swin_original_to_timm(state)
     if out.class_names is None:
         _drop_head_keys(card, state, weights)
-    for key in [k for k in state if k.startswith(card.unused_key_prefixes or ("\0",))]:
-        del state[key]
+    if card.unused_key_prefixes:  # CONCH: its text tower and caption decoder
+        state = {k: v for k, v in state.items() if not k.startswith(card.unused_key_prefixes)}
     # Checkpoints hold the timm model's own keys; pooling is ours and has no weights.
     target = module.backbone if isinstance(module, TokenPooling) else module
     load_strict(target, state, source=str(weights), what=f"{arch} (card {card.name!r})")
@@ -115,7 +115,7 @@ def _load_module(
         exported_module: torch.nn.Module = exported.module()
         return exported_module
     if arch.startswith("timm:") or arch in BUILTIN_ENCODERS:
-        return _load_timm(card, base, arch.removeprefix("timm:"), allow_random_weights)
+        return _load_encoder(card, base, arch.removeprefix("timm:"), allow_random_weights)
     raise ModelLoadError(
         f"model card {card.name!r}: unknown architecture {arch!r} "
         "(builtin:tissue-qc, builtin:conch-v1, torchscript, torch-export, timm:<arch>)"
