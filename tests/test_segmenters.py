@@ -412,6 +412,11 @@ def test_artifact_map_lands_where_the_artefacts_are_and_plans_drop_them(
     assert tm.exclusion is not None and tm.exclusion.detector == "grandqc-artifacts"
     # 2048 x 1536 µm in 512 µm tiles: 4 x 3, all touched by tissue but the glass corners
     assert 0 < net.tiles_seen <= 12
+    seen = net.tiles_seen
+    with open_slide(tmp_path / "artefacts.tif", mpp_override=0.5) as slide:
+        assert compute_tissue_mask(slide, tissue_mpp=8.0, params=params) is tm
+        assert compute_tissue_mask(slide, tissue_mpp=16.0, params=params) is not tm
+    assert net.tiles_seen > seen  # the model ran once for 8 µm/px, again only for 16
 
     def at_mask(region: np.ndarray) -> np.ndarray:
         small = cv2.resize(region.astype(np.uint8), tm.mask.shape[::-1],

@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import copy
 import math
+import os
+import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
@@ -182,6 +185,49 @@ def compute_tissue_mask(
             f"{MAX_MASK_PX / 1e6:,.0f}); use tissue_mpp >= {math.ceil(coarser * 100) / 100:g}"
         )
     p = params or TissueParams()
+    key = _deep_key(slide, mpp, p)
+    if key is None:
+        return _detect_tissue_mask(slide, mpp, p, progress)
+    with _DEEP_MASKS_LOCK:
+        cached = _DEEP_MASKS.get(key)
+        if cached is not None:
+            _DEEP_MASKS.move_to_end(key)
+            return cached
+    tm = _detect_tissue_mask(slide, mpp, p, progress)
+    with _DEEP_MASKS_LOCK:
+        _DEEP_MASKS[key] = tm
+        while len(_DEEP_MASKS) > DEEP_MASK_CACHE:
+            _DEEP_MASKS.popitem(last=False)
+    return tm
+
+
+DEEP_MASK_CACHE = 2
+"""Masks of a deep segmenter or the artefact model kept in memory (minutes of work each on
+a CPU): a service's plan, stream, job and QC requests on one slide, and a batch's plan and
+QC, run the model once."""
+_DEEP_MASKS: OrderedDict[tuple[Any, ...], TissueMask] = OrderedDict()
+_DEEP_MASKS_LOCK = threading.Lock()
+
+
+def _deep_key(slide: Slide, mpp: float, p: TissueParams) -> tuple[Any, ...] | None:
+    """The cache key of a mask a model makes (None for the classical detector, which
+    takes a fraction of a second): the slide's content, geometry, settings and weights."""
+    if p.method not in DEEP_METHODS and not p.deep_exclusion():
+        return None
+    stamps = []
+    for weights in (p.segmenter_weights, p.artifact_weights):
+        try:
+            st = os.stat(weights) if weights else None
+        except OSError:
+            st = None
+        stamps.append((st.st_size, st.st_mtime_ns) if st else None)
+    return (slide.fingerprint, slide.require_mpp(), slide.dimensions, mpp, p, tuple(stamps))
+
+
+def _detect_tissue_mask(slide: Slide, mpp: float, p: TissueParams,
+                        progress: Callable[[int, int], None] | None) -> TissueMask:
+    """The detection behind :func:`compute_tissue_mask`, uncached."""
+    w, h = slide.dimensions
     exclusion = None
     if p.method in DEEP_METHODS:
         mask = _segmented(slide, mpp, p)
