@@ -101,6 +101,9 @@ class Settings(BaseSettings):
     max_plan_patches: int = Field(200_000, ge=1)
     tile_cache_mb: float = Field(
         64, ge=0, le=65536, description="Encoded DeepZoom tiles kept in memory (LRU), MiB")
+    tile_decode_cache_mb: float = Field(
+        64, ge=0, le=65536, description="Decoded stored tiles kept for neighbouring DeepZoom "
+                                        "tiles (LRU), MiB")
     max_concurrent_slide_work: int = Field(
         2, ge=1, le=256, description="Tissue masks, thumbnails and plans computed at once")
     batch_size: int = Field(32, ge=1, le=4096)

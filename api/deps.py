@@ -49,7 +49,8 @@ class Services:
 
     def __post_init__(self) -> None:
         self._slide_work = asyncio.Semaphore(self.settings.max_concurrent_slide_work)
-        self.tiles = TileServer(self.registry, cache_mb=self.settings.tile_cache_mb)
+        self.tiles = TileServer(self.registry, cache_mb=self.settings.tile_cache_mb,
+                                decoded_mb=self.settings.tile_decode_cache_mb)
 
     async def slide_work(self, fn: Callable[P, T], *args: P.args, **kwargs: P.kwargs) -> T:
         """Run slide work (tissue masks, thumbnails, plans) in a thread, at most

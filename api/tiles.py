@@ -4,7 +4,10 @@ and a cap on the tiles one client has in flight.
 A viewer asks for dozens of tiles per second from one slide; opening the slide for each
 would cost more than the tile. Slides stay open ``OPEN_FOR_S`` after their last tile (at
 most ``MAX_OPEN`` of them); encoded tiles are kept up to ``cache_mb`` in all, keyed by the
-slide's fingerprint and every tile parameter (a changed file never serves an old tile).
+slide's fingerprint and every tile parameter (a changed file never serves an old tile), and
+the decoded stored tiles neighbouring tiles share up to ``decoded_mb`` (keyed by fingerprint,
+level and scale). JPEG tiles use libjpeg's scaled decoding where a level is read at 2-8x
+the tile's resolution (:mod:`wsi_sampler.deepzoom`); PNG tiles are the generator's pixels.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from dataclasses import dataclass
 
 from starlette.concurrency import run_in_threadpool
 
-from wsi_sampler.deepzoom import DeepZoom
+from wsi_sampler.deepzoom import DecodedTiles, DeepZoom
 from wsi_sampler.encoding import encode_image
 from wsi_sampler.slide import Slide
 
@@ -56,11 +59,15 @@ class _Open:
         self.users = 0
         self.retired = False
         self.pyramids: dict[tuple[int, int, bool], DeepZoom] = {}
+        self.fingerprint: str | None = None
+        """Known once a tile was read (computing it reads the file: not on the event loop)."""
 
 
 class TileServer:
-    def __init__(self, registry: SlideRegistry, cache_mb: float = 64.0) -> None:
+    def __init__(self, registry: SlideRegistry, cache_mb: float = 64.0,
+                 decoded_mb: float = 64.0) -> None:
         self.registry = registry
+        self.decoded = DecodedTiles(decoded_mb)
         self._budget = int(cache_mb * 2**20)
         self._used = 0
         self._tiles: OrderedDict[tuple[str, str, int, int, int], bytes] = OrderedDict()
@@ -112,13 +119,13 @@ class TileServer:
             if held.users == 0:
                 held.slide.close()
 
-    @staticmethod
-    def _pyramid(held: _Open, params: TileParams) -> DeepZoom:
+    def _pyramid(self, held: _Open, params: TileParams) -> DeepZoom:
         key = (params.tile_size, params.overlap, params.limit_bounds)
         if key not in held.pyramids:
             held.pyramids[key] = DeepZoom(held.slide, tile_size=params.tile_size,
                                           overlap=params.overlap,
-                                          limit_bounds=params.limit_bounds)
+                                          limit_bounds=params.limit_bounds,
+                                          decoded=self.decoded)
         return held.pyramids[key]
 
     def dzi(self, slide_id: str, params: TileParams) -> tuple[str, str]:
@@ -132,7 +139,7 @@ class TileServer:
              ) -> tuple[bytes, str]:
         """(encoded tile, fingerprint): from the cache, the stored JPEG, or read + encoded."""
         with self._using(slide_id) as held:
-            fingerprint = held.slide.fingerprint
+            fingerprint = held.fingerprint = held.slide.fingerprint
             key = (fingerprint, params.tag(), level, col, row)
             with self._lock:
                 cached = self._tiles.get(key)
@@ -140,10 +147,11 @@ class TileServer:
                     self._tiles.move_to_end(key)
                     return cached, fingerprint
             dz = self._pyramid(held, params)
-            data = dz.stored_jpeg(level, col, row) if params.image_format == "jpeg" else None
+            jpeg = params.image_format == "jpeg"
+            data = dz.stored_jpeg(level, col, row) if jpeg else None
             if data is None:
-                data = encode_image(dz.tile(level, col, row), f".{params.image_format}",
-                                    jpeg_quality=params.quality)
+                data = encode_image(dz.tile(level, col, row, dct_scaling=jpeg),
+                                    f".{params.image_format}", jpeg_quality=params.quality)
         with self._lock:
             if key not in self._tiles:
                 self._tiles[key] = data
@@ -151,6 +159,22 @@ class TileServer:
             while self._used > self._budget and self._tiles:
                 self._used -= len(self._tiles.popitem(last=False)[1])
         return data, fingerprint
+
+    def cached(self, slide_id: str, params: TileParams, level: int, col: int, row: int
+               ) -> tuple[bytes, str] | None:
+        """The encoded tile if an open slide's tile is in the cache, without any file access
+        (for the event loop: a warm tile needs no thread); None otherwise."""
+        with self._lock:
+            held = self._open.get(slide_id)
+            if held is None or held.fingerprint is None or held.retired:
+                return None
+            key = (held.fingerprint, params.tag(), level, col, row)
+            data = self._tiles.get(key)
+            if data is None:
+                return None
+            self._tiles.move_to_end(key)
+            held.used = time.monotonic()
+            return data, held.fingerprint
 
     async def run(self, client: str, fn: Callable[[], tuple[bytes, str]]) -> tuple[bytes, str]:
         """``fn`` in a thread, at most PER_CLIENT at once for ``client`` (else TooBusyError)."""
@@ -172,4 +196,5 @@ class TileServer:
             while self._open:
                 self._open.popitem()[1].slide.close()
             self._tiles.clear()
+        self.decoded.clear()
 

@@ -13,7 +13,7 @@ import pytest
 from openslide.deepzoom import DeepZoomGenerator
 
 from wsi_sampler import open_slide
-from wsi_sampler.deepzoom import DeepZoom
+from wsi_sampler.deepzoom import DecodedTiles, DeepZoom, thumbnail_size
 from wsi_sampler.errors import CorruptSlideError, InvalidRequestError
 
 PARAMS = [(254, 1, False), (256, 0, False), (240, 2, True)]
@@ -76,6 +76,74 @@ def test_tiles_equal_openslides_deepzoom_generator(
             assert got.shape == want.shape, (level, col, row)
             diff = np.abs(got.astype(int) - want.astype(int))
             assert diff.max() == 0, (level, col, row, diff.max())
+
+
+@pytest.mark.parametrize("which", ["cmu", "demo"])
+def test_jpeg_tiles_decoded_scaled_stay_within_jpegs_own_error(
+        which: str, cmu_svs: Path, demo_slide: Path) -> None:
+    """``dct_scaling`` (the service's JPEG tiles): levels read at 2-8x the tile's resolution
+    are decoded at the smaller size; each tile has the generator's size, and differs from
+    its pixels by less than Pillow's own q90 JPEG of them does."""
+    import io
+
+    from PIL import Image
+
+    path = cmu_svs if which == "cmu" else demo_slide
+    reference = DeepZoomGenerator(openslide.OpenSlide(str(path)))
+    with open_slide(path) as slide:
+        ours = DeepZoom(slide, decoded=DecodedTiles(64))
+        scaled = 0
+        for level, col, row in sample_tiles(reference):
+            want = np.asarray(reference.get_tile(level, (col, row))).astype(int)
+            got = ours.tile(level, col, row, dct_scaling=True)
+            assert got.shape == want.shape, (level, col, row)
+            buf = io.BytesIO()
+            Image.fromarray(want.astype(np.uint8)).save(buf, "JPEG", quality=90)
+            own_error = np.abs(np.asarray(Image.open(buf)).astype(int) - want).mean()
+            error = np.abs(got.astype(int) - want).mean()
+            assert error <= own_error, (level, col, row, error, own_error)
+            scaled += ours.tile_read(level, col, row).level_size[0] >= 2 * got.shape[1]
+        decoded_scales = {key[2] for key in ours.decoded._items}
+        assert scaled >= 6 and decoded_scales >= {1, 2, 4}, decoded_scales
+
+
+def test_thumbnail_size_is_pillows() -> None:
+    from PIL import Image
+
+    rng = np.random.default_rng(3)
+    for _ in range(400):
+        size = (int(rng.integers(1, 700)), int(rng.integers(1, 700)))
+        box = (int(rng.integers(1, 400)), int(rng.integers(1, 400)))
+        image = Image.new("L", size)
+        image.thumbnail(box)
+        assert thumbnail_size(size, box) == image.size, (size, box)
+
+
+def test_decoded_tiles_stay_in_budget_and_decode_each_tile_once() -> None:
+    import threading
+    import time
+    from concurrent.futures import ThreadPoolExecutor
+
+    cache = DecodedTiles(budget_mb=1)  # 5 tiles of 256 x 256 RGB
+    loads: list[int] = []
+    lock = threading.Lock()
+
+    def load(i: int) -> np.ndarray:
+        with lock:
+            loads.append(i)
+        time.sleep(0.05)
+        return np.full((256, 256, 3), i, np.uint8)
+
+    with ThreadPoolExecutor(8) as pool:  # 8 threads want tile 0 at once: one decode
+        tiles = list(pool.map(lambda _: cache.get(("s", 0), lambda: load(0)), range(8)))
+    assert loads == [0] and all(t is tiles[0] for t in tiles)
+    for i in range(1, 20):
+        assert cache.get(("s", i), lambda i=i: load(i))[0, 0, 0] == i
+        assert cache.used <= cache.budget
+    assert len(cache._items) == 5 and ("s", 19) in cache and ("s", 1) not in cache
+    with pytest.raises(ValueError, match="damaged"):  # a failed decode is not kept
+        cache.get(("s", 99), lambda: (_ for _ in ()).throw(ValueError("damaged")))
+    assert ("s", 99) not in cache
 
 
 def test_dzi_describes_the_pyramid_and_bad_tiles_are_clear_errors(cmu_svs: Path) -> None:

@@ -1,8 +1,9 @@
 """/v1/slides/{id}/deepzoom.dzi and its tiles, in the layout OpenSeadragon derives from a
 ``.dzi`` URL by itself (``deepzoom_files/{level}/{col}_{row}.{format}``, the query string
 carried over). Defaults as openslide's ``DeepZoomGenerator``: 254 px tiles, 1 px overlap,
-JPEG; the same parameters give its tiles (PNG-exact). With ``overlap=0`` and the slide's
-own tile size, native-level JPEG tiles go out as stored. ``v`` = the slide's fingerprint
+JPEG; the same parameters give its tiles (PNG pixel for pixel; JPEG within JPEG's own error,
+as levels read at 2-8x the tile's resolution are decoded scaled). With ``overlap=0`` and the
+slide's own tile size, native-level JPEG tiles go out as stored. ``v`` = the slide's fingerprint
 (as the ``.dzi`` answer's ``ETag`` gives it) makes the URLs immutable for caches."""
 
 from __future__ import annotations
@@ -83,7 +84,8 @@ async def deepzoom_tile(
     params = TileParams(tile_size, overlap, fmt, quality, limit_bounds)
     client = str(getattr(request.state, "owner", "")) or (
         request.client.host if request.client else "")
-    data, fingerprint = await services.tiles.run(
+    warm = services.tiles.cached(slide_id, params, level, col, row)
+    data, fingerprint = warm if warm is not None else await services.tiles.run(
         client, lambda: services.tiles.tile(slide_id, params, level, col, row))
     etag = _etag(fingerprint, params, f"{level}-{col}-{row}")
     headers = _cache_headers(etag, fingerprint, version)
