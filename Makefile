@@ -101,7 +101,7 @@ tools: $(TOOL_STAMPS)
 	@if [ -x $(WSINFER_VENV)/bin/python ]; then $(MAKE) --no-print-directory wsinfer-link; fi
 
 test: lint tools system-deps viewer-assets
-	WSI_TOOLS_DIR=$(TOOLS_DIR) $(PY) -m pytest
+	WSI_TOOLS_DIR=$(TOOLS_DIR) $(PY) -m pytest --durations=20
 
 $(SLIDES_DIR)/demo.svs: | $(STAMP)
 	mkdir -p $(SLIDES_DIR)

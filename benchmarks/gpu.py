@@ -112,7 +112,7 @@ def embed(slide_path: Path, model: str, device: str, n: int) -> dict[str, Any]:
     params = PlanParams(strategy="random", n_patches=n, seed=2)
     if device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    warm_up = PlanParams(strategy="random", n_patches=worker.card.max_batch, seed=3)
+    warm_up = PlanParams(strategy="random", n_patches=min(n, worker.card.max_batch), seed=3)
     with open_slide(slide_path) as slide:
         # one batch warms up kernels, allocator and decoders; not the whole run again
         score_slide(slide, warm_up, worker, batch_size=worker.card.max_batch)
@@ -162,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args(argv)
     device = "cpu" if args.dry_run else "cuda"
-    n = 8 if args.dry_run else args.patches
+    n = 4 if args.dry_run else args.patches
     models = ("resnet50", "vit-s16") if args.dry_run else ("resnet50", "uni")
     with tempfile.TemporaryDirectory() as tmp:
         slide = (write_demo_slide(Path(tmp) / "dry.svs", DRY_SPEC) if args.dry_run
@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
                               1 if args.dry_run else 5)
         runs = [embed(slide, m, device, n) for m in models]
         answer = slide_answer(slide, models[-1], device, n)
-        stains = stain_rates(real_patches(slide, 8 if args.dry_run else 1024), device,
+        stains = stain_rates(real_patches(slide, 4 if args.dry_run else 1024), device,
                              1 if args.dry_run else 3)
     results = {"machine": machine(), "device": device, "dry_run": args.dry_run,
                "decode": decode, "embed": runs, "slide_answer": answer, "stain": stains}
