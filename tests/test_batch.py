@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+from _cli import run_cli
 from _servers import free_port
 
 from wsi_sampler.batch import EXIT_FAILURES, BatchConfig, discover, run_batch
@@ -138,11 +139,10 @@ def test_resume_after_sigkill_scores_each_slide_once(tmp_path: Path) -> None:
 
 
 def test_cli_exit_codes(folder: Path, tmp_path: Path) -> None:
-    r = subprocess.run([*CLI, "score", str(tmp_path / "missing"), "--out", str(tmp_path)],
-                       capture_output=True, text=True, timeout=120)
+    r = run_cli("score", str(tmp_path / "missing"), "--out", str(tmp_path))
     assert r.returncode == 2 and r.stderr.startswith("error: ")
-    r = subprocess.run([*CLI, "score", str(folder), "--out", str(tmp_path / "o"), "--model",
-                        str(tmp_path / "none.json")], capture_output=True, text=True, timeout=120)
+    r = run_cli("score", str(folder), "--out", str(tmp_path / "o"), "--model",
+                str(tmp_path / "none.json"))
     assert r.returncode == 2 and "none.json" in r.stderr
 
 
@@ -200,27 +200,22 @@ def test_a_run_with_other_parameters_never_mixes_its_results_in(
     shutil.copy(demo_slide, slides / "a.svs")
     shutil.copy(cmu_svs, slides / "b.svs")
     out = tmp_path / "out"
-    base = [*CLI, "score", str(slides), "--out", str(out), "-q"]
-    first = subprocess.run([*base, "--strategy", "random", "-n", "8"], capture_output=True,
-                           text=True, timeout=300)
+    base = ["score", str(slides), "--out", str(out), "-q"]
+    first = run_cli(*base, "--strategy", "random", "-n", "8")
     assert first.returncode == 0, first.stderr
     meta_before = (out / "run_metadata.json").read_text()
-    other = subprocess.run([*base, "--strategy", "random", "-n", "5"], capture_output=True,
-                           text=True, timeout=120)
+    other = run_cli(*base, "--strategy", "random", "-n", "5")
     assert other.returncode == 2 and "made with other parameters" in other.stderr
     assert "n_patches: 8 -> 5" in other.stderr and "--overwrite" in other.stderr
     assert (out / "run_metadata.json").read_text() == meta_before  # nothing rewritten
-    same = subprocess.run([*base, "--strategy", "random", "-n", "8"], capture_output=True,
-                          text=True, timeout=120)
+    same = run_cli(*base, "--strategy", "random", "-n", "8")
     assert same.returncode == 0 and json.loads(
         (out / "run_metadata.json").read_text())["resumed"] == 2
     shutil.copy(demo_slide, slides / "b.svs")  # the file changed: b is scored again
-    redone = subprocess.run([*base, "--strategy", "random", "-n", "8"], capture_output=True,
-                            text=True, timeout=300)
+    redone = run_cli(*base, "--strategy", "random", "-n", "8")
     meta = json.loads((out / "run_metadata.json").read_text())
     assert redone.returncode == 0 and (meta["resumed"], meta["scored"]) == (1, 1)
-    overwritten = subprocess.run([*base, "--strategy", "random", "-n", "5", "--overwrite"],
-                                 capture_output=True, text=True, timeout=300)
+    overwritten = run_cli(*base, "--strategy", "random", "-n", "5", "--overwrite")
     assert overwritten.returncode == 0, overwritten.stderr
     for summary in out.glob("slides/*/summary.json"):
         assert json.loads(summary.read_text())["patches"] == 5
@@ -284,13 +279,12 @@ def test_score_reads_a_coarse_scan_at_the_resolution_asked(dicom_dir: Path, tmp_
                                                            ) -> None:
     slides = tmp_path / "slides"
     shutil.copytree(dicom_dir, slides / "bone")  # 16.8 µm/px: tissue-qc's 0.5 is too fine
-    args = [*CLI, "score", str(slides), "--out", str(tmp_path / "out"), "-q"]
-    refused = subprocess.run(args, capture_output=True, text=True, timeout=120)
+    args = ["score", str(slides), "--out", str(tmp_path / "out"), "-q"]
+    refused = run_cli(*args)
     assert refused.returncode == EXIT_FAILURES
     failure = json.loads((tmp_path / "out" / "failures.jsonl").read_text().splitlines()[0])
     assert "--mpp or --magnification" in failure["message"]
-    done = subprocess.run([*args, "--mpp", "16.8"], capture_output=True, text=True,
-                          timeout=120)
+    done = run_cli(*args, "--mpp", "16.8")
     assert done.returncode == 0, done.stderr
     (meta,) = (tmp_path / "out" / "slides").glob("*/run_metadata.json")
     assert json.loads(meta.read_text())["read"]["target_mpp"] == 16.8
@@ -302,9 +296,8 @@ def test_bright_field_qc_on_a_fluorescence_slide_is_flagged(dapi_ndpi: Path, cmu
     slides.mkdir()
     shutil.copy(dapi_ndpi, slides / "dapi.ndpi")
     shutil.copy(cmu_svs, slides / "he.svs")
-    done = subprocess.run([*CLI, "score", str(slides), "--out", str(tmp_path / "out"),
-                           "--strategy", "random", "-n", "5"], capture_output=True, text=True,
-                          timeout=300)
+    done = run_cli("score", str(slides), "--out", str(tmp_path / "out"),
+                   "--strategy", "random", "-n", "5")
     assert done.returncode == 0, done.stderr
     assert "warning: dapi.ndpi: a fluorescence slide: the built-in tissue-qc" in done.stderr
     assert "he.svs: a fluorescence" not in done.stderr

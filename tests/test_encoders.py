@@ -9,8 +9,6 @@ import base64
 import json
 import logging
 import shutil
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +18,7 @@ import httpx
 import numpy as np
 import pytest
 import torch
+from _cli import run_cli
 from _servers import serve, slide_ids
 
 from api.app import create_app
@@ -326,16 +325,13 @@ def test_score_cli_writes_feature_bags_for_a_catalogue_encoder(
     slides = tmp_path / "slides"
     slides.mkdir()
     shutil.copy(demo_slide, slides / "a.svs")
-    cmd = [sys.executable, "-c", "from wsi_sampler.cli import main; main()", "score",
-           str(slides), "-o",
-           str(tmp_path / "out"), "--model", "vit-s16", "--weights", str(vits_weights),
-           "--strategy", "random", "-n", "5", "-q"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    cmd = ["score", str(slides), "-o", str(tmp_path / "out"), "--model", "vit-s16",
+           "--weights", str(vits_weights), "--strategy", "random", "-n", "5", "-q"]
+    done = run_cli(*cmd)  # in this process: torch and timm are imported already
     assert done.returncode == 0, done.stderr
     (bag,) = (tmp_path / "out" / "slides").glob("*/features.h5")
     assert read_features_h5(bag).features.shape == (5, 384)
-    missing = subprocess.run(cmd[:7] + ["--model", "uni2-h"], capture_output=True, text=True,
-                             timeout=120)
+    missing = run_cli(*cmd[:4], "--model", "uni2-h")
     assert missing.returncode == 2 and "Traceback" not in missing.stderr
     assert "needs its weights file" in missing.stderr
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _cli import run_cli
 from _remote_servers import (
     ORTHANC_PASSWORD,
     ORTHANC_USER,
@@ -296,16 +297,14 @@ def test_batch_scores_an_s3_prefix_as_it_scores_a_folder(
     assert (tmp_path / "out-s3" / "slides" / key / "predictions.csv").read_text() == \
         (tmp_path / "out-local" / "slides" / key / "predictions.csv").read_text()
 
-    cli = [sys.executable, "-c", "from wsi_sampler.cli import main; main()", "score"]
-    done = subprocess.run([*cli, "s3://slides/cohort/", "-o", str(tmp_path / "cli"), "-q",
-                           "--n-patches", "8", "--strategy", "random", "--device", "cpu"],
-                          capture_output=True, text=True, timeout=300, check=False)
+    # the command line, in this process (torch is imported already)
+    done = run_cli("score", "s3://slides/cohort/", "-o", tmp_path / "cli", "-q",
+                   "--n-patches", "8", "--strategy", "random", "--device", "cpu")
     assert done.returncode == 0, done.stderr
     assert "zz/demo-copy.svs,done" in (tmp_path / "cli" / "summary.csv").read_text()
     for root, says in (("s3://no-such-bucket/x/", "not found"),
                        ("https://example.org/slides/", "cannot be listed")):
-        failed = subprocess.run([*cli, root, "-o", str(tmp_path / "bad"), "-q"],
-                                capture_output=True, text=True, timeout=120, check=False)
+        failed = run_cli("score", root, "-o", tmp_path / "bad", "-q")
         assert failed.returncode != 0 and says in failed.stderr, failed.stderr
         assert "Traceback" not in failed.stderr
         assert len(failed.stderr.strip().splitlines()) == 1

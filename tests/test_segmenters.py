@@ -11,9 +11,9 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
+from _cli import run_cli as run  # in this process: torch is imported already
 from torch import nn
 
-from tests.test_cli import run
 from wsi_sampler import open_slide
 from wsi_sampler.demo import DemoSlideSpec, render_tissue_mask, write_demo_slide
 from wsi_sampler.errors import InvalidRequestError, ModelLoadError

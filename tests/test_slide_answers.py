@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import subprocess
-import sys
 import tarfile
 from pathlib import Path
 from typing import Any
@@ -15,6 +14,7 @@ import h5py
 import httpx
 import numpy as np
 import pytest
+from _cli import run_cli
 from _servers import folder_settings, serve, slide_ids, wait_for_job
 from _slide_tasks import write_clam_task
 
@@ -25,7 +25,6 @@ from wsi_sampler.worker import InProcessWorker
 
 pytest.importorskip("timm", reason="timm is installed by make test (extra 'timm')")
 
-CLI = [sys.executable, "-c", "from wsi_sampler.cli import main; main()"]
 FEW = {"strategy": "random", "n_patches": 16}  # a few patches: ViT-S/16 takes ~0.2 s each
 SLIDE = Path(__file__).resolve().parents[2] / "shared" / "slides" / "CMU-1-Small-Region.svs"
 
@@ -116,8 +115,7 @@ def test_api_refuses_what_it_cannot_answer(tmp_path: Path, task: tuple[Path, Pat
 
 
 def _run(*args: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*CLI, *map(str, args)], capture_output=True, text=True, cwd=cwd,
-                          timeout=300)
+    return run_cli(*args, cwd=cwd)  # in this process: torch and timm are imported already
 
 
 def test_score_writes_answers_beside_the_bags_and_resumes(tmp_path: Path,

@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import numpy as np
 import pytest
+from _cli import run_cli
 from _openai_server import OpenAIStub, create_openai_stub, validate_plain_request
 from _servers import serve, wait_for_job
 
@@ -160,17 +161,15 @@ def test_messages_export_parses_with_the_openai_types(demo_slide: Path, tmp_path
 
 def test_describe_prints_the_report_and_fails_in_one_line(
         stub: tuple[OpenAIStub, str], demo_slide: Path, tmp_path: Path, n_bag: int) -> None:
-    args = [str(CLI), "describe", str(demo_slide), "--prompt", "Describe.",
-            "--magnification", "20", "--vlm-model", "echo"]
-    done = subprocess.run([*args, "--vlm-url", stub[1], "--out", str(tmp_path / "r.json")],
-                          capture_output=True, text=True, check=False, timeout=120)
+    args = ["describe", str(demo_slide), "--prompt", "Describe.", "--magnification", "20",
+            "--vlm-model", "echo"]
+    done = run_cli(*args, "--vlm-url", stub[1], "--out", tmp_path / "r.json")
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith(f"Received {n_bag} images (896x896)")
     written = json.loads((tmp_path / "r.json").read_text())
     assert written["type"] == "report" and written["slide"] == demo_slide.name
     assert written["fingerprint"].startswith("sha256:") and written["bag"]["n_patches"] == n_bag
-    down = subprocess.run([*args, "--vlm-url", closed_port_url()], capture_output=True,
-                          text=True, check=False, timeout=120)
+    down = run_cli(*args, "--vlm-url", closed_port_url())
     lines = down.stderr.strip().splitlines()
     assert down.returncode == 2 and lines[-1].startswith("error: ") and "Traceback" not in \
         down.stderr, down.stderr
@@ -228,10 +227,8 @@ def test_garbage_from_the_vlm_is_a_502_and_one_line(
             "demo.svs"]
         answer = httpx.post(f"{u}/v1/slides/{sid}/reports", json=REPORT, timeout=120)
         assert answer.status_code == 502 and "not an OpenAI" in answer.json()["error"]
-    done = subprocess.run([str(CLI), "describe", str(demo_slide), "--prompt", "Describe.",
-                           "--magnification", "20", "--vlm-model", "garbage",
-                           "--vlm-url", stub[1]], capture_output=True, text=True,
-                          check=False, timeout=120)
+    done = run_cli("describe", demo_slide, "--prompt", "Describe.", "--magnification", "20",
+                   "--vlm-model", "garbage", "--vlm-url", stub[1])
     lines = done.stderr.strip().splitlines()
     assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr
     assert lines[-1].startswith("error: ") and "not an OpenAI" in lines[-1]
@@ -364,9 +361,9 @@ def test_reports_without_a_configured_model_are_503(root: Path) -> None:
 def test_batch_writes_a_report_per_slide(stub: tuple[OpenAIStub, str], root: Path,
                                          tmp_path: Path) -> None:
     out = tmp_path / "out"
-    args = [str(CLI), "score", str(root), "--out", str(out), "--vlm-url", stub[1],
+    args = ["score", str(root), "--out", str(out), "--vlm-url", stub[1],
             "--vlm-model", "echo", "--prompt", "Describe.", "-q"]
-    done = subprocess.run(args, capture_output=True, text=True, check=False, timeout=300)
+    done = run_cli(*args)  # in this process: torch is imported already
     assert done.returncode == 3, done.stderr  # the blank slide has no tissue: one failure
     reports = list(out.glob("slides/*/report.json"))
     assert len(reports) == 1
@@ -375,7 +372,7 @@ def test_batch_writes_a_report_per_slide(stub: tuple[OpenAIStub, str], root: Pat
     assert report["prompt"] == "Describe." and report["model"] == "echo"
     failures = [json.loads(line) for line in (out / "failures.jsonl").read_text().splitlines()]
     assert "no tissue" in failures[0]["message"]
-    again = subprocess.run(args, capture_output=True, text=True, check=False, timeout=300)
+    again = run_cli(*args)
     assert again.returncode == 3 and reports[0].read_text() == json.dumps(report, indent=2)
 
 
