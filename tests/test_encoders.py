@@ -24,7 +24,7 @@ from _servers import serve, slide_ids
 from api.app import create_app
 from api.config import Settings
 from wsi_sampler import Extractor, PlanParams, open_slide
-from wsi_sampler.errors import ModelLoadError
+from wsi_sampler.errors import ModelLoadError, ModelNotFoundError
 from wsi_sampler.features import read_features_h5
 from wsi_sampler.models import ModelCard, catalogue_card, catalogue_names, load_model
 from wsi_sampler.models.encoder import build_encoder, build_timm
@@ -151,9 +151,16 @@ def test_random_weights_in_the_published_format_load_strictly(name: str, tmp_pat
     np.testing.assert_allclose(got, _pooled(backbone, card, patches), rtol=1e-4, atol=1e-4)
 
 
-def test_catalogue_names_load_directly_and_need_their_weights(tmp_path: Path) -> None:
-    with pytest.raises(ModelLoadError, match=r"huggingface.co/MahmoodLab/UNI2-h.*--weights"):
-        load_model("uni2-h", device="cpu")
+def test_catalogue_names_load_directly_and_need_their_weights(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from wsi_sampler.models import loaders
+
+    with monkeypatch.context() as mp:  # said before a ViT-H is built (~18 s on 2 cores)
+        mp.setattr(loaders, "build_encoder", lambda *a, **k: pytest.fail("built first"))
+        with pytest.raises(ModelLoadError, match=r"huggingface.co/MahmoodLab/UNI2-h.*--weights"):
+            load_model("uni2-h", device="cpu")
+        with pytest.raises(ModelNotFoundError, match="not found"):
+            load_model("uni2-h", device="cpu", weights=tmp_path / "missing.bin")
     model = load_model("vit-s16", device="cpu", allow_random_weights=True)
     assert model.predict(PATCHES[:1])["embedding"].shape == (1, 384)
 
