@@ -116,18 +116,18 @@ def load_segmenter(spec: str | Path | SegmenterCard, *, weights: str | Path | No
     """Build the card's segmenter and load its weights strictly (``weights`` replaces the
     card's ``file``). Random weights only with ``allow_random_weights`` (tests)."""
     card = spec if isinstance(spec, SegmenterCard) else load_segmenter_card(spec)
-    module = build_segmenter(card)
     path = weights if weights is not None else card.file
-    if path is None:
+    if path is None:  # said before the network is built
         if not allow_random_weights:
             raise ModelLoadError(
                 f"segmenter {card.name} needs its weights file: --segmenter-weights FILE "
                 f"({card.provenance.weights_file if card.provenance else 'the checkpoint'}"
                 f"{', from ' + card.provenance.weights_url if card.provenance else ''})")
-        return Segmenter(module, card, device=device)
+        return Segmenter(build_segmenter(card), card, device=device)
     source = Path(path)
     if not source.is_file():
         raise ModelLoadError(f"{source}: segmenter weights not found")
+    module = build_segmenter(card)
     state = _fit_keys(read_state_dict(source), set(module.state_dict()))
     load_strict(module, {k: v.float() if v.is_floating_point() else v
                          for k, v in state.items()},
