@@ -213,10 +213,13 @@ def test_a_slide_answer_and_its_attention_on_the_slide(
     percentile, where the patch is."""
     from _slide_tasks import write_clam_task
 
+    from wsi_sampler.demo import DemoSlideSpec, write_demo_slide
     from wsi_sampler.models import load_model
     from wsi_sampler.worker import InProcessWorker
 
-    slide = Path(__file__).resolve().parents[2] / "shared" / "slides" / "CMU-1-Small-Region.svs"
+    # a small slide: 11 patches of the encoder's 224 px at 0.5 µm/px, each encoded twice
+    slide = write_demo_slide(tmp_path / "case.svs",
+                             DemoSlideSpec(width=2560, height=1920, mpp=0.5, seed=4))
     card, ckpt = write_clam_task(tmp_path)
     vits = InProcessWorker(load_model("vit-s16", device="cpu", allow_random_weights=True))
     settings = folder_settings(tmp_path, {"case.svs": slide},
