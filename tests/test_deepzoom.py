@@ -107,6 +107,38 @@ def test_jpeg_tiles_decoded_scaled_stay_within_jpegs_own_error(
         assert scaled >= 6 and decoded_scales >= {1, 2, 4}, decoded_scales
 
 
+def test_remote_tiles_fetched_ahead_are_never_left_behind(demo_slide: Path) -> None:
+    """Over a remote source, each DeepZoom read fetches its missing stored tiles ahead in
+    batches; bytes fetched for a tile another request decoded meanwhile are dropped, not
+    kept: after many concurrent tiles nothing is held ahead, and the pixels are the file's."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from wsi_sampler._tiles import PreadFetch, TileSource
+
+    class Remote(PreadFetch):  # the file's bytes, fetched as a remote store is (ahead)
+        remote = True
+        batch = 4
+
+    with open_slide(demo_slide) as local, open_slide(demo_slide) as remote:
+        source = local.tile_source()
+        assert source is not None
+        over_the_wire = TileSource("remote", source.levels, Remote(demo_slide))
+        remote._tiles, remote._tiles_probed = over_the_wire, True
+        class Racing(DecodedTiles):  # as if another request decoded each tile meanwhile
+            def __contains__(self, key: object) -> bool:
+                return False
+
+        ours, reference = DeepZoom(remote, decoded=Racing()), DeepZoom(local)
+        top = ours.level_count - 1
+        tiles = [(level, c, r) for level in (top, top - 1) for c in range(4) for r in range(3)]
+        with ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(lambda t: ours.tile(*t, dct_scaling=True), tiles * 2))
+        for tile, pixels in zip(tiles * 2, got, strict=True):
+            np.testing.assert_array_equal(pixels, reference.tile(*tile, dct_scaling=True))
+        assert not over_the_wire._ahead
+        over_the_wire.close()
+
+
 def test_thumbnail_size_is_pillows() -> None:
     from PIL import Image
 

@@ -344,6 +344,16 @@ class TileSource:
             assert pool is not None
             pool.submit(self._fetch_ahead, level, lv, wanted[start : start + step])
 
+    def discard_ahead(self, level: int, keys: Iterable[TileKey]) -> None:
+        """Drop the bytes fetched ahead for these tiles that no read took (a caller that
+        found them decoded elsewhere meanwhile); fetches not started are cancelled."""
+        lv = self.levels[level]
+        with self._lock:
+            for tx, ty in keys:
+                fut = self._ahead.pop((level, ty * lv.tiles_across + tx), None)
+                if fut is not None:
+                    fut.cancel()
+
     def _fetch_ahead(
         self, level: int, lv: TileLevel, wanted: list[tuple[int, Future[bytes]]]
     ) -> None:

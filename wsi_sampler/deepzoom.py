@@ -271,13 +271,17 @@ class DeepZoom:
         bx, by = int(lx) // scale, int(ly) // scale
         prefix = (self.slide.fingerprint, level, scale)
         keys = source.tiles_for_box(level, bx, by, region.shape[1], region.shape[0], scale)
-        source.prefetch(level, [k for k in keys if (*prefix, *k) not in self.decoded])
+        ahead = [k for k in keys if (*prefix, *k) not in self.decoded] if source.remote else []
+        source.prefetch(level, ahead)  # remote: the missing tiles' bytes, fetched in parallel
 
         def decoded(key: tuple[int, int]) -> RGBImage:
             return self.decoded.get((*prefix, *key),
                                     lambda: source.read_tile(level, *key, scale=scale))
 
-        _read_box(source, level, (bx, by), region, decoded, scale)
+        try:
+            _read_box(source, level, (bx, by), region, decoded, scale)
+        finally:  # bytes fetched for a tile another request decoded meanwhile are not kept
+            source.discard_ahead(level, ahead)
         return region, scale
 
     def stored_jpeg(self, dz_level: int, col: int, row: int) -> bytes | None:
