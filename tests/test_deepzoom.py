@@ -139,6 +139,28 @@ def test_remote_tiles_fetched_ahead_are_never_left_behind(demo_slide: Path) -> N
         over_the_wire.close()
 
 
+def test_a_damaged_stored_tile_is_an_error_each_time_never_a_blank_tile(
+        tmp_path: Path) -> None:
+    from wsi_sampler.demo import DemoSlideSpec, write_demo_slide
+
+    path = write_demo_slide(tmp_path / "bad.svs", DemoSlideSpec(width=2048, height=1536,
+                                                                pen=False, artefact=False))
+    with open_slide(path) as slide:
+        lv = slide.tile_source().levels[0]  # type: ignore[union-attr]
+        offset, count = int(lv.offsets[0]), int(lv.bytecounts[0])
+    with path.open("r+b") as fh:  # keep the JPEG start marker, scramble the rest
+        fh.seek(offset + 2)
+        fh.write(bytes(range(256)) * ((count - 2) // 256))
+    with open_slide(path) as slide:
+        dz = DeepZoom(slide)
+        top = dz.level_count - 1
+        for level, dct in ((top, False), (top, True), (top - 1, True), (top - 1, False)):
+            for _ in range(2):  # a failed decode is not kept: the next request fails too
+                with pytest.raises(CorruptSlideError, match="tile 0,0 of level 0"):
+                    dz.tile(level, 0, 0, dct_scaling=dct)
+        assert dz.tile(top, 3, 3).shape == (256, 256, 3)  # the others still read
+
+
 def test_thumbnail_size_is_pillows() -> None:
     from PIL import Image
 
