@@ -19,3 +19,20 @@ def corrupt_lower_half(src: Path, dst: Path) -> None:
             if index // across >= down // 2:
                 data[offset + 2 : offset + count] = b"\x5a" * (count - 2)
     dst.write_bytes(bytes(data))
+
+
+def damaged_first_tile(path: Path) -> Path:
+    """Write a 2048 x 1536 demo slide at ``path`` whose first level-0 tile keeps its JPEG
+    start marker and is scrambled after it (a decoder fails on it, the file still opens)."""
+    from wsi_sampler import open_slide
+    from wsi_sampler.demo import DemoSlideSpec, write_demo_slide
+
+    write_demo_slide(path, DemoSlideSpec(width=2048, height=1536, pen=False, artefact=False))
+    with open_slide(path) as slide:
+        source = slide.tile_source()
+        assert source is not None
+        offset, count = int(source.levels[0].offsets[0]), int(source.levels[0].bytecounts[0])
+    with path.open("r+b") as fh:
+        fh.seek(offset + 2)
+        fh.write(bytes(range(256)) * ((count - 2) // 256))
+    return path

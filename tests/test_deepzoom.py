@@ -10,6 +10,7 @@ from xml.etree import ElementTree
 import numpy as np
 import openslide
 import pytest
+from _slides import damaged_first_tile
 from openslide.deepzoom import DeepZoomGenerator
 
 from wsi_sampler import open_slide
@@ -141,16 +142,7 @@ def test_remote_tiles_fetched_ahead_are_never_left_behind(demo_slide: Path) -> N
 
 def test_a_damaged_stored_tile_is_an_error_each_time_never_a_blank_tile(
         tmp_path: Path) -> None:
-    from wsi_sampler.demo import DemoSlideSpec, write_demo_slide
-
-    path = write_demo_slide(tmp_path / "bad.svs", DemoSlideSpec(width=2048, height=1536,
-                                                                pen=False, artefact=False))
-    with open_slide(path) as slide:
-        lv = slide.tile_source().levels[0]  # type: ignore[union-attr]
-        offset, count = int(lv.offsets[0]), int(lv.bytecounts[0])
-    with path.open("r+b") as fh:  # keep the JPEG start marker, scramble the rest
-        fh.seek(offset + 2)
-        fh.write(bytes(range(256)) * ((count - 2) // 256))
+    path = damaged_first_tile(tmp_path / "bad.svs")
     with open_slide(path) as slide:
         dz = DeepZoom(slide)
         top = dz.level_count - 1

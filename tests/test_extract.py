@@ -7,6 +7,7 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+from _slides import damaged_first_tile
 
 from wsi_sampler import (
     CorruptSlideError,
@@ -252,14 +253,7 @@ def test_stopping_early_cancels_the_reads_ahead(demo_slide: Path) -> None:
 
 
 def test_a_damaged_tile_is_a_clear_error(tmp_path: Path) -> None:
-    path = write_demo_slide(tmp_path / "bad.svs", DemoSlideSpec(width=2048, height=1536,
-                                                                pen=False, artefact=False))
-    with open_slide(path) as s:
-        lv = s.tile_source().levels[0]  # type: ignore[union-attr]
-        offset, count = int(lv.offsets[0]), int(lv.bytecounts[0])
-    with path.open("r+b") as fh:  # keep the JPEG start marker, scramble the rest
-        fh.seek(offset + 2)
-        fh.write(bytes(range(256)) * ((count - 2) // 256))
+    path = damaged_first_tile(tmp_path / "bad.svs")
     with open_slide(path) as s:
         plan = boxes_plan(s, 0, np.array([0]), np.array([0]), 256)
         with pytest.raises(CorruptSlideError, match="tile 0,0 of level 0"):
