@@ -50,6 +50,12 @@ class TileParams:
                 f"{int(self.limit_bounds)}")
 
 
+def _tile_key(fingerprint: str, params: TileParams, level: int, col: int, row: int
+              ) -> tuple[str, str, int, int, int]:
+    """A tile's key in the encoded-tile cache: a changed file never serves an old tile."""
+    return fingerprint, params.tag(), level, col, row
+
+
 class _Open:
     """An open slide, shared by the requests using it; closed once retired and unused."""
 
@@ -140,7 +146,7 @@ class TileServer:
         """(encoded tile, fingerprint): from the cache, the stored JPEG, or read + encoded."""
         with self._using(slide_id) as held:
             fingerprint = held.fingerprint = held.slide.fingerprint
-            key = (fingerprint, params.tag(), level, col, row)
+            key = _tile_key(fingerprint, params, level, col, row)
             with self._lock:
                 cached = self._tiles.get(key)
                 if cached is not None:
@@ -168,7 +174,7 @@ class TileServer:
             held = self._open.get(slide_id)
             if held is None or held.fingerprint is None or held.retired:
                 return None
-            key = (held.fingerprint, params.tag(), level, col, row)
+            key = _tile_key(held.fingerprint, params, level, col, row)
             data = self._tiles.get(key)
             if data is None:
                 return None

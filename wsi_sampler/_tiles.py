@@ -441,16 +441,18 @@ class TileSource:
 
     def read_box(
         self, level: int, lx: int, ly: int, region: RGBImage,
-        tile: Callable[[TileKey], RGBImage], scale: int = 1,
+        tile: Callable[[TileKey], RGBImage], scale: int = 1, *, in_place: bool = True,
     ) -> None:
         """Fill ``region`` (h, w, 3) with level pixels from (lx, ly); white outside the level.
 
         ``tile((tx, ty))`` supplies decoded tiles (a cache, or tiles decoded ahead), decoded
-        at ``1/scale``, and (lx, ly) is in that frame.
+        at ``1/scale``, and (lx, ly) is in that frame. A region that is exactly one stored
+        tile is decoded straight into it (no copy), unless ``in_place=False`` (the caller's
+        ``tile`` keeps tiles others will read too).
         """
         lv = self.geometry(level, scale)
         rh, rw = region.shape[:2]
-        if self.is_one_tile(level, lx, ly, rw, rh, scale):  # decoded in place, no copy
+        if in_place and self.is_one_tile(level, lx, ly, rw, rh, scale):
             self.read_tile(level, lx // rw, ly // rh, out=region, scale=scale)
             return
         if lx < 0 or ly < 0 or lx + rw > lv.width or ly + rh > lv.height:

@@ -35,7 +35,7 @@ from functools import cached_property
 import numpy as np
 from PIL import Image
 
-from ._tiles import TileLevel, TileSource
+from ._tiles import TileLevel
 from .errors import InvalidRequestError
 from .slide import Slide
 from .types import RGBImage
@@ -279,7 +279,7 @@ class DeepZoom:
                                     lambda: source.read_tile(level, *key, scale=scale))
 
         try:
-            _read_box(source, level, (bx, by), region, decoded, scale)
+            source.read_box(level, bx, by, region, decoded, scale, in_place=False)
         finally:  # bytes fetched for a tile another request decoded meanwhile are not kept
             source.discard_ahead(level, ahead)
         return region, scale
@@ -320,18 +320,6 @@ def _dct_scale(lv: TileLevel, at: tuple[int, int], where: TileRead) -> int:
                 and not any(v % scale for v in (*at, lw, lh, lv.tile_w, lv.tile_h))):
             return scale
     return 1
-
-
-def _read_box(source: TileSource, level: int, at: tuple[int, int], region: RGBImage,
-              decoded: Callable[[tuple[int, int]], RGBImage], scale: int) -> None:
-    """``source.read_box`` through the decoded-tile cache, one-tile reads included (a
-    neighbouring DeepZoom tile with overlap wants the same stored tile)."""
-    rh, rw = region.shape[:2]
-    if source.is_one_tile(level, at[0], at[1], rw, rh, scale):
-        lv = source.geometry(level, scale)
-        region[:] = decoded((at[0] // lv.tile_w, at[1] // lv.tile_h))
-        return
-    source.read_box(level, at[0], at[1], region, decoded, scale)
 
 
 def dzi_xml(size: tuple[int, int], tile_size: int, overlap: int, image_format: str) -> str:
