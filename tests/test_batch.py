@@ -106,6 +106,13 @@ def test_dask_executor_gives_the_same_results(folder: Path, local_out: Path,
                 assert a == b, (rel, name)
 
 
+def _finished(out: Path) -> dict[str, int]:
+    """Result folders in place (not ``.staging-*``, whose summary.json is written before the
+    folder is moved into place) and their summary's mtime."""
+    return {p.parent.name: p.stat().st_mtime_ns for p in out.glob("slides/*/summary.json")
+            if not p.parent.name.startswith(".staging-")}
+
+
 def test_resume_after_sigkill_scores_each_slide_once(tmp_path: Path) -> None:
     slides = tmp_path / "slides"
     slides.mkdir()
@@ -117,19 +124,19 @@ def test_resume_after_sigkill_scores_each_slide_once(tmp_path: Path) -> None:
            "--quiet"]
     with subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) as proc:
         deadline = time.monotonic() + 300
-        while not list(out.glob("slides/*/summary.json")):
+        while not _finished(out):
             assert proc.poll() is None, proc.stderr.read() if proc.stderr else ""
             assert time.monotonic() < deadline
             time.sleep(0.05)
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=30)
-    first_done = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("slides/*/summary.json")}
+    first_done = _finished(out)
     assert 1 <= len(first_done) < 4
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr
     meta = json.loads((out / "run_metadata.json").read_text())
     assert meta["resumed"] == len(first_done) and meta["scored"] == 4 - len(first_done)
-    done = {p.parent.name: p.stat().st_mtime_ns for p in out.glob("slides/*/summary.json")}
+    done = _finished(out)
     assert len(done) == 4
     assert all(done[k] == v for k, v in first_done.items())  # not scored a second time
     assert not list(out.glob("slides/.staging-*"))
@@ -235,7 +242,7 @@ def test_ctrl_c_finishes_the_slides_in_flight_and_writes_the_summary(
     args = [*CLI, "score", str(slides), "--out", str(out), "--workers", "1"]
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
-    while not list(out.glob("slides/*/summary.json")):  # the first slide is done
+    while not _finished(out):  # the first slide is done
         assert time.monotonic() < deadline and proc.poll() is None
         time.sleep(0.1)
     proc.send_signal(signal.SIGINT)
