@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -80,6 +81,12 @@ def dicom_dir() -> Path:
 # broken install step cannot pass as a green run with half the suite skipped.
 _INSTALLED_BY_CI = ("make tools", "make system-deps", "installed by make test",
                     "not found in", "needs root")
+
+
+def pytest_report_header() -> str:
+    """Free space where tests write, so a run failed by a full disk says why in its log."""
+    free = shutil.disk_usage(tempfile.gettempdir()).free / 2**30
+    return f"free disk in {tempfile.gettempdir()}: {free:.1f} GiB (the suite needs ~2 GiB)"
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -37,11 +37,20 @@ for index in /opt/pypi /opt/pypi-more; do
 done
 [ -z "$extra" ] || echo "extra-index-url =$extra" >> "$CACHE/pip.conf"
 
+previous=$(podman image inspect --format '{{.Id}}' wsi-sampler:latest 2>/dev/null || true)
 start=$(date +%s)
 podman build --format docker --layers -t wsi-sampler:latest \
     --build-arg TORCH_INDEX=file:///torch-index "${mounts[@]}" . >"$CACHE/build.log" 2>&1 \
     || { tail -40 "$CACHE/build.log"; echo "docker-test: build failed"; exit 1; }
 echo "measured: build $(( $(date +%s) - start )) s (cached layers reused when unchanged)"
+# The image this build replaced is left untagged (6.5 GB each, builds add up and fill the
+# disk); only that one is removed, never other images or the layer cache.
+current=$(podman image inspect --format '{{.Id}}' wsi-sampler:latest)
+if [ -n "$previous" ] && [ "$previous" != "$current" ]; then
+    podman rmi "$previous" >/dev/null 2>&1 \
+        && echo "removed the image this build replaced (${previous:0:12})" \
+        || echo "kept the image this build replaced (${previous:0:12}): still in use"
+fi
 # The engine leaves empty mount points where the mounts were (a 0-byte file, an empty
 # folder); nothing of what was mounted may be in the image, and its CA bundle must be the
 # base image's own, not the host's.
