@@ -143,3 +143,9 @@ def test_precision_is_recorded_in_run_metadata_and_readyz(
         ready = httpx.get(f"{url}/readyz").json()
     assert ready["precision"]["requested"] == "auto"
     assert ready["precision"]["chosen"] == choose_precision("auto", torch.device("cpu")).precision
+
+
+def test_tissue_qc_says_it_computes_in_fp32_whatever_was_asked() -> None:
+    info = load_model("tissue-qc", device="cpu", precision="bf16").precision_info
+    assert info["requested"] == "bf16" and info["chosen"] == "fp32"
+    assert info["reason"] == "tissue-qc computes in fp32 (pixel measures)"

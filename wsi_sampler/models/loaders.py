@@ -136,7 +136,10 @@ def load_model(
     precision = precision or os.environ.get("WSI_PRECISION") or "auto"
     card, base = resolve_card(spec, weights)
     if card.architecture == "builtin:tissue-qc":  # integer-valued measures: fp32 only
-        return Model(TissueQC(), card, device=device, normalize=False, precision="fp32")
+        model = Model(TissueQC(), card, device=device, normalize=False, precision="fp32")
+        model.precision_info.update(requested=precision,
+                                    reason="tissue-qc computes in fp32 (pixel measures)")
+        return model
     return Model(_load_module(card, base, allow_random_weights), card, device=device,
                  compile_model=compile_model, precision=precision,
                  model_key=_model_key(card, base))
