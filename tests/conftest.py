@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import atexit
 import os
 import shutil
 import tempfile
@@ -24,7 +25,9 @@ BLANK_SPEC = DemoSlideSpec(width=4096, height=3072, mpp=0.5, seed=1, n_blobs=0, 
 # precision tests ask for auto / bf16 themselves. Servers started as subprocesses inherit it.
 os.environ.setdefault("WSI_PRECISION", "fp32")
 # The per-machine cache of precision checks stays inside the test session.
-os.environ.setdefault("WSI_CACHE_DIR", tempfile.mkdtemp(prefix="wsi-cache-"))
+if "WSI_CACHE_DIR" not in os.environ:
+    os.environ["WSI_CACHE_DIR"] = tempfile.mkdtemp(prefix="wsi-cache-")
+    atexit.register(shutil.rmtree, os.environ["WSI_CACHE_DIR"], ignore_errors=True)
 
 
 MEDGEMMA_SPEC = DemoSlideSpec(width=16384, height=12288, mpp=0.5, seed=11, n_blobs=10,
