@@ -37,6 +37,9 @@ for index in /opt/pypi /opt/pypi-more; do
 done
 [ -z "$extra" ] || echo "extra-index-url =$extra" >> "$CACHE/pip.conf"
 
+store=$(podman info --format '{{.Store.GraphRoot}}')
+echo "disk: $(df -h --output=avail "$store" | tail -1 | tr -d ' ') free for images in $store" \
+    "(an image is ~6.5 GB; unchanged layers are reused)"
 previous=$(podman image inspect --format '{{.Id}}' wsi-sampler:latest 2>/dev/null || true)
 start=$(date +%s)
 podman build --format docker --layers -t wsi-sampler:latest \
