@@ -89,7 +89,7 @@ _INSTALLED_BY_CI = ("make tools", "make system-deps", "installed by make test",
 def pytest_report_header() -> str:
     """Free space where tests write, so a run failed by a full disk says why in its log."""
     free = shutil.disk_usage(tempfile.gettempdir()).free / 2**30
-    return f"free disk in {tempfile.gettempdir()}: {free:.1f} GiB (the suite needs ~2 GiB)"
+    return f"free disk in {tempfile.gettempdir()}: {free:.1f} GiB (the suite peaks near 0.5 GiB)"
 
 
 @pytest.hookimpl(hookwrapper=True)
