@@ -69,8 +69,8 @@ class Settings(BaseSettings):
         "[{\"card\": \"/models/task.json\", \"weights\": \"/models/s_0_checkpoint.pt\"}]")
     tissue_method: Literal["auto", "brightfield", "fluorescence", "hest", "hest-fast",
                            "grandqc"] = Field(
-        "auto", description="Tissue detection of plans, streams, jobs and QC: classical, or a "
-        "deep segmenter with segmenter_weights")
+        "auto", description="Tissue detection of plans, streams, jobs, reports and QC: "
+        "classical, or a deep segmenter with segmenter_weights")
     segmenter_weights: str = Field("", description="The deep segmenter's weights "
                                    "(deeplabv3_seg_v4.ckpt, Tissue_Detection_MPP10.pth)")
     artifact_weights: str = Field(

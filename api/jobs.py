@@ -173,7 +173,7 @@ class JobManager:
             self.registry.get(sid)
         if request.report is not None:  # no model configured is a 503 now
             self._vlm(request.report).close()
-            request.report.to_params()
+            request.report.to_params(self.tissue_params)
         else:
             request.sampling.to_params(self.tissue_params)  # invalid sampling: a 422 now
         job_id = uuid.uuid4().hex
@@ -341,7 +341,8 @@ class JobManager:
         vlm = self._vlm(req)
         try:
             with self.registry.open(sid, mpp_override=req.mpp_override) as slide:
-                report = describe_slide(slide, req.to_params(), vlm, req.prompt)
+                report = describe_slide(slide, req.to_params(self.tissue_params), vlm,
+                                        req.prompt)
         finally:
             vlm.close()
         atomic_write_text(self.root / job_id / sid / "report.json", json.dumps(report, indent=2))

@@ -211,11 +211,13 @@ class ReportRequest(JsonRequest):
     image_format: Literal["jpeg", "png"] = "jpeg"
     max_tokens: int | None = Field(None, ge=1, le=32_768)
 
-    def to_params(self) -> PlanParams:
-        return medgemma_params(seed=self.seed, magnification=self.magnification,
-                               max_patches=self.n_patches,
-                               min_tissue_fraction=self.min_tissue_fraction,
-                               variant=self.medgemma_variant)
+    def to_params(self, tissue: TissueParams | None = None) -> PlanParams:
+        """The bag's plan (``tissue``: the service's tissue settings, as plans use them)."""
+        return replace(medgemma_params(seed=self.seed, magnification=self.magnification,
+                                       max_patches=self.n_patches,
+                                       min_tissue_fraction=self.min_tissue_fraction,
+                                       variant=self.medgemma_variant),
+                       tissue=tissue or TissueParams())
 
 
 class PatchRequest(SamplingRequest):

@@ -199,10 +199,15 @@ def test_a_medgemma_report_streams_beside_its_bag(
                 "return !!window.wsiViewer.report"), timeout=120)
             text = browser.find_element("id", "report").text
             n_boxes = browser.execute_script("return document.querySelectorAll('.box').length")
+            drawn = browser.execute_script(
+                "return window.wsiViewer.layers.medgemma.plan.patches.map((p) => [p.x0, p.y0])")
+            plan = httpx.post(f"{url}/v1/slides/{sid}/plan",
+                              json={"strategy": "medgemma", "seed": 0}).json()
             screenshot(browser, artifacts, "6-report")
     (request,) = stub.received
     assert text.startswith(f"Received {len(request.images)} images (896x896)")
     assert n_boxes == len(request.images) > 0  # the bag on the slide is the bag described
+    assert drawn == [[p["x0"], p["y0"]] for p in plan["patches"]]  # the service's bag
     assert browser.find_element("id", "layer-medgemma").is_selected()
 
 

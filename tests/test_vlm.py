@@ -396,3 +396,63 @@ def test_jobs_produce_reports(stub: tuple[OpenAIStub, str], root: Path, n_bag: i
         sid = httpx.get(f"{u}/v1/slides").json()["items"][0]["id"]
         resp = httpx.post(f"{u}/v1/jobs", json={"slides": [sid], "report": REPORT})
         assert resp.status_code == 503 and "vlm_url" in resp.json()["error"]
+
+
+def _corners(patches: list[dict[str, object]]) -> list[tuple[object, object]]:
+    return [(p["x0"], p["y0"]) for p in patches]
+
+
+def test_a_report_bag_is_sampled_from_the_services_tissue_settings(
+        stub: tuple[OpenAIStub, str], root: Path, n_bag: int) -> None:
+    """With only dark areas excluded (pen kept), the demo slide's bag has more cells than the
+    library default's: the report, its job and the service's own medgemma plan (what the
+    viewer draws) are one bag; before, reports ignored the service's tissue settings."""
+    with serve(create_app(settings(root, vlm_url=stub[1], vlm_model="echo",
+                                   exclude_artifacts=["dark"], data_dir=root.parent / "dark")),
+               ready_path="/readyz") as u:
+        sid = {i["name"]: i["id"] for i in httpx.get(f"{u}/v1/slides").json()["items"]}[
+            "demo.svs"]
+        plan = httpx.post(f"{u}/v1/slides/{sid}/plan", json={
+            "strategy": "medgemma", "magnification": 20, "seed": 1}).json()
+        assert plan["n_patches"] != n_bag  # the settings change the bag here
+        answer = httpx.post(f"{u}/v1/slides/{sid}/reports", json=REPORT, timeout=120)
+        bag = json.loads(answer.text.splitlines()[0])
+        assert bag["type"] == "bag" and _corners(bag["patches"]) == _corners(plan["patches"])
+        assert len(stub[0].received[-1].images) == plan["n_patches"]
+        job = httpx.post(f"{u}/v1/jobs", json={"slides": [sid], "report": REPORT}).json()
+        status = wait_for_job(u, job["id"])
+        report = httpx.get(f"{u}{status['results'][0]['url']}").json()
+        assert _corners(report["bag"]["patches"]) == _corners(plan["patches"])
+
+
+def test_describe_and_batch_reports_use_the_tissue_options(
+        stub: tuple[OpenAIStub, str], root: Path, tmp_path: Path, n_bag: int) -> None:
+    """--exclude-artifacts dark (pen kept) changes the bag of describe and score --vlm-url
+    as it changes plan's; score used to drop the tissue options with --vlm-url."""
+    from dataclasses import replace
+
+    from wsi_sampler import make_plan
+    from wsi_sampler.tissue import TissueParams
+
+    dark_only = TissueParams(exclude_artifacts=("dark",))
+    with open_slide(root / "demo.svs") as slide:
+        wanted = make_plan(slide, replace(BAG, tissue=dark_only))
+        drawn = medgemma_params(seed=4)  # its magnification draw gives 20x
+        batch_wanted = make_plan(slide, replace(drawn, tissue=dark_only))
+        assert len(batch_wanted) != len(make_plan(slide, drawn))
+    assert len(wanted) != n_bag
+    done = run_cli("describe", str(root / "demo.svs"), "--prompt", "Describe.",
+                   "--magnification", "20", "--seed", "1", "--vlm-model", "echo",
+                   "--vlm-url", stub[1], "--exclude-artifacts", "dark",
+                   "--out", tmp_path / "r.json")
+    assert done.returncode == 0, done.stderr
+    bag = json.loads((tmp_path / "r.json").read_text())["bag"]
+    assert _corners(bag["patches"]) == list(zip(wanted.x0.tolist(), wanted.y0.tolist(),
+                                                       strict=True))
+    out = tmp_path / "out"
+    done = run_cli("score", str(root), "--out", str(out), "--vlm-url", stub[1], "--vlm-model",
+                   "echo", "--prompt", "Describe.", "--exclude-artifacts", "dark", "--seed", "4",
+                   "-q")
+    assert done.returncode == 3, done.stderr  # the blank slide: no tissue
+    (report,) = [json.loads(p.read_text()) for p in out.glob("slides/*/report.json")]
+    assert report["bag"]["n_patches"] == len(batch_wanted)

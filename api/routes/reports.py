@@ -22,7 +22,8 @@ def _open_bag(services: Services, slide_id: str, req: ReportRequest, vlm: VlmWor
               ) -> tuple[Slide, PatchPlan]:
     slide = services.registry.open(slide_id, mpp_override=req.mpp_override)
     try:
-        return slide, prepare_bag(slide, req.to_params(), vlm, req.prompt)
+        return slide, prepare_bag(slide, req.to_params(services.tissue_params), vlm,
+                                  req.prompt)
     except BaseException:
         slide.close()
         raise

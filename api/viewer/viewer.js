@@ -268,8 +268,15 @@
     });
     const plan = await resp.json();
     if (state.id !== id) return;
+    drawBag(plan);
+  }
+
+  // a bag (a medgemma plan, or a report's "bag" record: the patches its model was sent)
+  function drawBag(plan) {
+    removeLayer("medgemma");
     const elements = plan.patches.map((p) => box(p.x0, p.y0, plan.width0, plan.height0, "box"));
     state.layers.medgemma = { elements, plan };
+    setOpacity("medgemma");
   }
 
   // viridis at five stops, as the legend's CSS gradient
@@ -512,9 +519,9 @@
         body: JSON.stringify({ prompt: $("prompt").value }),
       });
       await eachRecord(resp, (record) => {
-        if (record.type === "bag" && !$("layer-medgemma").checked) {
+        if (record.type === "bag" && state.id === id) {  // the boxes are what the model saw
           $("layer-medgemma").checked = true;
-          toggleLayer("medgemma", true);
+          drawBag(record);
         }
         if (record.type === "delta") out.textContent += record.text;
         if (record.type === "report") { out.textContent = record.text; state.report = record; }

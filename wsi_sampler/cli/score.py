@@ -199,13 +199,17 @@ def score(
     from ..batch import BatchConfig, run_batch
     from ..models import preflight
 
+    tissue = tissue_params(tissue_method, segmenter_weights, ExclusionArgs(
+        exclude_artifacts, artifact_weights, artifact_model, max_excluded_share,
+        strict_exclusion))
     if vlm_url:
         _refuse_with_vlm(model=model != "tissue-qc", weights=weights is not None,
                          worker_url=worker_url is not None,
                          strategy=strategy is not ScoreStrategy.grid, clam_pt=clam_pt,
                          slide_model=bool(slide_model),
                          features_dtype=features_dtype is not FeaturesDtypeOpt.float32)
-        cfg = BatchConfig(params=bag_params(seed, None, n_patches, min_tissue, variant),
+        cfg = BatchConfig(params=replace(bag_params(seed, None, n_patches, min_tissue, variant),
+                                         tissue=tissue),
                           mpp_override=mpp_override, vlm=vlm_config(vlm_url, vlm_model),
                           prompt=prompt or DEFAULT_PROMPT)
     else:
@@ -218,12 +222,7 @@ def score(
             features_dtype=features_dtype.value, clam_pt=clam_pt,
             allow_random_weights=random_weights, mpp_override=mpp_override,
             params=PlanParams(strategy=strategy.value, n_patches=n_patches, seed=seed,
-                              min_tissue_fraction=min_tissue,
-                              tissue=tissue_params(tissue_method, segmenter_weights,
-                                                   ExclusionArgs(
-                                                       exclude_artifacts, artifact_weights,
-                                                       artifact_model, max_excluded_share,
-                                                       strict_exclusion))),
+                              min_tissue_fraction=min_tissue, tissue=tissue),
             worker_target_mpp=worker_target_mpp, worker_patch_size=worker_patch_size,
             worker_protocol=worker_protocol.value)
     if qc:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import sys
+from dataclasses import replace
 from enum import Enum
 from pathlib import Path
 from typing import Annotated
@@ -19,7 +20,19 @@ from ..plan import PatchPlan, PlanParams, medgemma_params
 from ..report import prepare_bag, report_events
 from ..slide import Slide, open_slide
 from ..worker.vlm import VlmConfig, VlmRequest, VlmWorker
-from .options import SlideArg
+from .options import (
+    ArtifactModelO,
+    ArtifactWeightsO,
+    ExcludeArtifactsO,
+    ExclusionArgs,
+    MaxExcludedO,
+    MethodO,
+    MethodOpt,
+    SegmenterWeightsO,
+    SlideArg,
+    StrictExclusionO,
+    tissue_params,
+)
 
 __all__ = ["VariantOpt", "register", "vlm_config"]
 
@@ -80,14 +93,22 @@ def describe(
     timeout: Annotated[float | None, typer.Option(help="Seconds to wait for the model.")] = None,
     out: Annotated[Path | None, typer.Option(help="Also write report.json here.")] = None,
     mpp_override: Annotated[float | None, typer.Option(help="Level-0 µm/px if missing.")] = None,
+    method: MethodO = MethodOpt.auto, segmenter_weights: SegmenterWeightsO = None,
+    exclude_artifacts: ExcludeArtifactsO = None, artifact_weights: ArtifactWeightsO = None,
+    artifact_model: ArtifactModelO = "grandqc-artifacts",
+    max_excluded_share: MaxExcludedO = 0.5, strict_exclusion: StrictExclusionO = False,
 ) -> None:
     """Send a slide's MedGemma bag to a vision-language model and print its answer as it
-    streams (API key from WSI_VLM_API_KEY)."""
+    streams (API key from WSI_VLM_API_KEY). The bag is sampled from the tissue that
+    --method finds, less the artefacts --exclude-artifacts names, as plan does."""
     if not vlm_url or not prompt:
         raise InvalidRequestError("describe needs --vlm-url and --prompt")
     cfg = vlm_config(vlm_url, vlm_model, system_prompt=system_prompt, max_tokens=max_tokens,
                      max_images=max_images, timeout_s=timeout, image_format=image_format.value)
-    params = bag_params(seed, magnification, n_patches, min_tissue, variant)
+    params = replace(bag_params(seed, magnification, n_patches, min_tissue, variant),
+                     tissue=tissue_params(method, segmenter_weights, ExclusionArgs(
+                         exclude_artifacts, artifact_weights, artifact_model,
+                         max_excluded_share, strict_exclusion)))
     vlm = VlmWorker(cfg)
     try:
         with open_slide(slide, mpp_override=mpp_override) as s:
