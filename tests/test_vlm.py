@@ -402,11 +402,21 @@ def _corners(patches: list[dict[str, object]]) -> list[tuple[object, object]]:
     return [(p["x0"], p["y0"]) for p in patches]
 
 
-def test_a_report_bag_is_sampled_from_the_services_tissue_settings(
+def test_reports_and_the_tissue_layer_follow_the_services_tissue_settings(
         stub: tuple[OpenAIStub, str], root: Path, n_bag: int) -> None:
     """With only dark areas excluded (pen kept), the demo slide's bag has more cells than the
     library default's: the report, its job and the service's own medgemma plan (what the
-    viewer draws) are one bag; before, reports ignored the service's tissue settings."""
+    viewer draws) are one bag, and /tissue (the viewer's tissue layer) is the mask plans
+    use; before, reports and /tissue ignored the service's tissue settings."""
+    import cv2
+
+    from wsi_sampler import compute_tissue_mask
+    from wsi_sampler.tissue import TissueParams
+
+    with open_slide(root / "demo.svs") as slide:
+        dark_only = compute_tissue_mask(slide, params=TissueParams(exclude_artifacts=("dark",)))
+        default = compute_tissue_mask(slide)
+    assert not np.array_equal(dark_only.mask, default.mask)
     with serve(create_app(settings(root, vlm_url=stub[1], vlm_model="echo",
                                    exclude_artifacts=["dark"], data_dir=root.parent / "dark")),
                ready_path="/readyz") as u:
@@ -415,6 +425,9 @@ def test_a_report_bag_is_sampled_from_the_services_tissue_settings(
         plan = httpx.post(f"{u}/v1/slides/{sid}/plan", json={
             "strategy": "medgemma", "magnification": 20, "seed": 1}).json()
         assert plan["n_patches"] != n_bag  # the settings change the bag here
+        png = httpx.get(f"{u}/v1/slides/{sid}/tissue?format=png").content
+        layer = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_GRAYSCALE) > 127
+        np.testing.assert_array_equal(layer, dark_only.mask)
         answer = httpx.post(f"{u}/v1/slides/{sid}/reports", json=REPORT, timeout=120)
         bag = json.loads(answer.text.splitlines()[0])
         assert bag["type"] == "bag" and _corners(bag["patches"]) == _corners(plan["patches"])

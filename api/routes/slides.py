@@ -150,10 +150,11 @@ async def tissue(
     mpp_override: Annotated[float | None, Query(ge=SLIDE_MPP_RANGE[0],
                                                 le=SLIDE_MPP_RANGE[1])] = None,
 ) -> Response:
-    """The tissue mask as a PNG (white = tissue) or QuPath GeoJSON polygons (level-0 px)."""
+    """The tissue mask as a PNG (white = tissue) or QuPath GeoJSON polygons (level-0 px):
+    what plans sample from, with the service's tissue method and artefact exclusion."""
     def detect() -> Response:
         with services.registry.open(slide_id, mpp_override=mpp_override) as s:
-            tm = compute_tissue_mask(s, tissue_mpp=tissue_mpp)
+            tm = compute_tissue_mask(s, tissue_mpp=tissue_mpp, params=services.tissue_params)
         if output == "png":
             return Response(encode_image(tm.mask.astype("uint8") * 255),
                             media_type="image/png")
