@@ -15,6 +15,7 @@ from wsi_sampler.errors import InvalidRequestError
 from wsi_sampler.slide_models import SlideModel
 from wsi_sampler.slide_models.predict import require_encoder
 from wsi_sampler.tissue import TissueParams
+from wsi_sampler.types import TissueMethod
 from wsi_sampler.worker import Worker
 from wsi_sampler.worker.vlm import VlmConfig, VlmWorker
 
@@ -22,7 +23,7 @@ from .config import Settings
 from .errors import MessageScrubber, TooBusyError, WorkerNotReadyError, describe_error
 from .jobs import JobManager
 from .metrics import Metrics
-from .schemas import ReportRequest
+from .schemas import ReportRequest, with_tissue_method
 from .slides import SlideRegistry
 from .tiles import TileServer
 
@@ -69,6 +70,11 @@ class Services:
                             artifact_model=cfg.artifact_model,
                             exclude_artifacts=tuple(cfg.exclude_artifacts),
                             max_excluded_share=cfg.max_excluded_share)
+
+    def tissue_for(self, method: TissueMethod | None) -> TissueParams:
+        """The service's tissue settings, detecting with a request's ``method`` (None: the
+        service's own; see :func:`~api.schemas.with_tissue_method`)."""
+        return with_tissue_method(self.tissue_params, method)
 
     def require_worker(self) -> Worker:
         if self.worker is None:

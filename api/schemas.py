@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
+from fastapi import Query
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator
 
 from wsi_sampler import PlanParams, medgemma_params
 from wsi_sampler.errors import InvalidRequestError
 from wsi_sampler.medgemma import MEDGEMMA_PATCH_PX
-from wsi_sampler.tissue import TissueParams
+from wsi_sampler.tissue import CLASSICAL_METHODS, DEEP_METHODS, TissueParams
+from wsi_sampler.types import TissueMethod
 from wsi_sampler.units import PATCH_MPP_RANGE, SLIDE_MPP_RANGE, TISSUE_MPP_RANGE
 
 __all__ = [
@@ -29,6 +31,30 @@ __all__ = [
 
 
 ArtifactName = Literal["pen", "dark", "fold", "dark_spot", "air_bubble", "out_of_focus"]
+TISSUE_METHOD_HELP = (
+    "Tissue detection for this request: auto, brightfield or fluorescence (classical), or "
+    "the service's own deep segmenter (hest / hest-fast with HEST's weights, grandqc with "
+    "GrandQC's). None = the service's tissue_method")
+
+
+TissueMethodQ = Annotated[TissueMethod | None, Query(description=TISSUE_METHOD_HELP)]
+
+
+def with_tissue_method(service: TissueParams, method: TissueMethod | None) -> TissueParams:
+    """The service's tissue settings detecting with ``method`` (None: as they are). A deep
+    segmenter needs its weights, so only the service's own (HEST's weights serve hest and
+    hest-fast); a classical method drops the segmenter and keeps the exclusion."""
+    if method is None or method == service.method:
+        return service
+    if method in CLASSICAL_METHODS:
+        return replace(service, method=method, segmenter_weights=None)
+    if service.segmenter_weights and DEEP_METHODS.get(service.method) == DEEP_METHODS[method]:
+        return replace(service, method=method)
+    raise InvalidRequestError(
+        f"tissue_method {method!r} needs {DEEP_METHODS[method]}, which this service does not "
+        f"have (its tissue_method is {service.method!r}): ask for "
+        f"{', '.join(CLASSICAL_METHODS)}, or configure tissue_method and segmenter_weights "
+        "(WSI_TISSUE_METHOD, WSI_SEGMENTER_WEIGHTS)")
 
 
 def binary_content(*media_types: str) -> dict[str, dict[str, Any]]:
@@ -151,10 +177,11 @@ class SamplingRequest(JsonRequest):
         "so in message. None = the service's default (0.5)")
     strict_exclusion: bool = Field(False, description="Drop excluded patches whatever the "
                                    "share (the plan may be empty)")
+    tissue_method: TissueMethod | None = Field(None, description=TISSUE_METHOD_HELP)
 
     def tissue_params(self, service: TissueParams | None = None) -> TissueParams:
-        """The service's tissue settings with this request's exclusion choices."""
-        base = service or TissueParams()
+        """The service's tissue settings with this request's method and exclusion choices."""
+        base = with_tissue_method(service or TissueParams(), self.tissue_method)
         return replace(
             base, strict_exclusion=self.strict_exclusion,
             exclude_artifacts=(tuple(self.exclude_artifacts) if self.exclude_artifacts
@@ -210,6 +237,7 @@ class ReportRequest(JsonRequest):
     mpp_override: float | None = Field(None, ge=SLIDE_MPP_RANGE[0], le=SLIDE_MPP_RANGE[1])
     image_format: Literal["jpeg", "png"] = "jpeg"
     max_tokens: int | None = Field(None, ge=1, le=32_768)
+    tissue_method: TissueMethod | None = Field(None, description=TISSUE_METHOD_HELP)
 
     def to_params(self, tissue: TissueParams | None = None) -> PlanParams:
         """The bag's plan (``tissue``: the service's tissue settings, as plans use them)."""
@@ -217,7 +245,7 @@ class ReportRequest(JsonRequest):
                                        max_patches=self.n_patches,
                                        min_tissue_fraction=self.min_tissue_fraction,
                                        variant=self.medgemma_variant),
-                       tissue=tissue or TissueParams())
+                       tissue=with_tissue_method(tissue or TissueParams(), self.tissue_method))
 
 
 class PatchRequest(SamplingRequest):

@@ -134,6 +134,39 @@ def test_plan_equals_the_library(url: str, demo_slide: Path) -> None:
         assert got["n_patches"] == len(plan)
 
 
+def test_a_request_chooses_its_tissue_method(url: str, demo_slide: Path) -> None:
+    """tissue_method per request: a classical one on any service (plans, /tissue and /qc
+    detect with it, as the library does), a deep one only where the service has its weights
+    (a 422 naming the settings, before any work)."""
+    from wsi_sampler import compute_tissue_mask
+    from wsi_sampler.tissue import TissueParams
+
+    sid = ids(url)["demo.svs"]
+    body = {"strategy": "grid", "patch_size_px": 512, "target_mpp": 1.0}
+    with open_slide(demo_slide) as s:
+        fluo = TissueParams(method="fluorescence")
+        wanted = make_plan(s, PlanParams(**body, tissue=fluo))  # type: ignore[arg-type]
+        assert len(wanted) != len(make_plan(s, PlanParams(**body)))  # type: ignore[arg-type]
+        mask = compute_tissue_mask(s, params=fluo).mask
+    got = httpx.post(f"{url}/v1/slides/{sid}/plan",
+                     json=body | {"tissue_method": "fluorescence"}).json()
+    assert [[p["x0"], p["y0"]] for p in got["patches"]] == wanted.coords.tolist()
+    png = httpx.get(f"{url}/v1/slides/{sid}/tissue", params={"tissue_method": "fluorescence"})
+    layer = cv2.imdecode(np.frombuffer(png.content, np.uint8), cv2.IMREAD_GRAYSCALE) > 127
+    np.testing.assert_array_equal(layer, mask)
+    qc = httpx.get(f"{url}/v1/slides/{sid}/qc", params={"tissue_method": "fluorescence"})
+    assert qc.json()["tissue_area_mm2"] == pytest.approx(
+        mask.sum() * (qc.json()["mask_mpp"] / 1000) ** 2, rel=0.01)
+    for method in ("hest", "grandqc"):
+        refused = httpx.post(f"{url}/v1/slides/{sid}/plan", json={"tissue_method": method})
+        assert refused.status_code == 422, refused.text
+        assert "configure tissue_method and segmenter_weights" in refused.json()["error"]
+    assert httpx.get(f"{url}/v1/slides/{sid}/tissue",
+                     params={"tissue_method": "grandqc"}).status_code == 422
+    bad = httpx.post(f"{url}/v1/slides/{sid}/plan", json={"tissue_method": "otsu"})
+    assert bad.status_code == 422 and "tissue_method" in bad.text
+
+
 def test_a_plan_request_chooses_the_artefact_exclusion(url: str) -> None:
     sid = ids(url)["demo.svs"]
     plan = f"{url}/v1/slides/{sid}/plan"

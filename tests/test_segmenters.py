@@ -545,6 +545,13 @@ def test_the_service_excludes_with_its_configured_artefact_model(tiny_slide: Pat
         assert qc["artifact_mm2"]["pen"] > 0 and qc["excluded_share"] == 1.0
         png = httpx.get(f"{url}/v1/slides/{sid}/qc.png", timeout=120)
         assert png.status_code == 200 and png.content[:4] == b"\x89PNG"
+        # a request may detect classically instead; HEST's segmenter needs HEST's weights
+        classical = httpx.post(f"{url}/v1/slides/{sid}/plan", timeout=120, json={
+            "tissue_method": "brightfield", "patch_size_px": 64}).json()
+        assert classical["n_patches"] < plan["n_patches"]  # the random GrandQC: all tissue
+        refused = httpx.post(f"{url}/v1/slides/{sid}/plan", json={"tissue_method": "hest"})
+        assert refused.status_code == 422
+        assert "its tissue_method is 'grandqc'" in refused.json()["error"]
     # a weights file that is not there stops the service at startup, naming the key
     from types import SimpleNamespace
 

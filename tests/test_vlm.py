@@ -436,6 +436,15 @@ def test_reports_and_the_tissue_layer_follow_the_services_tissue_settings(
         status = wait_for_job(u, job["id"])
         report = httpx.get(f"{u}{status['results'][0]['url']}").json()
         assert _corners(report["bag"]["patches"]) == _corners(plan["patches"])
+        # a report's own tissue_method, as a plan's
+        fluo = httpx.post(f"{u}/v1/slides/{sid}/plan", json={
+            "strategy": "medgemma", "magnification": 20, "seed": 1,
+            "tissue_method": "fluorescence"}).json()
+        assert _corners(fluo["patches"]) != _corners(plan["patches"])
+        answer = httpx.post(f"{u}/v1/slides/{sid}/reports", timeout=120,
+                            json=REPORT | {"tissue_method": "fluorescence"})
+        assert _corners(json.loads(answer.text.splitlines()[0])["patches"]) == _corners(
+            fluo["patches"])
 
 
 def test_describe_and_batch_reports_use_the_tissue_options(

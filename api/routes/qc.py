@@ -15,7 +15,7 @@ from wsi_sampler.qc import draw_qc_overlay, qc_masks, slide_qc
 from wsi_sampler.units import SLIDE_MPP_RANGE, TISSUE_MPP_RANGE
 
 from ..deps import ServicesDep
-from ..schemas import binary_content
+from ..schemas import TissueMethodQ, binary_content
 from .slides import ERRORS
 
 router = APIRouter(prefix="/v1/slides", tags=["slides"])
@@ -55,11 +55,13 @@ class SlideQcReport(BaseModel):
 
 @router.get("/{slide_id}/qc", response_model=SlideQcReport, responses=ERRORS)
 async def qc_summary(slide_id: str, services: ServicesDep, tissue_mpp: TissueMppQ = 8.0,
-                     mpp_override: MppOverrideQ = None) -> SlideQcReport:
+                     mpp_override: MppOverrideQ = None,
+                     tissue_method: TissueMethodQ = None) -> SlideQcReport:
     """Tissue and artefact areas, patch blur/pen/dark/stain measures and stain vectors."""
     def measure() -> SlideQcReport:
         with services.registry.open(slide_id, mpp_override=mpp_override) as s:
-            summary, _ = slide_qc(s, tissue_mpp=tissue_mpp, params=services.tissue_params)
+            summary, _ = slide_qc(s, tissue_mpp=tissue_mpp,
+                                  params=services.tissue_for(tissue_method))
         return SlideQcReport.model_validate(summary.to_dict())
 
     return await services.slide_work(measure)
@@ -73,13 +75,14 @@ async def qc_summary(slide_id: str, services: ServicesDep, tissue_mpp: TissueMpp
                                    "magenta, air bubble cyan, out of focus yellow"}})
 async def qc_overlay(
     slide_id: str, services: ServicesDep, tissue_mpp: TissueMppQ = 8.0,
-    mpp_override: MppOverrideQ = None,
+    mpp_override: MppOverrideQ = None, tissue_method: TissueMethodQ = None,
     max_size: Annotated[int, Query(ge=64, le=4096)] = 1024,
 ) -> Response:
     """The thumbnail with what QC found drawn on it."""
     def draw() -> bytes:
         with services.registry.open(slide_id, mpp_override=mpp_override) as s:
-            tm = compute_tissue_mask(s, tissue_mpp=tissue_mpp, params=services.tissue_params)
+            tm = compute_tissue_mask(s, tissue_mpp=tissue_mpp,
+                                     params=services.tissue_for(tissue_method))
             masks = qc_masks(s, tm)
             return encode_image(draw_qc_overlay(s.thumbnail(max_size=max_size), masks))
 

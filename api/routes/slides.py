@@ -22,6 +22,7 @@ from ..schemas import (
     SlideInfo,
     SlideList,
     SlideSummary,
+    TissueMethodQ,
     binary_content,
 )
 from ..slides import SlideEntry, root_source
@@ -149,12 +150,14 @@ async def tissue(
     tissue_mpp: Annotated[float, Query(ge=TISSUE_MPP_RANGE[0], le=TISSUE_MPP_RANGE[1])] = 8.0,
     mpp_override: Annotated[float | None, Query(ge=SLIDE_MPP_RANGE[0],
                                                 le=SLIDE_MPP_RANGE[1])] = None,
+    tissue_method: TissueMethodQ = None,
 ) -> Response:
     """The tissue mask as a PNG (white = tissue) or QuPath GeoJSON polygons (level-0 px):
     what plans sample from, with the service's tissue method and artefact exclusion."""
     def detect() -> Response:
         with services.registry.open(slide_id, mpp_override=mpp_override) as s:
-            tm = compute_tissue_mask(s, tissue_mpp=tissue_mpp, params=services.tissue_params)
+            tm = compute_tissue_mask(s, tissue_mpp=tissue_mpp,
+                                     params=services.tissue_for(tissue_method))
         if output == "png":
             return Response(encode_image(tm.mask.astype("uint8") * 255),
                             media_type="image/png")
