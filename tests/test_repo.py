@@ -54,8 +54,8 @@ _CURL_STATUS = ("curl() { command curl --write-out "
 
 
 def test_the_readme_curl_examples_work_against_make_run(tmp_path: Path) -> None:
-    """The REST API block, run by bash as written, against `make run`'s command in an empty
-    folder (its demo slide, in-process tissue-qc), with a local OpenAI-compatible stand-in
+    """The REST API block, run by bash as written, against `make run`'s command (checked
+    in the Makefile) in an empty folder (its demo slide, in-process tissue-qc), with a local OpenAI-compatible stand-in
     as its vision-language model (the block's report needs one): every request a 2xx."""
     import re
     import shutil
@@ -69,6 +69,8 @@ def test_the_readme_curl_examples_work_against_make_run(tmp_path: Path) -> None:
     from _servers import free_port, serve, stop_process
     from conftest import shared_slide
 
+    makefile = (ROOT / "Makefile").read_text()
+    assert "\nrun: $(STAMP) viewer-assets\n\t$(VENV)/bin/wsi-sampler serve\n" in makefile
     readme = (ROOT / "README.md").read_text()
     section = readme[readme.index("## REST API"):]
     block = re.findall(r"```bash\n(.*?)```", section, flags=re.S)[0]
