@@ -55,6 +55,26 @@ def test_the_overlay_marks_what_the_exclusion_removed(demo_slide: Path) -> None:
     assert green[masks.tissue].mean() > green[~masks.before_exclusion].mean() + 10
 
 
+def test_the_qc_layer_is_the_overlays_classes_alone(demo_slide: Path) -> None:
+    """qc_layer: opaque in each class's colour where it is (the last drawn wins, as on the
+    thumbnail), transparent elsewhere; the summary's legend names the same colours."""
+    from wsi_sampler.qc import CLASSICAL_COLOURS, REMOVED_COLOUR, qc_layer
+
+    with open_slide(demo_slide) as slide:
+        summary, masks = slide_qc(slide)
+    layer = qc_layer(masks)
+    assert layer.shape == (*masks.tissue.shape, 4) and layer.dtype == np.uint8
+    anything = (masks.before_exclusion & ~masks.tissue) | masks.pen | masks.dark
+    np.testing.assert_array_equal(layer[..., 3] > 0, anything)
+    assert (layer[..., 3][anything] == 255).all()
+    np.testing.assert_array_equal(layer[masks.dark][:, :3],
+                                  np.broadcast_to(CLASSICAL_COLOURS["dark"], (masks.dark.sum(), 3)))
+    only_removed = masks.before_exclusion & ~masks.tissue & ~masks.pen & ~masks.dark
+    assert only_removed.any() and (layer[only_removed][:, :3] == REMOVED_COLOUR).all()
+    assert summary.overlay_legend == {"removed by exclusion": "#dc1e1e", "ink": "#c800c8",
+                                      "dark": "#143cdc"}
+
+
 def test_an_exclusion_that_removes_everything_is_said(demo_slide: Path) -> None:
     # Everything below value 255 counts as dark: the exclusion removes all the tissue.
     with open_slide(demo_slide) as slide:

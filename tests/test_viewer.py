@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+import cv2
 import httpx
 import numpy as np
 import pytest
@@ -129,6 +130,8 @@ def test_the_viewer_shows_a_slide_its_scale_and_its_overlays(
         changed = np.abs(tinted - plain).sum(2)[max(y0, 0):y1, max(x0, 0):x1] > 30
         assert changed[small].mean() > 0.8 and changed[~small].mean() < 0.05
         browser.find_element("id", "layer-tissue").click()
+        _qc_layer_is_drawn_where_qc_found_it(browser, artifacts, url, sid, plain,
+                                             (left, top, width, height), (x0, y0, x1, y1))
         browser.find_element("id", "layer-medgemma").click()
         wait("the MedGemma bag", lambda: browser.execute_script(
             "return !!window.wsiViewer.layers.medgemma"))
@@ -160,6 +163,40 @@ def test_the_viewer_shows_a_slide_its_scale_and_its_overlays(
         assert browser.find_element("id", "download-predictions").is_displayed()
         screenshot(browser, artifacts, "4-predictions")
         assert console_errors(browser) == []
+
+
+def _qc_layer_is_drawn_where_qc_found_it(
+        browser: Any, artifacts: Path, url: str, sid: str, plain: np.ndarray,
+        view: tuple[int, int, int, int], item: tuple[int, int, int, int]) -> None:
+    """The QC layer changes the pixels where /qc.png?background=none draws (what the
+    exclusion removed, ink, dark), and only there; its legend is the QC summary's."""
+    left, top, width, height = view
+    x0, y0, x1, y1 = item
+    headers = {"Authorization": "Bearer v1ewer"}
+    layer = np.asarray(Image.open(io.BytesIO(httpx.get(
+        f"{url}/v1/slides/{sid}/qc.png?background=none", headers=headers).content)))
+    qc = httpx.get(f"{url}/v1/slides/{sid}/qc", headers=headers).json()
+    assert layer.shape[2] == 4 and 0.001 < (layer[..., 3] > 0).mean() < 0.5
+    browser.find_element("id", "layer-qc").click()
+    wait("the QC layer", lambda: browser.execute_script("return !!window.wsiViewer.layers.qc"))
+    time.sleep(1.0)
+    shot = screenshot(browser, artifacts, "2b-qc")[top:top + height, left:left + width]
+    changed = (np.abs(shot - plain).sum(2) > 30)[max(y0, 0):y1, max(x0, 0):x1]
+    drawn = cv2.resize((layer[..., 3] > 0).astype(np.uint8), changed.shape[::-1],
+                       interpolation=cv2.INTER_NEAREST)
+    kernel = np.ones((7, 7), np.uint8)
+    inside, outside = cv2.erode(drawn, kernel) > 0, cv2.dilate(drawn, kernel) == 0
+    nx, ny, nw, nh = (int(v) for v in browser.execute_script(  # the navigator shows it too
+        "const r = window.wsiViewer.viewer.navigator.element.getBoundingClientRect();"
+        "return [r.left, r.top, r.width, r.height];"))
+    ox, oy = left + max(x0, 0), top + max(y0, 0)  # the slide's corner on the page
+    outside[max(ny - oy, 0):max(ny + nh - oy, 0), max(nx - ox, 0):max(nx + nw - ox, 0)] = False
+    assert changed[inside].mean() > 0.8 and changed[outside].mean() < 0.02
+    legend = [li.get_attribute("data-label") for li in
+              browser.find_elements("css selector", "#qc-legend li[data-label]")]
+    assert legend == list(qc["overlay_legend"]) == ["removed by exclusion", "ink", "dark"]
+    browser.find_element("id", "layer-qc").click()
+    assert not browser.find_element("id", "qc-legend").is_displayed()
 
 
 def test_a_slide_that_fails_shows_a_readable_error(

@@ -17,6 +17,7 @@ from typing import Any
 
 import cv2
 import numpy as np
+import numpy.typing as npt
 
 from .exclusion import mm2
 from .plan import PlanParams, TissueMask, compute_tissue_mask, make_plan
@@ -25,8 +26,9 @@ from .stain import macenko_stains
 from .tissue import TissueParams, dark_artefact_mask, pen_ink_mask
 from .types import BoolMask, RGBImage
 
-__all__ = ["ARTIFACT_COLOURS", "EXCLUSION_WARN_SHARE", "QcMasks", "SlideQC", "artifact_map",
-           "draw_qc_overlay", "qc_masks", "qc_row", "slide_qc"]
+__all__ = ["ARTIFACT_COLOURS", "CLASSICAL_COLOURS", "EXCLUSION_WARN_SHARE", "REMOVED_COLOUR",
+           "QcMasks", "SlideQC", "artifact_map", "draw_qc_overlay", "overlay_classes",
+           "overlay_legend", "qc_layer", "qc_masks", "qc_row", "slide_qc"]
 
 EXCLUSION_WARN_SHARE = 0.5
 """The share of the tissue whose removal by pen/dark exclusion is worth a loud warning."""
@@ -71,6 +73,8 @@ class SlideQC:
     artifact_mm2: dict[str, float] = field(default_factory=dict)
     """The artefact model's classes on the tissue, excluded or not (empty without one)."""
     artifact_detector: str = "classical"
+    overlay_legend: dict[str, str] = field(default_factory=dict)
+    """What the overlay (``qc.png``) draws in which colour (``#rrggbb``), in drawing order."""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -156,7 +160,8 @@ def slide_qc(slide: Slide, *, tissue_mpp: float = 8.0, params: TissueParams | No
         sampled_patches=len(patches), patch_measures=measures, qc_labels=labels,
         stain_vectors=_stains(patches), warnings=warnings,
         artifact_mm2=report["found_mm2"] if report and masks.artifacts else {},
-        artifact_detector=ex.detector if ex is not None else "classical")
+        artifact_detector=ex.detector if ex is not None else "classical",
+        overlay_legend=overlay_legend(masks))
     return qc, masks
 
 
@@ -186,6 +191,42 @@ ARTIFACT_COLOURS: dict[str, tuple[int, int, int]] = {
 """The overlay's colour of each artefact-model class (RGB)."""
 
 
+REMOVED_COLOUR = (220, 30, 30)
+"""What the exclusion removed from the tissue (RGB)."""
+CLASSICAL_COLOURS: dict[str, tuple[int, int, int]] = {"ink": (200, 0, 200),
+                                                       "dark": (20, 60, 220)}
+"""The classical detector's ink and dark pixels, anywhere on the slide (RGB)."""
+
+
+def overlay_classes(masks: QcMasks) -> list[tuple[str, BoolMask, tuple[int, int, int], float]]:
+    """What the QC overlay draws over the tissue, in drawing order: (label, where, RGB,
+    alpha over the thumbnail). The removed area, then the artefact model's classes, or the
+    classical ink and dark pixels."""
+    layers = [("removed by exclusion", masks.before_exclusion & ~masks.tissue,
+               REMOVED_COLOUR, 0.55)]
+    if masks.artifacts:
+        return layers + [(name, m, ARTIFACT_COLOURS.get(name, (128, 128, 128)), 0.55)
+                         for name, m in masks.artifacts.items()]
+    return layers + [("ink", masks.pen, CLASSICAL_COLOURS["ink"], 0.45),
+                     ("dark", masks.dark, CLASSICAL_COLOURS["dark"], 0.45)]
+
+
+def overlay_legend(masks: QcMasks) -> dict[str, str]:
+    """Each of :func:`overlay_classes`' labels and its colour (``#rrggbb``)."""
+    return {label: "#{:02x}{:02x}{:02x}".format(*colour)
+            for label, _, colour, _ in overlay_classes(masks)}
+
+
+def qc_layer(masks: QcMasks) -> npt.NDArray[np.uint8]:
+    """The overlay's classes alone (no thumbnail, no tissue tint) as RGBA at the masks'
+    resolution, opaque where a class is and transparent elsewhere: a layer to draw over
+    the slide (a viewer sets its opacity)."""
+    rgba = np.zeros((*masks.tissue.shape, 4), np.uint8)
+    for _, where, colour, _ in overlay_classes(masks):
+        rgba[where] = (*colour, 255)
+    return rgba
+
+
 def draw_qc_overlay(thumbnail: RGBImage, masks: QcMasks) -> RGBImage:
     """``thumbnail`` with the tissue tinted green and outlined, and what the exclusion
     removed in red. Classical: ink in magenta and dark artefacts in blue, anywhere. With an
@@ -198,14 +239,11 @@ def draw_qc_overlay(thumbnail: RGBImage, masks: QcMasks) -> RGBImage:
         fitted: BoolMask = resized.view(bool)
         return fitted
 
-    removed = fit(masks.before_exclusion & ~masks.tissue)
+    classes = overlay_classes(masks)
+    removed = fit(classes[0][1])
     img = thumbnail.astype(np.float32)
-    layers = [(fit(masks.tissue), (40, 170, 60), 0.40), (removed, (220, 30, 30), 0.55)]
-    if masks.artifacts:
-        layers += [(fit(m), ARTIFACT_COLOURS.get(name, (128, 128, 128)), 0.55)
-                   for name, m in masks.artifacts.items()]
-    else:
-        layers += [(fit(masks.pen), (200, 0, 200), 0.45), (fit(masks.dark), (20, 60, 220), 0.45)]
+    layers = [(fit(masks.tissue), (40, 170, 60), 0.40), (removed, REMOVED_COLOUR, 0.55)]
+    layers += [(fit(where), colour, alpha) for _, where, colour, alpha in classes[1:]]
     for where, colour, alpha in layers:
         img[where] = img[where] * (1 - alpha) + np.array(colour, np.float32) * alpha
     out = np.ascontiguousarray(np.clip(img, 0, 255).astype(np.uint8))

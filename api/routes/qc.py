@@ -3,7 +3,7 @@ as ``wsi-sampler qc`` gives them (:mod:`wsi_sampler.qc`)."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query
 from fastapi.responses import Response
@@ -11,7 +11,7 @@ from pydantic import BaseModel, Field
 
 from wsi_sampler.encoding import encode_image
 from wsi_sampler.plan import compute_tissue_mask
-from wsi_sampler.qc import draw_qc_overlay, qc_masks, slide_qc
+from wsi_sampler.qc import draw_qc_overlay, qc_layer, qc_masks, slide_qc
 from wsi_sampler.units import SLIDE_MPP_RANGE, TISSUE_MPP_RANGE
 
 from ..deps import ServicesDep
@@ -51,6 +51,10 @@ class SlideQcReport(BaseModel):
         "excluded or not (empty without artifact_weights in the service config)")
     artifact_detector: str = Field("classical", description="classical, or the artefact "
                                    "model's card name")
+    overlay_legend: dict[str, str] = Field(
+        default_factory=dict, description="What qc.png draws in which colour (#rrggbb), in "
+        "drawing order: the area the exclusion removed, then the artefact model's classes or "
+        "the classical ink and dark pixels")
 
 
 @router.get("/{slide_id}/qc", response_model=SlideQcReport, responses=ERRORS)
@@ -72,18 +76,26 @@ async def qc_summary(slide_id: str, services: ServicesDep, tissue_mpp: TissueMpp
                     "description": "The QC overlay: tissue green, removed by the exclusion "
                                    "red; ink magenta and dark artefacts blue, or with the "
                                    "artefact model fold orange, dark spot blue, pen "
-                                   "magenta, air bubble cyan, out of focus yellow"}})
+                                   "magenta, air bubble cyan, out of focus yellow "
+                                   "(background=none: the classes alone, RGBA, transparent "
+                                   "elsewhere, at the mask's resolution)"}})
 async def qc_overlay(
     slide_id: str, services: ServicesDep, tissue_mpp: TissueMppQ = 8.0,
     mpp_override: MppOverrideQ = None, tissue_method: TissueMethodQ = None,
     max_size: Annotated[int, Query(ge=64, le=4096)] = 1024,
+    background: Annotated[Literal["thumbnail", "none"], Query(
+        description="thumbnail: drawn on the slide's thumbnail (max_size); none: a layer to "
+        "draw over the slide (the /qc summary's overlay_legend names its colours)")
+    ] = "thumbnail",
 ) -> Response:
-    """The thumbnail with what QC found drawn on it."""
+    """The thumbnail with what QC found drawn on it, or that drawing alone."""
     def draw() -> bytes:
         with services.registry.open(slide_id, mpp_override=mpp_override) as s:
             tm = compute_tissue_mask(s, tissue_mpp=tissue_mpp,
                                      params=services.tissue_for(tissue_method))
             masks = qc_masks(s, tm)
+            if background == "none":
+                return encode_image(qc_layer(masks))
             return encode_image(draw_qc_overlay(s.thumbnail(max_size=max_size), masks))
 
     return Response(await services.slide_work(draw), media_type="image/png")

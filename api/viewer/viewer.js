@@ -5,6 +5,7 @@
   const $ = (id) => document.getElementById(id);
   const state = { id: null, info: null, viewer: null, layers: {}, fetched: {} };
   window.wsiViewer = state; // for the browser tests and the curious
+  const LAYERS = ["tissue", "qc", "predictions", "medgemma", "attention"];
   state.tilesLoaded = 0;
 
   const keyInput = $("api-key");
@@ -122,7 +123,7 @@
     const item = state.viewer.world.getItemAt(0);
     item.addHandler("fully-loaded-change", (e) => { document.body.dataset.fullyLoaded = String(e.fullyLoaded); });
     updateScaleBar();
-    for (const name of ["tissue", "predictions", "medgemma", "attention"]) {
+    for (const name of LAYERS) {
       if ($(`layer-${name}`).checked) toggleLayer(name, true);
     }
   }
@@ -190,6 +191,7 @@
     state.fetched = {};
     state.answer = null;
     $("legend").hidden = true;
+    $("qc-legend").hidden = true;
     $("answer-result").replaceChildren();
     $("answer-progress").textContent = "";
   }
@@ -206,11 +208,13 @@
     if (!on) {
       removeLayer(name);
       if (name === "predictions" || name === "attention") $("legend").hidden = true;
+      if (name === "qc") $("qc-legend").hidden = true;
       return;
     }
     if (!state.viewer || !state.viewer.world.getItemAt(0)) return;
     try {
       if (name === "tissue") await addTissue();
+      if (name === "qc") await addQc();
       if (name === "predictions") await addPredictions();
       if (name === "medgemma") await addMedGemma();
       if (name === "attention") await addAttention();
@@ -227,6 +231,55 @@
     if (!layer) return;
     if (layer.item) layer.item.setOpacity(value);
     for (const el of layer.elements || []) el.style.opacity = value;
+  }
+
+  // -- QC: what the exclusion removed, and the ink / dark / artefact classes it found -------
+  async function addQc() {
+    const id = state.id, base = `/v1/slides/${encodeURIComponent(id)}`;
+    const [blob, qc] = await Promise.all([
+      api(`${base}/qc.png?background=none`).then((r) => r.blob()),
+      api(`${base}/qc`).then((r) => r.json())]);
+    const url = await new Promise((resolve, reject) => {
+      const reader = new FileReader();
+      reader.onload = () => resolve(reader.result);
+      reader.onerror = () => reject(reader.error);
+      reader.readAsDataURL(blob);
+    });
+    if (state.id !== id) return;
+    await new Promise((resolve, reject) => {
+      state.viewer.addSimpleImage({
+        url, x: 0, y: 0, width: state.viewer.world.getItemAt(0).getBounds().width,
+        success: (e) => { state.layers.qc = { item: e.item, qc }; resolve(); }, error: reject,
+      });
+    });
+    renderQcLegend(qc);
+  }
+
+  function renderQcLegend(qc) {
+    const areas = { "removed by exclusion": qc.tissue_area_before_exclusion_mm2 - qc.tissue_area_mm2,
+      ink: qc.pen_area_mm2, dark: qc.dark_area_mm2, ...qc.artifact_mm2 };
+    const list = $("qc-legend");
+    list.replaceChildren();
+    for (const [label, colour] of Object.entries(qc.overlay_legend)) {
+      const swatch = document.createElement("span");
+      swatch.className = "swatch";
+      swatch.style.background = colour;
+      const li = document.createElement("li");
+      li.dataset.label = label;
+      li.append(swatch, `${label}: ${(areas[label] || 0).toFixed(3)} mm²`);
+      list.append(li);
+    }
+    const summary = document.createElement("li");
+    summary.textContent = `tissue ${qc.tissue_area_mm2.toFixed(2)} mm², `
+      + `${(100 * qc.excluded_share).toFixed(1)} % removed (${qc.artifact_detector})`;
+    list.append(summary);
+    for (const warning of qc.warnings) {
+      const li = document.createElement("li");
+      li.className = "warning";
+      li.textContent = warning;
+      list.append(li);
+    }
+    list.hidden = false;
   }
 
   async function addTissue() {
@@ -535,7 +588,7 @@
   }
   $("describe").addEventListener("click", describe);
 
-  for (const name of ["tissue", "predictions", "medgemma", "attention"]) {
+  for (const name of LAYERS) {
     $(`layer-${name}`).addEventListener("change", (e) => toggleLayer(name, e.target.checked));
     $(`opacity-${name}`).addEventListener("input", () => setOpacity(name));
   }
