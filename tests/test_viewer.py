@@ -199,6 +199,43 @@ def _qc_layer_is_drawn_where_qc_found_it(
     assert not browser.find_element("id", "qc-legend").is_displayed()
 
 
+def test_a_slide_uploaded_from_the_page_is_listed_and_opened(
+        browser: Any, artifacts: Path, demo_slide: Path, tmp_path: Path) -> None:
+    """The page's file input uploads the raw file with the tab's key (progress shown), lists
+    it and opens it; a file that is no slide is refused with the service's reason."""
+    from conftest import shared_slide
+
+    scan = tmp_path / "scan.svs"
+    scan.write_bytes(shared_slide("CMU-1-Small-Region.svs").read_bytes())
+    (tmp_path / "notes.svs").write_text("not a slide")
+    settings = folder_settings(tmp_path, {"demo.svs": demo_slide}, api_keys=["upl0ad"])
+    with serve(create_app(settings), ready_path="/readyz") as url:
+        browser.get(f"{url}/viewer")
+        browser.execute_script("sessionStorage.setItem('wsiApiKey', 'upl0ad')")
+        browser.get(f"{url}/viewer")
+        wait("the slide list", lambda: browser.find_elements("css selector", "#slides button"))
+        assert all("401" in e for e in console_errors(browser))  # before the key was set
+        browser.find_element("id", "upload").send_keys(str(scan))
+        wait("the uploaded slide", lambda: browser.execute_script(
+            "return window.wsiViewer.info && window.wsiViewer.info.name === 'scan.svs'"
+            " && document.body.dataset.fullyLoaded === 'true'"))
+        names = [b.text.splitlines()[0] for b in
+                 browser.find_elements("css selector", "#slides button")]
+        assert names.count("scan.svs") == 1 and "demo.svs" in names
+        assert browser.find_element("id", "upload-status").text == "Uploaded scan.svs"
+        uploaded = httpx.get(f"{url}/v1/slides", params={"limit": 1000},
+                             headers={"Authorization": "Bearer upl0ad"}).json()["items"]
+        (scan_id,) = [i["id"] for i in uploaded if i["name"] == "scan.svs"]
+        assert browser.execute_script("return window.wsiViewer.id") == scan_id
+        screenshot(browser, artifacts, "8-uploaded")
+        browser.find_element("id", "upload").send_keys(str(tmp_path / "notes.svs"))
+        message = browser.find_element("id", "message")
+        wait("the refusal", lambda: message.is_displayed())
+        assert message.text.startswith("notes.svs was not uploaded: ")
+        assert "(HTTP 422)" in message.text
+    assert not [e for e in console_errors(browser) if "422" not in e]
+
+
 def test_a_slide_that_fails_shows_a_readable_error(
         browser: Any, artifacts: Path, demo_slide: Path, tmp_path: Path) -> None:
     settings = folder_settings(tmp_path, {"demo.svs": demo_slide})

@@ -70,6 +70,45 @@
     }
   }
 
+  // -- upload: the raw file (POST /v1/slides?name=), with its progress; then it is opened ----
+  function uploadSlide(file) {
+    const bar = $("upload-progress"), status = $("upload-status");
+    showError("");
+    bar.value = 0;
+    bar.hidden = false;
+    status.textContent = `Uploading ${file.name} (${sizeText(file.size)})…`;
+    const xhr = new XMLHttpRequest();
+    xhr.open("POST", `/v1/slides?name=${encodeURIComponent(file.name)}`);
+    xhr.setRequestHeader("Content-Type", "application/octet-stream");
+    for (const [k, v] of Object.entries(authHeaders())) xhr.setRequestHeader(k, v);
+    xhr.upload.addEventListener("progress", (e) => {
+      if (e.lengthComputable) bar.value = e.loaded / e.total;
+    });
+    const done = (text) => { bar.hidden = true; status.textContent = text; $("upload").value = ""; };
+    xhr.addEventListener("load", async () => {
+      let body = {};
+      try { body = JSON.parse(xhr.responseText); } catch (_) { /* not JSON */ }
+      if (xhr.status < 200 || xhr.status >= 300) {
+        done("");
+        showError(`${file.name} was not uploaded: ${body.error || xhr.statusText} (HTTP ${xhr.status})`);
+        return;
+      }
+      done(`Uploaded ${body.name}`);
+      await listSlides();
+      openSlide(body.id);
+    });
+    xhr.addEventListener("error", () => {
+      done("");
+      showError(`${file.name} was not uploaded: the connection broke (a file over the `
+        + "service's max_upload_mb is refused before it is read)");
+    });
+    xhr.send(file);
+  }
+  $("upload").addEventListener("change", (e) => {
+    const file = e.target.files && e.target.files[0];
+    if (file) uploadSlide(file);
+  });
+
   function makeViewer() {
     const viewer = OpenSeadragon({
       id: "osd", prefixUrl: "/viewer/osd/images/", loadTilesWithAjax: true,
