@@ -161,6 +161,14 @@ def test_the_viewer_shows_a_slide_its_scale_and_its_overlays(
             "x0", "y0", "width0", "height0")]
         assert float(first[4]) == patches[0]["outputs"]["tissue_fraction"]
         assert browser.find_element("id", "download-predictions").is_displayed()
+        # every download button's request is answered (the same method, body and key)
+        for label, path, *rest in browser.execute_script("return window.wsiViewer.downloads"):
+            options = rest[1] if len(rest) > 1 else None
+            got = httpx.request((options or {}).get("method", "GET"), f"{url}{path}",
+                                content=(options or {}).get("body"), timeout=120,
+                                headers={"Authorization": "Bearer v1ewer",
+                                         "Content-Type": "application/json"})
+            assert got.status_code == 200 and got.content, label
         screenshot(browser, artifacts, "4-predictions")
         assert console_errors(browser) == []
 

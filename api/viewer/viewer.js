@@ -187,7 +187,10 @@
     const items = [["Tissue (QuPath GeoJSON)", `${base}/tissue?format=geojson`, "tissue.geojson"],
       ["Tissue mask (PNG)", `${base}/tissue?format=png`, "tissue.png"],
       ["Thumbnail (PNG)", `${base}/thumbnail`, "thumbnail.png"],
+      ["QC summary (JSON)", `${base}/qc`, "qc.json"],
+      ["QC overlay (PNG)", `${base}/qc.png`, "qc.png"],
       ["Patch grid, 224 px at 0.5 µm/px (CLAM/TRIDENT h5)", `${base}/plan.h5`, "coords.h5", grid]];
+    state.downloads = items;
     const list = $("downloads");
     list.replaceChildren();
     for (const [label, url, file, options] of items) {
