@@ -55,8 +55,9 @@ _CURL_STATUS = ("curl() { command curl --write-out "
 
 def test_the_readme_curl_examples_work_against_make_run(tmp_path: Path) -> None:
     """The REST API block, run by bash as written, against `make run`'s command (checked
-    in the Makefile) in an empty folder (its demo slide, in-process tissue-qc), with a local OpenAI-compatible stand-in
-    as its vision-language model (the block's report needs one): every request a 2xx."""
+    in the Makefile) in an empty folder (its demo slide, in-process tissue-qc), with a
+    local OpenAI-compatible stand-in as its vision-language model (the block's report needs
+    one): every request a 2xx."""
     import re
     import shutil
     import subprocess
