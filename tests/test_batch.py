@@ -359,4 +359,6 @@ def test_qc_writes_each_slides_summary_and_the_cohorts_qc_csv(demo_slide: Path, 
     result = out / rows(out)["demo.svs"]["result_dir"]
     assert json.loads((result / "qc.json").read_text())["tissue_area_mm2"] > 0
     assert (result / "qc.png").read_bytes()[:4] == b"\x89PNG"
+    annotations = json.loads((result / "qc.geojson").read_text())["features"]
+    assert annotations[0]["properties"]["classification"]["name"] == "Tissue"
     assert json.loads((result / "summary.json").read_text())["qc"] == expected

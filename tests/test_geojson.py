@@ -134,6 +134,12 @@ def test_api_tissue_and_job_predictions_import_into_qupath(demo_slide: Path,
         answer = httpx.get(f"{url}/v1/slides/{sid}/tissue", params={"format": "geojson"})
         assert answer.headers["content-type"] == "application/geo+json"
         assert qupath_problems(answer.text) == []
+        qc = httpx.get(f"{url}/v1/slides/{sid}/qc.geojson", timeout=120)
+        assert qc.headers["content-type"] == "application/geo+json"
+        assert qupath_problems(qc.text) == []
+        classes = [f["properties"]["classification"]["name"]
+                   for f in json.loads(qc.text)["features"]]
+        assert classes == ["Tissue", "Excluded", "Ink", "Dark artefact"]
         job = httpx.post(f"{url}/v1/jobs", json={
             "slides": [sid], "sampling": {"strategy": "random", "n_patches": 8}}).json()["id"]
         wait_for_job(url, job)

@@ -8,9 +8,11 @@ from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from tests.conftest import DEMO_SPEC
 from tests.test_cli import run
+from tests.test_geojson import qupath_problems
 from wsi_sampler import open_slide
 from wsi_sampler.demo import render_tissue_mask
 from wsi_sampler.qc import draw_qc_overlay, slide_qc
@@ -75,6 +77,26 @@ def test_the_qc_layer_is_the_overlays_classes_alone(demo_slide: Path) -> None:
                                       "dark": "#143cdc"}
 
 
+def test_qc_annotations_are_the_overlays_classes_as_polygons(demo_slide: Path) -> None:
+    """qc_collection: the tissue, then each class the overlay draws, whose polygons cover
+    that class's mask (drawn back at the mask's resolution) with its area measured."""
+    from wsi_sampler.qc import overlay_classes, qc_collection
+    from wsi_sampler.tissue import load_geojson_geometry, rasterize_geometry
+
+    with open_slide(demo_slide) as slide:
+        _, masks = slide_qc(slide)
+    features = qc_collection(masks)["features"]
+    wanted = [("tissue", masks.tissue)] + [(label, where) for label, where, _, _ in
+                                            overlay_classes(masks)]
+    assert [f["properties"]["name"] for f in features] == [label for label, _ in wanted]
+    for feat, (label, where) in zip(features, wanted, strict=True):
+        drawn = rasterize_geometry(load_geojson_geometry(feat), where.shape, masks.scale)
+        iou = (drawn & where).sum() / (drawn | where).sum()
+        assert iou > 0.8, (label, iou)
+        area = feat["properties"]["measurements"]["Area mm2"]
+        assert area == pytest.approx(where.sum() * (masks.mpp / 1000) ** 2, abs=1e-4)
+
+
 def test_an_exclusion_that_removes_everything_is_said(demo_slide: Path) -> None:
     # Everything below value 255 counts as dark: the exclusion removes all the tissue.
     with open_slide(demo_slide) as slide:
@@ -86,8 +108,10 @@ def test_an_exclusion_that_removes_everything_is_said(demo_slide: Path) -> None:
 
 
 def test_cli_qc(demo_slide: Path, tmp_path: Path) -> None:
-    done = run("qc", demo_slide, "--out", tmp_path / "qc.json", "--overlay", tmp_path / "qc.png")
+    done = run("qc", demo_slide, "--out", tmp_path / "qc.json", "--overlay", tmp_path / "qc.png",
+               "--geojson", tmp_path / "qc.geojson")
     assert done.returncode == 0, done.stderr
+    assert qupath_problems((tmp_path / "qc.geojson").read_text()) == []
     summary = json.loads(done.stdout)
     assert summary == json.loads((tmp_path / "qc.json").read_text())
     assert summary["tissue_area_mm2"] > 0 and "demo" not in done.stdout  # no file name

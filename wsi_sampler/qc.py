@@ -20,15 +20,16 @@ import numpy as np
 import numpy.typing as npt
 
 from .exclusion import mm2
+from .geojson import TISSUE_COLOUR, classification, feature, feature_collection, polygon_geometry
 from .plan import PlanParams, TissueMask, compute_tissue_mask, make_plan
 from .slide import Slide
 from .stain import macenko_stains
-from .tissue import TissueParams, dark_artefact_mask, pen_ink_mask
+from .tissue import TissueParams, dark_artefact_mask, mask_to_polygons, pen_ink_mask
 from .types import BoolMask, RGBImage
 
 __all__ = ["ARTIFACT_COLOURS", "CLASSICAL_COLOURS", "EXCLUSION_WARN_SHARE", "REMOVED_COLOUR",
            "QcMasks", "SlideQC", "artifact_map", "draw_qc_overlay", "overlay_classes",
-           "overlay_legend", "qc_layer", "qc_masks", "qc_row", "slide_qc"]
+           "overlay_legend", "qc_collection", "qc_layer", "qc_masks", "qc_row", "slide_qc"]
 
 EXCLUSION_WARN_SHARE = 0.5
 """The share of the tissue whose removal by pen/dark exclusion is worth a loud warning."""
@@ -44,6 +45,8 @@ class QcMasks:
     pen: BoolMask
     dark: BoolMask
     mpp: float
+    scale: tuple[float, float]
+    """Level-0 px per mask px, (x, y)."""
     artifacts: dict[str, BoolMask] = field(default_factory=dict)
     """The artefact model's classes on the tissue (empty without one)."""
 
@@ -88,6 +91,7 @@ def qc_masks(slide: Slide, tm: TissueMask) -> QcMasks:
     deep = ex is not None and ex.detector != "classical"
     return QcMasks(tissue=tm.mask, before_exclusion=ex.before if ex is not None else tm.mask,
                    pen=pen_ink_mask(thumb), dark=dark_artefact_mask(thumb), mpp=tm.mpp,
+                   scale=tm.scale,
                    artifacts=ex.found if ex is not None and deep else {})
 
 
@@ -95,9 +99,7 @@ def _sample(slide: Slide, masks: QcMasks, seed: int) -> np.ndarray:
     """Up to SAMPLE_PATCHES random tissue patches, 224 px at 0.5 µm/px (or the slide's)."""
     from .extract import Extractor
 
-    w, h = slide.dimensions
-    tm = TissueMask(masks.tissue, masks.mpp, (w / masks.tissue.shape[1],
-                                              h / masks.tissue.shape[0]))
+    tm = TissueMask(masks.tissue, masks.mpp, masks.scale)
     mx = slide.require_mpp()[0]
     params = PlanParams(strategy="random", n_patches=SAMPLE_PATCHES, seed=seed,
                         patch_size_px=224, target_mpp=max(0.5, mx))
@@ -225,6 +227,31 @@ def qc_layer(masks: QcMasks) -> npt.NDArray[np.uint8]:
     for _, where, colour, _ in overlay_classes(masks):
         rgba[where] = (*colour, 255)
     return rgba
+
+
+QUPATH_CLASSES = {"removed by exclusion": "Excluded", "ink": "Ink", "dark": "Dark artefact",
+                  "fold": "Fold", "dark_spot": "Dark spot", "pen": "Pen",
+                  "air_bubble": "Air bubble", "out_of_focus": "Out of focus"}
+"""The QuPath classification of each overlay class."""
+
+
+def qc_collection(masks: QcMasks) -> dict[str, Any]:
+    """What QC found as QuPath annotations (level-0 px, :mod:`.geojson`): the tissue after
+    exclusion (``Tissue``), then each class the overlay draws (:func:`overlay_classes`),
+    classified (``QUPATH_CLASSES``) in the overlay's colour; each with its area in mm² as a
+    measurement. Classes found nowhere are left out."""
+    features = [feature(polygon_geometry(mask_to_polygons(masks.tissue, masks.scale)),
+                        object_type="annotation", name="tissue",
+                        cls=classification("Tissue", colour=TISSUE_COLOUR),
+                        measurements={"Area mm2": mm2(masks.tissue, masks.mpp)})]
+    for label, where, colour, _ in overlay_classes(masks):
+        if not where.any():
+            continue
+        features.append(feature(
+            polygon_geometry(mask_to_polygons(where, masks.scale)), object_type="annotation",
+            name=label, cls=classification(QUPATH_CLASSES.get(label, label), colour=colour),
+            measurements={"Area mm2": mm2(where, masks.mpp)}))
+    return feature_collection(features)
 
 
 def draw_qc_overlay(thumbnail: RGBImage, masks: QcMasks) -> RGBImage:

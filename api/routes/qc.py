@@ -10,8 +10,9 @@ from fastapi.responses import Response
 from pydantic import BaseModel, Field
 
 from wsi_sampler.encoding import encode_image
+from wsi_sampler.geojson import dumps
 from wsi_sampler.plan import compute_tissue_mask
-from wsi_sampler.qc import draw_qc_overlay, qc_layer, qc_masks, slide_qc
+from wsi_sampler.qc import draw_qc_overlay, qc_collection, qc_layer, qc_masks, slide_qc
 from wsi_sampler.units import SLIDE_MPP_RANGE, TISSUE_MPP_RANGE
 
 from ..deps import ServicesDep
@@ -99,3 +100,25 @@ async def qc_overlay(
             return encode_image(draw_qc_overlay(s.thumbnail(max_size=max_size), masks))
 
     return Response(await services.slide_work(draw), media_type="image/png")
+
+
+@router.get("/{slide_id}/qc.geojson", response_class=Response, responses={
+    **ERRORS, 200: {"content": {"application/geo+json": {"schema": {
+        "type": "object", "required": ["type", "features"],
+        "properties": {"type": {"const": "FeatureCollection"},
+                       "features": {"type": "array"}}}}},
+        "description": "What QC found as QuPath annotations (level-0 px): the tissue after "
+                       "exclusion, then each class qc.png draws, classified, in its colour, "
+                       "with its area ('Area mm2')"}})
+async def qc_geojson(
+    slide_id: str, services: ServicesDep, tissue_mpp: TissueMppQ = 8.0,
+    mpp_override: MppOverrideQ = None, tissue_method: TissueMethodQ = None,
+) -> Response:
+    """The QC classes as polygons QuPath imports (File > Import objects)."""
+    def vectorise() -> str:
+        with services.registry.open(slide_id, mpp_override=mpp_override) as s:
+            tm = compute_tissue_mask(s, tissue_mpp=tissue_mpp,
+                                     params=services.tissue_for(tissue_method))
+            return dumps(qc_collection(qc_masks(s, tm)))
+
+    return Response(await services.slide_work(vectorise), media_type="application/geo+json")

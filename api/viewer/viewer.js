@@ -189,6 +189,7 @@
       ["Thumbnail (PNG)", `${base}/thumbnail`, "thumbnail.png"],
       ["QC summary (JSON)", `${base}/qc`, "qc.json"],
       ["QC overlay (PNG)", `${base}/qc.png`, "qc.png"],
+      ["QC classes (QuPath GeoJSON)", `${base}/qc.geojson`, "qc.geojson"],
       ["Patch grid, 224 px at 0.5 µm/px (CLAM/TRIDENT h5)", `${base}/plan.h5`, "coords.h5", grid]];
     state.downloads = items;
     const list = $("downloads");

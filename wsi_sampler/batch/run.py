@@ -177,15 +177,18 @@ def _score_into(task: SlideTask, staging: Path, cfg: BatchConfig) -> dict[str, A
 
 def _qc_slide(slide: Slide, summary: dict[str, Any], staging: Path, cfg: BatchConfig,
               tissue: TissueMask | None) -> None:
-    """The slide's QC summary and overlay beside its results; its row joins summary.json
-    (rewritten: the folder is committed by its rename) and its warnings the log."""
-    from ..qc import draw_qc_overlay, qc_row, slide_qc
+    """The slide's QC summary, overlay and QuPath annotations beside its results; its row
+    joins summary.json (rewritten: the folder is committed by its rename) and its warnings
+    the log."""
+    from ..geojson import dumps
+    from ..qc import draw_qc_overlay, qc_collection, qc_row, slide_qc
 
     report, masks = slide_qc(slide, tissue_mpp=cfg.params.tissue_mpp,
                              params=cfg.params.tissue, tissue=tissue)
     atomic_write_text(staging / "qc.json", json.dumps(report.to_dict(), indent=2) + "\n")
     atomic_write_bytes(staging / "qc.png",
                        encode_image(draw_qc_overlay(slide.thumbnail(max_size=2048), masks)))
+    atomic_write_text(staging / "qc.geojson", dumps(qc_collection(masks)))
     summary["qc"] = qc_row(report)
     summary_path = staging / "summary.json"
     stored = json.loads(summary_path.read_text())

@@ -37,7 +37,12 @@ OverlayO = Annotated[Path | None, typer.Option(
          "bubble cyan, out of focus yellow.")]
 
 
-def qc(slide: SlideArg, out: JsonO = None, overlay: OverlayO = None,
+GeoJsonO = Annotated[Path | None, typer.Option(
+    "--geojson", help="What QC found as QuPath annotations: the tissue and each class the "
+    "overlay draws, with its area (GeoJSON, level-0 px).")]
+
+
+def qc(slide: SlideArg, out: JsonO = None, overlay: OverlayO = None, geojson: GeoJsonO = None,
        tissue_mpp: Annotated[float, typer.Option(help="Mask resolution in µm/px.")] = 8.0,
        method: MethodO = MethodOpt.auto, segmenter_weights: SegmenterWeightsO = None,
        exclude_artifacts: ExcludeArtifactsO = None,
@@ -47,7 +52,8 @@ def qc(slide: SlideArg, out: JsonO = None, overlay: OverlayO = None,
     """Tissue and artefact areas, patch blur/pen/dark/stain measures and the stain vectors,
     printed as JSON (what was removed, and why, on the overlay)."""
     from ..encoding import encode_image
-    from ..qc import draw_qc_overlay, slide_qc
+    from ..geojson import dumps
+    from ..qc import draw_qc_overlay, qc_collection, slide_qc
     from ..slide import open_slide
 
     params = tissue_params(method, segmenter_weights, ExclusionArgs(
@@ -57,6 +63,8 @@ def qc(slide: SlideArg, out: JsonO = None, overlay: OverlayO = None,
         if overlay is not None:
             png = encode_image(draw_qc_overlay(s.thumbnail(max_size=2048), masks))
             overlay.write_bytes(png)
+    if geojson is not None:
+        atomic_write_text(geojson, dumps(qc_collection(masks)))
     text = json.dumps(summary.to_dict(), indent=2)
     if out is not None:
         atomic_write_text(out, text + "\n")
