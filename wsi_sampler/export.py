@@ -175,12 +175,19 @@ def write_wsinfer_h5(path: str | os.PathLike[str], plan: PatchPlan) -> None:
         dset.attrs["patch_spacing_um_px"] = plan.target_mpp
 
 
+def tissue_feature(mask: BoolMask, scale: tuple[float, float],
+                   measurements: Mapping[str, float] | None = None) -> dict[str, Any]:
+    """The tissue outline as a QuPath annotation classified ``Tissue`` (MultiPolygon,
+    level-0 px)."""
+    return feature(polygon_geometry(mask_to_polygons(mask, scale)), object_type="annotation",
+                   name="tissue", cls=classification("Tissue", colour=TISSUE_COLOUR),
+                   measurements=measurements)
+
+
 def tissue_collection(mask: BoolMask, scale: tuple[float, float]) -> dict[str, Any]:
-    """The tissue outline as one QuPath annotation classified ``Tissue`` (MultiPolygon,
-    level-0 px): what the CLI writes and the API answers."""
-    return feature_collection([feature(
-        polygon_geometry(mask_to_polygons(mask, scale)), object_type="annotation",
-        name="tissue", cls=classification("Tissue", colour=TISSUE_COLOUR))])
+    """The tissue outline alone (:func:`tissue_feature`): what the CLI writes and the API
+    answers."""
+    return feature_collection([tissue_feature(mask, scale)])
 
 
 def write_tissue_geojson(

@@ -20,7 +20,8 @@ import numpy as np
 import numpy.typing as npt
 
 from .exclusion import mm2
-from .geojson import TISSUE_COLOUR, classification, feature, feature_collection, polygon_geometry
+from .export import tissue_feature
+from .geojson import classification, feature, feature_collection, polygon_geometry
 from .plan import PlanParams, TissueMask, compute_tissue_mask, make_plan
 from .slide import Slide
 from .stain import macenko_stains
@@ -240,10 +241,8 @@ def qc_collection(masks: QcMasks) -> dict[str, Any]:
     exclusion (``Tissue``), then each class the overlay draws (:func:`overlay_classes`),
     classified (``QUPATH_CLASSES``) in the overlay's colour; each with its area in mm² as a
     measurement. Classes found nowhere are left out."""
-    features = [feature(polygon_geometry(mask_to_polygons(masks.tissue, masks.scale)),
-                        object_type="annotation", name="tissue",
-                        cls=classification("Tissue", colour=TISSUE_COLOUR),
-                        measurements={"Area mm2": mm2(masks.tissue, masks.mpp)})]
+    features = [tissue_feature(masks.tissue, masks.scale,
+                               {"Area mm2": mm2(masks.tissue, masks.mpp)})]
     for label, where, colour, _ in overlay_classes(masks):
         if not where.any():
             continue
