@@ -210,13 +210,17 @@ def _qc_layer_is_drawn_where_qc_found_it(
 def test_a_slide_uploaded_from_the_page_is_listed_and_opened(
         browser: Any, artifacts: Path, demo_slide: Path, tmp_path: Path) -> None:
     """The page's file input uploads the raw file with the tab's key (progress shown), lists
-    it and opens it; a file that is no slide is refused with the service's reason."""
+    it and opens it; a file that is no slide, or over max_upload_mb, is refused with the
+    service's reason."""
     from conftest import shared_slide
 
     scan = tmp_path / "scan.svs"
     scan.write_bytes(shared_slide("CMU-1-Small-Region.svs").read_bytes())
     (tmp_path / "notes.svs").write_text("not a slide")
-    settings = folder_settings(tmp_path, {"demo.svs": demo_slide}, api_keys=["upl0ad"])
+    (tmp_path / "big.svs").write_bytes(demo_slide.read_bytes())  # 3 MB: over the limit
+    assert scan.stat().st_size < 2.5 * 2**20 < (tmp_path / "big.svs").stat().st_size
+    settings = folder_settings(tmp_path, {"demo.svs": demo_slide}, api_keys=["upl0ad"],
+                               max_upload_mb=2.5)
     with serve(create_app(settings), ready_path="/readyz") as url:
         browser.get(f"{url}/viewer")
         browser.execute_script("sessionStorage.setItem('wsiApiKey', 'upl0ad')")
@@ -241,7 +245,10 @@ def test_a_slide_uploaded_from_the_page_is_listed_and_opened(
         wait("the refusal", lambda: message.is_displayed())
         assert message.text.startswith("notes.svs was not uploaded: ")
         assert "(HTTP 422)" in message.text
-    assert not [e for e in console_errors(browser) if "422" not in e]
+        browser.find_element("id", "upload").send_keys(str(tmp_path / "big.svs"))
+        wait("the size refusal", lambda: message.text.startswith("big.svs"))
+        assert "exceeds the limit of a 2.5 MiB upload (HTTP 413)" in message.text
+    assert not [e for e in console_errors(browser) if "422" not in e and "413" not in e]
 
 
 def test_a_slide_that_fails_shows_a_readable_error(
