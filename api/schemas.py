@@ -78,6 +78,8 @@ class SlideSummary(BaseModel):
     source: Literal["local", "s3", "dicomweb"] = Field(
         "local", description="Where the slide lives: a local folder, an S3 prefix, or a "
                              "DICOMweb server.")
+    uploaded: bool = Field(False, description="An upload (DELETE /v1/slides/{id} removes "
+                                              "it); the other slides are not deletable here")
 
 
 class RootError(BaseModel):

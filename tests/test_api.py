@@ -520,9 +520,11 @@ def test_uploads_keep_their_name_and_only_uploads_can_be_deleted(
                          content=demo_slide.read_bytes(),
                          headers={"content-type": "application/octet-stream"})
         assert raw.status_code == 201 and raw.json()["name"] == "demo-upload.svs"
-        listed = {i["id"]: i["name"] for i in httpx.get(f"{url}/v1/slides",
-                                                        params={"limit": 1000}).json()["items"]}
+        items = httpx.get(f"{url}/v1/slides", params={"limit": 1000}).json()["items"]
+        listed = {i["id"]: i["name"] for i in items}
         assert listed[first.json()["id"]] == "CMU-1.svs"
+        assert first.json()["uploaded"] and raw.json()["uploaded"]
+        assert {i["name"] for i in items if i["uploaded"]} == {"CMU-1.svs", "demo-upload.svs"}
         root_slide = ids(url)["demo.svs"]
         refused = httpx.delete(f"{url}/v1/slides/{root_slide}")
         assert refused.status_code == 405 and "only uploads" in refused.json()["error"]

@@ -232,14 +232,25 @@ def test_a_slide_uploaded_from_the_page_is_listed_and_opened(
             "return window.wsiViewer.info && window.wsiViewer.info.name === 'scan.svs'"
             " && document.body.dataset.fullyLoaded === 'true'"))
         names = [b.text.splitlines()[0] for b in
-                 browser.find_elements("css selector", "#slides button")]
+                 browser.find_elements("css selector", "#slides button[data-slide]")]
         assert names.count("scan.svs") == 1 and "demo.svs" in names
+        deletable = browser.find_elements("css selector", "#slides button.delete")
+        assert [b.get_attribute("aria-label") for b in deletable] == [
+            "Delete the upload scan.svs"]  # the root's slides are not the service's to delete
         assert browser.find_element("id", "upload-status").text == "Uploaded scan.svs"
         uploaded = httpx.get(f"{url}/v1/slides", params={"limit": 1000},
                              headers={"Authorization": "Bearer upl0ad"}).json()["items"]
         (scan_id,) = [i["id"] for i in uploaded if i["name"] == "scan.svs"]
         assert browser.execute_script("return window.wsiViewer.id") == scan_id
         screenshot(browser, artifacts, "8-uploaded")
+        browser.execute_script("window.confirm = () => true")
+        deletable[0].click()
+        wait("the deletion", lambda: browser.find_element("id", "upload-status").text
+             == "Deleted scan.svs")
+        assert browser.execute_script("return window.wsiViewer.id") is None
+        listed = httpx.get(f"{url}/v1/slides", headers={"Authorization": "Bearer upl0ad"})
+        assert [i["name"] for i in listed.json()["items"]] == ["demo.svs"]
+        assert not browser.find_elements("css selector", "#slides button.delete")
         browser.find_element("id", "upload").send_keys(str(tmp_path / "notes.svs"))
         message = browser.find_element("id", "message")
         wait("the refusal", lambda: message.is_displayed())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Literal
 
 from fastapi import APIRouter, Query, Request
@@ -45,9 +46,11 @@ _UPLOAD_BODY = {
 }
 
 
-def _summary(e: SlideEntry) -> SlideSummary:
+def _summary(e: SlideEntry, uploads: Path | None) -> SlideSummary:
+    """The entry as listed (``uploads``: the registry's upload root)."""
     return SlideSummary(id=e.id, name=e.name, path=e.relpath, format=e.format,
-                        size_bytes=e.size_bytes, source=e.source)
+                        size_bytes=e.size_bytes, source=e.source,
+                        uploaded=e.local_root is not None and e.local_root == uploads)
 
 
 @router.get("", response_model=SlideList)
@@ -63,8 +66,9 @@ async def list_slides(
                         root=services.registry.remote_roots.index(root),
                         error=services.scrub(message))
               for root, message in services.registry.root_errors().items()]
-    return SlideList(items=[_summary(e) for e in page], total=len(entries), offset=offset,
-                     limit=limit, unavailable_roots=failed)
+    uploads = services.registry.uploads
+    return SlideList(items=[_summary(e, uploads) for e in page], total=len(entries),
+                     offset=offset, limit=limit, unavailable_roots=failed)
 
 
 @router.post("", status_code=201, response_model=SlideSummary, openapi_extra={
@@ -89,7 +93,7 @@ async def upload_slide(request: Request, services: ServicesDep) -> SlideSummary:
                                               received)
         finally:
             tmp.unlink(missing_ok=True)  # what arrived of an upload that failed is dropped
-    return _summary(entry)
+    return _summary(entry, services.registry.uploads)
 
 
 _UPLOAD_HEADROOM = 16 << 20  # the disk is not filled to the last byte by one upload

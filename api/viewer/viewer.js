@@ -61,6 +61,7 @@
         button.addEventListener("click", () => openSlide(item.id));
         const li = document.createElement("li");
         li.append(button);
+        if (item.uploaded) li.append(deleteButton(item));
         list.append(li);
       }
       const wanted = new URLSearchParams(location.search).get("slide");
@@ -68,6 +69,40 @@
     } catch (err) {
       showError(`The slides could not be listed: ${err.message}`);
     }
+  }
+
+  // an upload's delete button (slides in the configured roots are not the service's to delete)
+  function deleteButton(item) {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.className = "delete";
+    button.textContent = "Delete";
+    button.setAttribute("aria-label", `Delete the upload ${item.name}`);
+    button.addEventListener("click", async () => {
+      if (!window.confirm(`Delete the upload ${item.name} from the service?`)) return;
+      try {
+        await api(`/v1/slides/${encodeURIComponent(item.id)}`, { method: "DELETE" });
+        if (state.id === item.id) closeSlide();
+        $("upload-status").textContent = `Deleted ${item.name}`;
+        await listSlides();
+      } catch (err) {
+        showError(`${item.name} was not deleted: ${err.message}`);
+      }
+    });
+    return button;
+  }
+
+  function closeSlide() {
+    clearLayers();
+    if (state.viewer) state.viewer.close();
+    state.id = null;
+    state.info = null;
+    $("info").replaceChildren();
+    $("downloads").replaceChildren();
+    $("layers").disabled = true;
+    $("describe").disabled = true;
+    $("answer").disabled = true;
+    history.replaceState(null, "", location.pathname);
   }
 
   // -- upload: the raw file (POST /v1/slides?name=), with its progress; then it is opened ----
