@@ -262,6 +262,37 @@ def test_a_slide_uploaded_from_the_page_is_listed_and_opened(
     assert not [e for e in console_errors(browser) if "422" not in e and "413" not in e]
 
 
+def test_a_job_scores_the_open_slide_and_offers_its_result_files(
+        browser: Any, artifacts: Path, demo_slide: Path, tmp_path: Path) -> None:
+    """"Score the whole slide" runs a job with the service's model, shows its progress and
+    state, and lists its result files, each downloadable as the API serves it."""
+    settings = folder_settings(tmp_path, {"demo.svs": demo_slide})
+    with serve(create_app(settings), ready_path="/readyz") as url:
+        sid = slide_ids(url)["demo.svs"]
+        browser.get(f"{url}/viewer?slide={sid}")
+        wait("the slide's tiles", lambda: browser.execute_script(
+            "return document.body.dataset.fullyLoaded === 'true'"))
+        browser.find_element("id", "job-start").click()
+        status = browser.find_element("id", "job-status")
+        wait("the job", lambda: status.get_attribute("data-state") not in (
+            None, "queued", "running"), timeout=120)
+        assert status.get_attribute("data-state") == "succeeded", status.text
+        job_id = browser.execute_script("return window.wsiViewer.job.id")
+        job = httpx.get(f"{url}/v1/jobs/{job_id}").json()
+        assert status.text == (f"succeeded: 1 of 1 slide(s), {job['patches_done']} patches")
+        buttons = browser.find_elements("css selector", "#job-results button")
+        shown = [(b.get_attribute("data-name"), b.get_attribute("data-url")) for b in buttons]
+        assert shown == [(r["name"], r["url"]) for r in job["results"]]
+        assert f"{sid}.predictions.csv" in dict(shown)
+        assert "predictions.csv" in [b.text for b in buttons]  # named without the slide id
+        for _, path in shown:
+            assert httpx.get(f"{url}{path}").status_code == 200
+        assert not browser.find_element("id", "job-cancel").is_displayed()
+        browser.execute_script("document.getElementById('job-results').scrollIntoView()")
+        screenshot(browser, artifacts, "9-job")
+    assert console_errors(browser) == []
+
+
 def test_a_slide_that_fails_shows_a_readable_error(
         browser: Any, artifacts: Path, demo_slide: Path, tmp_path: Path) -> None:
     settings = folder_settings(tmp_path, {"demo.svs": demo_slide})

@@ -101,6 +101,7 @@
     $("downloads").replaceChildren();
     $("layers").disabled = true;
     $("describe").disabled = true;
+    $("job-start").disabled = true;
     $("answer").disabled = true;
     history.replaceState(null, "", location.pathname);
   }
@@ -193,6 +194,7 @@
   function onOpen() {
     $("layers").disabled = false;
     $("describe").disabled = false;
+    $("job-start").disabled = false;
     $("answer").disabled = !state.slideModels || !state.slideModels.length;
     const item = state.viewer.world.getItemAt(0);
     item.addHandler("fully-loaded-change", (e) => { document.body.dataset.fullyLoaded = String(e.fullyLoaded); });
@@ -264,7 +266,83 @@
   }
 
   // -- layers ---------------------------------------------------------------------------------
+  // -- a job: the whole slide scored by the service's model, its result files to download --
+  const RUNNING = ["queued", "running"];
+
+  async function startJob() {
+    const slide = state.id;
+    $("job-start").disabled = true;
+    try {
+      const job = await (await api("/v1/jobs", {
+        method: "POST", headers: { "Content-Type": "application/json" },
+        body: JSON.stringify({ slides: [slide] }),
+      })).json();
+      state.job = { id: job.id, slide };
+      await followJob(job.id);
+    } catch (err) {
+      showError(`The job could not be run: ${err.message}`);
+    } finally {
+      $("job-start").disabled = state.id === null;
+    }
+  }
+
+  async function followJob(jobId) {
+    for (;;) {
+      if (!state.job || state.job.id !== jobId || state.job.slide !== state.id) return;
+      const job = await (await api(`/v1/jobs/${encodeURIComponent(jobId)}`)).json();
+      renderJob(job);
+      if (!RUNNING.includes(job.state)) return;
+      await new Promise((resolve) => setTimeout(resolve, 1000));
+    }
+  }
+
+  function renderJob(job) {
+    const errors = job.errors.map((e) => e.message).join("; ");
+    $("job-status").textContent = `${job.state}: ${job.slides_done} of ${job.slides_total} `
+      + `slide(s), ${job.patches_done} patches${errors ? ` (${errors})` : ""}`;
+    $("job-status").dataset.state = job.state;
+    $("job-cancel").hidden = !RUNNING.includes(job.state);
+    const list = $("job-results");
+    list.replaceChildren();
+    for (const result of job.results) {
+      const button = document.createElement("button");
+      button.type = "button";
+      const prefix = `${result.slide_id}.`;  // the slide is the open one: its id is noise
+      button.textContent = result.name.startsWith(prefix) ? result.name.slice(prefix.length)
+        : result.name;
+      button.dataset.name = result.name;
+      button.dataset.url = result.url;
+      button.addEventListener("click", async () => {
+        try {
+          const blob = await (await api(result.url)).blob();
+          const a = document.createElement("a");
+          a.href = URL.createObjectURL(blob); a.download = result.name; a.click();
+        } catch (err) { showError(`${result.name}: ${err.message}`); }
+      });
+      const li = document.createElement("li");
+      li.append(button);
+      list.append(li);
+    }
+  }
+
+  $("job-start").addEventListener("click", startJob);
+  $("job-cancel").addEventListener("click", async () => {
+    if (!state.job) return;
+    try {
+      await api(`/v1/jobs/${encodeURIComponent(state.job.id)}`, { method: "DELETE" });
+    } catch (err) { showError(`The job could not be cancelled: ${err.message}`); }
+  });
+
+  function clearJob() {
+    state.job = null;
+    $("job-status").textContent = "";
+    delete $("job-status").dataset.state;
+    $("job-cancel").hidden = true;
+    $("job-results").replaceChildren();
+  }
+
   function clearLayers() {
+    clearJob();  // a job keeps running on the service; this page follows the open slide's
     for (const name of Object.keys(state.layers)) removeLayer(name);
     state.fetched = {};
     state.answer = null;
