@@ -57,6 +57,13 @@ def with_tissue_method(service: TissueParams, method: TissueMethod | None) -> Ti
         "(WSI_TISSUE_METHOD, WSI_SEGMENTER_WEIGHTS)")
 
 
+GEOJSON_CONTENT: dict[str, Any] = {"application/geo+json": {"schema": {
+    "type": "object", "required": ["type", "features"],
+    "properties": {"type": {"const": "FeatureCollection"},
+                   "features": {"type": "array", "items": {"type": "object"}}}}}}
+"""OpenAPI ``content`` of a GeoJSON FeatureCollection answer (:mod:`wsi_sampler.geojson`)."""
+
+
 def binary_content(*media_types: str) -> dict[str, dict[str, Any]]:
     """OpenAPI ``content`` of a non-JSON response: bytes (``format: binary``) in each media
     type, which client generators turn into a file / bytes result instead of dropping it."""

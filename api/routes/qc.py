@@ -16,7 +16,7 @@ from wsi_sampler.qc import draw_qc_overlay, qc_collection, qc_layer, qc_masks, s
 from wsi_sampler.units import SLIDE_MPP_RANGE, TISSUE_MPP_RANGE
 
 from ..deps import ServicesDep
-from ..schemas import TissueMethodQ, binary_content
+from ..schemas import GEOJSON_CONTENT, TissueMethodQ, binary_content
 from .slides import ERRORS
 
 router = APIRouter(prefix="/v1/slides", tags=["slides"])
@@ -103,13 +103,9 @@ async def qc_overlay(
 
 
 @router.get("/{slide_id}/qc.geojson", response_class=Response, responses={
-    **ERRORS, 200: {"content": {"application/geo+json": {"schema": {
-        "type": "object", "required": ["type", "features"],
-        "properties": {"type": {"const": "FeatureCollection"},
-                       "features": {"type": "array"}}}}},
-        "description": "What QC found as QuPath annotations (level-0 px): the tissue after "
-                       "exclusion, then each class qc.png draws, classified, in its colour, "
-                       "with its area ('Area mm2')"}})
+    **ERRORS, 200: {"content": GEOJSON_CONTENT, "description": (
+        "What QC found as QuPath annotations (level-0 px): the tissue after exclusion, then "
+        "each class qc.png draws, classified, in its colour, with its area ('Area mm2')")}})
 async def qc_geojson(
     slide_id: str, services: ServicesDep, tissue_mpp: TissueMppQ = 8.0,
     mpp_override: MppOverrideQ = None, tissue_method: TissueMethodQ = None,

@@ -18,6 +18,7 @@ from wsi_sampler.units import SLIDE_MPP_RANGE, TISSUE_MPP_RANGE
 
 from ..deps import ServicesDep
 from ..schemas import (
+    GEOJSON_CONTENT,
     ErrorBody,
     RootError,
     SlideInfo,
@@ -143,10 +144,7 @@ async def thumbnail(
 
 @router.get("/{slide_id}/tissue", response_model=None,
             responses={**ERRORS, 200: {
-                "content": binary_content("image/png") | {"application/geo+json": {
-                    "schema": {"type": "object", "required": ["type", "features"],
-                               "properties": {"type": {"const": "FeatureCollection"},
-                                              "features": {"type": "array"}}}}},
+                "content": binary_content("image/png") | GEOJSON_CONTENT,
                 "description": "The tissue mask (PNG) or its polygons (GeoJSON, level-0 px)"}})
 async def tissue(
     slide_id: str, services: ServicesDep,
