@@ -293,6 +293,38 @@ def test_a_job_scores_the_open_slide_and_offers_its_result_files(
     assert console_errors(browser) == []
 
 
+def test_the_tissue_detection_chosen_on_the_page_reaches_the_layers_and_downloads(
+        browser: Any, demo_slide: Path, tmp_path: Path) -> None:
+    """Choosing fluorescence redraws the tissue layer with the service's fluorescence mask
+    (a far larger area on this brightfield slide), and the downloads ask for it too."""
+    from selenium.webdriver.support.ui import Select
+
+    settings = folder_settings(tmp_path, {"demo.svs": demo_slide})
+    with serve(create_app(settings), ready_path="/readyz") as url:
+        sid = slide_ids(url)["demo.svs"]
+        masks = {m: np.asarray(Image.open(io.BytesIO(httpx.get(
+            f"{url}/v1/slides/{sid}/tissue", params={"tissue_method": m}).content))) > 127
+            for m in ("auto", "fluorescence")}
+        assert masks["fluorescence"].sum() > 3 * masks["auto"].sum()
+        browser.get(f"{url}/viewer?slide={sid}")
+        wait("the slide's tiles", lambda: browser.execute_script(
+            "return document.body.dataset.fullyLoaded === 'true'"))
+        browser.find_element("id", "layer-tissue").click()
+        wait("the tissue layer", lambda: browser.execute_script(
+            "return !!window.wsiViewer.layers.tissue"))
+        first = browser.execute_script("return window.wsiViewer.layers.tissue.mask")
+        Select(browser.find_element("id", "tissue-method")).select_by_value("fluorescence")
+        wait("the layer redrawn", lambda: browser.execute_script(
+            "const t = window.wsiViewer.layers.tissue; return !!t && t.mask !== arguments[0]",
+            first))
+        drawn = browser.execute_script("return window.wsiViewer.layers.tissue.mask")
+        assert drawn == int(masks["fluorescence"].sum()) and first == int(masks["auto"].sum())
+        urls = [d[1] for d in browser.execute_script("return window.wsiViewer.downloads")]
+        assert all("tissue_method=fluorescence" in u for u in urls
+                   if "/tissue" in u or "/qc" in u)
+    assert console_errors(browser) == []
+
+
 def test_a_slide_that_fails_shows_a_readable_error(
         browser: Any, artifacts: Path, demo_slide: Path, tmp_path: Path) -> None:
     settings = folder_settings(tmp_path, {"demo.svs": demo_slide})

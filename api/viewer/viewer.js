@@ -217,16 +217,36 @@
     }
   }
 
+  // -- tissue detection: the service's, or a classical method chosen here (tissue_method) ---
+  function withMethod(body) {
+    const method = $("tissue-method").value;
+    return method ? { ...body, tissue_method: method } : body;
+  }
+  function methodQuery(sep) {
+    const method = $("tissue-method").value;
+    return method ? `${sep}tissue_method=${encodeURIComponent(method)}` : "";
+  }
+  $("tissue-method").addEventListener("change", () => {
+    if (state.id === null) return;
+    renderDownloads(state.id);
+    for (const name of ["tissue", "qc", "predictions", "medgemma"]) {
+      if (!$(`layer-${name}`).checked) continue;
+      removeLayer(name);
+      toggleLayer(name, true);
+    }
+  });
+
   function renderDownloads(id) {
     const base = `/v1/slides/${encodeURIComponent(id)}`;
     const grid = { method: "POST", headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ strategy: "grid", patch_size_px: 224, target_mpp: 0.5 }) };
-    const items = [["Tissue (QuPath GeoJSON)", `${base}/tissue?format=geojson`, "tissue.geojson"],
-      ["Tissue mask (PNG)", `${base}/tissue?format=png`, "tissue.png"],
+      body: JSON.stringify(withMethod({ strategy: "grid", patch_size_px: 224, target_mpp: 0.5 })) };
+    const items = [["Tissue (QuPath GeoJSON)", `${base}/tissue?format=geojson${methodQuery("&")}`,
+      "tissue.geojson"],
+      ["Tissue mask (PNG)", `${base}/tissue?format=png${methodQuery("&")}`, "tissue.png"],
       ["Thumbnail (PNG)", `${base}/thumbnail`, "thumbnail.png"],
-      ["QC summary (JSON)", `${base}/qc`, "qc.json"],
-      ["QC overlay (PNG)", `${base}/qc.png`, "qc.png"],
-      ["QC classes (QuPath GeoJSON)", `${base}/qc.geojson`, "qc.geojson"],
+      ["QC summary (JSON)", `${base}/qc${methodQuery("?")}`, "qc.json"],
+      ["QC overlay (PNG)", `${base}/qc.png${methodQuery("?")}`, "qc.png"],
+      ["QC classes (QuPath GeoJSON)", `${base}/qc.geojson${methodQuery("?")}`, "qc.geojson"],
       ["Patch grid, 224 px at 0.5 µm/px (CLAM/TRIDENT h5)", `${base}/plan.h5`, "coords.h5", grid]];
     state.downloads = items;
     const list = $("downloads");
@@ -275,7 +295,7 @@
     try {
       const job = await (await api("/v1/jobs", {
         method: "POST", headers: { "Content-Type": "application/json" },
-        body: JSON.stringify({ slides: [slide] }),
+        body: JSON.stringify({ slides: [slide], sampling: withMethod({}) }),
       })).json();
       state.job = { id: job.id, slide };
       await followJob(job.id);
@@ -393,8 +413,8 @@
   async function addQc() {
     const id = state.id, base = `/v1/slides/${encodeURIComponent(id)}`;
     const [blob, qc] = await Promise.all([
-      api(`${base}/qc.png?background=none`).then((r) => r.blob()),
-      api(`${base}/qc`).then((r) => r.json())]);
+      api(`${base}/qc.png?background=none${methodQuery("&")}`).then((r) => r.blob()),
+      api(`${base}/qc${methodQuery("?")}`).then((r) => r.json())]);
     const url = await new Promise((resolve, reject) => {
       const reader = new FileReader();
       reader.onload = () => resolve(reader.result);
@@ -440,15 +460,18 @@
 
   async function addTissue() {
     const id = state.id;
-    const blob = await (await api(`/v1/slides/${encodeURIComponent(id)}/tissue?format=png`)).blob();
+    const blob = await (await api(
+      `/v1/slides/${encodeURIComponent(id)}/tissue?format=png${methodQuery("&")}`)).blob();
     const bitmap = await createImageBitmap(blob);
     const canvas = document.createElement("canvas");
     canvas.width = bitmap.width; canvas.height = bitmap.height;
     const ctx = canvas.getContext("2d");
     ctx.drawImage(bitmap, 0, 0);
     const pixels = ctx.getImageData(0, 0, canvas.width, canvas.height);
+    let area = 0;  // tissue pixels of the mask drawn (for the browser tests and the curious)
     for (let i = 0; i < pixels.data.length; i += 4) {
       const tissue = pixels.data[i] > 127;
+      area += tissue;
       pixels.data.set(tissue ? [0, 200, 80, 255] : [0, 0, 0, 0], i);
     }
     ctx.putImageData(pixels, 0, 0);
@@ -456,7 +479,8 @@
     await new Promise((resolve, reject) => {
       state.viewer.addSimpleImage({
         url: canvas.toDataURL("image/png"), x: 0, y: 0, width: state.viewer.world.getItemAt(0).getBounds().width,
-        success: (e) => { state.layers.tissue = { item: e.item }; resolve(); }, error: reject,
+        success: (e) => { state.layers.tissue = { item: e.item, mask: area }; resolve(); },
+        error: reject,
       });
     });
   }
@@ -473,7 +497,7 @@
     const id = state.id;
     const resp = await api(`/v1/slides/${encodeURIComponent(id)}/plan`, {
       method: "POST", headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ strategy: "medgemma", seed: 0 }),
+      body: JSON.stringify(withMethod({ strategy: "medgemma", seed: 0 })),
     });
     const plan = await resp.json();
     if (state.id !== id) return;
@@ -502,7 +526,7 @@
     const id = state.id;
     const resp = await api(`/v1/slides/${encodeURIComponent(id)}/predictions?embedding_format=none`, {
       method: "POST", headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ strategy: "stratified", n_patches: 300, seed: 0 }),
+      body: JSON.stringify(withMethod({ strategy: "stratified", n_patches: 300, seed: 0 })),
     });
     const patches = [];
     await eachRecord(resp, (record) => { if (record.type === "patch") patches.push(record); });
@@ -642,7 +666,7 @@
   async function streamAnswer(id, model) {
     const resp = await api(`/v1/slides/${encodeURIComponent(id)}/slide-predictions`, {
       method: "POST", headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ slide_models: [model], include_attention: true }),
+      body: JSON.stringify(withMethod({ slide_models: [model], include_attention: true })),
     });
     let result = null;
     await eachRecord(resp, (record) => {
@@ -725,7 +749,7 @@
     try {
       const resp = await api(`/v1/slides/${encodeURIComponent(id)}/reports`, {
         method: "POST", headers: { "Content-Type": "application/json" },
-        body: JSON.stringify({ prompt: $("prompt").value }),
+        body: JSON.stringify(withMethod({ prompt: $("prompt").value })),
       });
       await eachRecord(resp, (record) => {
         if (record.type === "bag" && state.id === id) {  // the boxes are what the model saw
