@@ -66,6 +66,13 @@ def wait(what: str, ok: Callable[[], object], timeout: float = 60) -> None:
         time.sleep(0.2)
 
 
+def open_page(driver: Any, url: str, slide_id: str) -> None:
+    """The viewer on ``slide_id``, once every tile of the first view has loaded."""
+    driver.get(f"{url}/viewer?slide={slide_id}")
+    wait("the slide's tiles", lambda: driver.execute_script(
+        "return document.body.dataset.fullyLoaded === 'true'"))
+
+
 def screenshot(driver: Any, folder: Path, name: str) -> np.ndarray:
     png = driver.get_screenshot_as_png()
     (folder / f"{name}.png").write_bytes(png)
@@ -91,9 +98,7 @@ def test_the_viewer_shows_a_slide_its_scale_and_its_overlays(
         browser.get(f"{url}/viewer")  # the key goes where a user types it, then the slide
         browser.execute_script("sessionStorage.setItem('wsiApiKey', 'v1ewer')")
         assert any("401" in e for e in console_errors(browser))  # no key yet: refused
-        browser.get(f"{url}/viewer?slide={sid}")
-        wait("the slide's tiles", lambda: browser.execute_script(
-            "return document.body.dataset.fullyLoaded === 'true'"))
+        open_page(browser, url, sid)
         assert browser.execute_script("return window.wsiViewer.tilesLoaded") > 0
         left, top, width, height = view_box(browser)
         plain = screenshot(browser, artifacts, "1-slide")[top:top + height, left:left + width]
@@ -269,9 +274,7 @@ def test_a_job_scores_the_open_slide_and_offers_its_result_files(
     settings = folder_settings(tmp_path, {"demo.svs": demo_slide})
     with serve(create_app(settings), ready_path="/readyz") as url:
         sid = slide_ids(url)["demo.svs"]
-        browser.get(f"{url}/viewer?slide={sid}")
-        wait("the slide's tiles", lambda: browser.execute_script(
-            "return document.body.dataset.fullyLoaded === 'true'"))
+        open_page(browser, url, sid)
         browser.find_element("id", "job-start").click()
         status = browser.find_element("id", "job-status")
         wait("the job", lambda: status.get_attribute("data-state") not in (
@@ -306,9 +309,7 @@ def test_the_tissue_detection_chosen_on_the_page_reaches_the_layers_and_download
             f"{url}/v1/slides/{sid}/tissue", params={"tissue_method": m}).content))) > 127
             for m in ("auto", "fluorescence")}
         assert masks["fluorescence"].sum() > 3 * masks["auto"].sum()
-        browser.get(f"{url}/viewer?slide={sid}")
-        wait("the slide's tiles", lambda: browser.execute_script(
-            "return document.body.dataset.fullyLoaded === 'true'"))
+        open_page(browser, url, sid)
         browser.find_element("id", "layer-tissue").click()
         wait("the tissue layer", lambda: browser.execute_script(
             "return !!window.wsiViewer.layers.tissue"))
@@ -354,9 +355,7 @@ def test_a_medgemma_report_streams_beside_its_bag(
                                    vlm_model="echo")
         with serve(create_app(settings), ready_path="/readyz") as url:
             sid = slide_ids(url)["demo.svs"]
-            browser.get(f"{url}/viewer?slide={sid}")
-            wait("the slide's tiles", lambda: browser.execute_script(
-                "return document.body.dataset.fullyLoaded === 'true'"))
+            open_page(browser, url, sid)
             browser.find_element("id", "describe").click()
             wait("the report", lambda: browser.execute_script(
                 "return !!window.wsiViewer.report"), timeout=120)
@@ -395,9 +394,7 @@ def test_a_slide_answer_and_its_attention_on_the_slide(
     console_errors(browser)  # what earlier tests left in the browser's log
     with serve(create_app(settings, worker_factory=lambda: vits), ready_path="/readyz") as url:
         sid = slide_ids(url)["case.svs"]
-        browser.get(f"{url}/viewer?slide={sid}")
-        wait("the slide's tiles", lambda: browser.execute_script(
-            "return document.body.dataset.fullyLoaded === 'true'"))
+        open_page(browser, url, sid)
         assert browser.find_element("id", "answer-panel").is_displayed()
         assert browser.find_element("id", "layer-attention").is_displayed()
         browser.find_element("id", "answer").click()
