@@ -320,6 +320,7 @@ def test_the_tissue_detection_chosen_on_the_page_reaches_the_layers_and_download
             first))
         drawn = browser.execute_script("return window.wsiViewer.layers.tissue.mask")
         assert drawn == int(masks["fluorescence"].sum()) and first == int(masks["auto"].sum())
+        wait("the choice back", lambda: browser.find_element("id", "tissue-method").is_enabled())
         urls = [d[1] for d in browser.execute_script("return window.wsiViewer.downloads")]
         assert all("tissue_method=fluorescence" in u for u in urls
                    if "/tissue" in u or "/qc" in u)

@@ -226,13 +226,18 @@
     const method = $("tissue-method").value;
     return method ? `${sep}tissue_method=${encodeURIComponent(method)}` : "";
   }
-  $("tissue-method").addEventListener("change", () => {
+  // the layers shown are redrawn with the new method; the choice waits for them (a second
+  // change while the first redraws would leave a layer of the first behind)
+  $("tissue-method").addEventListener("change", async (e) => {
     if (state.id === null) return;
     renderDownloads(state.id);
-    for (const name of ["tissue", "qc", "predictions", "medgemma"]) {
-      if (!$(`layer-${name}`).checked) continue;
-      removeLayer(name);
-      toggleLayer(name, true);
+    e.target.disabled = true;
+    try {
+      await Promise.all(["tissue", "qc", "predictions", "medgemma"]
+        .filter((name) => $(`layer-${name}`).checked)
+        .map((name) => { removeLayer(name); return toggleLayer(name, true); }));
+    } finally {
+      e.target.disabled = false;
     }
   });
 
