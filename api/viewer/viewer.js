@@ -257,20 +257,25 @@
     const list = $("downloads");
     list.replaceChildren();
     for (const [label, url, file, options] of items) {
-      const button = document.createElement("button");
-      button.type = "button";
-      button.textContent = label;
-      button.addEventListener("click", async () => {
-        try {
-          const blob = await (await api(url, options || {})).blob();
-          const a = document.createElement("a");
-          a.href = URL.createObjectURL(blob); a.download = file; a.click();
-        } catch (err) { showError(`${label}: ${err.message}`); }
-      });
       const li = document.createElement("li");
-      li.append(button);
+      li.append(downloadButton(label, url, file, options));
       list.append(li);
     }
+  }
+
+  // a button that fetches `url` with the tab's key and saves the answer as `file`
+  function downloadButton(label, url, file, options) {
+    const button = document.createElement("button");
+    button.type = "button";
+    button.textContent = label;
+    button.addEventListener("click", async () => {
+      try {
+        const blob = await (await api(url, options || {})).blob();
+        const a = document.createElement("a");
+        a.href = URL.createObjectURL(blob); a.download = file; a.click();
+      } catch (err) { showError(`${label}: ${err.message}`); }
+    });
+    return button;
   }
 
   // -- scale bar: a round length in µm, ~120 CSS px long, from the MPP and the zoom --------
@@ -330,20 +335,12 @@
     const list = $("job-results");
     list.replaceChildren();
     for (const result of job.results) {
-      const button = document.createElement("button");
-      button.type = "button";
       const prefix = `${result.slide_id}.`;  // the slide is the open one: its id is noise
-      button.textContent = result.name.startsWith(prefix) ? result.name.slice(prefix.length)
+      const label = result.name.startsWith(prefix) ? result.name.slice(prefix.length)
         : result.name;
+      const button = downloadButton(label, result.url, result.name);
       button.dataset.name = result.name;
       button.dataset.url = result.url;
-      button.addEventListener("click", async () => {
-        try {
-          const blob = await (await api(result.url)).blob();
-          const a = document.createElement("a");
-          a.href = URL.createObjectURL(blob); a.download = result.name; a.click();
-        } catch (err) { showError(`${result.name}: ${err.message}`); }
-      });
       const li = document.createElement("li");
       li.append(button);
       list.append(li);
@@ -427,12 +424,7 @@
       reader.readAsDataURL(blob);
     });
     if (state.id !== id) return;
-    await new Promise((resolve, reject) => {
-      state.viewer.addSimpleImage({
-        url, x: 0, y: 0, width: state.viewer.world.getItemAt(0).getBounds().width,
-        success: (e) => { state.layers.qc = { item: e.item, qc }; resolve(); }, error: reject,
-      });
-    });
+    await addImageLayer("qc", url, { qc });
     renderQcLegend(qc);
   }
 
@@ -481,10 +473,15 @@
     }
     ctx.putImageData(pixels, 0, 0);
     if (state.id !== id) return;
-    await new Promise((resolve, reject) => {
+    await addImageLayer("tissue", canvas.toDataURL("image/png"), { mask: area });
+  }
+
+  // an image (a data URL) stretched over the whole slide as layer `name`
+  function addImageLayer(name, url, extra) {
+    return new Promise((resolve, reject) => {
       state.viewer.addSimpleImage({
-        url: canvas.toDataURL("image/png"), x: 0, y: 0, width: state.viewer.world.getItemAt(0).getBounds().width,
-        success: (e) => { state.layers.tissue = { item: e.item, mask: area }; resolve(); },
+        url, x: 0, y: 0, width: state.viewer.world.getItemAt(0).getBounds().width,
+        success: (e) => { state.layers[name] = { item: e.item, ...extra }; resolve(); },
         error: reject,
       });
     });
