@@ -12,10 +12,19 @@ from pydantic import BaseModel, Field
 from wsi_sampler.encoding import encode_image
 from wsi_sampler.geojson import dumps
 from wsi_sampler.plan import compute_tissue_mask
-from wsi_sampler.qc import draw_qc_overlay, qc_collection, qc_layer, qc_masks, slide_qc
+from wsi_sampler.qc import (
+    QcMasks,
+    draw_qc_overlay,
+    qc_collection,
+    qc_layer,
+    qc_masks,
+    slide_qc,
+)
+from wsi_sampler.slide import Slide
+from wsi_sampler.types import TissueMethod
 from wsi_sampler.units import SLIDE_MPP_RANGE, TISSUE_MPP_RANGE
 
-from ..deps import ServicesDep
+from ..deps import Services, ServicesDep
 from ..schemas import GEOJSON_CONTENT, TissueMethodQ, binary_content
 from .slides import ERRORS
 
@@ -58,6 +67,15 @@ class SlideQcReport(BaseModel):
         "the classical ink and dark pixels")
 
 
+def _qc_masks(services: Services, slide: Slide, tissue_mpp: float,
+              tissue_method: TissueMethod | None) -> QcMasks:
+    """What QC found on ``slide``, with the service's tissue settings (and the request's
+    method): what the overlay, its layer and the QuPath annotations are drawn from."""
+    tm = compute_tissue_mask(slide, tissue_mpp=tissue_mpp,
+                             params=services.tissue_for(tissue_method))
+    return qc_masks(slide, tm)
+
+
 @router.get("/{slide_id}/qc", response_model=SlideQcReport, responses=ERRORS)
 async def qc_summary(slide_id: str, services: ServicesDep, tissue_mpp: TissueMppQ = 8.0,
                      mpp_override: MppOverrideQ = None,
@@ -92,9 +110,7 @@ async def qc_overlay(
     """The thumbnail with what QC found drawn on it, or that drawing alone."""
     def draw() -> bytes:
         with services.registry.open(slide_id, mpp_override=mpp_override) as s:
-            tm = compute_tissue_mask(s, tissue_mpp=tissue_mpp,
-                                     params=services.tissue_for(tissue_method))
-            masks = qc_masks(s, tm)
+            masks = _qc_masks(services, s, tissue_mpp, tissue_method)
             if background == "none":
                 return encode_image(qc_layer(masks))
             return encode_image(draw_qc_overlay(s.thumbnail(max_size=max_size), masks))
@@ -113,8 +129,6 @@ async def qc_geojson(
     """The QC classes as polygons QuPath imports (File > Import objects)."""
     def vectorise() -> str:
         with services.registry.open(slide_id, mpp_override=mpp_override) as s:
-            tm = compute_tissue_mask(s, tissue_mpp=tissue_mpp,
-                                     params=services.tissue_for(tissue_method))
-            return dumps(qc_collection(qc_masks(s, tm)))
+            return dumps(qc_collection(_qc_masks(services, s, tissue_mpp, tissue_method)))
 
     return Response(await services.slide_work(vectorise), media_type="application/geo+json")
